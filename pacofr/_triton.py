@@ -1,0 +1,50 @@
+"""Whether Triton kernels can run, and on which tensors.
+
+On a CUDA device Triton compiles kernels for the GPU. On CPU tensors it runs them only through
+its interpreter, which must be switched on with ``TRITON_INTERPRET=1`` *before* ``triton`` is
+imported (the test suite does this on machines without a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1`` is set (Triton reads it at import time)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def import_error() -> str | None:
+    """None when ``import triton`` works, else the error text."""
+    try:
+        import triton  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any import failure means "unavailable"
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def version() -> str | None:
+    """Triton's version, or None when it does not import."""
+    if import_error() is not None:
+        return None
+    import triton
+
+    return triton.__version__
+
+
+def status(device: torch.device) -> tuple[bool, str]:
+    """Whether the triton backend can run on tensors of ``device``, and why not."""
+    err = import_error()
+    if err is not None:
+        return False, f"triton does not import ({err}); install it with `pip install triton`"
+    if device.type == "cuda":
+        return True, f"triton {version()} on {device}"
+    if interpreter_enabled():
+        return True, f"triton {version()} interpreter (TRITON_INTERPRET=1) on CPU tensors"
+    return False, (f"triton runs tensors on {device} only through its interpreter: set "
+                   "TRITON_INTERPRET=1 before importing triton, or use CUDA tensors or backend='torch'")

@@ -1,0 +1,55 @@
+"""The ``pacofr`` command line: one sub-command per job.
+
+Each sub-command lives in its own module (listed in ``COMMAND_MODULES``) whose
+``add_parser(subparsers)`` registers it and sets ``func``: called with the parsed namespace,
+returning an exit code. Modules are imported only to build the parser, so heavy imports belong
+inside ``func``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from pacofr.info import collect_info, format_info
+
+    info = collect_info()
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every sub-command registered."""
+    from pacofr import __version__
+
+    parser = argparse.ArgumentParser(prog="pacofr", description="PaCo-FR face pre-training with fused kernels")
+    parser.add_argument("--version", action="version", version=f"pacofr {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    info = sub.add_parser("info", help="versions, device, and which backends work here")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.set_defaults(func=_cmd_info)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pacofr`` console script and ``python -m pacofr``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Models of pacofr: the PaCo-FR encoder/decoder, codebook and Belief Predictor, and the MAE-face control."""

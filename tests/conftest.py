@@ -1,0 +1,42 @@
+"""Test-session set-up shared by every test module.
+
+Without a CUDA device, Triton kernels run on CPU tensors through Triton's interpreter, which must
+be switched on before ``triton`` is first imported: this file does it at collection time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402  (after the environment is set)
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``gpu`` cleanly when no CUDA device is visible."""
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (none visible); run benchmarks/gpu_check.sh on a GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Every device the suite can run on here (CUDA tests are skipped without a GPU)."""
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    """A CPU generator seeded freshly per test from the OS, its seed printed on failure."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed: {seed}")
+    return torch.Generator().manual_seed(seed)
