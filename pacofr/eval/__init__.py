@@ -1,0 +1,1 @@
+"""Evaluation of pre-trained encoders: linear probe (and fine-tuning) on labelled face sets."""
