@@ -14,6 +14,8 @@ from pacofr.ops._dispatch import (
     requested_backend,
     use_backend,
 )
+from pacofr.ops.nearest_token import nearest_token
+from pacofr.ops.patches import gather_patches, masked_patch_loss, patch_targets, scatter_tokens
 
 __all__ = [
     "BACKENDS",
@@ -21,7 +23,12 @@ __all__ = [
     "BackendUnavailableError",
     "backend_status",
     "get_op",
+    "nearest_token",
     "registered_ops",
     "requested_backend",
     "use_backend",
+    "gather_patches",
+    "patch_targets",
+    "masked_patch_loss",
+    "scatter_tokens",
 ]

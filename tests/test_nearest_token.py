@@ -1,0 +1,467 @@
+"""pacofr.ops.nearest_token: every backend against a float64 oracle, ties, NaN, layouts, errors.
+
+The oracle is the exact fp64 distance matrix of the *same* (possibly fp16/bf16) input values. A
+returned index may differ from the oracle's only on near-ties: the j-th returned code must have
+an fp64 distance within a tolerance of the j-th smallest fp64 distance, and the index must be
+exactly the oracle's wherever the j-th distance is separated from its neighbours by more than the
+tolerance (design notes, section 6, pitfall 2). Exact ties use integer-valued data, on which every
+fp32 product is exact whatever the summation order, so "smallest index wins" is testable exactly.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from pacofr.ops import BackendUnavailableError, nearest_token
+from pacofr.ops.nearest_token import nearest_token_reference
+
+nt_module = importlib.import_module("pacofr.ops.nearest_token")  # the module, not the function of the same name
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPU_BACKENDS = ("torch", "triton")
+
+# (backend, device): triton on CPU runs under TRITON_INTERPRET=1 (tests/conftest.py sets it).
+BACKEND_DEVICES = [
+    pytest.param("torch", "cpu", id="torch-cpu"),
+    pytest.param("triton", "cpu", id="triton-interp"),
+    pytest.param("torch", "cuda", id="torch-cuda", marks=pytest.mark.gpu),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
+    pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.gpu),
+]
+
+REL_TOL = 1e-5
+"""fp32 arithmetic on the exact input values: score error relative to ||x||^2 + max ||e||^2."""
+COSINE_TOL = 1e-5
+
+
+# ------------------------------------------------------------------------------------------
+# oracle and checks
+# ------------------------------------------------------------------------------------------
+
+def oracle_distances(x2d: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
+    """Exact fp64 distances ``(N, K)`` of the given values (direct differences, no expansion)."""
+    x64, e64 = x2d.double().cpu(), codebook.double().cpu()
+    if metric == "l2":
+        return torch.cdist(x64, e64, compute_mode="donot_use_mm_for_euclid_dist").square()
+    nx, ne = x64.norm(dim=1), e64.norm(dim=1)
+    inv_x = torch.where(nx > 0, 1.0 / nx.clamp_min(1e-300), torch.zeros_like(nx))
+    inv_e = torch.where(ne > 0, 1.0 / ne.clamp_min(1e-300), torch.zeros_like(ne))
+    return 1.0 - (x64 @ e64.T) * inv_x[:, None] * inv_e[None, :]
+
+
+def row_tolerance(x2d: torch.Tensor, codebook: torch.Tensor, metric: str, rel: float = REL_TOL) -> torch.Tensor:
+    if metric == "cosine":
+        return torch.full((x2d.shape[0],), COSINE_TOL * rel / REL_TOL, dtype=torch.float64)
+    scale = x2d.double().cpu().square().sum(1) + codebook.double().cpu().square().sum(1).max()
+    return rel * scale
+
+
+def assert_matches_oracle(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
+                          distances: torch.Tensor, indices: torch.Tensor, *,
+                          index_dtype: torch.dtype = torch.int64, rel: float = REL_TOL) -> int:
+    """Check a finite-input result; return how many slots were checked for exact index equality."""
+    dim = codebook.shape[1]
+    assert distances.shape == (*x.shape[:-1], k) and indices.shape == distances.shape
+    assert distances.dtype == torch.float32 and indices.dtype == index_dtype
+    assert distances.device == x.device and indices.device == x.device
+    x2d = x.reshape(-1, dim)
+    dist = distances.reshape(-1, k).double().cpu()
+    idx = indices.reshape(-1, k).long().cpu()
+    assert torch.isfinite(dist).all(), "non-finite distance for finite inputs"
+    assert ((idx >= 0) & (idx < codebook.shape[0])).all(), "index out of range"
+    if k > 1:
+        assert (idx.sort(dim=1).values.diff(dim=1) > 0).all(), "repeated index within a row"
+        assert (dist.diff(dim=1) >= 0).all(), "distances not sorted nearest first"
+    exact = oracle_distances(x2d, codebook, metric)
+    tol = row_tolerance(x2d, codebook, metric, rel)[:, None]
+    best, best_idx = torch.sort(exact, dim=1, stable=True)
+    picked = exact.gather(1, idx)
+    assert ((picked - best[:, :k]).abs() <= tol).all(), (
+        f"a returned code is farther than the tolerance from the optimum: "
+        f"max excess {((picked - best[:, :k]).abs() - tol).max().item():.3g}")
+    assert ((dist - picked).abs() <= tol).all(), (
+        f"reported distance off by {((dist - picked).abs() - tol).max().item():.3g} beyond tolerance")
+    inf = torch.full((best.shape[0], 1), float("inf"), dtype=torch.float64)
+    padded = torch.cat([-inf, best[:, :k + 1], inf], dim=1)
+    gap_below = padded[:, 1:k + 1] - padded[:, 0:k]
+    gap_above = padded[:, 2:k + 2] - padded[:, 1:k + 1]
+    separated = torch.minimum(gap_below, gap_above) > tol
+    mismatch = separated & (idx != best_idx[:, :k])
+    assert not mismatch.any(), f"{int(mismatch.sum())} well-separated slots returned the wrong index"
+    return int(separated.sum())
+
+
+def make_inputs(kind: str, n: int, codes: int, dim: int, dtype: torch.dtype, generator: torch.Generator,
+                sigma: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian queries, or queries clustered at codes (x = code + sigma * noise)."""
+    codebook = torch.randn(codes, dim, generator=generator)
+    if kind == "gaussian":
+        x = torch.randn(n, dim, generator=generator)
+    elif kind == "clustered":
+        owners = torch.randint(0, codes, (n,), generator=generator)
+        x = codebook[owners] + sigma * torch.randn(n, dim, generator=generator)
+    else:
+        raise ValueError(kind)
+    return x.to(dtype), codebook.to(dtype)
+
+
+def integer_inputs(n: int, codes: int, dim: int, generator: torch.Generator, dtype: torch.dtype = torch.float32,
+                   low: int = -4, high: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Small integers: every product and sum is exact in fp32 (and representable in fp16/bf16)."""
+    x = torch.randint(low, high, (n, dim), generator=generator).to(dtype)
+    codebook = torch.randint(low, high, (codes, dim), generator=generator).to(dtype)
+    return x, codebook
+
+
+# ------------------------------------------------------------------------------------------
+# accuracy against the oracle
+# ------------------------------------------------------------------------------------------
+
+SHAPES = [  # (N, K, D, k): ragged sizes, tiles split over rows, codes and D
+    (7, 33, 8, 1),
+    (33, 129, 48, 4),
+    (1, 7, 96, 4),
+    (129, 33, 8, 16),
+    (7, 33, 768, 4),
+]
+
+
+@pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("n,codes,dim,k", SHAPES)
+def test_l2_gaussian_matches_oracle(backend: str, device_name: str, dtype: torch.dtype, n: int, codes: int,
+                                    dim: int, k: int, generator: torch.Generator) -> None:
+    x, codebook = make_inputs("gaussian", n, codes, dim, dtype, generator)
+    x, codebook = x.to(device_name), codebook.to(device_name)
+    dist, idx = nearest_token(x, codebook, k, backend=backend)
+    checked = assert_matches_oracle(x, codebook, k, "l2", dist, idx)
+    assert checked >= n * k // 2, "too few separated slots: the test would not catch wrong indices"
+
+
+@pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("sigma", [1e-1, 1e-2, 1e-3])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_clustered_queries_match_oracle(backend: str, device_name: str, dtype: torch.dtype, sigma: float,
+                                        metric: str, generator: torch.Generator) -> None:
+    x, codebook = make_inputs("clustered", 65, 97, 40, dtype, generator, sigma=sigma)
+    x, codebook = x.to(device_name), codebook.to(device_name)
+    dist, idx = nearest_token(x, codebook, 4, metric, backend=backend)
+    checked = assert_matches_oracle(x, codebook, 4, metric, dist, idx)
+    assert checked >= 65 * 4 // 2
+
+
+@pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("n,codes,dim,k", [(33, 129, 48, 1), (7, 33, 768, 16)])
+def test_cosine_gaussian_matches_oracle(backend: str, device_name: str, dtype: torch.dtype, n: int, codes: int,
+                                        dim: int, k: int, generator: torch.Generator) -> None:
+    x, codebook = make_inputs("gaussian", n, codes, dim, dtype, generator)
+    # rows of very different norms: cosine must not depend on them
+    x = x * torch.logspace(-2, 2, n, dtype=torch.float32)[:, None].to(dtype)
+    x, codebook = x.to(device_name), codebook.to(device_name)
+    dist, idx = nearest_token(x, codebook, k, "cosine", backend=backend)
+    assert_matches_oracle(x, codebook, k, "cosine", dist, idx)
+
+
+def test_reference_chunk_boundaries(generator: torch.Generator) -> None:
+    """Tiny chunks: the running merge across row and code chunks gives the unchunked answer."""
+    x, codebook = make_inputs("clustered", 50, 61, 12, torch.float32, generator, sigma=0.3)
+    for metric in ("l2", "cosine"):
+        chunked = nearest_token_reference(x, codebook, 5, metric, buffer_elements=21, codes_per_chunk=7)
+        assert_matches_oracle(x, codebook, 5, metric, *chunked)
+    # integer data: exact arithmetic, so chunking must not change a single bit (ties included)
+    x, codebook = integer_inputs(50, 61, 12, generator, low=-1, high=2)
+    for metric in ("l2", "cosine"):
+        whole = nearest_token_reference(x, codebook, 5, metric)
+        chunked = nearest_token_reference(x, codebook, 5, metric, buffer_elements=21, codes_per_chunk=7)
+        assert torch.equal(whole[1], chunked[1]) and torch.equal(whole[0], chunked[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_allow_tf32_within_documented_tolerance(backend: str, generator: torch.Generator) -> None:
+    x, codebook = make_inputs("gaussian", 257, 1031, 256, torch.float32, generator)
+    x, codebook = x.cuda(), codebook.cuda()
+    dist, idx = nearest_token(x, codebook, 4, allow_tf32=True, backend=backend)
+    assert_matches_oracle(x, codebook, 4, "l2", dist, idx, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------
+# ties, NaN, zero norms
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_duplicate_codes_in_later_tiles_lose_to_the_smallest_index(
+        backend: str, device_name: str, dtype: torch.dtype, metric: str, generator: torch.Generator) -> None:
+    codes, dim = 200, 16
+    x, codebook = integer_inputs(40, codes, dim, generator, dtype)
+    # code 5 is repeated at 70, 131 and 199 (later tiles / chunks); code 64 at 65
+    for copy in (70, 131, 199):
+        codebook[copy] = codebook[5]
+    codebook[65] = codebook[64]
+    x[:20] = codebook[5]
+    x[20:30] = codebook[64]
+    x, codebook = x.to(device_name), codebook.to(device_name)
+    dist, idx = nearest_token(x, codebook, 4, metric, backend=backend)
+    idx = idx.cpu()
+    expected_5 = torch.tensor([5, 70, 131, 199])
+    assert torch.equal(idx[:20], expected_5.expand(20, 4))
+    assert torch.equal(idx[20:30, :2], torch.tensor([64, 65]).expand(10, 2))
+    assert (dist[:20] == dist[:20, :1]).all(), "exact duplicates must report equal distances"
+    if metric == "l2":
+        assert (dist[:20] == 0).all()
+    assert_matches_oracle(x, codebook, 4, metric, dist, idx.to(device_name))
+    _, idx1 = nearest_token(x, codebook, 1, metric, backend=backend)
+    assert (idx1[:20].cpu() == 5).all() and (idx1[20:30].cpu() == 64).all()
+
+
+@pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_equidistant_codes_come_out_in_index_order(backend: str, device_name: str, k: int,
+                                                   generator: torch.Generator) -> None:
+    """The origin is equidistant to signed permutations of one vector; every order must be by index."""
+    base = torch.tensor([3.0, -1.0, 2.0, 0.0, 1.0, -2.0, 1.0, 4.0])
+    perms = torch.stack([torch.randperm(8, generator=generator) for _ in range(150)])
+    signs = torch.randint(0, 2, (150, 8), generator=generator) * 2 - 1
+    codebook = (base[perms] * signs).to(device_name)
+    x = torch.zeros(3, 8, device=device_name)
+    dist, idx = nearest_token(x, codebook, k, backend=backend)
+    assert torch.equal(idx.cpu(), torch.arange(k).expand(3, k))
+    assert (dist == base.square().sum()).all()
+
+
+@pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_nan_rows_return_nan_and_minus_one(backend: str, device_name: str, metric: str,
+                                           generator: torch.Generator) -> None:
+    x, codebook = make_inputs("gaussian", 9, 40, 24, torch.float32, generator)
+    x[3, 7] = float("nan")
+    codebook[0, 2] = float("nan")  # a NaN code: never returned while other codes exist
+    codebook[33, :] = float("nan")
+    x, codebook = x.to(device_name), codebook.to(device_name)
+    dist, idx = nearest_token(x, codebook, 3, metric, index_dtype=torch.int32, backend=backend)
+    dist, idx = dist.cpu(), idx.cpu()
+    assert torch.isnan(dist[3]).all() and (idx[3] == -1).all()
+    finite_rows = [r for r in range(9) if r != 3]
+    assert torch.isfinite(dist[finite_rows]).all()
+    assert not torch.isin(idx[finite_rows], torch.tensor([0, 33], dtype=torch.int32)).any()
+    clean = torch.ones(40, dtype=torch.bool)
+    clean[[0, 33]] = False
+    kept = torch.nonzero(clean).squeeze(1)
+    # on the other rows: the right answer of the problem without the NaN codes
+    positions = torch.searchsorted(kept, idx[finite_rows].long())
+    assert torch.equal(kept[positions], idx[finite_rows].long())
+    assert_matches_oracle(x[finite_rows].cpu(), codebook[clean].cpu(), 3, metric, dist[finite_rows],
+                          positions)
+
+
+@pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)
+def test_nan_codes_fill_the_list_only_when_nothing_else_is_left(backend: str, device_name: str) -> None:
+    codebook = torch.tensor([[float("nan"), 0.0], [1.0, 0.0], [float("nan"), 1.0]], device=device_name)
+    x = torch.tensor([[0.0, 0.0]], device=device_name)
+    dist, idx = nearest_token(x, codebook, 3, backend=backend)
+    assert idx.cpu().tolist() == [[1, -1, -1]]
+    assert dist[0, 0].item() == 1.0 and torch.isnan(dist[0, 1:]).all()
+
+
+@pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)
+def test_cosine_zero_norm_rows_are_zero_vectors(backend: str, device_name: str, generator: torch.Generator) -> None:
+    x, codebook = make_inputs("gaussian", 5, 20, 16, torch.float32, generator)
+    x[2] = 0.0
+    codebook[4] = 0.0
+    x, codebook = x.to(device_name), codebook.to(device_name)
+    dist, idx = nearest_token(x, codebook, 16, "cosine", backend=backend)
+    dist, idx = dist.cpu(), idx.cpu()
+    assert (dist[2] == 1.0).all() and torch.equal(idx[2], torch.arange(16))
+    exact = oracle_distances(x.cpu(), codebook.cpu(), "cosine")
+    assert (exact[:, 4] == 1.0).all()
+    rows = [0, 1, 3, 4]
+    assert_matches_oracle(x[rows], codebook, 16, "cosine", dist[rows].to(device_name), idx[rows].to(device_name))
+
+
+# ------------------------------------------------------------------------------------------
+# layouts, shapes, outputs
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_non_contiguous_and_expanded_inputs(backend: str, device_name: str, dtype: torch.dtype,
+                                            generator: torch.Generator) -> None:
+    big = torch.randn(3, 24, 11, generator=generator).to(dtype).to(device_name)
+    x = big.permute(0, 2, 1)[:, 1:, 3:19]  # (3, 10, 16), no unit stride in the last dimension
+    codebook = torch.randn(16, 50, generator=generator).to(dtype).to(device_name).T[5:45]  # (40, 16) transposed view
+    assert not x.is_contiguous() and not codebook.is_contiguous()
+    dist, idx = nearest_token(x, codebook, 4, backend=backend)
+    assert dist.shape == (3, 10, 4)
+    assert_matches_oracle(x, codebook, 4, "l2", dist, idx)
+    dense_dist, _ = nearest_token(x.contiguous(), codebook.contiguous(), 4, backend=backend)
+    torch.testing.assert_close(dist, dense_dist, rtol=1e-5, atol=1e-5)
+
+    one_query = x[0, 0].expand(6, 16)  # stride 0 rows
+    dist, idx = nearest_token(one_query, codebook, 4, backend=backend)
+    torch.testing.assert_close(dist, dist[:1].expand(6, 4), rtol=1e-5, atol=1e-5)
+    assert_matches_oracle(one_query, codebook, 4, "l2", dist, idx)
+
+    # every code equal (stride-0 codebook): ties everywhere. Integer values keep every product
+    # exact, so the tie is exact whatever the matmul's summation order per column.
+    x_int = torch.randint(-3, 4, (3, 24, 11), generator=generator).to(dtype).to(device_name)
+    x_int = x_int.permute(0, 2, 1)[:, 1:, 3:19]
+    same_code = torch.randint(-3, 4, (16,), generator=generator).to(dtype).to(device_name).expand(30, 16)
+    dist, idx = nearest_token(x_int, same_code, 4, backend=backend)
+    assert torch.equal(idx.cpu(), torch.arange(4).expand(3, 10, 4))
+
+
+@pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=["int64", "int32"])
+def test_empty_queries(backend: str, device_name: str, index_dtype: torch.dtype) -> None:
+    codebook = torch.randn(10, 8, device=device_name)
+    for shape in [(0, 8), (2, 0, 8)]:
+        x = torch.randn(shape, device=device_name)
+        dist, idx = nearest_token(x, codebook, 3, index_dtype=index_dtype, backend=backend)
+        assert dist.shape == (*shape[:-1], 3) and idx.shape == dist.shape
+        assert dist.dtype == torch.float32 and idx.dtype == index_dtype
+        assert dist.device == x.device
+
+
+@pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)
+@pytest.mark.parametrize("poison_index", [-7, 0])
+def test_poisoned_outputs_are_fully_overwritten(backend: str, device_name: str, poison_index: int,
+                                                monkeypatch: pytest.MonkeyPatch, generator: torch.Generator) -> None:
+    """Outputs pre-filled with NaN and a fake index: anything left unwritten shows up."""
+    def poisoned(n: int, k: int, index_dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.full((n, k), float("nan"), device=device),
+                torch.full((n, k), poison_index, dtype=index_dtype, device=device))
+
+    monkeypatch.setattr(nt_module, "new_outputs", poisoned)
+    x, codebook = make_inputs("gaussian", 70, 45, 20, torch.float32, generator)
+    x, codebook = x.to(device_name), codebook.to(device_name)
+    for k, index_dtype in [(1, torch.int64), (5, torch.int32)]:
+        dist, idx = nearest_token(x, codebook, k, index_dtype=index_dtype, backend=backend)
+        assert_matches_oracle(x, codebook, k, "l2", dist, idx, index_dtype=index_dtype)
+        ref_dist, _ = nearest_token_reference(x.cpu(), codebook.cpu(), k, "l2", index_dtype)
+        torch.testing.assert_close(dist.cpu(), ref_dist, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# an independent oracle: faiss-cpu exact search
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_agrees_with_faiss_exact_search(backend: str, metric: str, generator: torch.Generator) -> None:
+    faiss = pytest.importorskip("faiss")
+    x, codebook = make_inputs("clustered", 150, 300, 32, torch.float32, generator, sigma=0.5)
+    k = 8
+    dist, idx = nearest_token(x, codebook, k, metric, backend=backend)
+    xs, es = x.numpy(), codebook.numpy()
+    if metric == "l2":
+        index = faiss.IndexFlatL2(32)
+        index.add(es)
+        faiss_dist, faiss_idx = index.search(xs, k)
+        faiss_dist = torch.from_numpy(faiss_dist).double()
+    else:
+        xs = torch.nn.functional.normalize(x, dim=1).numpy()
+        index = faiss.IndexFlatIP(32)
+        index.add(torch.nn.functional.normalize(codebook, dim=1).numpy())
+        sims, faiss_idx = index.search(xs, k)
+        faiss_dist = 1.0 - torch.from_numpy(sims).double()
+    faiss_idx = torch.from_numpy(faiss_idx).long()
+    tol = row_tolerance(x, codebook, metric)[:, None]
+    assert ((dist.double() - faiss_dist).abs() <= tol).all()
+    gaps = torch.minimum(faiss_dist.diff(dim=1, prepend=faiss_dist[:, :1] - 1e9),
+                         faiss_dist.diff(dim=1, append=faiss_dist[:, -1:] + 1e9))
+    separated = gaps > 2 * tol
+    assert separated[:, :-1].float().mean() > 0.5
+    # faiss's k-th gap to the (k+1)-th is unknown: exclude the last slot from exact checks
+    separated[:, -1] = False
+    assert torch.equal(idx[separated], faiss_idx[separated])
+
+
+# ------------------------------------------------------------------------------------------
+# argument errors and dispatch
+# ------------------------------------------------------------------------------------------
+
+def test_errors_name_the_argument() -> None:
+    x, codebook = torch.randn(4, 8), torch.randn(10, 8)
+    cases = [
+        (lambda: nearest_token(x.numpy(), codebook), TypeError, "x must be a torch.Tensor"),
+        (lambda: nearest_token(x, codebook[0]), ValueError, "codebook must have 2 dimensions"),
+        (lambda: nearest_token(torch.tensor(1.0), codebook), ValueError, "x must have at least 1 dimension"),
+        (lambda: nearest_token(x.double(), codebook.double()), TypeError, "x must have dtype"),
+        (lambda: nearest_token(x.long(), codebook), TypeError, "x must have dtype"),
+        (lambda: nearest_token(x, codebook.half()), TypeError, "codebook has dtype"),
+        (lambda: nearest_token(x, torch.randn(10, 9)), ValueError, "x has last dimension D=8 but codebook has D=9"),
+        (lambda: nearest_token(torch.randn(4, 0), torch.randn(10, 0)), ValueError, "codebook must have D >= 1"),
+        (lambda: nearest_token(x, torch.randn(0, 8)), ValueError, r"codebook must have at least one row \(K >= 1\)"),
+        (lambda: nearest_token(x, codebook, 0), ValueError, "k must be >= 1"),
+        (lambda: nearest_token(x, codebook, 11), ValueError, "k must be <= 10"),
+        (lambda: nearest_token(x, torch.randn(40, 8), 17), ValueError, "k must be <= 16"),
+        (lambda: nearest_token(x, codebook, 2.0), TypeError, "k must be an int"),
+        (lambda: nearest_token(x, codebook, metric="l1"), ValueError, "metric must be one of"),
+        (lambda: nearest_token(x, codebook, index_dtype=torch.int16), TypeError, "index_dtype must be"),
+        (lambda: nearest_token(x, codebook, allow_tf32=1), TypeError, "allow_tf32 must be a bool"),
+        (lambda: nearest_token(x, codebook, backend="cuDNN"), ValueError, "backend must be one of"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_mixed_devices_are_rejected() -> None:
+    x, codebook = torch.randn(4, 8), torch.randn(10, 8, device="meta")
+    with pytest.raises(ValueError, match="codebook is on meta but x is on cpu"):
+        nearest_token(x, codebook)
+
+
+def test_auto_uses_the_reference_on_cpu_and_cuda_backend_needs_cuda_tensors(generator: torch.Generator) -> None:
+    x, codebook = make_inputs("gaussian", 6, 12, 8, torch.float32, generator)
+    auto = nearest_token(x, codebook, 2)
+    ref = nearest_token_reference(x, codebook, 2)
+    assert torch.equal(auto[1], ref[1]) and torch.equal(auto[0], ref[0])
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        nearest_token(x, codebook, 2, backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------
+# the Triton kernel lowers to GPU code (no GPU needed: Triton's own ptxas builds a cubin)
+# ------------------------------------------------------------------------------------------
+
+_AOT_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pacofr.kernels.nearest_token import nearest_token_kernel
+
+for dtype, kp, k_out, cosine, block_n, block_d, precision in [
+        ("bf16", 4, 3, True, 128, 64, "ieee"), ("fp32", 16, 16, False, 64, 32, "tf32")]:
+    signature = {"x_ptr": f"*{dtype}", "codebook_ptr": f"*{dtype}", "code_term_ptr": "*fp32",
+                 "dist_ptr": "*fp32", "index_ptr": "*i64", "n_rows": "i32", "n_codes": "i32", "dim": "i32",
+                 "stride_xn": "i32", "stride_xd": "i32", "stride_en": "i32", "stride_ed": "i32"}
+    constants = dict(K_OUT=k_out, KP=kp, COSINE=cosine, BLOCK_N=block_n, BLOCK_K=64, BLOCK_D=block_d,
+                     INPUT_PRECISION=precision, UPCAST_FOR_DOT=False)
+    signature.update({name: "constexpr" for name in constants})
+    kernel = triton.compile(ASTSource(fn=nearest_token_kernel, signature=signature, constexprs=constants),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+    assert kernel.asm["cubin"], "no cubin"
+    print("compiled", dtype, kp)
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernel_compiles_for_sm90() -> None:
+    """Catches GPU-only compile errors the interpreter ignores (e.g. non-constexpr globals)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _AOT_COMPILE], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("compiled") == 2
