@@ -1,0 +1,657 @@
+"""Masked patch ops (pacofr.ops.patches) against a literal float64 transcription of MAE.
+
+The oracle below follows facebookresearch/mae ``models_mae.py`` line by line (einsum patchify,
+gather with an index *repeated* to the feature size, ``var`` with the unbiased estimator,
+``mask_token.repeat`` + ``cat`` + ``gather`` in the decoder) in float64 on the exact input
+values, and is independent of the implementations under test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pacofr.ops import BackendUnavailableError, gather_patches, masked_patch_loss, patch_targets, scatter_tokens
+from pacofr.ops import _patches_fused
+from pacofr.ops import patches as patches_module
+from pacofr.ops._dispatch import backend_status, get_op
+
+IMAGE_DTYPES = [torch.uint8, torch.float32, torch.bfloat16, torch.float16]
+TOKEN_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (rtol, atol) for a result rounded to this dtype and compared with float64
+TOL = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (2e-6, 2e-6),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+# (image size H, W, patch size) triples: square, non-square, p = 8 / 14 / 16
+GEOMETRIES = [(32, 32, 8), (28, 42, 14), (48, 32, 16)]
+FUSED = ["triton", "cuda"]
+
+
+def _cpu_or_gpu_backends() -> list:
+    """The backends under test: torch everywhere; fused ones where they can run (cuda: GPU only)."""
+    params = [pytest.param("torch", id="torch")]
+    params.append(pytest.param("triton", id="triton"))
+    params.append(pytest.param("cuda", id="cuda", marks=pytest.mark.gpu))
+    return params
+
+
+BACKEND_PARAMS = _cpu_or_gpu_backends()
+
+
+def _device_for(backend: str) -> torch.device:
+    return torch.device("cuda") if backend == "cuda" else torch.device("cpu")
+
+
+def _skip_unless_runnable(backend: str, op: str = "gather_patches") -> None:
+    if backend not in get_op(op).impls:
+        pytest.skip(f"{op} has no {backend} backend yet")
+    ok, why = backend_status(backend, _device_for(backend), op)
+    if not ok:
+        pytest.skip(why)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol * scale, atol=atol * scale)
+
+
+@pytest.fixture(autouse=True)
+def poison_fused_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every buffer a fused kernel must fully overwrite starts as NaN (ints: a huge value)."""
+
+    def poisoned(shape, dtype, device):
+        fill = float("nan") if dtype.is_floating_point else 2**30
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(_patches_fused, "_empty", poisoned)
+
+
+def test_poisoning_is_active():
+    assert torch.isnan(_patches_fused._empty((2,), torch.float32, torch.device("cpu"))).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# float64 MAE oracle
+# ----------------------------------------------------------------------------------------------
+
+def mae_patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """MAE patchify (generalised to H != W): (B, C, H, W) -> (B, L, p*p*C)."""
+    n, c, height, width = imgs.shape
+    h, w = height // p, width // p
+    x = imgs.reshape(n, c, h, p, w, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(n, h * w, p * p * c)
+
+
+def oracle_patches(images: torch.Tensor, ids: torch.Tensor, p: int, mean=None, std=None) -> torch.Tensor:
+    x = images.double()
+    if images.dtype == torch.uint8:
+        x = x / 255.0
+    if mean is not None or std is not None:
+        c = images.shape[1]
+        m = torch.as_tensor(mean if mean is not None else [0.0] * c, dtype=torch.float64, device=x.device)
+        s = torch.as_tensor(std if std is not None else [1.0] * c, dtype=torch.float64, device=x.device)
+        x = (x - m.view(1, c, 1, 1)) / s.view(1, c, 1, 1)
+    target = mae_patchify(x, p)
+    index = ids.long().unsqueeze(-1).repeat(1, 1, target.shape[-1])
+    return torch.gather(target, dim=1, index=index)
+
+
+def oracle_targets(images, ids, p, norm_pix=True, eps=1e-6, mean=None, std=None) -> torch.Tensor:
+    target = oracle_patches(images, ids, p, mean, std)
+    if norm_pix:
+        m = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - m) / (var + eps) ** 0.5
+    return target
+
+
+def oracle_loss(pred, images, ids, p, **kwargs) -> torch.Tensor:
+    target = oracle_targets(images, ids, p, **kwargs)
+    loss = (pred.double() - target) ** 2
+    return loss.mean(dim=-1).mean()
+
+
+def oracle_scatter(x, ids_restore, mask_token, pos_embed=None) -> torch.Tensor:
+    """MAE forward_decoder without the cls token, float64."""
+    x = x.double()
+    mask_tokens = mask_token.double().reshape(1, 1, -1).repeat(x.shape[0], ids_restore.shape[1] - x.shape[1], 1)
+    x_ = torch.cat([x, mask_tokens], dim=1)
+    x_ = torch.gather(x_, dim=1, index=ids_restore.long().unsqueeze(-1).repeat(1, 1, x.shape[2]))
+    if pos_embed is not None:
+        x_ = x_ + pos_embed.double().reshape(1, ids_restore.shape[1], -1)
+    return x_
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------
+
+def make_images(batch, channels, height, width, dtype, generator, kind="gauss") -> torch.Tensor:
+    """Gaussian images, or "clustered" ones (each 8x8 block a constant plus 1e-3 noise: tiny variance)."""
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, (batch, channels, height, width), generator=generator, dtype=torch.uint8)
+    if kind == "gauss":
+        x = torch.randn(batch, channels, height, width, generator=generator) * 2 + 0.5
+    else:
+        blocks = torch.randn(batch, channels, height // 8 + 1, width // 8 + 1, generator=generator)
+        base = blocks.repeat_interleave(8, 2).repeat_interleave(8, 3)[:, :, :height, :width]
+        x = base + 1e-3 * torch.randn(batch, channels, height, width, generator=generator)
+    return x.to(dtype)
+
+
+def make_ids(batch, num_patches, n, generator, kind="random", dtype=torch.int64) -> torch.Tensor:
+    """random: MAE-style (argsort of noise, first n); block: a contiguous run; dup: with replacement."""
+    if kind == "random":
+        ids = torch.argsort(torch.rand(batch, num_patches, generator=generator), dim=1)[:, :n]
+    elif kind == "block":
+        start = torch.randint(0, num_patches - n + 1, (batch, 1), generator=generator)
+        ids = start + torch.arange(n).unsqueeze(0)
+    elif kind == "dup":
+        ids = torch.randint(0, num_patches, (batch, n), generator=generator)
+        ids[:, -1] = ids[:, 0]  # at least one duplicate per row
+    else:
+        raise ValueError(kind)
+    return ids.to(dtype).contiguous()
+
+
+def channel_stats(channels: int):
+    mean = [0.485, 0.456, 0.406, 0.5][:channels]
+    std = [0.229, 0.224, 0.225, 0.25][:channels]
+    return mean, std
+
+
+# ----------------------------------------------------------------------------------------------
+# gather_patches
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("dtype", IMAGE_DTYPES, ids=str)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+@pytest.mark.parametrize("normalise", [False, True])
+def test_gather_patches_matches_mae(backend, dtype, geometry, normalise, generator):
+    _skip_unless_runnable(backend)
+    device = _device_for(backend)
+    height, width, p = geometry
+    channels = 3
+    images = make_images(2, channels, height, width, dtype, generator).to(device)
+    num_patches = (height // p) * (width // p)
+    for kind, id_dtype in [("random", torch.int64), ("block", torch.int32), ("dup", torch.int32)]:
+        ids = make_ids(2, num_patches, max(1, num_patches // 2), generator, kind, id_dtype).to(device)
+        mean, std = channel_stats(channels) if normalise else (None, None)
+        out = gather_patches(images, ids, p, mean=mean, std=std, backend=backend)
+        expected_dtype = torch.float32 if dtype == torch.uint8 else dtype
+        assert out.dtype == expected_dtype and out.shape == (2, ids.shape[1], p * p * channels)
+        _close(out, oracle_patches(images, ids, p, mean, std), expected_dtype, scale=8.0 if normalise else 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_gather_patches_out_dtype_and_uint8_normalisation(backend, out_dtype, generator):
+    _skip_unless_runnable(backend)
+    device = _device_for(backend)
+    images = make_images(3, 3, 32, 48, torch.uint8, generator).to(device)
+    ids = make_ids(3, 24, 7, generator).to(device)
+    mean, std = channel_stats(3)
+    out = gather_patches(images, ids, 8, mean=torch.tensor(mean), std=std, out_dtype=out_dtype, backend=backend)
+    assert out.dtype == out_dtype
+    _close(out, oracle_patches(images, ids, 8, mean, std), out_dtype, scale=8.0)
+    only_mean = gather_patches(images, ids, 8, mean=mean, out_dtype=out_dtype, backend=backend)
+    _close(only_mean, oracle_patches(images, ids, 8, mean=mean), out_dtype)
+    only_std = gather_patches(images, ids, 8, std=std, out_dtype=out_dtype, backend=backend)
+    _close(only_std, oracle_patches(images, ids, 8, std=std), out_dtype, scale=8.0)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "single_channel"])
+def test_gather_patches_non_contiguous_images_and_ids(backend, layout, generator):
+    _skip_unless_runnable(backend)
+    device = _device_for(backend)
+    if layout == "channels_last":
+        images = make_images(2, 3, 32, 32, torch.float32, generator).to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        images = make_images(2, 4, 40, 37, torch.float32, generator)[:, 1:, 3:35, 2:34]
+    else:
+        images = make_images(2, 1, 32, 32, torch.bfloat16, generator)
+    images = images.to(device)
+    wide_ids = make_ids(2, 16, 16, generator)
+    ids = wide_ids[:, ::2].to(device)  # non-contiguous (stride 2)
+    assert not ids.is_contiguous()
+    images.requires_grad_()
+    out = gather_patches(images, ids, 8, backend=backend)
+    _close(out, oracle_patches(images, ids, 8), images.dtype)
+    grad_out = torch.randn(out.shape, generator=generator).to(device, out.dtype)
+    (grad,) = torch.autograd.grad(out, images, grad_out)
+    images64 = images.detach().double().requires_grad_()
+    (expected,) = torch.autograd.grad(oracle_patches(images64, ids, 8), images64, grad_out.double())
+    assert grad.shape == images.shape and grad.dtype == images.dtype
+    _close(grad, expected, images.dtype)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_gather_patches_empty(backend):
+    _skip_unless_runnable(backend)
+    device = _device_for(backend)
+    images = torch.randn(2, 3, 16, 16, device=device, requires_grad=True)
+    ids = torch.zeros(2, 0, dtype=torch.int32, device=device)
+    out = gather_patches(images, ids, 8, backend=backend)
+    assert out.shape == (2, 0, 192) and out.dtype == torch.float32
+    out.sum().backward()
+    assert images.grad is not None and torch.count_nonzero(images.grad) == 0
+    none = gather_patches(images[:0], ids[:0], 8, backend=backend)
+    assert none.shape == (0, 0, 192)
+
+
+def test_gather_patches_gradcheck_float64(generator):
+    """Reference autograd (scatter back, duplicates accumulate) by finite differences."""
+    images = torch.randn(2, 2, 8, 12, dtype=torch.float64, generator=generator, requires_grad=True)
+    ids = torch.tensor([[0, 5, 5], [3, 1, 0]], dtype=torch.int32)
+    torch.autograd.gradcheck(lambda x: gather_patches(x, ids, 4, mean=[0.1, -0.2], std=[0.5, 2.0]), (images,))
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_gather_patches_backward_accumulates_duplicates(backend, dtype, generator):
+    _skip_unless_runnable(backend)
+    device = _device_for(backend)
+    images = make_images(2, 3, 28, 42, dtype, generator).to(device).requires_grad_()
+    ids = make_ids(2, 6, 9, generator, "dup", torch.int32).to(device)
+    mean, std = channel_stats(3)
+    out = gather_patches(images, ids, 14, mean=mean, std=std, backend=backend)
+    grad_out = torch.randn(out.shape, generator=generator).to(device=device, dtype=out.dtype)
+    (grad,) = torch.autograd.grad(out, images, grad_out)
+    images64 = images.detach().double().requires_grad_()
+    (expected,) = torch.autograd.grad(oracle_patches(images64, ids, 14, mean, std), images64, grad_out.double())
+    assert grad.dtype == dtype and grad.shape == images.shape
+    _close(grad, expected, dtype, scale=8.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# patch_targets and masked_patch_loss
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("dtype", IMAGE_DTYPES, ids=str)
+@pytest.mark.parametrize("norm_pix", [True, False])
+@pytest.mark.parametrize("kind", ["gauss", "clustered"])
+def test_patch_targets_match_mae(backend, dtype, norm_pix, kind, generator):
+    _skip_unless_runnable(backend, "patch_targets")
+    device = _device_for(backend)
+    for height, width, p in GEOMETRIES:
+        images = make_images(2, 3, height, width, dtype, generator, kind).to(device)
+        num_patches = (height // p) * (width // p)
+        ids = make_ids(2, num_patches, num_patches - 1, generator, "random", torch.int32).to(device)
+        out = patch_targets(images, ids, p, norm_pix=norm_pix, backend=backend)
+        assert out.dtype == torch.float32 and out.shape == (2, num_patches - 1, p * p * 3)
+        # clustered patches have a variance ~ eps: the fp32 mean's rounding is amplified ~1/sqrt(eps)
+        scale = 50.0 if (norm_pix and kind == "clustered") else 10.0
+        _close(out, oracle_targets(images, ids, p, norm_pix=norm_pix), torch.float32, scale=scale)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_patch_targets_mean_std_eps_and_constant_patches(backend, generator):
+    _skip_unless_runnable(backend, "patch_targets")
+    device = _device_for(backend)
+    images = make_images(2, 3, 16, 32, torch.uint8, generator)
+    images[0, :, :8, :8] = 7  # a constant patch: variance 0, target 0 (not NaN)
+    images = images.to(device)
+    ids = torch.tensor([[0, 1, 2], [7, 7, 4]], dtype=torch.int64, device=device)
+    mean, std = channel_stats(3)
+    for eps in (1e-6, 0.5):
+        out = patch_targets(images, ids, 8, eps=eps, mean=mean, std=std, backend=backend)
+        _close(out, oracle_targets(images, ids, 8, eps=eps, mean=mean, std=std), torch.float32, scale=10.0)
+    constant = patch_targets(images, ids, 8, backend=backend)  # without per-channel stats patch 0 is flat
+    assert torch.count_nonzero(constant[0, 0]) == 0 and torch.isfinite(constant).all()
+    raw = patch_targets(images, ids, 8, norm_pix=False, mean=mean, std=std, backend=backend)
+    _close(raw, oracle_patches(images, ids, 8, mean, std), torch.float32, scale=8.0)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_patch_targets_are_constants_and_empty_works(backend, generator):
+    _skip_unless_runnable(backend, "patch_targets")
+    device = _device_for(backend)
+    images = torch.randn(2, 3, 16, 16, device=device, requires_grad=True)
+    ids = torch.tensor([[0, 3], [1, 2]], device=device)
+    assert not patch_targets(images, ids, 8, backend=backend).requires_grad
+    empty = patch_targets(images, ids[:, :0], 8, backend=backend)
+    assert empty.shape == (2, 0, 192) and empty.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("image_dtype", IMAGE_DTYPES, ids=str)
+@pytest.mark.parametrize("pred_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_masked_patch_loss_value_and_grad(backend, image_dtype, pred_dtype, norm_pix, generator):
+    _skip_unless_runnable(backend, "masked_patch_loss")
+    device = _device_for(backend)
+    for height, width, p in GEOMETRIES[:2]:
+        images = make_images(3, 3, height, width, image_dtype, generator).to(device)
+        num_patches = (height // p) * (width // p)
+        ids = make_ids(3, num_patches, max(1, (3 * num_patches) // 4), generator).to(device)
+        mean, std = channel_stats(3) if image_dtype == torch.uint8 else (None, None)
+        target = oracle_targets(images, ids, p, norm_pix=norm_pix, mean=mean, std=std)
+        pred = (target + 0.3 * torch.randn(target.shape, generator=generator, dtype=torch.float64))
+        pred = pred.to(pred_dtype).requires_grad_()
+        loss = masked_patch_loss(pred, images, ids, p, norm_pix=norm_pix, mean=mean, std=std, backend=backend)
+        assert loss.dtype == torch.float32 and loss.dim() == 0
+        pred64 = pred.detach().double().requires_grad_()
+        expected = oracle_loss(pred64, images, ids, p, norm_pix=norm_pix, mean=mean, std=std)
+        torch.testing.assert_close(loss.double().cpu(), expected.cpu(), rtol=1e-5, atol=1e-7)
+        (grad,) = torch.autograd.grad(loss * 3.0, pred)
+        (expected_grad,) = torch.autograd.grad(expected * 3.0, pred64)
+        assert grad.dtype == pred_dtype
+        rel = 1e-4 if pred_dtype == torch.float32 else 1e-2
+        scale = expected_grad.abs().max().item()
+        torch.testing.assert_close(grad.double().cpu(), expected_grad.cpu(), rtol=rel, atol=rel * scale)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_masked_patch_loss_equals_mae_forward_loss(backend, generator):
+    """Scoring the masked patches equals MAE's forward_loss (all patches, masked mean)."""
+    _skip_unless_runnable(backend, "masked_patch_loss")
+    device = _device_for(backend)
+    batch, p, size = 2, 8, 32
+    num_patches = (size // p) ** 2
+    images = make_images(batch, 3, size, size, torch.float32, generator)
+    len_keep = int(num_patches * (1 - 0.75))
+    noise = torch.rand(batch, num_patches, generator=generator)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = torch.ones(batch, num_patches)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, dim=1, index=ids_restore)
+    pred_full = torch.randn(batch, num_patches, p * p * 3, generator=generator)
+    # MAE forward_loss, literally (fp32, norm_pix_loss=True)
+    target = mae_patchify(images, p)
+    m, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+    target = (target - m) / (var + 1.0e-6) ** 0.5
+    mae = (((pred_full - target) ** 2).mean(dim=-1) * mask).sum() / mask.sum()
+    ids_masked = ids_shuffle[:, len_keep:]
+    pred_masked = torch.gather(pred_full, 1, ids_masked.unsqueeze(-1).expand(-1, -1, p * p * 3))
+    ours = masked_patch_loss(pred_masked.to(device), images.to(device), ids_masked.to(device), p, backend=backend)
+    torch.testing.assert_close(ours.cpu(), mae, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_patch_loss_gradcheck_float64(generator):
+    images = torch.randint(0, 256, (2, 2, 8, 8), generator=generator, dtype=torch.uint8)
+    ids = torch.tensor([[0, 3, 3], [2, 1, 0]])
+    pred = torch.randn(2, 3, 32, dtype=torch.float64, generator=generator, requires_grad=True)
+    torch.autograd.gradcheck(lambda x: masked_patch_loss(x, images, ids, 4, mean=[0.4, 0.5], std=[0.2, 0.3]),
+                             (pred,))
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_masked_patch_loss_empty_is_zero_with_zero_grad(backend):
+    _skip_unless_runnable(backend, "masked_patch_loss")
+    device = _device_for(backend)
+    images = torch.randn(2, 3, 16, 16, device=device)
+    ids = torch.zeros(2, 0, dtype=torch.int32, device=device)
+    pred = torch.zeros(2, 0, 192, dtype=torch.bfloat16, device=device, requires_grad=True)
+    loss = masked_patch_loss(pred, images, ids, 8, backend=backend)
+    assert loss.dtype == torch.float32 and loss.item() == 0.0
+    loss.backward()
+    assert pred.grad is not None and pred.grad.shape == pred.shape
+
+
+# ----------------------------------------------------------------------------------------------
+# scatter_tokens
+# ----------------------------------------------------------------------------------------------
+
+def mae_ids_restore(batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    ids_shuffle = torch.argsort(torch.rand(batch, length, generator=generator), dim=1)
+    return torch.argsort(ids_shuffle, dim=1)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("dtype", TOKEN_DTYPES, ids=str)
+@pytest.mark.parametrize("with_pos", [True, False])
+@pytest.mark.parametrize("n_visible", [0, 5, 16])
+def test_scatter_tokens_forward_backward(backend, dtype, with_pos, n_visible, generator):
+    _skip_unless_runnable(backend, "scatter_tokens")
+    device = _device_for(backend)
+    batch, length, dim = 3, 16, 40
+    visible = torch.randn(batch, n_visible, dim, generator=generator).to(device, dtype).requires_grad_()
+    ids_restore = mae_ids_restore(batch, length, generator).to(torch.int32).to(device)
+    mask_token = torch.randn(1, 1, dim, generator=generator).to(device).requires_grad_()  # fp32 parameter
+    pos = torch.randn(1, length, dim, generator=generator).to(device).requires_grad_() if with_pos else None
+    out = scatter_tokens(visible, ids_restore, mask_token, pos_embed=pos, backend=backend)
+    assert out.dtype == dtype and out.shape == (batch, length, dim)
+    # reference on the values the op uses: the mask token rounded to the tokens' dtype
+    leaves = [visible, mask_token] + ([pos] if with_pos else [])
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    mask_in = leaves64[1].to(dtype).double() if dtype != torch.float32 else leaves64[1]
+    expected = oracle_scatter(leaves64[0], ids_restore, mask_in, leaves64[2] if with_pos else None)
+    _close(out, expected, dtype)
+    grad_out = torch.randn(out.shape, generator=generator).to(device, dtype)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    expected_grads = torch.autograd.grad(expected, leaves64, grad_out.double())
+    for leaf, grad, want in zip(leaves, grads, expected_grads):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+        _close(grad, want, dtype, scale=4.0)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_scatter_tokens_duplicates_and_non_contiguous(backend, generator):
+    _skip_unless_runnable(backend, "scatter_tokens")
+    device = _device_for(backend)
+    batch, length, dim, n_visible = 2, 9, 33, 4
+    wide = torch.randn(batch, dim, n_visible, generator=generator).to(device)
+    visible = wide.transpose(1, 2).requires_grad_()  # non-contiguous (B, n_vis, D) view
+    ids_restore = torch.randint(0, length, (batch, length), generator=generator).to(device)
+    ids_restore[:, 0] = 1
+    ids_restore[:, 1] = 1  # visible token 1 used twice
+    mask_token = torch.randn(dim, generator=generator, dtype=torch.float64).float().to(device).requires_grad_()
+    pos = torch.randn(length, dim, generator=generator).to(device).t().contiguous().t().requires_grad_()
+    out = scatter_tokens(visible, ids_restore, mask_token, pos_embed=pos, backend=backend)
+    leaves = [visible, mask_token, pos]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    expected = oracle_scatter(leaves64[0], ids_restore, leaves64[1], leaves64[2])
+    _close(out, expected, torch.float32)
+    grad_out = torch.randn(out.shape, generator=generator).to(device)
+    for grad, want in zip(torch.autograd.grad(out, leaves, grad_out),
+                          torch.autograd.grad(expected, leaves64, grad_out.double())):
+        _close(grad, want, torch.float32, scale=4.0)
+
+
+def test_scatter_tokens_gradcheck_float64(generator):
+    visible = torch.randn(2, 3, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    ids_restore = torch.tensor([[4, 0, 2, 1, 3, 0], [5, 4, 3, 2, 1, 0]], dtype=torch.int32)
+    mask_token = torch.randn(1, 1, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    pos = torch.randn(6, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    torch.autograd.gradcheck(lambda v, m, q: scatter_tokens(v, ids_restore, m, pos_embed=q),
+                             (visible, mask_token, pos))
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_scatter_tokens_empty_batch_and_length(backend):
+    _skip_unless_runnable(backend, "scatter_tokens")
+    device = _device_for(backend)
+    visible = torch.zeros(0, 0, 8, device=device, requires_grad=True)
+    mask_token = torch.zeros(8, device=device, requires_grad=True)
+    out = scatter_tokens(visible, torch.zeros(0, 5, dtype=torch.int64, device=device), mask_token, backend=backend)
+    assert out.shape == (0, 5, 8)
+    out.sum().backward()
+    assert mask_token.grad is not None and torch.count_nonzero(mask_token.grad) == 0
+    empty_l = scatter_tokens(torch.zeros(2, 0, 8, device=device), torch.zeros(2, 0, dtype=torch.int32, device=device),
+                             mask_token, pos_embed=torch.zeros(0, 8, device=device), backend=backend)
+    assert empty_l.shape == (2, 0, 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# errors
+# ----------------------------------------------------------------------------------------------
+
+def test_errors_name_the_argument():
+    images = torch.zeros(2, 3, 32, 32)
+    ids = torch.zeros(2, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"multiples of patch_size=16.*H=30.*rejects"):
+        gather_patches(torch.zeros(2, 3, 30, 32), ids, 16)
+    with pytest.raises(ValueError, match="images must have 4 dimensions"):
+        gather_patches(torch.zeros(3, 32, 32), ids, 16)
+    with pytest.raises(TypeError, match="images must have dtype"):
+        gather_patches(images.int(), ids, 16)
+    with pytest.raises(TypeError, match="ids must have dtype"):
+        gather_patches(images, ids.float(), 16)
+    with pytest.raises(ValueError, match=r"ids must have shape \(B, n\) with B=2"):
+        gather_patches(images, ids[:1], 16)
+    with pytest.raises(ValueError, match="ids must have 2 dimensions"):
+        gather_patches(images, ids[0], 16)
+    with pytest.raises(IndexError, match=r"ids must hold patch indices .* \[0, 4\), got values in \[0, 4\]"):
+        gather_patches(images, torch.tensor([[0, 4], [1, 2]]), 16)
+    with pytest.raises(IndexError, match=r"ids .* got values in \[-1, -1\]"):
+        gather_patches(images, ids - 1, 16)
+    with pytest.raises(ValueError, match="ids is on meta but images is on cpu"):
+        gather_patches(images, ids.to("meta"), 16, validate=False)
+    with pytest.raises(ValueError, match="patch_size must be >= 1"):
+        gather_patches(images, ids, 0)
+    with pytest.raises(TypeError, match="patch_size must be an int"):
+        gather_patches(images, ids, 16.0)
+    with pytest.raises(ValueError, match=r"mean must have one value per channel \(C=3\), got 2"):
+        gather_patches(images, ids, 16, mean=[0.5, 0.5])
+    with pytest.raises(ValueError, match="std must be finite and non-zero"):
+        gather_patches(images, ids, 16, std=[1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="std must be finite and non-zero"):
+        gather_patches(images, ids, 16, std=torch.tensor([1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="mean is on meta but images are on cpu"):
+        gather_patches(images, ids, 16, mean=torch.zeros(3, device="meta"))
+    with pytest.raises(TypeError, match="mean must be a sequence"):
+        gather_patches(images, ids, 16, mean="abc")
+    with pytest.raises(TypeError, match="out_dtype must be one of"):
+        gather_patches(images, ids, 16, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gather_patches(images, ids, 16, backend="opencl")
+
+
+def test_loss_and_targets_errors():
+    images = torch.zeros(2, 1, 4, 4)
+    ids = torch.zeros(2, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"norm_pix needs at least 2 values per patch.*P = .* = 1"):
+        patch_targets(images, ids, 1)
+    patch_targets(images, ids, 1, norm_pix=False)  # allowed without norm_pix
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        patch_targets(images, ids, 2, eps=-1.0)
+    with pytest.raises(TypeError, match="norm_pix must be a bool"):
+        patch_targets(images, ids, 2, norm_pix=1)
+    with pytest.raises(ValueError, match=r"pred must have shape \(B, n, p\*p\*C\) = \(2, 3, 4\)"):
+        masked_patch_loss(torch.zeros(2, 3, 5), images, ids, 2)
+    with pytest.raises(TypeError, match="pred must have dtype"):
+        masked_patch_loss(torch.zeros(2, 3, 4, dtype=torch.int64), images, ids, 2)
+    with pytest.raises(ValueError, match="pred is on meta but images is on cpu"):
+        masked_patch_loss(torch.zeros(2, 3, 4, device="meta"), images, ids, 2, validate=False)
+
+
+def test_scatter_tokens_errors():
+    visible = torch.zeros(2, 3, 8)
+    ids_restore = torch.zeros(2, 5, dtype=torch.int64)
+    mask_token = torch.zeros(1, 1, 8)
+    with pytest.raises(ValueError, match=r"ids_restore must have shape \(B, L\) with B=2"):
+        scatter_tokens(visible, ids_restore[:1], mask_token)
+    with pytest.raises(ValueError, match=r"n_vis=3 .* L=2"):
+        scatter_tokens(visible, ids_restore[:, :2], mask_token)
+    with pytest.raises(ValueError, match=r"mask_token must have shape \(D,\), \(1, D\) or \(1, 1, D\) with D=8"):
+        scatter_tokens(visible, ids_restore, torch.zeros(1, 2, 8))
+    with pytest.raises(ValueError, match=r"pos_embed must have shape \(L, D\) or \(1, L, D\) = \(5, 8\)"):
+        scatter_tokens(visible, ids_restore, mask_token, pos_embed=torch.zeros(4, 8))
+    with pytest.raises(IndexError, match=r"ids_restore must hold token positions in \[0, 5\)"):
+        scatter_tokens(visible, ids_restore + 5, mask_token)
+    with pytest.raises(TypeError, match="ids_restore must have dtype"):
+        scatter_tokens(visible, ids_restore.float(), mask_token)
+    with pytest.raises(TypeError, match="visible_tokens must have dtype"):
+        scatter_tokens(visible.int(), ids_restore, mask_token)
+    with pytest.raises(ValueError, match="mask_token is on meta but visible_tokens is on cpu"):
+        scatter_tokens(visible, ids_restore, mask_token.to("meta"), validate=False)
+
+
+def test_fused_backends_refuse_float64_by_name():
+    _skip_unless_runnable("triton")
+    with pytest.raises(BackendUnavailableError, match="gather_patches: backend 'triton' does not take float64"):
+        gather_patches(torch.zeros(1, 3, 16, 16, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.int64), 8,
+                       backend="triton")
+
+
+def test_auto_uses_torch_for_float64_and_on_cpu():
+    images = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    ids = torch.tensor([[2, 0]])
+    out = gather_patches(images, ids, 8)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, oracle_patches(images, ids, 8))
+    assert patches_module.FUSED_AUTO_ORDER == ("triton", "cuda", "torch")
+
+
+# ----------------------------------------------------------------------------------------------
+# fused backends only: bad indices without validation, larger cross-backend checks
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", [p for p in BACKEND_PARAMS if p.values[0] != "torch"])
+def test_fused_out_of_range_ids_without_validation_give_nan_rows(backend, generator):
+    _skip_unless_runnable(backend)
+    device = _device_for(backend)
+    images = make_images(2, 3, 16, 16, torch.float32, generator).to(device).requires_grad_()
+    ids = torch.tensor([[0, 4], [-1, 3]], device=device)
+    out = gather_patches(images, ids, 8, backend=backend, validate=False)
+    assert torch.isnan(out[0, 1]).all() and torch.isnan(out[1, 0]).all()
+    _close(out[0, 0], oracle_patches(images, ids.clamp(0, 3), 8)[0, 0], torch.float32)
+    (grad,) = torch.autograd.grad(out, images, torch.ones_like(out))
+    assert torch.isfinite(grad).all() and grad.sum().item() == pytest.approx(2 * 192)
+    targets = patch_targets(images.detach(), ids, 8, backend=backend, validate=False)
+    assert torch.isnan(targets[0, 1]).all() and torch.isfinite(targets[0, 0]).all()
+    loss = masked_patch_loss(torch.zeros(2, 2, 192, device=device), images.detach(), ids, 8, backend=backend,
+                             validate=False)
+    assert torch.isnan(loss)
+    visible = torch.randn(1, 2, 8, device=device)
+    tokens = scatter_tokens(visible, torch.tensor([[0, 7, 1]], device=device), torch.zeros(8, device=device),
+                            backend=backend, validate=False)
+    assert torch.isnan(tokens[0, 1]).all() and torch.equal(tokens[0, 0], visible[0, 0])
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKEND_PARAMS if p.values[0] != "torch"])
+def test_fused_matches_torch_backend_on_mae_like_shapes(backend, generator):
+    """uint8 48x48 images, p=16, 75% masking, mean/std: values and gradients vs the torch backend."""
+    _skip_unless_runnable(backend)
+    device = _device_for(backend)
+    batch, size, p = 3, 48, 16
+    num_patches = (size // p) ** 2
+    images = make_images(batch, 3, size, size, torch.uint8, generator).to(device)
+    ids_shuffle = torch.argsort(torch.rand(batch, num_patches, generator=generator), dim=1).to(device)
+    ids_keep, ids_masked = ids_shuffle[:, :2].int(), ids_shuffle[:, 2:].int()
+    mean, std = channel_stats(3)
+    visible = {b: gather_patches(images, ids_keep, p, mean=mean, std=std, out_dtype=torch.bfloat16, backend=b)
+               for b in ("torch", backend)}
+    # same fp32 math, so bit-equal on a GPU; Triton's interpreter rounds fp32 -> bf16 by truncation
+    # (one bf16 ulp, 2**-7 relative, below round-to-nearest)
+    one_ulp = 2.0**-7 if device.type == "cpu" else 0.0
+    torch.testing.assert_close(visible[backend], visible["torch"], rtol=one_ulp, atol=0)
+    pred = torch.randn(batch, num_patches - 2, p * p * 3, generator=generator).to(device, torch.bfloat16)
+    losses, grads = {}, {}
+    for b in ("torch", backend):
+        leaf = pred.clone().requires_grad_()
+        losses[b] = masked_patch_loss(leaf, images, ids_masked, p, mean=mean, std=std, backend=b)
+        (grads[b],) = torch.autograd.grad(losses[b], leaf)
+    torch.testing.assert_close(losses[backend], losses["torch"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(grads[backend].float(), grads["torch"].float(), rtol=1e-2, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKEND_PARAMS if p.values[0] != "torch"])
+def test_fused_scatter_tokens_many_blocks_and_batch_chunks(backend, generator):
+    """B above the backward's batch chunk, L over several position blocks, D over two feature blocks."""
+    _skip_unless_runnable(backend, "scatter_tokens")
+    device = _device_for(backend)
+    batch, length, dim, n_visible = 2 * _patches_fused.SCATTER_BATCH_CHUNK + 1, 37, 260, 9
+    visible = torch.randn(batch, n_visible, dim, generator=generator).to(device).requires_grad_()
+    ids_restore = mae_ids_restore(batch, length, generator).to(device)
+    mask_token = torch.randn(dim, generator=generator).to(device).requires_grad_()
+    pos = torch.randn(length, dim, generator=generator).to(device, torch.bfloat16).requires_grad_()
+    out = scatter_tokens(visible, ids_restore, mask_token, pos_embed=pos, backend=backend)
+    leaves = [visible, mask_token, pos]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    expected = oracle_scatter(leaves64[0], ids_restore, leaves64[1], leaves64[2])
+    _close(out, expected, torch.float32)
+    grad_out = torch.randn(out.shape, generator=generator).to(device)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    expected_grads = torch.autograd.grad(expected, leaves64, grad_out.double())
+    for leaf, grad, want in zip(leaves, grads, expected_grads):
+        assert grad.dtype == leaf.dtype
+        _close(grad, want, leaf.dtype, scale=8.0)
