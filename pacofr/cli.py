@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("pacofr.commands.prepare", "pacofr.commands.show_regions")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``pacofr`` command line, one module each (see ``pacofr.cli``)."""

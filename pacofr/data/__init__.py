@@ -1,0 +1,22 @@
+"""Real faces, offline: reading photos, detection, alignment, facial-region maps, datasets.
+
+Modules: ``image_io`` (safe decoding), ``detection`` (detector interface; ``mtcnn`` needs the
+``faces`` extra), ``alignment`` (template and similarity warp), ``regions`` (patch region ids),
+``augment``, ``prepare`` (the ``pacofr prepare`` pipeline), ``storage`` (prepared-folder layout),
+``datasets`` and ``demo`` (the packaged demo faces). Importing this package loads none of the
+optional detector packages.
+"""
+
+from pacofr.data.alignment import TEMPLATE_224, AlignmentRecipe, align_face, similarity_transform
+from pacofr.data.augment import Augment
+from pacofr.data.datasets import AlignedFaceDataset, RawFolderDataset, ShardFaceDataset
+from pacofr.data.demo import demo_dataset, demo_root
+from pacofr.data.detection import Detection, FaceDetector, MissingDependencyError, create_detector
+from pacofr.data.regions import REGION_NAMES, landmark_region_ids, region_overlay, template_region_ids
+
+__all__ = [
+    "TEMPLATE_224", "AlignmentRecipe", "align_face", "similarity_transform",
+    "Augment", "AlignedFaceDataset", "RawFolderDataset", "ShardFaceDataset", "demo_dataset", "demo_root",
+    "Detection", "FaceDetector", "MissingDependencyError", "create_detector",
+    "REGION_NAMES", "landmark_region_ids", "region_overlay", "template_region_ids",
+]

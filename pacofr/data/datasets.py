@@ -1,0 +1,239 @@
+"""Map-style datasets of aligned faces for training.
+
+Every item is ``{"image": float32 (3, S, S) in [0, 1], "landmarks": float32 (5, 2) pixel
+coordinates in that (augmented) image, "index": int}``. An image that cannot be read is skipped:
+the next readable item is returned instead (its own ``index``), a warning is logged and the
+dataset's ``skipped`` counter grows. With DataLoader workers each worker counts its own skips;
+the log lines are the complete record.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from pacofr.data.alignment import AlignmentRecipe, resize_points
+from pacofr.data.augment import Augment
+from pacofr.data.detection import FaceDetector, create_detector, select_faces
+from pacofr.data.image_io import DEFAULT_MAX_PIXELS, UnreadableImageError, load_image, scan_folder
+from pacofr.data.storage import SHARDS_DIR, read_index, read_recipe_dict
+
+logger = logging.getLogger(__name__)
+
+
+def to_item(image: np.ndarray, landmarks: np.ndarray, index: int, image_size: int,
+            augment: Augment | None) -> dict[str, Any]:
+    """Build a dataset item from a uint8 (H, W, 3) aligned crop and its (5, 2) landmarks,
+    resizing to ``image_size`` (landmarks follow) and augmenting."""
+    height, width = image.shape[:2]
+    points = np.asarray(landmarks, dtype=np.float64)
+    if (height, width) != (image_size, image_size):
+        if height != width:
+            raise UnreadableImageError(f"item {index}", f"aligned crop is not square ({width}x{height})")
+        image = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))
+        points = resize_points(points, width, image_size)
+    tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
+    marks = torch.from_numpy(points.astype(np.float32))
+    if augment is not None:
+        tensor, marks = augment(tensor, marks)
+    return {"image": tensor.contiguous(), "landmarks": marks.to(torch.float32), "index": int(index)}
+
+
+class _SkippingDataset(Dataset):
+    """Shared skip-and-count logic: subclasses implement ``_load(index) -> (uint8 image, (5, 2))``
+    raising ``UnreadableImageError`` for an item that cannot be used."""
+
+    image_size: int
+    augment: Augment | None
+
+    def __init__(self) -> None:
+        self.skipped = 0
+        self.skipped_indices: set[int] = set()
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        count = len(self)
+        if not -count <= index < count:
+            raise IndexError(f"index {index} out of range for {count} items")
+        index %= count
+        for step in range(count):
+            current = (index + step) % count
+            try:
+                image, landmarks = self._load(current)
+            except UnreadableImageError as err:
+                self.skipped += 1
+                self.skipped_indices.add(current)
+                logger.warning("skipping item %d: %s", current, err)
+                continue
+            return to_item(image, landmarks, current, self.image_size, self.augment)
+        raise RuntimeError(f"none of the {count} items of {type(self).__name__} could be read")
+
+
+class _IndexedFaceDataset(_SkippingDataset):
+    """Faces listed in a prepared folder's index.jsonl."""
+
+    def __init__(self, root: str | os.PathLike, *, image_size: int = 224, augment: Augment | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__()
+        if not isinstance(image_size, int) or image_size < 8:
+            raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+        self.root = Path(root)
+        self.records = read_index(self.root)
+        self.recipe = AlignmentRecipe.from_dict(read_recipe_dict(self.root))
+        self.image_size = image_size
+        self.augment = augment
+        self.max_pixels = max_pixels
+        self._landmarks = np.asarray([record["landmarks"] for record in self.records], dtype=np.float64)
+        self._landmarks = self._landmarks.reshape(len(self.records), 5, 2)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _read_bytes(self, index: int) -> bytes:
+        raise NotImplementedError
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            data = self._read_bytes(index)
+        except OSError as err:
+            raise UnreadableImageError(self._describe(index), str(err)) from err
+        image = load_image(data, max_pixels=self.max_pixels)
+        if image.shape[:2] != (self.recipe.size, self.recipe.size):
+            raise UnreadableImageError(self._describe(index), f"crop is {image.shape[1]}x{image.shape[0]}, "
+                                       f"the recipe says {self.recipe.size}")
+        return image, self._landmarks[index]
+
+    def _describe(self, index: int) -> str:
+        return str(self.records[index].get("file") or self.records[index].get("shard"))
+
+
+class AlignedFaceDataset(_IndexedFaceDataset):
+    """Aligned faces of a folder written by ``pacofr prepare --format files``.
+
+    Args:
+        root: the prepared folder (index.jsonl, recipe.json, images/).
+        image_size: side of the returned images (crops are resized, landmarks follow).
+        augment: optional ``Augment`` applied to every item.
+        max_pixels: decompression-bomb guard for the stored crops.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, image_size: int = 224, augment: Augment | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__(root, image_size=image_size, augment=augment, max_pixels=max_pixels)
+        if self.records and "file" not in self.records[0]:
+            raise ValueError(f"{root} holds shards, not files: use ShardFaceDataset")
+
+    def _read_bytes(self, index: int) -> bytes:
+        return (self.root / self.records[index]["file"]).read_bytes()
+
+
+class ShardFaceDataset(_IndexedFaceDataset):
+    """Aligned faces of a folder written by ``pacofr prepare --format shards``; random access by
+    byte range inside the tar shards (files are opened lazily, once per process).
+
+    Args: as ``AlignedFaceDataset``.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, image_size: int = 224, augment: Augment | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__(root, image_size=image_size, augment=augment, max_pixels=max_pixels)
+        if self.records and "shard" not in self.records[0]:
+            raise ValueError(f"{root} holds image files, not shards: use AlignedFaceDataset")
+        self._handles: dict[str, int] = {}
+        self._pid = os.getpid()
+
+    def _read_bytes(self, index: int) -> bytes:
+        record = self.records[index]
+        if self._pid != os.getpid():  # a forked DataLoader worker must not share descriptors
+            self._handles, self._pid = {}, os.getpid()
+        handle = self._handles.get(record["shard"])
+        if handle is None:
+            handle = os.open(self.root / SHARDS_DIR / record["shard"], os.O_RDONLY)
+            self._handles[record["shard"]] = handle
+        data = os.pread(handle, int(record["size"]), int(record["offset"]))
+        if len(data) != int(record["size"]):
+            raise OSError(f"shard {record['shard']} is truncated")
+        return data
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    def __del__(self) -> None:
+        for handle in getattr(self, "_handles", {}).values():
+            try:
+                os.close(handle)
+            except OSError:
+                pass
+
+
+class RawFolderDataset(_SkippingDataset):
+    """Photos aligned on the fly: detect (largest face), align with the recipe, return the item.
+
+    Args:
+        root: folder of photos (searched recursively).
+        detector: a detector name ("mtcnn"), a ``FaceDetector``, or a callable building one;
+            built lazily, once per process.
+        image_size: side of the returned images.
+        augment: optional ``Augment``.
+        min_size: faces with a shorter box (source pixels) are ignored.
+        recipe: alignment recipe (default: the canonical one at ``image_size``).
+        max_pixels: decompression-bomb guard.
+    Photos with no usable face are skipped like unreadable ones (``skipped``).
+    """
+
+    def __init__(self, root: str | os.PathLike, detector: str | FaceDetector | Callable[[], FaceDetector] = "mtcnn",
+                 *, image_size: int = 224, augment: Augment | None = None, min_size: float = 32.0,
+                 recipe: AlignmentRecipe | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.files, _ = scan_folder(self.root)
+        self.image_size = image_size
+        self.augment = augment
+        self.min_size = min_size
+        self.max_pixels = max_pixels
+        self._detector_spec = detector
+        self._detector: FaceDetector | None = detector if isinstance(detector, FaceDetector) else None
+        name = detector if isinstance(detector, str) else getattr(detector, "name", "custom")
+        self.recipe = recipe or AlignmentRecipe.for_size(image_size, detector=name)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if not isinstance(self._detector_spec, FaceDetector):
+            state["_detector"] = None
+        return state
+
+    @property
+    def detector(self) -> FaceDetector:
+        """The detector, built on first use."""
+        if self._detector is None:
+            spec = self._detector_spec
+            self._detector = create_detector(spec) if isinstance(spec, str) else spec()
+        return self._detector
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        path = self.root / self.files[index]
+        image = load_image(path, max_pixels=self.max_pixels)
+        faces, outcome = select_faces(self.detector.detect(image), "largest", self.min_size)
+        if not faces:
+            raise UnreadableImageError(str(path), f"no usable face ({outcome})")
+        aligned, matrix = self.recipe.align(image, faces[0].landmarks5)
+        landmarks = faces[0].landmarks5 @ matrix[:, :2].T + matrix[:, 2]
+        return aligned, landmarks

@@ -1,0 +1,200 @@
+"""Facial-region id of every patch of an aligned face (method.md, "Structured facial-region masking").
+
+Regions are boxes in a face frame spanned by the five landmarks, so they follow the face when it
+is turned, tilted or shifted:
+
+* origin: the midpoint of the eyes;
+* ``s`` axis: the vector from the left to the right eye (eyes at s = -0.5 and +0.5);
+* ``t`` axis: the vector from the eye midpoint to the mouth midpoint (eyes at t = 0, mouth at 1).
+
+A patch takes the region of its centre (first matching box in ``REGION_BOXES``' order, else
+``other``); then the patch that contains each landmark is given that landmark's region, so the
+eyes, the nose and the mouth own their patches on every grid, however coarse. The template map is
+the same rule applied to the template landmarks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from pacofr.data.alignment import template_for_size
+
+REGION_NAMES = ("eye_left", "eye_right", "nose", "mouth", "forehead", "cheek_left", "cheek_right", "chin", "other")
+NUM_REGIONS = len(REGION_NAMES)
+OTHER = REGION_NAMES.index("other")
+
+#: Region of each of the five landmarks (left eye, right eye, nose, left and right mouth corner).
+LANDMARK_REGIONS = (0, 1, 2, 3, 3)
+
+
+class RegionBox(NamedTuple):
+    """A box in the face frame: ``s`` relative to ``s_anchor`` and ``t`` relative to ``t_anchor``.
+
+    Anchors name a landmark-derived point: "eye_left", "eye_right", "nose", "mouth" (mouth
+    midpoint), "eyes" (eye midpoint, the origin).
+    """
+
+    region: int
+    anchor: str
+    s_min: float
+    s_max: float
+    t_min: float
+    t_max: float
+
+
+# Face-frame boxes, checked in this order (the first hit wins). Sizes are in units of the
+# inter-ocular distance (s) and the eye-to-mouth distance (t); the eye boxes include the brows.
+REGION_BOXES = (
+    RegionBox(0, "eye_left", -0.40, 0.40, -0.55, 0.22),
+    RegionBox(1, "eye_right", -0.40, 0.40, -0.55, 0.22),
+    RegionBox(2, "nose", -0.30, 0.30, -0.90, 0.20),
+    RegionBox(3, "mouth", -0.62, 0.62, -0.31, 0.30),
+    RegionBox(4, "eyes", -0.95, 0.95, -1.25, -0.40),
+    RegionBox(5, "eyes", -1.05, 0.0, 0.0, 1.30),
+    RegionBox(6, "eyes", 0.0, 1.05, 0.0, 1.30),
+    RegionBox(7, "mouth", -0.90, 0.90, 0.30, 0.62),
+)
+
+
+def _anchor_points(frame_landmarks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Anchor (s, t) coordinates (..., 2) from landmarks already in the face frame (..., 5, 2)."""
+    return {
+        "eyes": torch.zeros_like(frame_landmarks[..., 0, :]),
+        "eye_left": frame_landmarks[..., 0, :],
+        "eye_right": frame_landmarks[..., 1, :],
+        "nose": frame_landmarks[..., 2, :],
+        "mouth": frame_landmarks[..., 3:5, :].mean(dim=-2),
+    }
+
+
+def patch_centres(grid: int, image_size: int) -> torch.Tensor:
+    """Pixel centres (grid*grid, 2) of the patches of a ``grid`` x ``grid`` split, row-major, float64."""
+    patch = image_size / grid
+    axis = (torch.arange(grid, dtype=torch.float64) + 0.5) * patch - 0.5
+    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)
+
+
+def _check_grid(grid: int, image_size: int) -> None:
+    if not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid must be a positive int, got {grid!r}")
+    if not isinstance(image_size, int) or image_size < grid:
+        raise ValueError(f"image_size must be an int >= grid ({grid}), got {image_size!r}")
+
+
+def landmark_region_ids(landmarks: torch.Tensor | np.ndarray, grid: int = 14, image_size: int = 224) -> torch.Tensor:
+    """Region id of every patch, following each face's own landmarks.
+
+    Args:
+        landmarks: (..., 5, 2) landmarks in aligned-image pixels (any float dtype, any device).
+        grid: patches per side.
+        image_size: side of the aligned image in pixels.
+    Returns:
+        int64 (..., grid*grid) region ids in [0, 9), row-major, on the landmarks' device.
+    Raises:
+        ValueError: wrong shape, non-finite landmarks, or eyes and mouth that span no face frame.
+    """
+    _check_grid(grid, image_size)
+    points = torch.as_tensor(landmarks)
+    if points.ndim < 2 or tuple(points.shape[-2:]) != (5, 2):
+        raise ValueError(f"landmarks must have shape (..., 5, 2), got {tuple(points.shape)}")
+    device = points.device
+    points = points.detach().to(torch.float64)
+    if not torch.isfinite(points).all():
+        raise ValueError("landmarks must be finite")
+    eye_mid = points[..., 0:2, :].mean(dim=-2)
+    axis_s = points[..., 1, :] - points[..., 0, :]
+    axis_t = points[..., 3:5, :].mean(dim=-2) - eye_mid
+    basis = torch.stack([axis_s, axis_t], dim=-1)  # (..., 2, 2): columns are the axes
+    det = torch.linalg.det(basis)
+    scale = axis_s.norm(dim=-1) * axis_t.norm(dim=-1)
+    if (det.abs() <= 1e-3 * scale).any() or (scale <= 1e-6).any():
+        raise ValueError("landmarks span no face frame: the eyes coincide or the mouth lies on the eye line")
+    to_frame = torch.linalg.inv(basis)  # (..., 2, 2)
+
+    centres = patch_centres(grid, image_size).to(device)  # (L, 2)
+    frame_patches = torch.einsum("...ij,...lj->...li", to_frame, centres - eye_mid.unsqueeze(-2))
+    frame_landmarks = torch.einsum("...ij,...kj->...ki", to_frame, points - eye_mid.unsqueeze(-2))
+    anchors = _anchor_points(frame_landmarks)
+
+    ids = torch.full(frame_patches.shape[:-1], OTHER, dtype=torch.int64, device=device)
+    unassigned = torch.ones_like(ids, dtype=torch.bool)
+    for box in REGION_BOXES:
+        rel = frame_patches - anchors[box.anchor].unsqueeze(-2)
+        inside = ((rel[..., 0] >= box.s_min) & (rel[..., 0] <= box.s_max)
+                  & (rel[..., 1] >= box.t_min) & (rel[..., 1] <= box.t_max))
+        hit = inside & unassigned
+        ids = torch.where(hit, torch.full_like(ids, box.region), ids)
+        unassigned &= ~hit
+
+    patch = image_size / grid
+    cells = torch.clamp(torch.floor((points + 0.5) / patch), 0, grid - 1).to(torch.int64)
+    cell_index = cells[..., 1] * grid + cells[..., 0]  # (..., 5)
+    for landmark, region in enumerate(LANDMARK_REGIONS):
+        ids.scatter_(-1, cell_index[..., landmark:landmark + 1], region)
+    return ids
+
+
+def template_region_ids(grid: int = 14, image_size: int = 224) -> torch.Tensor:
+    """Region id (grid*grid,) int64 of every patch of a face aligned to the template."""
+    _check_grid(grid, image_size)
+    return landmark_region_ids(torch.from_numpy(template_for_size(image_size)), grid, image_size)
+
+
+#: Overlay colours per region (RGB), ``other`` left uncoloured.
+REGION_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                  (145, 30, 180), (70, 240, 240), (240, 50, 230), None)
+
+
+def region_overlay(image: Image.Image | np.ndarray, region_ids: torch.Tensor | np.ndarray, grid: int,
+                   *, alpha: float = 0.45, landmarks: np.ndarray | None = None) -> Image.Image:
+    """The image with each patch tinted by its region colour, patch borders and a legend.
+
+    Args:
+        image: aligned face (PIL image or uint8 (H, W, 3) array), square.
+        region_ids: (grid*grid,) region ids.
+        grid: patches per side.
+        alpha: tint opacity.
+        landmarks: optional (K, 2) points to mark.
+    Returns:
+        RGB PIL image (the face, with a legend strip on the right).
+    """
+    base = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    base = base.convert("RGB")
+    size = base.width
+    if base.height != size:
+        raise ValueError(f"image must be square, got {base.width}x{base.height}")
+    ids = np.asarray(torch.as_tensor(region_ids).cpu()).reshape(-1)
+    if ids.shape[0] != grid * grid:
+        raise ValueError(f"region_ids must hold grid*grid = {grid * grid} ids, got {ids.shape[0]}")
+    tint = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(tint)
+    patch = size / grid
+    for index, region in enumerate(ids):
+        row, col = divmod(index, grid)
+        box = (round(col * patch), round(row * patch), round((col + 1) * patch) - 1, round((row + 1) * patch) - 1)
+        colour = REGION_COLOURS[int(region)]
+        if colour is not None:
+            draw.rectangle(box, fill=(*colour, int(255 * alpha)))
+        draw.rectangle(box, outline=(255, 255, 255, 60))
+    composed = Image.alpha_composite(base.convert("RGBA"), tint).convert("RGB")
+    if landmarks is not None:
+        marks = ImageDraw.Draw(composed)
+        for x, y in np.asarray(landmarks, dtype=np.float64).reshape(-1, 2):
+            marks.ellipse((x - 2.5, y - 2.5, x + 2.5, y + 2.5), outline=(255, 255, 255), fill=(0, 0, 0))
+    legend = Image.new("RGB", (120, size), (32, 32, 32))
+    text = ImageDraw.Draw(legend)
+    line = max(12, size // (NUM_REGIONS + 1))
+    for region, name in enumerate(REGION_NAMES):
+        colour = REGION_COLOURS[region] or (128, 128, 128)
+        top = 4 + region * line
+        text.rectangle((4, top, 14, top + 10), fill=colour)
+        text.text((20, top - 1), name, fill=(230, 230, 230))
+    canvas = Image.new("RGB", (size + legend.width, size))
+    canvas.paste(composed, (0, 0))
+    canvas.paste(legend, (size, 0))
+    return canvas

@@ -1,0 +1,209 @@
+"""Datasets (files, shards, raw photos, the packaged demo set) and augmentation."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from test_data_support import StubDetector, demo_records, jpeg_bytes, stub_photo, write_bytes
+from torch.utils.data import DataLoader
+
+from pacofr.data.alignment import TEMPLATE_224, resize_points
+from pacofr.data.augment import Augment
+from pacofr.data.datasets import AlignedFaceDataset, RawFolderDataset, ShardFaceDataset
+from pacofr.data.demo import demo_dataset, demo_root
+from pacofr.data.prepare import PrepareConfig, prepare_faces
+from pacofr.data.storage import INDEX_NAME, read_jsonl
+
+
+def check_item(item: dict, size: int) -> None:
+    assert set(item) == {"image", "landmarks", "index"}
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, size, size)
+    assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+    assert item["landmarks"].dtype == torch.float32 and item["landmarks"].shape == (5, 2)
+    assert isinstance(item["index"], int)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The same stub faces prepared as files and as shards."""
+    root = tmp_path_factory.mktemp("prepared")
+    src = root / "src"
+    for number in range(5):
+        write_bytes(src, f"p{number}.jpg", jpeg_bytes(stub_photo(1 + number % 2, seed=number)))
+    prepare_faces(src, root / "files", PrepareConfig(multi_face="all"), detector_factory=StubDetector())
+    prepare_faces(src, root / "shards", PrepareConfig(multi_face="all", output_format="shards", shard_size=4),
+                  detector_factory=StubDetector())
+    return root
+
+
+def test_demo_set_is_packaged_and_small():
+    root = demo_root()
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert size < 5 * 1024 * 1024
+    assert (root / "SOURCES.md").is_file() and (root / "recipe.json").is_file()
+    dataset = demo_dataset()
+    assert len(dataset) >= 100
+    sources = {r["source"] for r in demo_records()}
+    assert {"astronaut.png", "grace_hopper.jpg"} <= sources
+
+
+def test_demo_items_follow_the_contract():
+    dataset = demo_dataset()
+    records = demo_records()
+    for index in (0, 1, len(dataset) - 1):
+        item = dataset[index]
+        check_item(item, 224)
+        assert item["index"] == index
+        np.testing.assert_allclose(item["landmarks"].numpy(), records[index]["landmarks"], atol=1e-4)
+    small = demo_dataset(image_size=112)[0]
+    check_item(small, 112)
+    np.testing.assert_allclose(small["landmarks"].numpy(), resize_points(records[0]["landmarks"], 224, 112),
+                               atol=1e-4)
+    assert dataset[-1]["index"] == len(dataset) - 1
+    with pytest.raises(IndexError):
+        dataset[len(dataset)]
+
+
+def test_dataloader_batches():
+    loader = DataLoader(demo_dataset(augment=Augment()), batch_size=4, shuffle=False)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, 3, 224, 224) and batch["landmarks"].shape == (4, 5, 2)
+    assert batch["index"].tolist() == [0, 1, 2, 3]
+
+
+def test_unreadable_crops_are_skipped_and_counted(prepared, tmp_path, caplog):
+    root = tmp_path / "copy"
+    shutil.copytree(prepared / "files", root)
+    records = list(read_jsonl(root / INDEX_NAME))
+    (root / records[1]["file"]).write_bytes(b"garbage")
+    (root / records[2]["file"]).unlink()
+    dataset = AlignedFaceDataset(root)
+    with caplog.at_level(logging.WARNING, logger="pacofr.data.datasets"):
+        item = dataset[1]
+    assert item["index"] == 3  # items 1 and 2 are skipped
+    check_item(item, 224)
+    assert dataset.skipped == 2 and dataset.skipped_indices == {1, 2}
+    assert sum("skipping item" in r.message for r in caplog.records) == 2
+    for record in records:
+        (root / record["file"]).write_bytes(b"")
+    with pytest.raises(RuntimeError, match="could be read"):
+        AlignedFaceDataset(root)[0]
+
+
+def test_shards_and_files_give_the_same_items(prepared):
+    files = AlignedFaceDataset(prepared / "files")
+    shards = ShardFaceDataset(prepared / "shards")
+    assert len(files) == len(shards) == 7
+    for index in range(len(files)):
+        a, b = files[index], shards[index]
+        check_item(b, 224)
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["landmarks"], b["landmarks"])
+    copy = pickle.loads(pickle.dumps(shards))  # what a DataLoader worker receives
+    assert torch.equal(copy[5]["image"], files[5]["image"])
+    with pytest.raises(ValueError, match="ShardFaceDataset"):
+        AlignedFaceDataset(prepared / "shards")
+    with pytest.raises(ValueError, match="AlignedFaceDataset"):
+        ShardFaceDataset(prepared / "files")
+
+
+def test_truncated_shard_is_skipped(prepared, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(prepared / "shards", root)
+    last = sorted((root / "shards").iterdir())[-1]
+    last.write_bytes(last.read_bytes()[:1024])
+    dataset = ShardFaceDataset(root)
+    assert dataset[len(dataset) - 1]["index"] == 0  # wrapped round to the first readable item
+    assert dataset.skipped >= 1
+
+
+def test_missing_index_explains_itself(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pacofr prepare"):
+        AlignedFaceDataset(tmp_path)
+
+
+def test_raw_folder_dataset_aligns_on_the_fly(tmp_path):
+    write_bytes(tmp_path, "a.jpg", jpeg_bytes(stub_photo(1, seed=1)))
+    write_bytes(tmp_path, "b.jpg", jpeg_bytes(stub_photo(0, seed=2)))  # no face
+    write_bytes(tmp_path, "c.jpg", b"broken")
+    write_bytes(tmp_path, "d.png", jpeg_bytes(stub_photo(2, seed=3)))
+    dataset = RawFolderDataset(tmp_path, detector=StubDetector(), image_size=112)
+    assert len(dataset) == 4
+    first = dataset[0]
+    check_item(first, 112)
+    np.testing.assert_allclose(first["landmarks"].numpy(), resize_points(TEMPLATE_224, 224, 112), atol=1e-3)
+    assert dataset[1]["index"] == 3 and dataset.skipped == 2
+    assert dataset.recipe.detector == "stub"
+
+
+def _blobs(points: np.ndarray, size: int = 96) -> torch.Tensor:
+    """A black image with a small Gaussian spot (sigma 1.5 px) at every point; spot k has
+    amplitude 0.2 (k + 1), so each spot tells which landmark it was drawn for."""
+    ys, xs = np.mgrid[0:size, 0:size]
+    image = np.zeros((size, size))
+    for number, (x, y) in enumerate(points):
+        image += 0.2 * (number + 1) * np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * 1.5**2))
+    return torch.from_numpy(np.repeat(image[None], 3, axis=0).clip(0, 1)).float()
+
+
+def _spot(image: torch.Tensor, point: np.ndarray, radius: int = 4) -> tuple[np.ndarray, float]:
+    """Intensity-weighted centre and total intensity of the spot near ``point``."""
+    x0, y0 = (int(round(c)) for c in point)
+    window = image[0, y0 - radius:y0 + radius + 1, x0 - radius:x0 + radius + 1].double().numpy()
+    ys, xs = np.mgrid[y0 - radius:y0 + radius + 1, x0 - radius:x0 + radius + 1]
+    return np.array([(window * xs).sum(), (window * ys).sum()]) / window.sum(), float(window.sum())
+
+
+def test_augment_moves_pixels_and_landmarks_together(generator):
+    points = resize_points(TEMPLATE_224, 224, 96)
+    image = _blobs(points)
+    augment = Augment(flip_prob=0.5, max_rotation_deg=15, max_scale=0.1, max_shift=0.05,
+                      brightness=0, contrast=0, saturation=0)
+    seen = set()
+    for _ in range(16):
+        out, moved = augment(image, torch.from_numpy(points).float(), generator=generator)
+        spots = [_spot(out, point) for point in moved.numpy()]
+        for (centre, _), point in zip(spots, moved.numpy()):
+            np.testing.assert_allclose(centre, point, atol=0.35)  # every landmark sits on its spot
+        # which original landmark each spot was drawn for, from its brightness order
+        drawn_for = tuple(int(k) for k in np.argsort(np.argsort([mass for _, mass in spots])))
+        flipped = drawn_for == (1, 0, 2, 4, 3)
+        assert flipped or drawn_for == (0, 1, 2, 3, 4)  # a flip swaps exactly left and right
+        assert moved[0, 0] < moved[1, 0] and moved[3, 0] < moved[4, 0]  # image-left stays first
+        seen.add(flipped)
+    assert seen == {True, False}
+
+
+def test_flip_swaps_left_and_right():
+    image = torch.rand(3, 32, 32)
+    landmarks = torch.from_numpy(resize_points(TEMPLATE_224, 224, 32)).float()
+    flip = Augment(flip_prob=1.0, max_rotation_deg=0, max_scale=0, max_shift=0, brightness=0, contrast=0,
+                   saturation=0)
+    out, moved = flip(image, landmarks)
+    torch.testing.assert_close(out, torch.flip(image, dims=(2,)), atol=1e-5, rtol=0)
+    expected = landmarks[[1, 0, 2, 4, 3]].clone()
+    expected[:, 0] = 31 - expected[:, 0]
+    torch.testing.assert_close(moved, expected)
+    still = Augment(flip_prob=0.0, max_rotation_deg=0, max_scale=0, max_shift=0, brightness=0, contrast=0,
+                    saturation=0)
+    out, moved = still(image, landmarks)
+    torch.testing.assert_close(out, image, atol=1e-5, rtol=0)
+    torch.testing.assert_close(moved, landmarks)
+
+
+def test_colour_jitter_stays_in_range_and_is_seeded():
+    image = torch.rand(3, 16, 16)
+    landmarks = torch.zeros(5, 2) + torch.arange(5).float()[:, None] * 2 + 3
+    strong = Augment(brightness=0.9, contrast=0.9, saturation=0.9)
+    first = strong(image, landmarks, generator=torch.Generator().manual_seed(3))
+    second = strong(image, landmarks, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert float(first[0].min()) >= 0.0 and float(first[0].max()) <= 1.0
+    with pytest.raises(ValueError, match="flip_prob"):
+        Augment(flip_prob=2.0)
+    with pytest.raises(ValueError, match="landmarks"):
+        strong(image, landmarks[:4])

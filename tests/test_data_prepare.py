@@ -1,0 +1,231 @@
+"""The prepare pipeline: outputs, counts, policies, bad files, resumption after interruption."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_data_support import DenseStubDetector, StubDetector, jpeg_bytes, stub_photo, write_bytes
+
+from pacofr.cli import main as cli_main
+from pacofr.data.alignment import TEMPLATE_224, AlignmentRecipe
+from pacofr.data.prepare import PrepareConfig, face_key, prepare_faces
+from pacofr.data.storage import INDEX_NAME, RECIPE_NAME, SUMMARY_NAME, WORK_DIR, read_jsonl
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def make_sources(root: Path, count: int = 0) -> Path:
+    """A folder with every kind of input; ``count`` extra one-face photos."""
+    write_bytes(root, "one.jpg", jpeg_bytes(stub_photo(1, seed=1)))
+    stub_photo(2, seed=2).save(root / "two.png")
+    write_bytes(root, "none.jpg", jpeg_bytes(stub_photo(0, seed=3)))
+    sub = root / "sub" / "deeper"
+    sub.mkdir(parents=True)
+    stub_photo(1, seed=4).convert("L").save(sub / "grey.png")  # grey 110 at (0, 0): one face
+    rgba = stub_photo(1, seed=5).convert("RGBA")
+    rgba.putpixel((5, 5), (1, 2, 3, 0))
+    rgba.save(root / "sub" / "alpha.png")
+    write_bytes(root, "empty.png", b"")
+    write_bytes(root, "corrupt.jpg", b"GIF89a but not really" * 20)
+    full = jpeg_bytes(stub_photo(1, seed=6))
+    write_bytes(root, "truncated.jpg", full[: len(full) // 2])
+    write_bytes(root, "notes.txt", b"not a photo")
+    for number in range(count):
+        write_bytes(root, f"many/photo_{number:03d}.jpg", jpeg_bytes(stub_photo(1, seed=100 + number)))
+    return root
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every output file's bytes, leaving out the resumable run's work folder."""
+    return {path.relative_to(root).as_posix(): path.read_bytes()
+            for path in sorted(root.rglob("*")) if path.is_file() and WORK_DIR not in path.parts}
+
+
+def test_files_output_counts_and_landmarks(tmp_path):
+    src = make_sources(tmp_path / "src")
+    dst = tmp_path / "dst"
+    summary = prepare_faces(src, dst, detector_factory=StubDetector())
+    assert (summary.inputs, summary.faces, summary.images_with_faces) == (8, 4, 4)
+    assert (summary.no_face, summary.unreadable, summary.not_images, summary.multi_face_images) == (1, 3, 1, 1)
+    assert summary.multi_face_skipped == 0 and summary.too_small == 0
+    assert [e.split(":")[0] for e in summary.unreadable_examples] == ["corrupt.jpg", "empty.png", "truncated.jpg"]
+    records = list(read_jsonl(dst / INDEX_NAME))
+    assert [r["source"] for r in records] == ["one.jpg", "sub/alpha.png", "sub/deeper/grey.png", "two.png"]
+    for record in records:
+        crop = Image.open(dst / record["file"])
+        assert crop.size == (224, 224) and crop.mode == "RGB"
+        # the stub's faces are exactly template-shaped, so they land on the template
+        np.testing.assert_allclose(record["landmarks"], TEMPLATE_224, atol=2e-3)
+        assert face_key(record["source"]) in record["file"]
+    assert records[-1]["box"][2] - records[-1]["box"][0] > 70  # "largest" kept the bigger face (86 vs 54 px)
+    recipe = AlignmentRecipe.from_dict(json.loads((dst / RECIPE_NAME).read_text()))
+    assert recipe.size == 224 and recipe.detector == "stub"
+    stored = json.loads((dst / SUMMARY_NAME).read_text())
+    assert stored["format"] == "files" and stored["counts"]["faces"] == 4
+    assert "faces written: 4 from 4 photos" in summary.format()
+
+
+def test_dense_landmarks_are_aligned_and_stored(tmp_path):
+    src = make_sources(tmp_path / "src")
+    prepare_faces(src, tmp_path / "dst", detector_factory=DenseStubDetector())
+    for record in read_jsonl(tmp_path / "dst" / INDEX_NAME):
+        dense = np.asarray(record["landmarks_dense"])
+        assert dense.shape == (6, 2)
+        np.testing.assert_allclose(dense[:5], record["landmarks"], atol=2e-3)  # same transform as the 5 points
+        np.testing.assert_allclose(dense[5], np.mean(record["landmarks"], axis=0), atol=2e-3)
+    prepare_faces(src, tmp_path / "plain", detector_factory=StubDetector())
+    assert all("landmarks_dense" not in record for record in read_jsonl(tmp_path / "plain" / INDEX_NAME))
+
+
+def test_multi_face_policies_and_min_size(tmp_path):
+    src = make_sources(tmp_path / "src")
+    every = prepare_faces(src, tmp_path / "all", PrepareConfig(multi_face="all"), detector_factory=StubDetector())
+    assert every.faces == 5
+    faces = [r for r in read_jsonl(tmp_path / "all" / INDEX_NAME) if r["source"] == "two.png"]
+    assert [f["face"] for f in faces] == [0, 1]
+    skipped = prepare_faces(src, tmp_path / "skip", PrepareConfig(multi_face="skip"), detector_factory=StubDetector())
+    assert (skipped.faces, skipped.multi_face_skipped) == (3, 1)
+    # the second face of two.png is 25 % of 120 px, the others 40 %: a 60 px minimum keeps only the big ones
+    small = prepare_faces(src, tmp_path / "min", PrepareConfig(multi_face="all", min_size=60),
+                          detector_factory=StubDetector())
+    assert small.faces == 4 and small.multi_face_images == 0
+    tiny = prepare_faces(src, tmp_path / "tiny", PrepareConfig(min_size=500), detector_factory=StubDetector())
+    assert (tiny.faces, tiny.too_small, tiny.no_face) == (0, 4, 1)
+
+
+@pytest.mark.parametrize("output_format", ["files", "shards"])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, output_format):
+    src = make_sources(tmp_path / "src", count=6)
+    config = PrepareConfig(output_format=output_format, shard_size=3)
+    clean = prepare_faces(src, tmp_path / "clean", config, detector_factory=StubDetector())
+    with pytest.raises(KeyboardInterrupt):
+        prepare_faces(src, tmp_path / "resumed", config, detector_factory=StubDetector(), stop_after=5)
+    assert not (tmp_path / "resumed" / INDEX_NAME).exists()  # nothing final before the end
+    resumed = prepare_faces(src, tmp_path / "resumed", config, detector_factory=StubDetector())
+    assert (resumed.resumed, resumed.processed) == (5, clean.inputs - 5)
+    assert tree(tmp_path / "clean") == tree(tmp_path / "resumed")
+    again = prepare_faces(src, tmp_path / "resumed", config, detector_factory=StubDetector())
+    assert again.processed == 0 and again.faces == clean.faces
+    assert tree(tmp_path / "clean") == tree(tmp_path / "resumed")
+
+
+def test_a_killed_run_resumes_to_the_same_output(tmp_path):
+    src = make_sources(tmp_path / "src", count=12)
+    prepare_faces(src, tmp_path / "clean", detector_factory=StubDetector())
+    dst = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(TESTS_DIR)!r})
+        from test_data_support import StubDetector
+        from pacofr.data.prepare import prepare_faces
+        prepare_faces({str(src)!r}, {str(dst)!r}, detector_factory=StubDetector(delay=0.3))
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script])
+    journal = dst / WORK_DIR / "journal.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if journal.exists() and journal.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    lines = journal.read_text().count("\n")
+    assert 3 <= lines < 20, "the run must be killed half way"
+    assert not (dst / INDEX_NAME).exists()
+    resumed = prepare_faces(src, dst, detector_factory=StubDetector())
+    assert resumed.resumed == lines
+    assert tree(tmp_path / "clean") == tree(dst)
+
+
+def test_a_torn_journal_line_and_stale_scratch_files_are_recovered(tmp_path):
+    src = make_sources(tmp_path / "src")
+    prepare_faces(src, tmp_path / "clean", detector_factory=StubDetector())
+    dst = tmp_path / "torn"
+    with pytest.raises(KeyboardInterrupt):
+        prepare_faces(src, dst, detector_factory=StubDetector(), stop_after=3)
+    journal = dst / WORK_DIR / "journal.jsonl"
+    with open(journal, "a") as handle:
+        handle.write('{"source": "two.png", "outc')  # a write cut short by a crash
+    write_bytes(dst / WORK_DIR / "tmp", ".tmp-123-half.jpg", b"half a crop")
+    resumed = prepare_faces(src, dst, detector_factory=StubDetector())
+    assert resumed.resumed == 3
+    assert tree(tmp_path / "clean") == tree(dst)
+    assert not (dst / WORK_DIR / "tmp").exists()
+
+
+def test_shards_hold_the_same_crops_as_files(tmp_path):
+    src = make_sources(tmp_path / "src", count=4)
+    prepare_faces(src, tmp_path / "files", detector_factory=StubDetector())
+    prepare_faces(src, tmp_path / "shards", PrepareConfig(output_format="shards", shard_size=3),
+                  detector_factory=StubDetector())
+    files = list(read_jsonl(tmp_path / "files" / INDEX_NAME))
+    shards = list(read_jsonl(tmp_path / "shards" / INDEX_NAME))
+    assert len(files) == len(shards) == 8
+    assert sorted(p.name for p in (tmp_path / "shards" / "shards").iterdir()) == [
+        "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert not (tmp_path / "shards" / WORK_DIR / "staged").exists()
+    for by_file, by_shard in zip(files, shards):
+        assert by_file["landmarks"] == by_shard["landmarks"] and by_file["source"] == by_shard["source"]
+        with open(tmp_path / "shards" / "shards" / by_shard["shard"], "rb") as handle:
+            handle.seek(by_shard["offset"])
+            data = handle.read(by_shard["size"])
+        assert data == (tmp_path / "files" / by_file["file"]).read_bytes()
+    with tarfile.open(tmp_path / "shards" / "shards" / "shard-000000.tar") as tar:
+        assert len(tar.getmembers()) == 3
+
+
+def test_several_workers_give_the_same_output(tmp_path):
+    src = make_sources(tmp_path / "src", count=3)
+    prepare_faces(src, tmp_path / "one", detector_factory=StubDetector())
+    summary = prepare_faces(src, tmp_path / "two", detector_factory=StubDetector(), workers=2)
+    assert summary.faces == 7
+    assert tree(tmp_path / "one") == tree(tmp_path / "two")
+
+
+def test_changed_settings_and_bad_arguments_are_refused(tmp_path):
+    src = make_sources(tmp_path / "src")
+    prepare_faces(src, tmp_path / "dst", detector_factory=StubDetector())
+    with pytest.raises(ValueError, match="other settings.*jpeg_quality"):
+        prepare_faces(src, tmp_path / "dst", PrepareConfig(jpeg_quality=80), detector_factory=StubDetector())
+    with pytest.raises(ValueError, match="dst must differ"):
+        prepare_faces(src, src, detector_factory=StubDetector())
+    with pytest.raises(ValueError, match="multi_face"):
+        PrepareConfig(multi_face="first")
+    with pytest.raises(NotADirectoryError):
+        prepare_faces(tmp_path / "missing", tmp_path / "x", detector_factory=StubDetector())
+
+
+def test_new_photos_extend_a_finished_files_folder(tmp_path):
+    src = make_sources(tmp_path / "src")
+    prepare_faces(src, tmp_path / "dst", detector_factory=StubDetector())
+    write_bytes(src, "later.jpg", jpeg_bytes(stub_photo(1, seed=77)))
+    summary = prepare_faces(src, tmp_path / "dst", detector_factory=StubDetector())
+    assert (summary.processed, summary.faces) == (1, 5)
+    prepare_faces(src, tmp_path / "fresh", detector_factory=StubDetector())
+    assert tree(tmp_path / "dst") == tree(tmp_path / "fresh")
+
+
+def test_cli_explains_a_missing_detector_package(tmp_path, monkeypatch, capsys):
+    src = make_sources(tmp_path / "src")
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now fails
+    code = cli_main(["prepare", str(src), str(tmp_path / "dst"), "--no-progress"])
+    assert code == 2
+    assert 'pip install "pacofr[faces]"' in capsys.readouterr().err
+
+
+def test_stub_photos_decode_to_their_face_count():
+    for faces in range(3):
+        data = io.BytesIO(jpeg_bytes(stub_photo(faces)))
+        pixel = np.asarray(Image.open(data).convert("RGB"))[0, 0, 0]
+        assert int(pixel) // 100 == faces  # the JPEG keeps the code readable

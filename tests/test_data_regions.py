@@ -1,0 +1,160 @@
+"""Facial-region maps: template and landmark modes, grids 14 and 7, pose equivariance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_data_support import demo_face
+
+from pacofr.data.alignment import FLIP_PERMUTATION, TEMPLATE_224, template_for_size
+from pacofr.data.regions import (
+    NUM_REGIONS,
+    REGION_NAMES,
+    landmark_region_ids,
+    patch_centres,
+    region_overlay,
+    template_region_ids,
+)
+
+ID = {name: number for number, name in enumerate(REGION_NAMES)}
+
+
+def _cell(point: np.ndarray, grid: int, size: int = 224) -> int:
+    patch = size / grid
+    col, row = (int(np.floor((c + 0.5) / patch)) for c in point)
+    return row * grid + col
+
+
+def test_region_names_contract():
+    assert REGION_NAMES == ("eye_left", "eye_right", "nose", "mouth", "forehead", "cheek_left", "cheek_right",
+                            "chin", "other")
+    assert NUM_REGIONS == 9
+
+
+@pytest.mark.parametrize("grid", [14, 7])
+def test_template_map_puts_the_landmark_patches_in_their_regions(grid):
+    ids = template_region_ids(grid, 224)
+    assert ids.dtype == torch.int64 and ids.shape == (grid * grid,)
+    expected = ("eye_left", "eye_right", "nose", "mouth", "mouth")
+    for point, name in zip(TEMPLATE_224, expected):
+        assert REGION_NAMES[int(ids[_cell(point, grid)])] == name
+    table = ids.view(grid, grid)
+    # image corners are background; the face regions sit in the face
+    assert {int(table[0, 0]), int(table[0, -1]), int(table[-1, 0]), int(table[-1, -1])} == {ID["other"]}
+    eye_row = _cell(TEMPLATE_224[0], grid) // grid
+    mouth_row = _cell(TEMPLATE_224[3], grid) // grid
+    forehead_rows = torch.nonzero((table == ID["forehead"]).any(dim=1)).flatten()
+    assert forehead_rows.numel() > 0 and int(forehead_rows.max()) < eye_row
+    cheek_cols_left = torch.nonzero((table == ID["cheek_left"]).any(dim=0)).flatten()
+    cheek_cols_right = torch.nonzero((table == ID["cheek_right"]).any(dim=0)).flatten()
+    assert int(cheek_cols_left.max()) < int(cheek_cols_right.min())
+    if grid == 14:
+        assert set(ids.tolist()) == set(range(NUM_REGIONS))
+        chin_rows = torch.nonzero((table == ID["chin"]).any(dim=1)).flatten()
+        assert int(chin_rows.min()) > mouth_row
+        # the eye regions include the brow row above the eye patches
+        above_eye = _cell(TEMPLATE_224[0] - np.array([0.0, 16.0]), grid)
+        assert int(ids[above_eye]) == ID["eye_left"]
+
+
+def test_template_map_equals_landmark_map_of_the_template():
+    for grid in (4, 7, 14, 16, 28):
+        landmarks = torch.from_numpy(template_for_size(224))
+        assert torch.equal(template_region_ids(grid, 224), landmark_region_ids(landmarks, grid, 224))
+
+
+@pytest.mark.parametrize("grid", [14, 7])
+def test_landmark_map_follows_a_shifted_face(grid):
+    patch = 224 // grid
+    base = torch.from_numpy(template_for_size(224)).double()
+    for shift_cols, shift_rows in ((1, 0), (0, -1), (-1, 1)):
+        moved = base + torch.tensor([shift_cols * patch, shift_rows * patch], dtype=torch.float64)
+        ids = landmark_region_ids(moved, grid, 224).view(grid, grid)
+        expected = torch.roll(template_region_ids(grid, 224).view(grid, grid), (shift_rows, shift_cols), (0, 1))
+        assert torch.equal(ids, expected)  # the template map has a border of "other" wide enough to roll
+
+
+@pytest.mark.parametrize("grid", [14, 7])
+def test_landmark_map_turns_with_the_face(grid):
+    centre = (224 - 1) / 2
+    base = torch.from_numpy(template_for_size(224)).double()
+    # rotate the face 90 degrees clockwise in the image: (x, y) -> (centre + centre - y, x) about the centre
+    rotated = torch.stack([2 * centre - base[:, 1], base[:, 0]], dim=-1)
+    ids = landmark_region_ids(rotated, grid, 224).view(grid, grid)
+    expected = torch.rot90(template_region_ids(grid, 224).view(grid, grid), k=-1, dims=(0, 1))
+    assert torch.equal(ids, expected)
+
+
+def test_landmark_map_is_mirror_symmetric(generator):
+    swap = {ID["eye_left"]: ID["eye_right"], ID["eye_right"]: ID["eye_left"],
+            ID["cheek_left"]: ID["cheek_right"], ID["cheek_right"]: ID["cheek_left"]}
+    relabel = torch.tensor([swap.get(k, k) for k in range(NUM_REGIONS)])
+    for grid in (14, 7):
+        for _ in range(10):
+            noise = torch.randn(5, 2, generator=generator, dtype=torch.float64) * 4
+            landmarks = torch.from_numpy(template_for_size(224)).double() + noise
+            mirrored = landmarks[list(FLIP_PERMUTATION)].clone()
+            mirrored[:, 0] = 223 - mirrored[:, 0]
+            ids = landmark_region_ids(landmarks, grid).view(grid, grid)
+            ids_mirrored = landmark_region_ids(mirrored, grid).view(grid, grid)
+            assert torch.equal(relabel[torch.flip(ids, dims=(1,))], ids_mirrored)
+
+
+def test_landmark_map_of_a_real_turned_face_keeps_its_parts():
+    _, landmarks = demo_face("camera.png")  # a face in three-quarter profile
+    ids = landmark_region_ids(torch.from_numpy(landmarks), 14)
+    for point, name in zip(landmarks, ("eye_left", "eye_right", "nose", "mouth", "mouth")):
+        assert REGION_NAMES[int(ids[_cell(point, 14)])] == name
+    assert (ids == ID["forehead"]).sum() >= 6 and (ids == ID["other"]).sum() >= 98
+
+
+def test_landmark_map_batches_devices_and_dtypes(generator):
+    base = torch.from_numpy(template_for_size(224))
+    batch = base + torch.randn(2, 3, 5, 2, generator=generator)
+    ids = landmark_region_ids(batch, 14)
+    assert ids.shape == (2, 3, 196) and ids.dtype == torch.int64
+    for b in range(2):
+        for k in range(3):
+            assert torch.equal(ids[b, k], landmark_region_ids(batch[b, k], 14))
+    assert torch.equal(landmark_region_ids(batch.half(), 14)[0, 0], landmark_region_ids(batch.half()[0, 0].float(), 14))
+    assert torch.equal(landmark_region_ids(batch.numpy(), 14), ids)
+    assert landmark_region_ids(batch[:0], 14).shape == (0, 3, 196)
+
+
+def test_landmark_map_rejects_bad_landmarks():
+    base = torch.from_numpy(template_for_size(224))
+    with pytest.raises(ValueError, match="shape"):
+        landmark_region_ids(base[:4], 14)
+    with pytest.raises(ValueError, match="finite"):
+        landmark_region_ids(base * float("nan"), 14)
+    collapsed = base.clone()
+    collapsed[1] = collapsed[0]
+    with pytest.raises(ValueError, match="face frame"):
+        landmark_region_ids(collapsed, 14)
+    with pytest.raises(ValueError, match="grid"):
+        landmark_region_ids(base, 0)
+
+
+def test_patch_centres_are_pixel_centres():
+    centres = patch_centres(14, 224)
+    assert centres.shape == (196, 2)
+    assert torch.allclose(centres[0], torch.tensor([7.5, 7.5], dtype=torch.float64))
+    assert torch.allclose(centres[15], torch.tensor([23.5, 23.5], dtype=torch.float64))
+
+
+def test_region_overlay_draws_regions():
+    face, landmarks = demo_face()
+    ids = landmark_region_ids(torch.from_numpy(landmarks), 14)
+    picture = region_overlay(face, ids, 14, landmarks=landmarks)
+    assert isinstance(picture, Image.Image) and picture.height == 224 and picture.width > 224
+    pixels = np.asarray(picture)[:, :224].astype(int)
+    corner = pixels[4:12, 4:12]  # inside the patch outline
+    np.testing.assert_array_equal(corner.mean(axis=(0, 1)).round(), face[4:12, 4:12].mean(axis=(0, 1)).round())
+    eye_patch = _cell(landmarks[0], 14)
+    row, col = divmod(eye_patch, 14)
+    tinted = pixels[row * 16 + 4:row * 16 + 12, col * 16 + 4:col * 16 + 12].mean(axis=(0, 1))
+    assert tinted[0] > tinted[1]  # the left eye is tinted red
+    with pytest.raises(ValueError, match="region_ids"):
+        region_overlay(face, ids[:10], 14)
