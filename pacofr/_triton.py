@@ -9,13 +9,26 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 
 
 def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET=1`` is set (Triton reads it at import time)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+    """True when Triton runs kernels through its interpreter in this process.
+
+    Triton fixes the mode when it is first imported: its own ``tl.*`` helpers are built as
+    interpreted functions only if ``TRITON_INTERPRET=1`` was set then. Changing the variable later
+    does not switch modes, so once triton is imported the answer comes from triton itself, and
+    before that from the environment variable that the import will read.
+    """
+    if "triton.language" not in sys.modules:
+        return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # a triton without an interpreter
+        return False
+    return isinstance(sys.modules["triton.language"].sum, InterpretedFunction)
 
 
 @functools.lru_cache(maxsize=1)

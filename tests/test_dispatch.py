@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pacofr import _triton
 from pacofr.ops import _dispatch
 from pacofr.ops._dispatch import BackendUnavailableError, Op, requested_backend, use_backend
 
@@ -68,7 +69,7 @@ def test_unavailable_backend_says_what_is_missing(toy_op: Op, monkeypatch: pytes
     cpu = [torch.zeros(2)]
     with pytest.raises(BackendUnavailableError, match="cuda.*(not built|CUDA tensors)"):
         toy_op.implementation("cuda", cpu)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_triton, "interpreter_enabled", lambda: False)
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
         toy_op.implementation("triton", cpu)
 
