@@ -16,6 +16,7 @@ from pacofr.ops._dispatch import (
 )
 from pacofr.ops.nearest_token import nearest_token
 from pacofr.ops.patches import gather_patches, masked_patch_loss, patch_targets, scatter_tokens
+from pacofr.ops.soft_assign import codebook_stats, soft_assign
 
 __all__ = [
     "BACKENDS",
@@ -31,4 +32,6 @@ __all__ = [
     "patch_targets",
     "masked_patch_loss",
     "scatter_tokens",
+    "soft_assign",
+    "codebook_stats",
 ]

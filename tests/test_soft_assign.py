@@ -1,0 +1,520 @@
+"""soft_assign and codebook_stats: every backend against an independent float64 oracle.
+
+The oracle ranks codes with numpy's lexsort on (-score, index) in float64, so the tie rule is
+checked independently of the implementations (which use sorts / packed keys). Indices are compared
+the way FAISS/flash-kmeans tests do (kernels.md, pitfall 2): the oracle scores at the returned
+indices must equal the oracle's top-m scores within a tolerance, and the indices must be equal
+where the top-(m+1) scores are separated by more than that tolerance. Weights, tokens and
+gradients are compared with the oracle evaluated at the returned indices.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pacofr.ops.soft_assign import codebook_stats, soft_assign, soft_assign_reference
+
+sa_module = importlib.import_module("pacofr.ops.soft_assign")  # the module, not the function
+
+HAS_CUDA = torch.cuda.is_available()
+BACKENDS = ["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+FUSED = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+# where each backend's inputs live: triton runs CUDA tensors on a GPU machine, CPU tensors under
+# the interpreter otherwise (conftest sets TRITON_INTERPRET=1 without a GPU)
+DEVICE = {"torch": "cpu", "triton": "cuda" if HAS_CUDA else "cpu", "cuda": "cuda"}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+METRICS = ["cosine", "l2"]
+# per-dtype tolerances: (selection score tolerance, relative tolerance on outputs/gradients)
+TOL = {torch.float32: (1e-5, 2e-5), torch.float16: (1e-5, 2e-3), torch.bfloat16: (1e-5, 1.6e-2)}
+
+
+# ------------------------------------------------------------------------------------------
+# Oracle (float64, independent of the module under test)
+# ------------------------------------------------------------------------------------------
+
+
+def oracle_scores(q: torch.Tensor, cb: torch.Tensor, metric: str) -> torch.Tensor:
+    """Raw float64 scores (N, K) before 1/tau: cosine, or -squared distance computed directly."""
+    q, cb = q.double(), cb.double()
+    if metric == "cosine":
+        qn = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        en = cb / cb.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return qn @ en.T
+    return -((q[:, None, :] - cb[None, :, :]) ** 2).sum(-1)
+
+
+def oracle_top_m(scores: torch.Tensor, m: int) -> torch.Tensor:
+    s = scores.numpy()
+    out = np.empty((s.shape[0], m), dtype=np.int64)
+    idx = np.arange(s.shape[1])
+    for row in range(s.shape[0]):
+        key = np.where(np.isnan(s[row]), -np.inf, s[row])
+        out[row] = np.lexsort((idx, -key))[:m]
+    return torch.from_numpy(out)
+
+
+def oracle_given(q, cb, idx, tau, metric, straight_through=False):
+    """float64 (token, weights) for the given indices, differentiable w.r.t. q, cb and tau."""
+    rows = cb[idx]  # (N, m, D)
+    if metric == "cosine":
+        qn = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        en = rows / rows.norm(dim=2, keepdim=True).clamp_min(1e-12)
+        raw = (qn[:, None, :] * en).sum(-1)
+    else:
+        raw = -((q[:, None, :] - rows) ** 2).sum(-1)
+    weights = torch.softmax(raw / tau, dim=1)
+    soft = (weights[..., None] * rows).sum(1)
+    token = soft + (rows[:, 0] - soft).detach() if straight_through else soft
+    return token, weights
+
+
+def check_selection(idx, q, cb, m, metric, atol):
+    """Returned indices select the oracle's top-m (up to near-ties of size atol), best first."""
+    scores = oracle_scores(q, cb, metric)
+    want = oracle_top_m(scores, m)
+    assert idx.dtype == torch.int64 and idx.shape == (q.shape[0], m)
+    assert int(idx.min()) >= 0 and int(idx.max()) < cb.shape[0]
+    for row in idx:
+        assert len(set(row.tolist())) == m, f"repeated code in a row: {row.tolist()}"
+    got_s, want_s = scores.gather(1, idx), scores.gather(1, want)
+    torch.testing.assert_close(got_s, want_s, atol=atol, rtol=0)
+    ranked = torch.sort(scores, dim=1, descending=True).values[:, : m + 1]
+    gaps = ranked[:, :-1] - ranked[:, 1:]
+    clear = gaps.min(dim=1).values > 4 * atol if gaps.shape[1] else torch.ones(len(idx), dtype=torch.bool)
+    assert torch.equal(idx[clear], want[clear])
+
+
+def assert_weights_close(w, q, cb, idx, tau, metric):
+    """Weights computed in fp32 differ from float64 by about eps32 * |score| / tau per logit."""
+    want_token, want_w = oracle_given(q.double(), cb.double(), idx, tau, metric)
+    scale = oracle_scores(q, cb, metric).abs().amax().item()
+    atol = 1e-6 + 4 * 2.0**-23 * math.sqrt(q.shape[1]) * max(scale, 1.0) / tau
+    torch.testing.assert_close(w.double(), want_w, atol=atol, rtol=0)
+    return want_token, atol * idx.shape[1] * cb.double().abs().max().item()
+
+
+def assert_close_rel(got, want, rel, name, atol=0.0):
+    """|got - want| <= atol + rel * max(max|want|, 1e-3) elementwise, reporting the worst element
+    (the floor keeps vanishing gradients of saturated softmaxes from demanding subnormal accuracy)."""
+    got, want = got.double(), want.double()
+    scale = max(want.abs().max().item(), 1e-3) if want.numel() else 1.0
+    err = (got - want).abs()
+    worst = err.max().item() if err.numel() else 0.0
+    assert worst <= atol + rel * scale, f"{name}: max error {worst:.3e} > {atol:.1e} + {rel:.1e} * {scale:.3e}"
+
+
+def make_inputs(n, k, d, dtype, generator, kind="gauss"):
+    cb = torch.randn(k, d, generator=generator)
+    if kind == "clustered":
+        assign = torch.randint(k, (n,), generator=generator)
+        sigma = 10 ** -torch.randint(1, 4, (n, 1), generator=generator).double()
+        q = cb[assign] + sigma.float() * torch.randn(n, d, generator=generator)
+    else:
+        q = torch.randn(n, d, generator=generator)
+    return q.to(dtype), cb.to(dtype)
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def run(backend, q, cb, m, tau, **kwargs):
+    """soft_assign on the backend's device (differentiable moves), results back on the CPU."""
+    device = DEVICE[backend]
+    out = soft_assign(_to(q, device), _to(cb, device), m, _to(tau, device), backend=backend, **kwargs)
+    return type(out)(*(t.cpu() for t in out))
+
+
+def run_stats(backend, indices, k, **kwargs):
+    device = DEVICE[backend]
+    out = codebook_stats(indices.to(device), k, backend=backend, **{n: _to(v, device) for n, v in kwargs.items()})
+    return type(out)(*(None if t is None else t.cpu() for t in out))
+
+
+# ------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,k,d,m", [(1, 1, 8, 1), (7, 7, 48, 3), (129, 33, 8, 4), (33, 100, 96, 8),
+                                     (7, 33, 96, 16)])
+@pytest.mark.parametrize("kind", ["gauss", "clustered"])
+def test_forward_matches_oracle_fp32(backend, n, k, d, m, kind, generator):
+    tau = 0.1
+    m = min(m, k)
+    for metric in METRICS:
+        q, cb = make_inputs(n, k, d, torch.float32, generator, kind)
+        token, idx, w = run(backend, q, cb, m, tau, metric=metric)
+        check_selection(idx, q, cb, m, metric, atol=1e-5)
+        assert w.dtype == torch.float32 and token.dtype == torch.float32
+        want_token, token_atol = assert_weights_close(w, q, cb, idx, tau, metric)
+        assert_close_rel(token, want_token, 2e-5, "token", atol=token_atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", METRICS)
+def test_forward_every_dtype(backend, dtype, metric, generator):
+    q, cb = make_inputs(37, 45, 40, dtype, generator, "clustered")
+    token, idx, w = run(backend, q, cb, 4, 0.2, metric=metric)
+    sel_tol, rel = TOL[dtype]
+    # the oracle runs on the same low-precision values, upcast exactly
+    check_selection(idx, q, cb, 4, metric, atol=sel_tol * (1 if metric == "cosine" else 40))
+    assert token.dtype == dtype and w.dtype == torch.float32
+    want_token, token_atol = assert_weights_close(w, q, cb, idx, 0.2, metric)
+    assert_close_rel(token, want_token, rel, "token", atol=token_atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_and_noncontiguous_inputs(backend, generator):
+    base = torch.randn(20, 3, 6, generator=generator)
+    q = base.permute(1, 0, 2)[:, 2:17]  # (3, 15, 6), non-contiguous
+    cb = torch.randn(40, 6, generator=generator)[::2]  # (20, 6) strided rows
+    assert not q.is_contiguous() and not cb.is_contiguous()
+    token, idx, w = run(backend, q, cb, 3, 0.5, metric="l2")
+    assert token.shape == (3, 15, 6) and idx.shape == (3, 15, 3) and w.shape == (3, 15, 3)
+    flat_token, flat_idx, flat_w = soft_assign_reference(q.reshape(-1, 6).contiguous(), cb.contiguous(), 3, 0.5,
+                                                         metric="l2")
+    assert torch.equal(idx.reshape(-1, 3), flat_idx)
+    torch.testing.assert_close(w.reshape(-1, 3), flat_w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(token.reshape(-1, 6), flat_token, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_ties_go_to_the_smaller_index_and_get_equal_weights(backend, metric):
+    # exactly representable values: every implementation computes these scores exactly
+    cb = torch.zeros(100, 8)
+    cb[:, 0] = -4.0
+    cb[torch.arange(100), torch.arange(100) % 8] += 1.0  # background codes, all worse
+    target = torch.tensor([2.0, 1.0, 0, 0, 0, 0, 0, 0])
+    for j in (70, 3, 95, 40):  # duplicates spread over several code tiles
+        cb[j] = target
+    q = target.repeat(5, 1)
+    token, idx, w = run(backend, q, cb, 4, 0.3, metric=metric)
+    assert idx.tolist() == [[3, 40, 70, 95]] * 5
+    assert torch.equal(w, torch.full_like(w, 0.25))
+    torch.testing.assert_close(token, q)
+    # m = 2 cuts inside the tie: the two smallest indices win
+    _, idx2, w2 = run(backend, q, cb, 2, 0.3, metric=metric)
+    assert idx2.tolist() == [[3, 40]] * 5 and torch.equal(w2, torch.full_like(w2, 0.5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_query_ties_everywhere_under_cosine(backend):
+    cb = torch.randn(33, 16)
+    q = torch.zeros(3, 16)
+    token, idx, w = run(backend, q, cb, 5, 0.1, metric="cosine")
+    assert idx.tolist() == [[0, 1, 2, 3, 4]] * 3
+    torch.testing.assert_close(w, torch.full_like(w, 0.2), atol=1e-7, rtol=0)
+    torch.testing.assert_close(token, cb[:5].mean(0).expand(3, -1), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_m1_is_hard_assignment_and_small_tau_approaches_it(backend, metric, generator):
+    q, cb = make_inputs(50, 30, 24, torch.float32, generator)
+    token, idx, w = run(backend, q, cb, 1, 0.7, metric=metric)
+    check_selection(idx, q, cb, 1, metric, atol=1e-5)
+    assert torch.equal(w, torch.ones_like(w))
+    assert torch.equal(token, cb[idx[:, 0]])
+    token4, idx4, w4 = run(backend, q, cb, 4, 1e-5, metric=metric)
+    assert torch.equal(idx4[:, :1], idx)
+    gap = oracle_scores(q, cb, metric).gather(1, idx4)
+    clear = (gap[:, 0] - gap[:, 1]) > 1e-3  # 1e-3 / 1e-5 = 100: weight of the rest < 4 e^-100
+    assert clear.any()
+    torch.testing.assert_close(w4[clear, 0], torch.ones_like(w4[clear, 0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(token4[clear], cb[idx[clear, 0]], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_m_equal_k_is_the_full_softmax(backend, metric, generator):
+    q, cb = make_inputs(9, 13, 20, torch.float32, generator)
+    token, idx, w = run(backend, q, cb, 13, 0.4, metric=metric)
+    full = torch.softmax(oracle_scores(q, cb, metric) / 0.4, dim=1)
+    torch.testing.assert_close(w.double(), full.gather(1, idx), atol=2e-5, rtol=0)
+    assert (w[:, :-1] >= w[:, 1:]).all()  # best first
+    assert_close_rel(token, full @ cb.double(), 1e-5, "token")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_query_row_gives_nan_weights_and_nan_code_is_never_chosen(backend, generator):
+    q, cb = make_inputs(6, 20, 16, torch.float32, generator)
+    q[2, 5] = float("nan")
+    cb[7, 0] = float("nan")
+    for metric in METRICS:
+        token, idx, w = run(backend, q, cb, 3, 0.5, metric=metric)
+        assert torch.isnan(w[2]).all() and torch.isnan(token[2]).all()
+        assert ((idx >= 0) & (idx < 20)).all()
+        ok = torch.tensor([0, 1, 3, 4, 5])
+        assert not (idx[ok] == 7).any()
+        assert torch.isfinite(w[ok]).all() and torch.isfinite(token[ok]).all()
+        keep = torch.tensor([i for i in range(20) if i != 7])
+        check_selection(idx[ok] - (idx[ok] > 7).long(), q[ok], cb[keep], 3, metric, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_queries(backend):
+    cb = torch.randn(10, 8, requires_grad=True)
+    q = torch.randn(0, 8, requires_grad=True)
+    tau = torch.tensor(0.2, requires_grad=True)
+    token, idx, w = run(backend, q, cb, 3, tau)
+    assert token.shape == (0, 8) and idx.shape == (0, 3) and w.shape == (0, 3)
+    assert idx.dtype == torch.int64 and w.dtype == torch.float32
+    (token.sum() + w.sum()).backward()
+    assert torch.equal(cb.grad, torch.zeros_like(cb)) and q.grad.shape == (0, 8)
+    assert tau.grad is not None and float(tau.grad) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tau_tensor_matches_float_and_straight_through_forward_is_hard(backend, generator):
+    q, cb = make_inputs(11, 17, 12, torch.float32, generator)
+    a = run(backend, q, cb, 3, 0.25)
+    b = run(backend, q, cb, 3, torch.tensor(0.25))
+    assert torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(a.weights, b.weights, atol=0, rtol=0)
+    st = run(backend, q, cb, 3, 0.25, straight_through=True)
+    assert torch.equal(st.token, cb[st.indices[:, 0]])
+    assert torch.equal(st.weights, a.weights)
+
+
+# ------------------------------------------------------------------------------------------
+# Backward
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_reference_gradcheck_float64(metric, generator):
+    """Soft path only: straight-through is not a derivative (see the test comparing it to soft)."""
+    # well separated: codes far apart, queries near distinct codes, so the top-m set is stable
+    cb = (3 * torch.randn(6, 5, generator=generator, dtype=torch.float64)).requires_grad_()
+    q = (cb.detach()[[0, 2, 4, 5]] + 0.3 * torch.randn(4, 5, generator=generator, dtype=torch.float64))
+    q.requires_grad_()
+    tau = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+
+    def fn(q_, cb_, tau_):
+        token, _, weights = soft_assign_reference(q_, cb_, 3, tau_, metric=metric)
+        return token, weights
+
+    assert torch.autograd.gradcheck(fn, (q, cb, tau), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", METRICS)
+def test_backward_matches_oracle(backend, dtype, metric, generator):
+    n, k, d, m = 29, 37, 24, 4
+    q0, cb0 = make_inputs(n, k, d, dtype, generator, "clustered")
+    q = q0.clone().requires_grad_()
+    cb = cb0.clone().requires_grad_()
+    tau = torch.tensor(0.3, requires_grad=True)
+    token, idx, w = run(backend, q, cb, m, tau, metric=metric)
+    g_token = torch.randn(n, d, generator=generator).to(dtype)
+    g_w = torch.randn(n, m, generator=generator)
+    ((token.float() * g_token.float()).sum() + (w * g_w).sum()).backward()
+
+    q64 = q0.double().requires_grad_()
+    cb64 = cb0.double().requires_grad_()
+    tau64 = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    want_token, want_w = oracle_given(q64, cb64, idx, tau64, metric)
+    ((want_token * g_token.double()).sum() + (want_w * g_w.double()).sum()).backward()
+    rel = TOL[dtype][1] * (4 if dtype != torch.float32 else 10)
+    assert q.grad.dtype == dtype and cb.grad.dtype == dtype
+    assert_close_rel(q.grad, q64.grad, rel, "grad q")
+    assert_close_rel(cb.grad, cb64.grad, rel, "grad codebook")
+    assert_close_rel(tau.grad, tau64.grad, max(rel, 1e-4), "grad tau")
+    # only the chosen rows receive gradient
+    untouched = torch.ones(k, dtype=torch.bool)
+    untouched[idx.unique()] = False
+    assert (cb.grad[untouched] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_straight_through_backward_equals_soft_backward(backend, generator):
+    q0, cb0 = make_inputs(13, 21, 16, torch.float32, generator)
+    grads = []
+    for st in (False, True):
+        q, cb = q0.clone().requires_grad_(), cb0.clone().requires_grad_()
+        tau = torch.tensor(0.5, requires_grad=True)
+        token, _, _ = run(backend, q, cb, 3, tau, metric="cosine", straight_through=st)
+        (token * torch.arange(16.0)).sum().backward()
+        grads.append((q.grad, cb.grad, tau.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_deterministic_backward_agrees_and_repeats(backend, generator):
+    q0, cb0 = make_inputs(70, 9, 16, torch.float32, generator, "clustered")  # many rows per code
+    results = []
+    for deterministic in (False, True, True):
+        q, cb = q0.clone().requires_grad_(), cb0.clone().requires_grad_()
+        token, _, _ = run(backend, q, cb, 3, 0.5, metric="l2", deterministic=deterministic)
+        (token * token).sum().backward()
+        results.append((q.grad, cb.grad))
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(results[1][1], results[2][1]) and torch.equal(results[1][0], results[2][0])
+
+
+# ------------------------------------------------------------------------------------------
+# Poisoned outputs (fused backends allocate through one hook)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("metric", METRICS)
+def test_poisoned_outputs_are_overwritten(backend, deterministic, metric, generator, monkeypatch):
+    def poisoned(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(-7)
+
+    q0, cb0 = make_inputs(19, 23, 12, torch.float32, generator)
+    clean = []
+    for poison in (False, True):
+        if poison:
+            monkeypatch.setattr(sa_module, "_new_output", poisoned)
+        q, cb = q0.clone().requires_grad_(), cb0.clone().requires_grad_()
+        tau = torch.tensor(0.4, requires_grad=True)
+        token, idx, w = run(backend, q, cb, 3, tau, metric=metric, deterministic=deterministic)
+        (token.sum() + w[:, 1].sum()).backward()
+        stats = run_stats(backend, idx, 23, weights=w.detach(), x=q0, deterministic=deterministic)
+        clean.append((token, idx, w, q.grad, cb.grad, tau.grad, *stats))
+    for a, b in zip(*clean):
+        assert torch.equal(a, b)  # same kernels, same inputs: poisoning must change nothing
+    assert torch.isfinite(clean[1][0]).all()
+
+
+# ------------------------------------------------------------------------------------------
+# Argument errors
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call,exc,pattern", [
+    (lambda q, cb: soft_assign(q.double(), cb, 2, 0.1), TypeError, "q must have dtype"),
+    (lambda q, cb: soft_assign(q, cb.half(), 2, 0.1), TypeError, "codebook has dtype"),
+    (lambda q, cb: soft_assign(q, cb[:, :3], 2, 0.1), ValueError, "q's last dimension"),
+    (lambda q, cb: soft_assign(q, cb[:0], 1, 0.1), ValueError, "codebook must be a non-empty"),
+    (lambda q, cb: soft_assign(q, cb[0], 1, 0.1), ValueError, "codebook must have 2 dimensions"),
+    (lambda q, cb: soft_assign(q[0, 0, 0], cb, 1, 0.1), ValueError, "q must have at least 1 dimension"),
+    (lambda q, cb: soft_assign(q, cb, 0, 0.1), ValueError, "m must be >= 1"),
+    (lambda q, cb: soft_assign(q, cb, 6, 0.1), ValueError, "m must be <= 5"),
+    (lambda q, cb: soft_assign(q, cb, 2.0, 0.1), TypeError, "m must be an int"),
+    (lambda q, cb: soft_assign(q, cb, 2, 0.0), ValueError, "tau must be a positive"),
+    (lambda q, cb: soft_assign(q, cb, 2, float("nan")), ValueError, "tau must be a positive"),
+    (lambda q, cb: soft_assign(q, cb, 2, True), TypeError, "tau must be"),
+    (lambda q, cb: soft_assign(q, cb, 2, torch.ones(2)), ValueError, "tau must be a number or a 0-d"),
+    (lambda q, cb: soft_assign(q, cb, 2, torch.tensor(1)), TypeError, "tau must be a floating"),
+    (lambda q, cb: soft_assign(q, cb, 2, torch.tensor(0.1, device="meta")), ValueError, "tau is on meta"),
+    (lambda q, cb: soft_assign(q, cb, 2, 0.1, metric="dot"), ValueError, "metric must be one of"),
+    (lambda q, cb: soft_assign(q, cb, 2, 0.1, straight_through=1), TypeError, "straight_through must be a bool"),
+    (lambda q, cb: soft_assign(q, cb, 2, 0.1, backend="gpu"), ValueError, "backend must be one of"),
+    (lambda q, cb: soft_assign(q, cb.to("meta"), 2, 0.1), ValueError, "codebook is on meta"),
+    (lambda q, cb: codebook_stats(torch.zeros(3), 5), TypeError, "indices must have dtype"),
+    (lambda q, cb: codebook_stats(torch.zeros(3, 2, 1, dtype=torch.long), 5), ValueError, "indices must have 1 or 2"),
+    (lambda q, cb: codebook_stats(torch.zeros(3, dtype=torch.long), 0), ValueError, "K must be >= 1"),
+    (lambda q, cb: codebook_stats(torch.tensor([0, 5]), 5), ValueError, r"indices must lie in \[0, K\)"),
+    (lambda q, cb: codebook_stats(torch.tensor([0, -1]), 5), ValueError, r"indices must lie in \[0, K\)"),
+    (lambda q, cb: codebook_stats(torch.zeros(3, 2, dtype=torch.long), 5, weights=torch.ones(3)), ValueError,
+     "weights must have the shape of indices"),
+    (lambda q, cb: codebook_stats(torch.zeros(3, dtype=torch.long), 5, x=torch.ones(4, 2)), ValueError,
+     "x must have one row per row of indices"),
+    (lambda q, cb: codebook_stats(torch.zeros(3, dtype=torch.long), 5, weights=torch.ones(3, dtype=torch.long)),
+     TypeError, "weights must have dtype"),
+])
+def test_bad_arguments_are_named(call, exc, pattern):
+    q, cb = torch.randn(4, 6, 8), torch.randn(5, 8)
+    with pytest.raises(exc, match=pattern):
+        call(q, cb)
+
+
+def test_triton_rejects_m_above_the_fused_limit_but_auto_falls_back():
+    q, cb = torch.randn(4, 8, device=DEVICE["triton"]), torch.randn(40, 8, device=DEVICE["triton"])
+    with pytest.raises(ValueError, match="m must be <= 16 for backend 'triton'"):
+        soft_assign(q, cb, 17, 0.1, backend="triton")
+    token, idx, w = soft_assign(q, cb, 17, 0.1)
+    assert idx.shape == (4, 17)
+
+
+# ------------------------------------------------------------------------------------------
+# codebook_stats
+# ------------------------------------------------------------------------------------------
+
+
+def stats_oracle(indices, k, weights, x):
+    idx = indices.reshape(-1).long()
+    w = torch.ones(idx.shape, dtype=torch.float64) if weights is None else weights.reshape(-1).double()
+    counts = torch.bincount(idx, weights=w, minlength=k).double()
+    sums = None
+    if x is not None:
+        per_row = 1 if indices.dim() == 1 else indices.shape[1]
+        rows = torch.arange(indices.shape[0]).repeat_interleave(per_row)
+        sums = torch.zeros(k, x.shape[1], dtype=torch.float64)
+        for j in range(k):  # plain loop: independent of index_add
+            sel = idx == j
+            sums[j] = (w[sel, None] * x.double()[rows[sel]]).sum(0)
+    return counts, sums
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0,), (1,), (129,), (57, 3), (200, 8)])
+@pytest.mark.parametrize("with_weights,with_x", [(False, False), (True, False), (False, True), (True, True)])
+def test_stats_match_bincount(backend, shape, with_weights, with_x, generator):
+    k, d = 33, 20
+    # Zipf-like skew: a few codes take most of the mass (heavy atomic contention)
+    zipf = 1.0 / torch.arange(1, k + 1, dtype=torch.float64) ** 1.3
+    n_entries = math.prod(shape)
+    idx = torch.multinomial(zipf, max(n_entries, 1), replacement=True, generator=generator)[:n_entries]
+    idx = idx.reshape(shape)
+    weights = torch.rand(shape, generator=generator) if with_weights else None
+    x = torch.randn(shape[0], d, generator=generator) if with_x else None
+    counts, sums = run_stats(backend, idx, k, weights=weights, x=x)
+    want_counts, want_sums = stats_oracle(idx, k, weights, x)
+    assert counts.dtype == torch.float32 and counts.shape == (k,)
+    torch.testing.assert_close(counts.double(), want_counts, atol=1e-4, rtol=1e-5)
+    if with_x:
+        assert sums.dtype == torch.float32 and sums.shape == (k, d)
+        torch.testing.assert_close(sums.double(), want_sums, atol=1e-4, rtol=1e-5)
+    else:
+        assert sums is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stats_low_precision_inputs_accumulate_in_fp32(backend, dtype, generator):
+    k = 4
+    idx = torch.zeros(3000, dtype=torch.int32)  # one hot code, many adds: bf16 accumulation would stall
+    x = torch.full((3000, 8), 1.0, dtype=dtype)
+    weights = torch.full((3000,), 0.5, dtype=dtype)
+    counts, sums = run_stats(backend, idx, k, weights=weights, x=x)
+    assert float(counts[0]) == 1500.0 and torch.equal(sums[0], torch.full((8,), 1500.0))
+    assert (counts[1:] == 0).all() and (sums[1:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_stats_deterministic_mode_repeats_bitwise(backend, generator):
+    idx = torch.randint(5, (300, 4), generator=generator)
+    w = torch.rand(300, 4, generator=generator)
+    x = torch.randn(300, 24, generator=generator)
+    runs = [run_stats(backend, idx, 5, weights=w, x=x, deterministic=True) for _ in range(2)]
+    assert torch.equal(runs[0].counts, runs[1].counts) and torch.equal(runs[0].sums, runs[1].sums)
+    want_counts, want_sums = stats_oracle(idx, 5, w, x)
+    torch.testing.assert_close(runs[0].sums.double(), want_sums, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(runs[0].counts.double(), want_counts, atol=1e-4, rtol=1e-5)
+
+
+def test_soft_assign_feeds_stats(generator):
+    q, cb = make_inputs(40, 10, 8, torch.float32, generator)
+    _, idx, w = soft_assign(q, cb, 3, 0.3)
+    counts, _ = codebook_stats(idx, 10, weights=w)
+    torch.testing.assert_close(counts.sum(), torch.tensor(40.0), atol=1e-4, rtol=0)
+    assert F.one_hot(idx, 10).sum(1).max() == 1  # distinct codes per row
