@@ -1,0 +1,259 @@
+"""`ModelConfig`: every flag of the PaCo-FR model (method.md), with its default and presets.
+
+The field types are ``Literal`` / plain types so that YAML configs and ``--set model.x=value``
+overrides are checked (see :mod:`pacofr.train.fields`). Defaults are method.md's (ViT-B/16 at
+224 px); :meth:`ModelConfig.preset` gives smaller encoders, including the CPU ``demo``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Method = Literal["paco", "mae"]
+MaskMode = Literal["region", "random", "block"]
+RegionSource = Literal["template", "landmarks"]
+ReplaceFrom = Literal["visible", "masked", "all"]
+EncoderMask = Literal["drop", "mask_token"]
+EncoderPos = Literal["fixed", "learned"]
+BeliefInput = Literal["pixels", "context"]
+BeliefAfter = Literal["off", "decay", "keep_small"]
+CodeUpdate = Literal["grad", "ema"]
+Target = Literal["norm_pix", "pixels"]
+RecOn = Literal["masked+replaced", "all"]
+SpatialConsistency = Literal["relation", "equivariance", "off"]
+IncubationPatches = Literal["all", "replaced"]
+Backend = Literal["auto", "torch", "triton", "cuda"]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # smallest sensible model, for unit tests (L = 16 patches)
+    "tiny": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_dim=32,
+                 decoder_depth=1, decoder_heads=2, codebook_size=64, code_dim=16, bp_hidden=32,
+                 timm_name="vit_tiny_patch16_224"),
+    # tiny enough for a few hundred steps on 2 CPU cores in minutes (L = 64 patches)
+    "demo": dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4, decoder_dim=96,
+                 decoder_depth=2, decoder_heads=4, codebook_size=256, code_dim=32, bp_hidden=128,
+                 timm_name="vit_tiny_patch16_224"),
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3, decoder_dim=256, decoder_depth=4,
+                     decoder_heads=8, codebook_size=2048, timm_name="vit_tiny_patch16_224"),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6, decoder_dim=256, decoder_depth=4,
+                      decoder_heads=8, codebook_size=4096, timm_name="vit_small_patch16_224"),
+    "vit_base": dict(timm_name="vit_base_patch16_224"),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Configuration of :class:`pacofr.models.paco.PaCoFR` (method.md "Design"; flags in brackets there).
+
+    Groups: method; encoder (timm ViT); decoder; masking; codebook and Belief Predictor;
+    incubation / end-to-end; reconstruction target; spatial consistency; loss weights; pixels;
+    backend of the ops.
+    """
+
+    # --- method: "paco" = PaCo-FR; "mae" = MAE-face control (random mae_mask_ratio mask, no
+    #     codebook, no spatial consistency; the masking / codebook / sc flags are then ignored)
+    method: Method = "paco"
+
+    # --- encoder: a plain timm VisionTransformer (class token, no classifier head)
+    timm_name: str = "vit_base_patch16_224"  # timm architecture the encoder exports as
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    encoder_pos: EncoderPos = "fixed"  # fixed 2-D sin-cos (MAE) or learned from sin-cos init
+    encoder_mask: EncoderMask = "drop"  # masked patches dropped (MAE) or fed as a mask token
+
+    # --- MAE decoder
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+
+    # --- structured masking
+    mask_mode: MaskMode = "region"
+    regions: RegionSource = "template"  # how the data pipeline assigns region ids (model takes ids)
+    num_regions: int = 9  # G
+    other_region: int = 8  # region id never chosen as "the whole region" (background); -1: none
+    second_region_prob: float = 0.5
+    r_mask: float = 0.6
+    r_rep: float = 0.15
+    replace_from: ReplaceFrom = "visible"
+    mae_mask_ratio: float = 0.75  # method="mae" only
+
+    # --- patch codebook and Belief Predictor
+    codebook_size: int = 4096  # K
+    code_dim: int = 64  # dc
+    bp_hidden: int = 512
+    num_candidates: int = 4  # M
+    tau_b: float = 0.1
+    straight_through: bool = False
+    codebook_decay: float = 0.99  # EMA decay of code usage (and of codes with code_update="ema")
+    # usage is counted in units where a uniformly used code gets 1 per step (counts * K / N);
+    # a code whose EMA usage falls below this is dead and restarted from a current belief q
+    dead_code_threshold: float = 0.03
+    dead_code_warmup: int = 100  # optimiser steps before the first restart (the EMA fills up)
+    restart_dead_codes: bool = True
+
+    # --- incubation (epoch 0), then end-to-end
+    incubation_patches: IncubationPatches = "all"  # patches labelled with k* for L_bp / L_code
+    code_update: CodeUpdate = "grad"
+    bp_after: BeliefAfter = "off"
+    bp_decay_half_life: int = 1000  # bp_after="decay": half-life of w_bp in optimiser steps
+    bp_small_weight: float = 0.1  # bp_after="keep_small": weight of L_bp after incubation
+    bp_input: BeliefInput = "pixels"
+
+    # --- reconstruction
+    target: Target = "norm_pix"
+    norm_pix_eps: float = 1e-6
+    rec_on: RecOn = "masked+replaced"
+    alpha_rep: float = 1.0
+
+    # --- spatial consistency
+    sc: SpatialConsistency = "relation"
+    sc_beta: float = 1.0  # weight of (1 - cos) at masked patches inside L_sc (relation)
+    teacher_momentum: float = 0.996  # EMA teacher momentum at the start (cosine ramp to the end)
+    teacher_momentum_end: float = 1.0
+    eq_max_rotation: float = 10.0  # equivariance: degrees
+    eq_max_scale: float = 0.1  # equivariance: scale in [1 - s, 1 + s]
+    eq_max_shift: float = 0.1  # equivariance: fraction of the image size
+    eq_min_overlap: float = 0.99  # equivariance: a feature counts as overlapping above this coverage
+
+    # --- loss weights: L = L_rec + [incubation](w_bp L_bp + w_code L_code)
+    #     + [after](w_align L_align + w_ctx L_ctx) + w_ent L_ent + w_sc L_sc
+    w_bp: float = 1.0
+    w_code: float = 1.0
+    w_align: float = 0.5
+    w_ent: float = 0.01
+    w_sc: float = 0.1
+    w_ctx: float = 1.0
+
+    # --- pixels: encoder input is (image - pixel_mean) / pixel_std, image in [0, 1]
+    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
+    pixel_std: tuple[float, float, float] = IMAGENET_STD
+
+    # --- backend of the pacofr.ops calls
+    backend: Backend = "auto"
+
+    def __post_init__(self) -> None:
+        self.pixel_mean = tuple(float(v) for v in self.pixel_mean)  # type: ignore[assignment]
+        self.pixel_std = tuple(float(v) for v in self.pixel_std)  # type: ignore[assignment]
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A named preset ("tiny" for tests, "demo", "vit_tiny", "vit_small", "vit_base") with
+        ``overrides`` applied."""
+        if name not in _PRESETS:
+            raise ValueError(f"preset must be one of {sorted(_PRESETS)}, got {name!r}")
+        return cls(**{**_PRESETS[name], **overrides})
+
+    @staticmethod
+    def preset_names() -> tuple[str, ...]:
+        """Names accepted by :meth:`preset`."""
+        return tuple(_PRESETS)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (tuples as lists) for YAML / JSON / checkpoint metadata."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**data)
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def grid_size(self) -> int:
+        """Patches per side (img_size / patch_size)."""
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """L, patches per image."""
+        return self.grid_size ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        """P = patch_size**2 * 3, pixel values per patch."""
+        return self.patch_size * self.patch_size * 3
+
+    @property
+    def is_paco(self) -> bool:
+        """True for PaCo-FR, False for the MAE-face control."""
+        return self.method == "paco"
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the model keeps an EMA teacher of the encoder (PaCo-FR with sc != "off")."""
+        return self.is_paco and self.sc != "off"
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``timm.create_model(timm_name, pretrained=False, **kwargs)`` that
+        build exactly this encoder (no classifier head); its state_dict loads into that model."""
+        return dict(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
+                    depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                    drop_path_rate=self.drop_path_rate, num_classes=0)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"ModelConfig: {message}")
+
+        for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_dim",
+                     "decoder_depth", "decoder_heads", "codebook_size", "code_dim", "bp_hidden",
+                     "num_candidates", "num_regions", "bp_decay_half_life"):
+            need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.img_size % self.patch_size == 0,
+             f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
+        need(self.embed_dim % self.num_heads == 0,
+             f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
+        need(self.decoder_dim % self.decoder_heads == 0,
+             f"decoder_dim={self.decoder_dim} must be divisible by decoder_heads={self.decoder_heads}")
+        need(self.num_candidates <= self.codebook_size,
+             f"num_candidates={self.num_candidates} must be <= codebook_size={self.codebook_size}")
+        need(-1 <= self.other_region < self.num_regions,
+             f"other_region must be -1 or a region id < num_regions={self.num_regions}, got {self.other_region}")
+        for name in ("r_mask", "r_rep", "mae_mask_ratio", "second_region_prob", "codebook_decay"):
+            need(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(self, name)}")
+        need(self.mae_mask_ratio < 1.0, f"mae_mask_ratio must be < 1, got {self.mae_mask_ratio}")
+        length = self.num_patches
+        n_mask, n_rep = round(self.r_mask * length), round(self.r_rep * length)
+        if self.replace_from == "masked":
+            need(n_rep <= n_mask, f"replace_from='masked' needs round(r_rep*L)={n_rep} <= round(r_mask*L)={n_mask}")
+            need(n_mask < length, f"r_mask={self.r_mask} leaves no patch for the encoder (L={length})")
+        else:
+            need(n_mask + n_rep < length,
+                 f"r_mask + r_rep leave no pixel patch for the encoder: round(r_mask*L)={n_mask} + "
+                 f"round(r_rep*L)={n_rep} must be < L={length}")
+        need(self.incubation_patches == "all" or n_rep >= 1,
+             f"incubation_patches='replaced' needs replaced patches, but round(r_rep*L) = {n_rep}")
+        need(self.tau_b > 0, f"tau_b must be > 0, got {self.tau_b}")
+        need(0.0 <= self.teacher_momentum <= self.teacher_momentum_end <= 1.0,
+             "need 0 <= teacher_momentum <= teacher_momentum_end <= 1, got "
+             f"{self.teacher_momentum}, {self.teacher_momentum_end}")
+        need(len(self.pixel_mean) == 3 and len(self.pixel_std) == 3, "pixel_mean and pixel_std need 3 values")
+        need(all(s > 0 for s in self.pixel_std), f"pixel_std must be > 0, got {self.pixel_std}")
+        need(self.norm_pix_eps >= 0, f"norm_pix_eps must be >= 0, got {self.norm_pix_eps}")
+        need(0.0 <= self.eq_min_overlap <= 1.0, f"eq_min_overlap must be in [0, 1], got {self.eq_min_overlap}")
+        for name in ("w_bp", "w_code", "w_align", "w_ent", "w_sc", "w_ctx", "alpha_rep", "sc_beta",
+                     "bp_small_weight", "dead_code_threshold", "dead_code_warmup", "eq_max_rotation",
+                     "eq_max_scale", "eq_max_shift", "drop_path_rate"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.eq_max_scale < 1, f"eq_max_scale must be < 1, got {self.eq_max_scale}")

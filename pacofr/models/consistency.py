@@ -1,0 +1,153 @@
+"""Spatial consistency between facial parts (method.md "Spatial consistency").
+
+- EMA teacher of the encoder (:func:`make_teacher`, :func:`ema_update`) that sees the full image.
+- ``relation``: region-pool student and teacher features, compare the G x G cosine relation
+  matrices (``||A_s - A_t||_F^2`` averaged over the region pairs present in the image, = / G^2
+  when all G regions are present) plus ``beta * (1 - cos)`` between student and teacher features
+  at the masked patches.
+- ``equivariance``: the teacher sees a second view related to the first by a known random
+  similarity transform; its feature map is warped back into the first view's frame
+  (``affine_grid`` / ``grid_sample``) and matched to the student's by cosine where it covers.
+
+All of it runs in fp32 with autocast off.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pacofr.models.precision import full_precision
+
+
+def make_teacher(encoder: nn.Module) -> nn.Module:
+    """A frozen copy of ``encoder`` (no gradients, eval mode) to be updated by :func:`ema_update`."""
+    teacher = copy.deepcopy(encoder)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter (buffers copied)."""
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.lerp_(s.detach().to(t.dtype), 1.0 - momentum)
+    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+        t.copy_(s)
+
+
+def region_pool(features: torch.Tensor, region_ids: torch.Tensor, num_regions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean feature of each region.
+
+    Args:
+        features: (B, L, D) patch features (any float dtype).
+        region_ids: (B, L) int64 in [0, num_regions).
+
+    Returns:
+        pooled (B, G, D) fp32 (zero for an absent region) and counts (B, G) fp32.
+    """
+    onehot = F.one_hot(region_ids, num_regions).float()  # (B, L, G)
+    counts = onehot.sum(dim=1)
+    pooled = torch.einsum("blg,bld->bgd", onehot, features.float()) / counts.clamp_min(1.0).unsqueeze(-1)
+    return pooled, counts
+
+
+def relation_matrix(pooled: torch.Tensor) -> torch.Tensor:
+    """(B, G, D) region features -> (B, G, G) cosine similarities (fp32)."""
+    unit = F.normalize(pooled.float(), dim=-1)
+    return unit @ unit.transpose(1, 2)
+
+
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor, region_ids: torch.Tensor, num_regions: int,
+                  ids_masked: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_sc for ``sc="relation"``.
+
+    Args:
+        student: (B, L, D) student features (decoder hidden states projected to D).
+        teacher: (B, L, D) teacher features of the full image (no gradient needed).
+        region_ids: (B, L) int64 region of every patch.
+        ids_masked: (B, n_mask) masked patches, where the feature-matching term applies.
+        beta: weight of the (1 - cos) term.
+
+    Returns:
+        the fp32 scalar loss and its detached parts {"sc_relation", "sc_cos"}.
+    """
+    with full_precision(student.device):
+        pooled_s, counts = region_pool(student, region_ids, num_regions)
+        pooled_t, _ = region_pool(teacher.detach(), region_ids, num_regions)
+        present = counts > 0
+        pairs = (present.unsqueeze(2) & present.unsqueeze(1)).float()
+        diff = (relation_matrix(pooled_s) - relation_matrix(pooled_t)).square()
+        relation = (diff * pairs).sum() / pairs.sum().clamp_min(1.0)
+        if ids_masked.shape[1]:
+            index = ids_masked.unsqueeze(-1).expand(-1, -1, student.shape[-1])
+            s_masked = torch.gather(student.float(), 1, index)
+            t_masked = torch.gather(teacher.detach().float(), 1, index)
+            cos_term = (1.0 - F.cosine_similarity(s_masked, t_masked, dim=-1)).mean()
+        else:
+            cos_term = student.float().sum() * 0.0
+        loss = relation + beta * cos_term
+    return loss, {"sc_relation": relation.detach(), "sc_cos": cos_term.detach()}
+
+
+def random_similarity(batch: int, max_rotation_deg: float, max_scale: float, max_shift: float,
+                      generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """(B, 2, 3) fp32 ``affine_grid`` matrices of random similarity transforms.
+
+    Rotation uniform in +-max_rotation_deg, scale uniform in [1 - max_scale, 1 + max_scale],
+    shift uniform in +-max_shift of the image size (normalised coordinates span 2).
+    """
+    where = generator.device if generator is not None else device
+    u = (torch.rand(batch, 4, generator=generator, device=where).to(device) * 2.0 - 1.0)
+    angle = u[:, 0] * math.radians(max_rotation_deg)
+    scale = 1.0 + u[:, 1] * max_scale
+    shift = u[:, 2:] * (2.0 * max_shift)
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    return torch.stack([torch.stack([cos, -sin, shift[:, 0]], dim=1),
+                        torch.stack([sin, cos, shift[:, 1]], dim=1)], dim=1)
+
+
+def invert_affine(theta: torch.Tensor) -> torch.Tensor:
+    """Inverse of (B, 2, 3) affine maps u -> A u + t: (A^-1, -A^-1 t)."""
+    inverse = torch.linalg.inv(theta[:, :, :2])
+    return torch.cat([inverse, -(inverse @ theta[:, :, 2:])], dim=2)
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Resample (B, C, H, W) so that output(u) = x(theta u) in normalised coordinates (zeros outside)."""
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def equivariance_loss(student_map: torch.Tensor, teacher_map: torch.Tensor, theta: torch.Tensor,
+                      min_overlap: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_sc for ``sc="equivariance"``.
+
+    The teacher saw view 2 = ``warp(view 1, theta)``, so its feature at u describes view 1 at
+    theta u; warping its map by theta^-1 brings it into view 1's frame.
+
+    Args:
+        student_map: (B, D, g, g) student features of view 1.
+        teacher_map: (B, D, g, g) teacher features of view 2 (no gradient needed).
+        theta: (B, 2, 3) the transform that made view 2.
+        min_overlap: a position counts when the warped coverage is at least this.
+
+    Returns:
+        mean (1 - cos) over covered positions (fp32 scalar; 0 with none) and
+        {"sc_overlap": covered fraction}.
+    """
+    with full_precision(student_map.device):
+        back = invert_affine(theta.float())
+        aligned = warp(teacher_map.detach().float(), back)
+        ones = torch.ones_like(teacher_map[:, :1], dtype=torch.float32)
+        covered = (warp(ones, back) >= min_overlap).squeeze(1)  # (B, g, g)
+        cos = F.cosine_similarity(student_map.float(), aligned, dim=1)
+        weight = covered.float()
+        loss = ((1.0 - cos) * weight).sum() / weight.sum().clamp_min(1.0)
+    return loss, {"sc_overlap": weight.mean().detach()}

@@ -1,0 +1,506 @@
+"""`PaCoFR`: PaCo-FR pre-training model (and the MAE-face control), method.md "Design".
+
+One training forward:
+
+1. sample the masked / replaced / visible sets (:func:`pacofr.masking.sample_masks`);
+2. PaCo-FR only: Belief Predictor on the replaced patches' normalised pixels -> q -> top-M soft
+   token e_soft -> ``code2tok(e_soft)``; in incubation also the nearest-prototype labels k*;
+3. encoder (timm ViT) on visible pixel patches (gathered, embedded by the conv weights as a linear
+   map) and replaced code tokens, each + its position; masked patches dropped (or a mask token);
+4. MAE decoder (mask tokens by ``scatter_tokens``), prediction head on the scored patches only,
+   ``masked_patch_loss`` (norm-pix target by default);
+5. PaCo-FR only: incubation losses (L_bp, L_code) or end-to-end ones (L_align, optional decayed
+   L_bp, context beliefs), usage-entropy bonus, spatial consistency against the EMA teacher.
+
+Codebook maintenance that modifies parameters in place (EMA codes, usage, dead-code restarts) and
+the teacher update happen in :meth:`PaCoFR.after_step`, after the optimiser step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pacofr.masking import MaskSets, sample_masks
+from pacofr.models.belief import PatchCodebook
+from pacofr.models.codebook import Codebook
+from pacofr.models.config import ModelConfig
+from pacofr.models.consistency import (
+    ema_update,
+    equivariance_loss,
+    make_teacher,
+    random_similarity,
+    relation_loss,
+    warp,
+)
+from pacofr.models.decoder import MAEDecoder
+from pacofr.models.precision import full_precision
+from pacofr.models.vit import (
+    add_positions,
+    build_encoder,
+    embed_patches,
+    normalised_images,
+    patch_positions,
+    run_encoder,
+)
+from pacofr.ops import gather_patches, masked_patch_loss, patch_targets, scatter_tokens
+from pacofr.ops._checks import check_tensor
+from pacofr.ops.soft_assign import SoftAssignment
+
+logger = logging.getLogger(__name__)
+
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
+_MAX_PENDING = 64  # forwards kept for after_step (gradient accumulation steps per optimiser step)
+
+
+@dataclass
+class ModelOutput:
+    """Result of :meth:`PaCoFR.forward`.
+
+    Attributes:
+        loss: 0-d fp32 tensor with grad, the weighted sum of the active losses.
+        losses: detached 0-d tensors of the active losses, unweighted (``rec``, ``rec_masked``,
+            ``rec_replaced``, ``bp``, ``code``, ``align``, ``ent``, ``ctx``, ``sc``; which are present
+            depends on the method and phase, see :meth:`PaCoFR.loss_names`).
+        stats: detached 0-d tensors: codebook ``perplexity``, ``dead_fraction``,
+            ``usage_entropy_norm``, ``bp_accuracy`` (incubation), ``bp_weight``, SC parts.
+    """
+
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _CodeBranch:
+    """Codebook-side tensors of one forward (PaCo-FR only)."""
+
+    tokens: torch.Tensor | None  # (B, n_rep, D) code2tok(e_soft)
+    x_rep: torch.Tensor  # (B, n_rep, P) norm-pix targets of the replaced patches
+    q_rep: torch.Tensor  # (B * n_rep, dc)
+    assignment: SoftAssignment | None
+    q_labelled: torch.Tensor | None = None  # (N, dc) beliefs with incubation labels
+    x_labelled: torch.Tensor | None = None  # (N, P)
+    labels: torch.Tensor | None = None  # (N,) k*
+
+
+@dataclass
+class _Pending:
+    """Detached assignment of one training forward, consumed by :meth:`PaCoFR.after_step`."""
+
+    q: torch.Tensor
+    indices: torch.Tensor
+    weights: torch.Tensor | None
+    ema_codes: bool
+
+
+class PaCoFR(nn.Module):
+    """PaCo-FR (``cfg.method="paco"``) or the MAE-face control (``"mae"``).
+
+    Submodules: ``encoder`` (timm VisionTransformer, exportable as is), ``decoder``
+    (:class:`MAEDecoder`); PaCo-FR adds ``patch_codebook`` (:class:`PatchCodebook`), and with
+    ``sc != "off"`` ``teacher`` (EMA copy of the encoder) and ``sc_proj`` (Dd -> D); with
+    ``bp_input="context"`` ``context_head`` (Dd -> dc); with ``encoder_mask="mask_token"``
+    ``encoder_mask_token`` (D,). Buffer ``post_incubation_steps`` counts optimiser steps after
+    incubation (for ``bp_after="decay"``).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.encoder = build_encoder(cfg)
+        self.decoder = MAEDecoder(cfg)
+        self.encoder_mask_token = (nn.Parameter(torch.zeros(cfg.embed_dim))
+                                   if cfg.encoder_mask == "mask_token" else None)
+        if self.encoder_mask_token is not None:
+            nn.init.normal_(self.encoder_mask_token, std=0.02)
+        self.patch_codebook = PatchCodebook(cfg) if cfg.is_paco else None
+        self.context_head = (nn.Linear(cfg.decoder_dim, cfg.code_dim)
+                             if cfg.is_paco and cfg.bp_input == "context" else None)
+        self.teacher = make_teacher(self.encoder) if cfg.uses_teacher else None
+        self.sc_proj = nn.Linear(cfg.decoder_dim, cfg.embed_dim) if cfg.uses_teacher else None
+        self.register_buffer("post_incubation_steps", torch.zeros((), dtype=torch.long))
+        self._pending: list[_Pending] = []
+        self._last_incubation: bool | None = None
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        logger.info("PaCoFR(method=%s): %.2fM trainable parameters, %d patches of %d px",
+                    cfg.method, trainable / 1e6, cfg.num_patches, cfg.patch_size)
+
+    # ------------------------------------------------------------------------------------------
+    # public API
+    # ------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, region_ids: torch.Tensor, *, incubation: bool,
+                generator: torch.Generator | None = None) -> ModelOutput:
+        """Losses of one batch.
+
+        Args:
+            images: (B, 3, S, S) float in [0, 1], S = cfg.img_size.
+            region_ids: (B, L) int64 region of every patch (row-major grid), L = (S / p)^2.
+            incubation: True in the incubation phase (epoch 0): L_bp and L_code on, L_align off.
+                Ignored by the MAE-face control.
+            generator: torch.Generator for the masks and the equivariance transforms.
+        """
+        self._check_inputs(images, region_ids)
+        cfg = self.cfg
+        masks = sample_masks(region_ids, cfg, generator, validate=False)
+        branch = self._code_branch(images, masks, incubation) if cfg.is_paco else None
+        latent = self._encode(images, masks, branch.tokens if branch is not None else None)
+        hidden = self.decoder(latent, masks.ids_restore if cfg.encoder_mask == "drop" else None)
+
+        terms: dict[str, tuple[torch.Tensor, float | torch.Tensor]] = {}
+        losses: dict[str, torch.Tensor] = {}
+        stats: dict[str, torch.Tensor] = {}
+        terms["rec"] = (self._reconstruction_loss(images, masks, hidden, losses), 1.0)
+        if branch is not None:
+            self._codebook_losses(branch, incubation, terms, stats)
+            if self.context_head is not None and not incubation:
+                terms["ctx"] = (self._context_loss(images, masks, hidden), cfg.w_ctx)
+            if self.teacher is not None:
+                terms["sc"] = (self._consistency_loss(images, region_ids, masks, hidden, generator, stats), cfg.w_sc)
+            self._remember(branch, incubation)
+
+        loss = sum(weight * value for value, weight in terms.values())
+        losses.update({name: value.detach() for name, (value, _) in terms.items()})
+        return ModelOutput(loss=loss, losses=losses, stats=stats)
+
+    def loss_names(self) -> tuple[str, ...]:
+        """Every loss name :meth:`forward` may report for this config (for fixed CSV columns)."""
+        names = ["rec", "rec_masked"]
+        if self.cfg.is_paco:
+            names += ["rec_replaced", "bp", "code", "align", "ent"]
+            if self.context_head is not None:
+                names.append("ctx")
+            if self.teacher is not None:
+                names.append("sc")
+        return tuple(names)
+
+    def stat_names(self) -> tuple[str, ...]:
+        """Every stat name :meth:`forward` may report for this config."""
+        if not self.cfg.is_paco:
+            return ()
+        names = ["perplexity", "dead_fraction", "usage_entropy_norm", "bp_accuracy", "bp_weight"]
+        if self.cfg.sc == "relation":
+            names += ["sc_relation", "sc_cos"]
+        elif self.cfg.sc == "equivariance":
+            names.append("sc_overlap")
+        return tuple(names)
+
+    @torch.no_grad()
+    def after_step(self, teacher_momentum: float | None = None) -> dict[str, float]:
+        """Call once after every optimiser step (after ``optimizer.step()``).
+
+        Applies the codebook maintenance of the forwards since the last call (usage EMA, EMA code
+        update with ``code_update="ema"`` in incubation, dead-code restarts from current beliefs),
+        advances the post-incubation step counter, and with ``teacher_momentum`` updates the EMA
+        teacher. Returns {"restarted_codes": n} (PaCo-FR) or {}.
+        """
+        report: dict[str, float] = {}
+        if self.patch_codebook is not None and self._pending:
+            pending, self._pending = self._pending, []
+            restarted = 0
+            for kind in (True, False):  # labelled (incubation-style) and soft assignments
+                group = [p for p in pending if (p.weights is None) == kind]
+                if group:
+                    restarted += self._maintain_codebook(group)
+            report["restarted_codes"] = float(restarted)
+        if self._last_incubation is False:
+            self.post_incubation_steps += 1
+        if teacher_momentum is not None:
+            self.update_teacher(teacher_momentum)
+        return report
+
+    def _maintain_codebook(self, group: list[_Pending]) -> int:
+        """Usage EMA (or EMA codes) and dead-code restarts from pending assignments of one kind."""
+        q = torch.cat([p.q for p in group])
+        indices = torch.cat([p.indices for p in group])
+        weights = None if group[0].weights is None else torch.cat([p.weights for p in group])
+        finite = torch.isfinite(q).all(dim=1)  # rows of a skipped non-finite step must not leak in
+        q, indices = q[finite], indices[finite]
+        weights = None if weights is None else weights[finite]
+        if q.shape[0] == 0:
+            return 0
+        if all(p.ema_codes for p in group):
+            self.patch_codebook.ema_codes(q, indices[:, 0])
+        else:
+            self.patch_codebook.track_usage(indices, weights)
+        return self.patch_codebook.restart_dead(q)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA step of the teacher towards the encoder (no-op without a teacher)."""
+        if self.teacher is not None:
+            ema_update(self.teacher, self.encoder, momentum)
+
+    def train(self, mode: bool = True) -> "PaCoFR":
+        """As nn.Module.train, but the teacher always stays in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing of the encoder blocks (timm's)."""
+        self.encoder.set_grad_checkpointing(enable)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: ``weight_decay`` on weight matrices, none on norms, biases, positions,
+        class / mask tokens and the codebook. Frozen parameters (teacher, fixed positions) are left out."""
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            skip = (param.ndim <= 1 or leaf in _NO_DECAY_NAMES
+                    or name.startswith("patch_codebook.codebook."))
+            (no_decay if skip else decay).append(param)
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, region_ids: torch.Tensor,
+                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Images for a reconstruction grid, all (B, 3, S, S) float32 in [0, 1].
+
+        "input"; "corrupted": masked patches grey, replaced patches showing the pixel prototype
+        of their soft token (de-normalised with the patch's own mean and std when prototypes are
+        norm-pix), visible patches as they are; "reconstruction": predictions (de-normalised
+        with each patch's own mean and std for the norm-pix target) with the visible patches pasted.
+        Runs in eval mode (restored afterwards); no losses, no codebook bookkeeping.
+        """
+        self._check_inputs(images, region_ids)
+        was_training = self.training
+        self.eval()
+        try:
+            cfg = self.cfg
+            masks = sample_masks(region_ids, cfg, generator, validate=False)
+            branch = self._code_branch(images, masks, incubation=False) if cfg.is_paco else None
+            latent = self._encode(images, masks, branch.tokens if branch is not None else None)
+            hidden = self.decoder(latent, masks.ids_restore if cfg.encoder_mask == "drop" else None)
+            batch, length = region_ids.shape
+            all_ids = torch.arange(length, device=images.device).expand(batch, length)
+            raw = gather_patches(images.float(), all_ids, cfg.patch_size, backend=cfg.backend, validate=False)
+            mean = raw.mean(dim=-1, keepdim=True)
+            scale = (raw.var(dim=-1, keepdim=True, correction=1) + cfg.norm_pix_eps).sqrt()
+            pred = self.decoder.predict(hidden, all_ids).float()
+            if cfg.target == "norm_pix":
+                pred = pred * scale + mean
+            membership = masks.membership().unsqueeze(-1)
+            recon = torch.where(membership == 0, raw, pred)
+            corrupted = torch.where(membership == 2, torch.full_like(raw, 0.5), raw)
+            if branch is not None and branch.assignment is not None:
+                protos = self.patch_codebook.prototypes(branch.assignment.token).view(batch, -1, cfg.patch_dim)
+                index = masks.ids_replaced.unsqueeze(-1).expand(-1, -1, cfg.patch_dim)
+                shown = protos * torch.gather(scale, 1, index[..., :1]) + torch.gather(mean, 1, index[..., :1])
+                corrupted = corrupted.scatter(1, index, shown)
+            return {"input": images.float().clamp(0, 1),
+                    "corrupted": self._unpatchify(corrupted).clamp(0, 1),
+                    "reconstruction": self._unpatchify(recon).clamp(0, 1)}
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------------------------------
+    # forward pieces
+    # ------------------------------------------------------------------------------------------
+    def _check_inputs(self, images: torch.Tensor, region_ids: torch.Tensor) -> None:
+        cfg = self.cfg
+        check_tensor("images", images, ndim=4, dtypes=(torch.float32, torch.float16, torch.bfloat16))
+        check_tensor("region_ids", region_ids, ndim=2, dtypes=(torch.int64,))
+        want = (3, cfg.img_size, cfg.img_size)
+        if tuple(images.shape[1:]) != want:
+            raise ValueError(f"images must have shape (B, {want[0]}, {want[1]}, {want[2]}) for img_size={cfg.img_size}, "
+                             f"got {tuple(images.shape)}")
+        if tuple(region_ids.shape) != (images.shape[0], cfg.num_patches):
+            raise ValueError(f"region_ids must have shape (B, L) = ({images.shape[0]}, {cfg.num_patches}), "
+                             f"got {tuple(region_ids.shape)}")
+        if region_ids.device != images.device:
+            raise ValueError(f"region_ids are on {region_ids.device} but images on {images.device}")
+
+    def _norm_pix(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(B, n, P) fp32 per-patch normalised pixels (the Belief Predictor's input and prototype space)."""
+        return patch_targets(images, ids, self.cfg.patch_size, norm_pix=True, eps=self.cfg.norm_pix_eps,
+                             backend=self.cfg.backend, validate=False)
+
+    def _bp_weight(self, incubation: bool) -> float | torch.Tensor:
+        """Weight of L_bp: w_bp in incubation; afterwards 0 / decayed / small per ``bp_after``."""
+        cfg = self.cfg
+        if incubation:
+            return cfg.w_bp
+        if cfg.bp_after == "decay":
+            return cfg.w_bp * torch.pow(0.5, self.post_incubation_steps.float() / cfg.bp_decay_half_life)
+        if cfg.bp_after == "keep_small":
+            return cfg.bp_small_weight
+        return 0.0
+
+    def _code_branch(self, images: torch.Tensor, masks: MaskSets, incubation: bool) -> _CodeBranch:
+        """Beliefs, soft tokens and (when L_bp / L_code are on) nearest-prototype labels."""
+        cfg, book = self.cfg, self.patch_codebook
+        batch = images.shape[0]
+        n_rep = masks.ids_replaced.shape[1]
+        needs_labels = incubation or (self.training and cfg.bp_after != "off")
+        x_rep = self._norm_pix(images, masks.ids_replaced)
+        labelled_all = needs_labels and cfg.incubation_patches == "all"
+        if labelled_all:
+            all_ids = torch.arange(cfg.num_patches, device=images.device).expand(batch, -1)
+            x_all = self._norm_pix(images, all_ids)
+            q_all = book.belief(x_all)  # (B, L, dc)
+            index = masks.ids_replaced.unsqueeze(-1).expand(-1, -1, q_all.shape[-1])
+            q_rep = torch.gather(q_all, 1, index).reshape(-1, q_all.shape[-1])
+        else:
+            q_rep = book.belief(x_rep).reshape(batch * n_rep, cfg.code_dim)
+        ema_incubation = incubation and cfg.code_update == "ema"
+        codes = book.codes(detach=ema_incubation)
+        assignment, tokens = None, None
+        if n_rep:
+            assignment = book.soft_token(q_rep, codes)
+            tokens = book.code2tok(assignment.token).view(batch, n_rep, -1)
+        branch = _CodeBranch(tokens=tokens, x_rep=x_rep, q_rep=q_rep, assignment=assignment)
+        if needs_labels:
+            branch.q_labelled = q_all.reshape(-1, q_all.shape[-1]) if labelled_all else q_rep
+            branch.x_labelled = x_all.reshape(-1, cfg.patch_dim) if labelled_all else x_rep.reshape(-1, cfg.patch_dim)
+            branch.labels = book.nearest_prototype(branch.x_labelled)
+        return branch
+
+    def _encode(self, images: torch.Tensor, masks: MaskSets, code_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Encoder output (B, 1 + n_keep, D) ("drop") or (B, 1 + L, D) ("mask_token")."""
+        cfg = self.cfg
+        pixels = gather_patches(images, masks.ids_visible, cfg.patch_size, mean=cfg.pixel_mean, std=cfg.pixel_std,
+                                backend=cfg.backend, validate=False)
+        tokens = embed_patches(self.encoder, pixels)
+        if code_tokens is not None:
+            tokens = torch.cat([tokens, code_tokens.to(tokens.dtype)], dim=1)
+        if cfg.encoder_mask == "drop":
+            return run_encoder(self.encoder, add_positions(self.encoder, tokens, masks.ids_keep))
+        full = scatter_tokens(tokens, masks.ids_restore, self.encoder_mask_token,
+                              pos_embed=patch_positions(self.encoder), backend=cfg.backend, validate=False)
+        return run_encoder(self.encoder, full)
+
+    def _reconstruction_loss(self, images: torch.Tensor, masks: MaskSets, hidden: torch.Tensor,
+                             losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L_rec: masked patches + alpha_rep * replaced patches, or all patches (``rec_on``)."""
+        cfg = self.cfg
+        norm_pix = cfg.target == "norm_pix"
+
+        def mse(ids: torch.Tensor) -> torch.Tensor:
+            return masked_patch_loss(self.decoder.predict(hidden, ids), images, ids, cfg.patch_size,
+                                     norm_pix=norm_pix, eps=cfg.norm_pix_eps, backend=cfg.backend, validate=False)
+
+        if cfg.rec_on == "all":
+            batch, length = masks.ids_restore.shape
+            return mse(torch.arange(length, device=images.device).expand(batch, length))
+        rec_masked = mse(masks.ids_masked)
+        losses["rec_masked"] = rec_masked.detach()
+        if masks.ids_replaced.shape[1] == 0:
+            return rec_masked
+        rec_replaced = mse(masks.ids_replaced)
+        losses["rec_replaced"] = rec_replaced.detach()
+        return rec_masked + cfg.alpha_rep * rec_replaced
+
+    def _codebook_losses(self, branch: _CodeBranch, incubation: bool,
+                         terms: dict[str, tuple[torch.Tensor, float | torch.Tensor]],
+                         stats: dict[str, torch.Tensor]) -> None:
+        """L_bp, L_code (incubation), L_align (after), L_ent, and the codebook statistics."""
+        cfg, book = self.cfg, self.patch_codebook
+        codes = book.codes(detach=incubation and cfg.code_update == "ema")
+        bp_weight = self._bp_weight(incubation)
+        if branch.labels is not None:
+            logits = book.logits(branch.q_labelled, codes)
+            with full_precision(logits.device):
+                terms["bp"] = (F.cross_entropy(logits, branch.labels), bp_weight)
+                stats["bp_accuracy"] = (logits.argmax(dim=1) == branch.labels).float().mean().detach()
+            if incubation:
+                protos = book.prototypes(codes[branch.labels])
+                with full_precision(protos.device):
+                    terms["code"] = (F.mse_loss(protos, branch.x_labelled.float()), cfg.w_code)
+        stats["bp_weight"] = torch.as_tensor(bp_weight, dtype=torch.float32, device=branch.q_rep.device).detach()
+        if branch.assignment is None:
+            return
+        x_rep = branch.x_rep.reshape(-1, cfg.patch_dim)
+        if not incubation:
+            protos = book.prototypes(branch.assignment.token)
+            with full_precision(protos.device):
+                terms["align"] = (F.mse_loss(protos, x_rep.float()), cfg.w_align)
+        with full_precision(branch.q_rep.device):
+            probs = book.logits(branch.q_rep, codes).softmax(dim=1)
+            terms["ent"] = (math.log(cfg.codebook_size) - Codebook.usage_entropy(probs), cfg.w_ent)
+        with torch.no_grad():
+            if branch.labels is not None:
+                counts = torch.bincount(branch.labels, minlength=cfg.codebook_size).float()
+            else:
+                counts = torch.zeros(cfg.codebook_size, device=x_rep.device).index_add_(
+                    0, branch.assignment.indices.reshape(-1), branch.assignment.weights.reshape(-1))
+            stats.update(book.usage_stats(counts))
+
+    def _context_loss(self, images: torch.Tensor, masks: MaskSets, hidden: torch.Tensor) -> torch.Tensor:
+        """bp_input="context": KL(pixel-BP beliefs || context-head beliefs) at the masked patches."""
+        book = self.patch_codebook
+        if masks.ids_masked.shape[1] == 0:
+            return hidden.float().sum() * 0.0
+        codes = book.codes(detach=True)
+        with torch.no_grad():
+            target = book.logits(book.belief(self._norm_pix(images, masks.ids_masked)), codes)
+        index = masks.ids_masked.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        picked = torch.gather(hidden[:, 1:], 1, index)
+        context = self.context_head(picked)
+        with full_precision(context.device):
+            q_ctx = F.normalize(context.float(), dim=-1)
+            log_p = book.logits(q_ctx, codes).log_softmax(dim=-1).flatten(0, 1)
+            log_t = target.log_softmax(dim=-1).flatten(0, 1)
+            return F.kl_div(log_p, log_t, reduction="batchmean", log_target=True)
+
+    def _teacher_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) teacher patch features of full images (no gradient)."""
+        with torch.no_grad():
+            return self.teacher.forward_features(normalised_images(images, self.cfg))[:, 1:]
+
+    def _consistency_loss(self, images: torch.Tensor, region_ids: torch.Tensor, masks: MaskSets,
+                          hidden: torch.Tensor, generator: torch.Generator | None,
+                          stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L_sc, relation or equivariance (``cfg.sc``)."""
+        cfg = self.cfg
+        student = self.sc_proj(hidden[:, 1:])  # (B, L, D)
+        if cfg.sc == "relation":
+            loss, parts = relation_loss(student, self._teacher_features(images), region_ids, cfg.num_regions,
+                                        masks.ids_masked, cfg.sc_beta)
+        else:
+            batch, grid = images.shape[0], cfg.grid_size
+            theta = random_similarity(batch, cfg.eq_max_rotation, cfg.eq_max_scale, cfg.eq_max_shift,
+                                      generator, images.device)
+            with torch.no_grad(), full_precision(images.device):
+                view = warp(images.float(), theta)
+            teacher = self._teacher_features(view)
+
+            def as_map(x: torch.Tensor) -> torch.Tensor:
+                return x.transpose(1, 2).reshape(batch, -1, grid, grid)
+
+            loss, parts = equivariance_loss(as_map(student), as_map(teacher), theta, cfg.eq_min_overlap)
+        stats.update(parts)
+        return loss
+
+    def _remember(self, branch: _CodeBranch, incubation: bool) -> None:
+        """Keep the detached assignment of a training forward for :meth:`after_step` (at most
+        ``_MAX_PENDING`` forwards: without after_step calls the oldest are dropped)."""
+        self._last_incubation = incubation
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        if len(self._pending) >= _MAX_PENDING:
+            logger.warning("PaCoFR: %d training forwards without after_step(); dropping the oldest "
+                           "codebook statistics (call model.after_step() after each optimiser step)", _MAX_PENDING)
+            del self._pending[0]
+        if branch.labels is not None and (incubation or branch.assignment is None):
+            self._pending.append(_Pending(q=branch.q_labelled.detach(), indices=branch.labels.unsqueeze(1),
+                                          weights=None, ema_codes=incubation and self.cfg.code_update == "ema"))
+        elif branch.assignment is not None:
+            self._pending.append(_Pending(q=branch.q_rep.detach(), indices=branch.assignment.indices,
+                                          weights=branch.assignment.weights.detach(), ema_codes=False))
+
+    def _unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, L, P) patches in (p, q, c) order -> (B, 3, S, S)."""
+        cfg = self.cfg
+        batch, g, p = patches.shape[0], cfg.grid_size, cfg.patch_size
+        return patches.reshape(batch, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(batch, 3, g * p, g * p)
