@@ -12,10 +12,16 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES: tuple[str, ...] = ("pacofr.commands.prepare", "pacofr.commands.show_regions")
+COMMAND_MODULES: tuple[str, ...] = (
+    "pacofr.commands.prepare",
+    "pacofr.commands.show_regions",
+    "pacofr.commands.pretrain",
+    "pacofr.commands.export",
+)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -43,10 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_level(verbose: bool) -> int:
+    """DEBUG with ``--verbose``, else INFO; under torchrun, ranks other than 0 log warnings only."""
+    if verbose:
+        return logging.DEBUG
+    return logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pacofr`` console script and ``python -m pacofr``."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=_log_level(args.verbose),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.func(args) or 0)
 

@@ -1,0 +1,185 @@
+"""Pre-training configuration: ``PretrainConfig(model, data, train)``, YAML presets, ``--set`` overrides.
+
+A YAML config has the sections ``model``, ``data`` and ``train``. In ``model`` the key
+``preset`` (one of :meth:`ModelConfig.preset_names`) picks the base model config that the other
+keys then override. Named presets live in ``pacofr/configs/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pacofr.models.config import ModelConfig
+from pacofr.train.fields import ConfigError, from_dict, merge_into, set_by_path, to_dict
+
+Precision = Literal["bf16", "fp16", "fp32"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass
+class DataConfig:
+    """Where the aligned face crops come from and how they are loaded.
+
+    ``root``: ``"demo"`` for the embedded real-face demo set, else a folder of aligned crops
+    (``pacofr.data.datasets.AlignedFaceDataset``). Images are resized to ``model.img_size``.
+    """
+
+    root: str = "demo"
+    augment: bool = True  # flip (with left/right landmark swap), small similarity and colour jitter
+    num_workers: int = 0
+    pin_memory: bool = True  # only takes effect on CUDA
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, precision, logging and checkpointing of one pre-training run.
+
+    ``batch_size`` is per process and micro-batch; the effective batch is
+    ``batch_size * accum_steps * world_size`` and the peak lr ``base_lr * effective / 256``.
+    Step counts (``log_every`` ...) are optimiser steps; 0 switches the periodic action off
+    (a final checkpoint and reconstruction grid are still written).
+    """
+
+    out_dir: str = "runs/pretrain"
+    epochs: int = 100
+    max_steps: int = 0  # stop after this many optimiser steps (0: run all epochs); the schedule
+    #                     still spans all epochs, so a run can be cut short and resumed exactly
+    batch_size: int = 64
+    accum_steps: int = 1
+    base_lr: float = 1.5e-4
+    min_lr: float = 0.0
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float = 3.0  # max global grad norm; 0: no clipping (the norm is still logged)
+    precision: Precision = "bf16"  # autocast dtype on CUDA; the CPU always runs fp32
+    compile: bool = False  # torch.compile the model
+    device: Device = "auto"
+    seed: int = 0
+    incubation_epochs: int = 1  # epochs [0, incubation_epochs) run the incubation stage
+    skip_nonfinite: int = 0  # batches with a NaN/inf loss or gradient skipped before stopping
+    ddp_find_unused: bool = True  # DDP find_unused_parameters (parts of the model switch on/off)
+    log_every: int = 10
+    viz_every: int = 500
+    num_viz: int = 8  # faces in the reconstruction grid
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    progress: bool = True  # tqdm progress bar (rank 0)
+    tensorboard: bool = False  # also log scalars to TensorBoard when it is installed
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        for name in ("epochs", "batch_size", "accum_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "incubation_epochs", "skip_nonfinite", "log_every", "viz_every",
+                     "num_viz", "ckpt_every", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("base_lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+
+
+@dataclass
+class PretrainConfig:
+    """The whole run: ``model`` (:class:`ModelConfig`), ``data``, ``train``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, numbers, strings) for YAML, JSON and checkpoints."""
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PretrainConfig:
+        """Inverse of :meth:`to_dict`; also accepts ``model.preset`` (see module docs)."""
+        return _build(data)
+
+
+def preset_names() -> list[str]:
+    """Names of the packaged YAML configs (``pacofr/configs/*.yaml``)."""
+    folder = resources.files("pacofr") / "configs"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str | Path) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+    else:
+        packaged = resources.files("pacofr") / "configs" / f"{name_or_path}.yaml"
+        if not packaged.is_file():
+            raise ConfigError(f"unknown config {str(name_or_path)!r}: not a file, and not a packaged "
+                              f"preset (presets: {preset_names()})")
+        text = packaged.read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {name_or_path}: expected a mapping with model/data/train sections")
+    return data
+
+
+def _build(data: dict[str, Any]) -> PretrainConfig:
+    unknown = sorted(set(data) - {"model", "data", "train"})
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {unknown}; valid sections: ['data', 'model', 'train']")
+    model_data = dict(data.get("model") or {})
+    preset = model_data.pop("preset", None)
+    if preset is not None:
+        try:
+            base_model = ModelConfig.preset(str(preset))
+        except ValueError as err:
+            raise ConfigError(f"model.preset: {err}") from err
+    else:
+        base_model = ModelConfig()
+    model = merge_into(base_model, model_data, prefix="model")
+    cfg = PretrainConfig(model=model,
+                         data=from_dict(DataConfig, data.get("data") or {}, prefix="data"),
+                         train=from_dict(TrainConfig, data.get("train") or {}, prefix="train"))
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    """Split ``"a.b=value"`` into ``("a.b", "value")``."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"bad override {item!r}: expected KEY=VALUE, e.g. train.base_lr=1e-4")
+    return key.strip(), value
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
+    """Read a packaged preset (``"demo"``) or a YAML file, then apply ``KEY=VALUE`` overrides in order.
+
+    ``model.preset=NAME`` swaps the base model config before anything else; the file's other
+    ``model`` keys and the remaining overrides still apply on top of it.
+    """
+    data = _read_yaml(name_or_path)
+    parsed = [parse_override(item) for item in overrides]
+    for key, value in parsed:
+        if key == "model.preset":
+            data["model"] = {**(data.get("model") or {}), "preset": value.strip()}
+    cfg = _build(data)
+    for key, value in parsed:
+        if key != "model.preset":
+            cfg = set_by_path(cfg, key, value)
+    return cfg
+
+
+def dump_config(cfg: PretrainConfig) -> str:
+    """YAML text of ``cfg`` (every field, no preset indirection): reloads to an equal config."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,100 @@
+"""Export a pre-trained encoder as a plain timm model folder (``model.safetensors`` + ``config.json``).
+
+The folder loads with ``timm.create_model("local-dir:" + folder, pretrained=True)`` or with
+``timm.create_model(architecture, pretrained=False, **model_args)`` + ``load_state_dict``. Its
+``config.json`` follows timm's hub layout (``architecture``, ``model_args``, ``pretrained_cfg`` with
+the input size and the pixel mean/std) and adds ``alignment_recipe`` (how faces must be aligned
+before they are fed) and ``pacofr`` (source checkpoint, step, method, version).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from pacofr import checkpoint as ckpt
+from pacofr.version import __version__
+
+logger = logging.getLogger(__name__)
+
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.json"
+EXPORT_RECIPE = "alignment_recipe.json"
+
+
+@dataclass
+class ExportResult:
+    """Files of an export and the timm call that rebuilds the model."""
+
+    out_dir: Path
+    weights: Path
+    config: Path
+    architecture: str
+    model_args: dict[str, Any]
+
+
+def timm_config(model_cfg: Any, recipe: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` content for an encoder of ``model_cfg`` (a ``ModelConfig``)."""
+    model_args = dict(model_cfg.timm_kwargs())
+    model_args.pop("drop_path_rate", None)  # a training regulariser: fine-tuning picks its own
+    size = model_cfg.img_size
+    return {
+        "architecture": model_cfg.timm_name,
+        "num_classes": 0,
+        "num_features": model_cfg.embed_dim,
+        "global_pool": "token",
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "tag": f"pacofr_{model_cfg.method}",
+            "custom_load": False,
+            "input_size": [3, size, size],
+            "fixed_input_size": True,
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": list(model_cfg.pixel_mean),
+            "std": list(model_cfg.pixel_std),
+            "num_classes": 0,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+            "description": (f"PaCo-FR ({model_cfg.method}) face encoder pre-trained with pacofr {__version__}; "
+                            "inputs are faces aligned with `alignment_recipe` and resized to input_size, "
+                            "scaled to [0, 1], then normalised with mean/std"),
+        },
+        "alignment_recipe": recipe,
+        "pacofr": source,
+    }
+
+
+def export_encoder(checkpoint: str | Path, out_dir: str | Path, teacher: bool = False) -> ExportResult:
+    """Write the encoder of ``checkpoint`` (the student, or the EMA ``teacher``) as a timm model folder."""
+    from pacofr.models import PaCoFR
+    from pacofr.train.config import PretrainConfig
+
+    loaded = ckpt.load_checkpoint(checkpoint)
+    cfg = PretrainConfig.from_dict(loaded.meta["config"])
+    model = PaCoFR(cfg.model)
+    ckpt.load_weights(model, loaded.path)
+    encoder = model.teacher if teacher else model.encoder
+    if encoder is None:
+        raise ValueError(f"{loaded.path} has no EMA teacher (method={cfg.model.method}, sc={cfg.model.sc}); "
+                         "export the student encoder instead")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = {"checkpoint": str(loaded.path), "step": loaded.step, "epoch": loaded.epoch,
+              "method": cfg.model.method, "encoder": "teacher" if teacher else "student",
+              "trained_with": loaded.meta.get("pacofr_version"), "exported_with": __version__}
+    config = timm_config(cfg.model, loaded.meta.get("alignment_recipe", {}), source)
+    weights = out_dir / EXPORT_WEIGHTS
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in encoder.state_dict().items()}
+    save_file(state, str(weights), metadata={"format": "pt"})
+    config_path = out_dir / EXPORT_CONFIG
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / EXPORT_RECIPE).write_text(json.dumps(config["alignment_recipe"], indent=2) + "\n")
+    logger.info("exported the %s encoder of %s (step %d) to %s", source["encoder"], loaded.path, loaded.step, out_dir)
+    return ExportResult(out_dir, weights, config_path, config["architecture"], config["model_args"])

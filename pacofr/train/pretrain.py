@@ -1,0 +1,69 @@
+"""Pre-training from a :class:`PretrainConfig`: data set, model, trainer (what ``pacofr pretrain`` runs)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from torch.utils.data import Dataset
+
+from pacofr.train.config import DataConfig, PretrainConfig
+from pacofr.train.distributed import init_distributed
+from pacofr.train.fields import ConfigError
+from pacofr.train.seeding import seed_everything
+from pacofr.train.trainer import TrainResult, Trainer
+
+logger = logging.getLogger(__name__)
+
+UNSET_ROOT = "???"
+
+
+def build_dataset(data: DataConfig, image_size: int) -> Dataset:
+    """The training set of ``data`` at ``image_size`` px: the packaged demo faces (``root="demo"``),
+    a folder prepared as image files, or one prepared as tar shards."""
+    from pacofr.data import AlignedFaceDataset, Augment, ShardFaceDataset, demo_dataset
+    from pacofr.data.storage import SHARDS_DIR
+
+    augment = Augment() if data.augment else None
+    if data.root == "demo":
+        return demo_dataset(image_size=image_size, augment=augment)
+    if data.root in ("", UNSET_ROOT):
+        raise ConfigError("data.root is not set: pass --set data.root=DIR with a folder written by "
+                          "`pacofr prepare`, or data.root=demo for the packaged demo faces")
+    root = Path(data.root)
+    if not root.is_dir():
+        raise ConfigError(f"data.root={data.root!r} is not a folder")
+    cls = ShardFaceDataset if (root / SHARDS_DIR).is_dir() else AlignedFaceDataset
+    return cls(root, image_size=image_size, augment=augment)
+
+
+def alignment_recipe_of(dataset: Dataset) -> dict[str, Any]:
+    """The face-alignment recipe the data set's crops were made with (the default one if it has none)."""
+    recipe = getattr(dataset, "recipe", None)
+    if recipe is None:
+        from pacofr.data import AlignmentRecipe
+
+        recipe = AlignmentRecipe()
+    return recipe.to_dict()
+
+
+def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None) -> TrainResult:
+    """Build the data set and model of ``cfg`` and train (under ``torchrun`` on every rank).
+
+    ``resume``: a checkpoint, checkpoints folder or run folder to continue from exactly.
+    """
+    from pacofr.models import PaCoFR
+
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(cfg.train.device)
+    try:
+        dataset = build_dataset(cfg.data, cfg.model.img_size)
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        model = PaCoFR(cfg.model)
+        trainer = Trainer(cfg, model, dataset, dist_info=info, recipe=alignment_recipe_of(dataset))
+        return trainer.fit(resume_from=resume)
+    finally:
+        if owns_group and info.distributed:
+            dist.destroy_process_group()

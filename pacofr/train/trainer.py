@@ -1,0 +1,485 @@
+"""The pre-training loop: AdamW + warm-up/cosine, accumulation, clipping, AMP, DDP, logging, checkpoints.
+
+The model is any ``nn.Module`` with PaCoFR's training interface (see the model/trainer contract):
+
+- ``model(images (B, 3, S, S) in [0, 1], region_ids (B, L) int64, *, incubation: bool,
+  generator: torch.Generator | None) -> output`` with ``output.loss`` (scalar with grad),
+  ``output.losses`` and ``output.stats`` (dicts of detached scalars);
+- ``model.param_groups(weight_decay) -> list[dict]`` (AdamW groups);
+- ``model.reconstruct(images, region_ids, generator=None) -> dict`` of (B, 3, S, S) panels;
+- ``model.after_step(teacher_momentum) -> dict[str, float]``, called after every optimiser step
+  (codebook maintenance and the EMA-teacher update; the returned numbers are logged as stats).
+
+Resuming restores weights, optimiser, schedule position, scaler, every RNG (per rank), the mask
+generator and the position inside the epoch, so the continued run is the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from pacofr import checkpoint as ckpt
+from pacofr.train.config import PretrainConfig, dump_config
+from pacofr.train.distributed import DistInfo, all_reduce_mean, all_true, barrier, gather_objects
+from pacofr.train.metrics import ScalarCSV, TensorBoardLog, TensorMeans, peak_memory_mb
+from pacofr.train.sampling import EpochSeededDataset, ResumableSampler
+from pacofr.train.schedule import LRSchedule, cosine_ramp, scaled_lr
+from pacofr.train.seeding import (capture_global_rng, dataloader_worker_init, derive_seed, isolated_rng,
+                                  make_generator, restore_global_rng, seed_everything)
+from pacofr.version import __version__
+
+logger = logging.getLogger(__name__)
+
+RegionFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+SCALARS_FILE = "scalars.csv"
+LOSS_CURVE_FILE = "loss_curve.png"
+RECONSTRUCTIONS_FILE = "reconstructions.png"
+CONFIG_FILE = "config.yaml"
+# independent random streams derived from train.seed: derive_seed(seed, stream, ...); stream 0 is
+# the global generators (seed_everything)
+_MASK_STREAM, _AUGMENT_STREAM, _ORDER_STREAM, _LOADER_STREAM, _VIZ_STREAM = 1, 2, 3, 4, 5
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN/inf loss or gradient, after ``train.skip_nonfinite`` such batches were skipped."""
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint. ``step``: optimiser steps done (skipped ones included);
+    ``batch_in_epoch``: micro-batches of epoch ``epoch`` this rank has consumed;
+    ``skipped_images``: unreadable images the dataset replaced by another one (all ranks)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    skipped_nonfinite: int = 0
+    skipped_images: int = 0
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run left its files (paths are None on ranks other than 0)."""
+
+    out_dir: Path
+    step: int
+    checkpoint: Path | None
+    scalars: Path | None
+    loss_curve: Path | None
+    reconstructions: Path | None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / torch.compile wrappers."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def _collate_first(dataset: Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
+    return torch.utils.data.default_collate([dataset[i] for i in indices])
+
+
+class Trainer:
+    """Runs :class:`PretrainConfig` ``cfg`` on ``model`` and ``dataset``.
+
+    Args:
+        cfg: the run's configuration.
+        model: the (unwrapped) model, built identically on every rank.
+        dataset: map-style dataset of ``{"image", "landmarks", "index"}`` items.
+        dist_info: rank/world/device (``init_distributed()``); one CPU process when None.
+        region_fn: batch -> (B, L) region ids; :class:`pacofr.train.regions.RegionAssigner` when None.
+        recipe: the face-alignment recipe (``AlignmentRecipe.to_dict()``) recorded in checkpoints.
+    """
+
+    def __init__(self, cfg: PretrainConfig, model: nn.Module, dataset: Dataset, *,
+                 dist_info: DistInfo | None = None, region_fn: RegionFn | None = None,
+                 recipe: Mapping[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.tc = cfg.train
+        self.dist = dist_info or DistInfo()
+        self.device = self.dist.device
+        self.out_dir = Path(self.tc.out_dir)
+        self.recipe = dict(recipe or {})
+        if region_fn is None:
+            from pacofr.train.regions import RegionAssigner
+
+            region_fn = RegionAssigner(cfg.model)
+        self.region_fn = region_fn
+        self.state = TrainState()
+
+        seed_everything(self.tc.seed, self.dist.rank)
+        self.mask_generator = make_generator(derive_seed(self.tc.seed, _MASK_STREAM, self.dist.rank), self.device)
+
+        self.model = model.to(self.device)
+        self.train_model: nn.Module = self.model  # what the forward runs: DDP and/or compiled wrappers
+        if self.dist.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=device_ids,
+                                                       find_unused_parameters=self.tc.ddp_find_unused)
+        if self.tc.compile:  # compiling the DDP wrapper lets DDP split the graph at its buckets
+            self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
+
+        self.dataset = EpochSeededDataset(dataset, derive_seed(self.tc.seed, _AUGMENT_STREAM))
+        self.sampler = ResumableSampler(self.dataset, self.dist.world_size, self.dist.rank,
+                                        seed=derive_seed(self.tc.seed, _ORDER_STREAM))
+        self.batches_per_epoch = (self.sampler.num_samples // self.tc.batch_size) // self.tc.accum_steps \
+            * self.tc.accum_steps
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"the dataset has {len(dataset)} images: too few for one optimiser step of "
+                             f"batch_size={self.tc.batch_size} x accum_steps={self.tc.accum_steps} x "
+                             f"world_size={self.dist.world_size}")
+        self.steps_per_epoch = self.batches_per_epoch // self.tc.accum_steps
+        self.total_steps = self.steps_per_epoch * self.tc.epochs
+        self.effective_batch = self.tc.batch_size * self.tc.accum_steps * self.dist.world_size
+        self.schedule = LRSchedule(peak_lr=scaled_lr(self.tc.base_lr, self.effective_batch),
+                                   total_steps=self.total_steps,
+                                   warmup_steps=min(self.total_steps, round(self.tc.warmup_epochs * self.steps_per_epoch)),
+                                   min_lr=self.tc.min_lr)
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(self.tc.weight_decay),
+                                           lr=self.schedule.peak_lr, betas=self.tc.betas)
+        self.autocast_dtype = self._autocast_dtype()
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+
+        self.scalars = ScalarCSV(self.out_dir / SCALARS_FILE) if self.dist.is_main else None
+        self.tensorboard: TensorBoardLog | None = None
+        self.means = TensorMeans()
+        self._viz_batch: dict[str, torch.Tensor] | None = None
+        self._new_skipped_images = 0  # since the last log row (this rank)
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _autocast_dtype(self) -> torch.dtype | None:
+        if self.tc.precision == "fp32":
+            return None
+        if self.device.type != "cuda":
+            logger.info("train.precision=%s applies on CUDA only; the CPU runs in fp32", self.tc.precision)
+            return None
+        return torch.bfloat16 if self.tc.precision == "bf16" else torch.float16
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+
+    def _loader(self, epoch: int, start_batch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches ``start_batch ..`` of epoch ``epoch`` (order fixed by seed and epoch)."""
+        self.dataset.epoch = epoch
+        self.sampler.set_position(epoch, start_batch * self.tc.batch_size)
+        generator = torch.Generator().manual_seed(derive_seed(self.tc.seed, _LOADER_STREAM, self.dist.rank, epoch))
+        loader = DataLoader(self.dataset, batch_size=self.tc.batch_size, sampler=self.sampler,
+                            num_workers=self.cfg.data.num_workers, drop_last=True,
+                            pin_memory=self.cfg.data.pin_memory and self.device.type == "cuda",
+                            worker_init_fn=dataloader_worker_init, generator=generator)
+        return itertools.islice(iter(loader), self.batches_per_epoch - start_batch)
+
+    # ------------------------------------------------------------------------------------------ state
+    def _rng_state(self) -> dict[str, Any]:
+        state = capture_global_rng()
+        state["mask_generator"] = self.mask_generator.get_state()
+        return state
+
+    def _training_state(self) -> dict[str, Any]:
+        """Everything besides the weights that a resumed run needs (collective: call on every rank)."""
+        rng_per_rank = gather_objects(self._rng_state(), self.dist)
+        return {
+            "step": self.state.step, "epoch": self.state.epoch,
+            "batch_in_epoch": self.state.batch_in_epoch,
+            "skipped_nonfinite": self.state.skipped_nonfinite,
+            "skipped_images": self.state.skipped_images,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "rng": rng_per_rank,
+            "world_size": self.dist.world_size,
+            "batch_size": self.tc.batch_size,
+            "accum_steps": self.tc.accum_steps,
+            "samples_per_rank": self.sampler.num_samples,
+        }
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "step": self.state.step, "epoch": self.state.epoch,
+            "config": self.cfg.to_dict(),
+            "alignment_recipe": self.recipe,
+            "pacofr_version": __version__,
+            "torch_version": torch.__version__,
+            "world_size": self.dist.world_size,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the current state (rank 0 writes; every rank must call it)."""
+        bad = [name for name, p in self.model.state_dict().items()
+               if p.is_floating_point() and not torch.isfinite(p).all()]
+        if bad:  # identical on every rank (DDP keeps the replicas equal), so all ranks stop together
+            raise NonFiniteLossError(f"refusing to write a checkpoint at step {self.state.step}: "
+                                     f"non-finite values in {bad[:5]}")
+        self._count_skipped_images()
+        state = self._training_state()
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.out_dir / ckpt.CHECKPOINT_DIR, self.model, state, self._meta(),
+                                        keep_last=self.tc.keep_last)
+        barrier(self.dist)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Continue from checkpoint ``path`` (a checkpoint, checkpoints folder or run folder)."""
+        loaded = ckpt.load_checkpoint(path, map_location="cpu")
+        st = loaded.state
+        geometry = {"batch_size": self.tc.batch_size, "accum_steps": self.tc.accum_steps,
+                    "world_size": self.dist.world_size, "samples_per_rank": self.sampler.num_samples}
+        changed = {k: (st[k], v) for k, v in geometry.items() if st[k] != v}
+        if changed and int(st["batch_in_epoch"]) > 0:
+            raise ValueError(f"checkpoint {loaded.path} stopped inside an epoch; resuming there needs the same "
+                             f"batch layout and data set, but these changed (checkpoint, now): {changed}. Resume "
+                             "from a checkpoint taken at the end of an epoch to change them.")
+        ckpt.load_weights(self.model, loaded.path)
+        self.optimizer.load_state_dict(st["optimizer"])
+        if self.scaler is not None and st["scaler"]:
+            self.scaler.load_state_dict(st["scaler"])
+        self.state = TrainState(step=int(st["step"]), epoch=int(st["epoch"]),
+                                batch_in_epoch=int(st["batch_in_epoch"]),
+                                skipped_nonfinite=int(st["skipped_nonfinite"]),
+                                skipped_images=int(st["skipped_images"]))
+        if int(st["world_size"]) == self.dist.world_size:
+            rng = st["rng"][self.dist.rank]
+            restore_global_rng(rng)
+            self.mask_generator.set_state(rng["mask_generator"])
+        else:
+            logger.warning("checkpoint was written by %d processes, resuming with %d: random streams are "
+                           "re-seeded, so the run is not bit-identical to an uninterrupted one",
+                           st["world_size"], self.dist.world_size)
+            seed_everything(derive_seed(self.tc.seed, self.state.step), self.dist.rank)
+            self.mask_generator.manual_seed(derive_seed(self.tc.seed, _MASK_STREAM, self.dist.rank, self.state.step))
+        if self.scalars is not None:
+            self.scalars.truncate_after(self.state.step)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", loaded.path, self.state.step,
+                    self.state.epoch, self.state.batch_in_epoch)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def _forward_backward(self, batch: Mapping[str, torch.Tensor], incubation: bool, sync: bool) -> torch.Tensor:
+        """One micro-batch: forward, backward of loss / accum_steps; returns the detached loss."""
+        images = batch["image"].to(self.device, non_blocking=True)
+        region_ids = self.region_fn(batch).to(self.device, non_blocking=True)
+        no_sync = self.train_model.no_sync() if (self.dist.distributed and not sync) else contextlib.nullcontext()
+        with no_sync:
+            with self._autocast():
+                out = self.train_model(images, region_ids, incubation=incubation, generator=self.mask_generator)
+            loss = out.loss.float()
+            scaled = loss / self.tc.accum_steps
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        terms = {f"loss/{k}": v for k, v in out.losses.items()}
+        stats = {f"stat/{k}": v for k, v in out.stats.items()}
+        self._last_terms = {"loss": loss.detach(), **terms}
+        self.means.add({"loss": loss.detach(), **terms, **stats})
+        return loss.detach()
+
+    def _handle_nonfinite(self, what: str, terms: Mapping[str, torch.Tensor]) -> None:
+        """Skip the current optimiser step, or stop once ``skip_nonfinite`` steps were skipped."""
+        terms_text = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+        message = (f"non-finite {what} at optimiser step {self.state.step} (epoch {self.state.epoch}); "
+                   f"loss terms: {terms_text}")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.state.skipped_nonfinite >= self.tc.skip_nonfinite:
+            raise NonFiniteLossError(f"{message}; stopping (train.skip_nonfinite={self.tc.skip_nonfinite} "
+                                     f"batches already skipped). The last checkpoint is untouched.")
+        self.state.skipped_nonfinite += 1
+        logger.warning("%s; skipping this step (%d of at most %d)", message, self.state.skipped_nonfinite,
+                       self.tc.skip_nonfinite)
+
+    def _optimizer_step(self, bad_terms: Mapping[str, torch.Tensor] | None) -> tuple[float, float] | None:
+        """Clip, step, ``model.after_step``. Returns (lr, grad norm), or None if the step was skipped.
+
+        ``bad_terms``: the loss terms of a micro-batch of this step whose loss was not finite.
+        """
+        if bad_terms is not None:
+            self._handle_nonfinite("loss", bad_terms)
+            return None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.tc.clip_grad if self.tc.clip_grad > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.scaler is None and not all_true(bool(torch.isfinite(grad_norm)), self.dist):
+            self._handle_nonfinite(f"gradient (norm {grad_norm.item():.4g})", self._last_terms)
+            return None
+        lr = self.schedule.apply(self.optimizer, self.state.step)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        momentum = cosine_ramp(self.state.step, self.total_steps, self.cfg.model.teacher_momentum,
+                               self.cfg.model.teacher_momentum_end)
+        report = self.model.after_step(teacher_momentum=momentum)
+        self.means.add({f"stat/{k}": torch.tensor(float(v)) for k, v in report.items()})
+        return lr, float(grad_norm)
+
+    def _count_skipped_images(self) -> None:
+        """Add the unreadable images all ranks met since the last call to the state (collective)."""
+        new = torch.tensor(float(self._new_skipped_images), device=self.device)
+        if self.dist.distributed:
+            new = all_reduce_mean(new, self.dist) * self.dist.world_size
+        self._new_skipped_images = 0
+        if round(float(new)) > 0:
+            self.state.skipped_images += round(float(new))
+            logger.warning("%d unreadable image(s) skipped so far (each replaced by the next readable one; "
+                           "the dataset's warnings name them)", self.state.skipped_images)
+
+    def _log(self, lr: float, grad_norm: float, images_per_s: float) -> dict[str, float]:
+        reduce = (lambda t: all_reduce_mean(t, self.dist)) if self.dist.distributed else None
+        row: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch}
+        row.update(self.means.pop(reduce))
+        self._count_skipped_images()
+        row.update({"lr": lr, "grad_norm": grad_norm, "images_per_s": images_per_s,
+                    "peak_mem_mb": peak_memory_mb(self.device),
+                    "skipped_nonfinite": self.state.skipped_nonfinite,
+                    "skipped_images": self.state.skipped_images})
+        if self.scalars is not None:
+            self.scalars.append(row)
+        if self.tensorboard is not None:
+            self.tensorboard.log(row, self.state.step)
+        return row
+
+    def _viz_inputs(self) -> dict[str, torch.Tensor]:
+        if self._viz_batch is None:
+            n = len(self.dataset.dataset)  # type: ignore[arg-type]
+            count = min(self.tc.num_viz, n)
+            indices = [int(i) for i in np.linspace(0, n - 1, count).round()]
+            with isolated_rng(derive_seed(self.tc.seed, _VIZ_STREAM), include_cuda=False):
+                self._viz_batch = _collate_first(self.dataset.dataset, indices)
+        return self._viz_batch
+
+    def save_reconstructions(self) -> Path | None:
+        """Reconstruct the fixed visualisation faces; write ``viz/step_XXXXXXXX.png`` and the latest
+        as ``reconstructions.png`` (rank 0; the training RNG streams are not touched)."""
+        if not self.dist.is_main or self.tc.num_viz == 0:
+            return None
+        from pacofr.viz import save_reconstruction_grid
+
+        batch = self._viz_inputs()
+        images = batch["image"].to(self.device)
+        region_ids = self.region_fn(batch).to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        with isolated_rng(), torch.no_grad(), self._autocast():
+            generator = make_generator(derive_seed(self.tc.seed, _VIZ_STREAM, 1), self.device)
+            panels = self.model.reconstruct(images, region_ids, generator=generator)
+        self.model.train(was_training)
+        panels = {k: v.float().cpu() for k, v in panels.items()}
+        step_png = save_reconstruction_grid(panels, self.out_dir / "viz" / f"step_{self.state.step:08d}.png")
+        latest = self.out_dir / RECONSTRUCTIONS_FILE
+        latest.write_bytes(step_png.read_bytes())
+        return latest
+
+    def _every(self, n: int) -> bool:
+        return n > 0 and self.state.step % n == 0
+
+    def fit(self, resume_from: str | Path | None = None) -> TrainResult:
+        """Train until ``train.epochs`` (or ``train.max_steps``) are done; return the output paths."""
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / CONFIG_FILE).write_text(dump_config(self.cfg))
+            self.tensorboard = TensorBoardLog(self.out_dir / "tensorboard", self.tc.tensorboard)
+        barrier(self.dist)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        stop_step = min(self.total_steps, self.tc.max_steps) if self.tc.max_steps else self.total_steps
+        logger.info("training %d steps (%d per epoch, effective batch %d, peak lr %.3g, warm-up %d steps) "
+                    "from step %d on %s x %d", self.total_steps, self.steps_per_epoch, self.effective_batch,
+                    self.schedule.peak_lr, self.schedule.warmup_steps, self.state.step, self.device,
+                    self.dist.world_size)
+        progress = _progress_bar(stop_step, self.state.step, self.dist.is_main and self.tc.progress)
+        last_checkpoint: Path | None = None
+        saved_step = -1
+        self.model.train()
+        interval_start, interval_images = time.perf_counter(), 0
+        lr, grad_norm = self.schedule.lr_at(self.state.step), math.nan
+        while self.state.step < stop_step:
+            epoch = self.state.epoch
+            incubation = epoch < self.tc.incubation_epochs
+            bad_terms, in_window = None, 0
+            for batch in self._loader(epoch, self.state.batch_in_epoch):
+                in_window += 1
+                loss = self._forward_backward(batch, incubation, sync=in_window == self.tc.accum_steps)
+                if not all_true(bool(torch.isfinite(loss)), self.dist) and bad_terms is None:
+                    bad_terms = self._last_terms
+                interval_images += batch["image"].shape[0] * self.dist.world_size
+                if "substituted" in batch:
+                    self._new_skipped_images += int(batch["substituted"].sum())
+                self.state.batch_in_epoch += 1
+                if in_window < self.tc.accum_steps:
+                    continue
+                result = self._optimizer_step(bad_terms)
+                if result is not None:
+                    lr, grad_norm = result
+                self.state.step += 1
+                bad_terms, in_window = None, 0
+                if self.state.batch_in_epoch == self.batches_per_epoch:
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
+                last = self.state.step >= stop_step
+                if self._every(self.tc.log_every) or last:
+                    elapsed = time.perf_counter() - interval_start
+                    row = self._log(lr, grad_norm, interval_images / max(elapsed, 1e-9))
+                    interval_start, interval_images = time.perf_counter(), 0
+                    progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}",
+                                         lr=f"{lr:.2e}", refresh=False)
+                progress.update(1)
+                pause_start = time.perf_counter()
+                if self._every(self.tc.viz_every) and not last:
+                    self.save_reconstructions()
+                if self._every(self.tc.ckpt_every) or last:
+                    last_checkpoint = self.save_checkpoint()
+                    saved_step = self.state.step
+                interval_start += time.perf_counter() - pause_start  # images/s counts training time only
+                if last or self.state.batch_in_epoch == 0:
+                    break
+        progress.close()
+        if saved_step != self.state.step:
+            last_checkpoint = self.save_checkpoint()
+        return self._finish(last_checkpoint)
+
+    def _finish(self, last_checkpoint: Path | None) -> TrainResult:
+        result = TrainResult(self.out_dir, self.state.step, last_checkpoint, None, None, None)
+        if self.dist.is_main:
+            from pacofr.viz import save_loss_curve
+
+            result.scalars = self.out_dir / SCALARS_FILE
+            if result.scalars.exists():
+                incubation_steps = self.steps_per_epoch * self.tc.incubation_epochs if self.cfg.model.is_paco else 0
+                result.loss_curve = save_loss_curve(result.scalars, self.out_dir / LOSS_CURVE_FILE,
+                                                    incubation_steps=incubation_steps)
+            result.reconstructions = self.save_reconstructions()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+        barrier(self.dist)
+        return result
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    """tqdm bar over optimiser steps (ETA from the remaining steps); a stand-in when disabled."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                desc="pretrain")

@@ -1,0 +1,108 @@
+"""Checkpoints: atomic writes (a crash keeps the previous one loadable), keep-last-N, safe loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pacofr import checkpoint as ckpt
+
+
+def _model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    model.register_buffer("counts", torch.arange(3.0) + seed)
+    return model
+
+
+def _state(step: int) -> dict:
+    opt = torch.optim.AdamW(_model(0).parameters(), betas=(0.9, 0.95))
+    return {"step": step, "optimizer": opt.state_dict(), "rng": [{"torch": torch.get_rng_state(),
+                                                                 "python": (3, tuple(range(5)), None)}]}
+
+
+def _meta(step: int) -> dict:
+    return {"step": step, "epoch": 0, "config": {"train": {"seed": 1}}, "alignment_recipe": {"size": 224},
+            "pacofr_version": "0.1.0"}
+
+
+def test_round_trip_restores_weights_buffers_state_and_meta(tmp_path: Path) -> None:
+    source = _model(1)
+    path = ckpt.save_checkpoint(tmp_path, source, _state(5), _meta(5))
+    assert path.name == "step_00000005"
+    loaded = ckpt.load_checkpoint(path)
+    assert loaded.step == 5 and loaded.meta["alignment_recipe"] == {"size": 224}
+    assert torch.equal(loaded.state["rng"][0]["torch"], torch.get_rng_state())
+    target = _model(2)
+    ckpt.load_weights(target, path)
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert ckpt.read_weights_meta(path / ckpt.WEIGHTS_FILE)["step"] == 5
+    # the training state is readable without unpickling arbitrary objects
+    torch.load(path / ckpt.STATE_FILE, weights_only=True)
+
+
+def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = _model(1)
+    ckpt.save_checkpoint(tmp_path, good, _state(1), _meta(1))
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)  # dies after model.safetensors was written
+    with pytest.raises(OSError, match="simulated"):
+        ckpt.save_checkpoint(tmp_path, _model(2), _state(2), _meta(2))
+    monkeypatch.undo()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]  # no partial files left
+    latest = ckpt.resolve_checkpoint(tmp_path)
+    target = _model(3)
+    ckpt.load_weights(target, latest)
+    assert torch.equal(target[0].weight, good[0].weight)
+
+
+def test_a_killed_save_leaves_only_a_hidden_folder_that_is_ignored_then_cleaned(tmp_path: Path) -> None:
+    ckpt.save_checkpoint(tmp_path, _model(1), _state(1), _meta(1))
+    # what a SIGKILL in the middle of a save leaves behind: a temporary folder with some files
+    partial = tmp_path / ".tmp-step_00000002-999999"
+    partial.mkdir()
+    (partial / ckpt.WEIGHTS_FILE).write_bytes(b"\x00" * 10)
+    # and a step folder someone copied half of
+    half = tmp_path / "step_00000003"
+    half.mkdir()
+    (half / ckpt.META_FILE).write_text(json.dumps(_meta(3)))
+    assert ckpt.resolve_checkpoint(tmp_path).name == "step_00000001"
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        ckpt.resolve_checkpoint(half)
+    ckpt.save_checkpoint(tmp_path, _model(4), _state(4), _meta(4))
+    assert not partial.exists()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001", "step_00000004"]
+
+
+def test_keep_last_n(tmp_path: Path) -> None:
+    for step in range(1, 6):
+        ckpt.save_checkpoint(tmp_path, _model(step), _state(step), _meta(step), keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000004", "step_00000005"]
+
+
+def test_saving_the_same_step_again_replaces_it(tmp_path: Path) -> None:
+    ckpt.save_checkpoint(tmp_path, _model(1), _state(3), _meta(3))
+    second = _model(2)
+    ckpt.save_checkpoint(tmp_path, second, _state(3), _meta(3))
+    target = _model(5)
+    ckpt.load_weights(target, tmp_path)
+    assert torch.equal(target[0].weight, second[0].weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000003"]
+
+
+def test_resolve_finds_the_newest_checkpoint_of_a_run_folder(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no checkpoint found"):
+        ckpt.resolve_checkpoint(tmp_path)
+    for step in (2, 10):
+        ckpt.save_checkpoint(tmp_path / ckpt.CHECKPOINT_DIR, _model(step), _state(step), _meta(step))
+    assert ckpt.resolve_checkpoint(tmp_path).name == "step_00000010"
+    assert ckpt.load_checkpoint(tmp_path / ckpt.CHECKPOINT_DIR).step == 10

@@ -1,0 +1,62 @@
+"""DDP on the CPU (2 gloo processes) matches one process on the concatenated batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from _train_standin import StandInModel, TinyFaces, region_fn, tiny_config
+from pacofr import checkpoint as ckpt
+from pacofr.train.distributed import init_distributed
+from pacofr.train.trainer import Trainer
+
+STEPS = 2
+PER_RANK_BATCH = 4
+
+
+def _train(out_dir: Path, batch_size: int) -> tuple[Trainer, list[list[torch.Tensor]], object]:
+    """Two optimiser steps (one per epoch: 8 images) recording the gradients each step used."""
+    cfg = tiny_config(str(out_dir), max_steps=STEPS, batch_size=batch_size, clip_grad=0.0, epochs=3)
+    torch.manual_seed(cfg.train.seed)
+    trainer = Trainer(cfg, StandInModel(random=False), TinyFaces(2 * PER_RANK_BATCH),
+                      dist_info=init_distributed("cpu"), region_fn=region_fn)
+    grads: list[list[torch.Tensor]] = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: grads.append([p.grad.clone() for g in opt.param_groups for p in g["params"]]))
+    return trainer, grads, trainer.fit()
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str, result_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        trainer, grads, result = _train(Path(out_dir), PER_RANK_BATCH)
+        params = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        torch.save({"grads": grads, "params": params, "checkpoint": str(result.checkpoint),
+                    "scalars": str(result.scalars)}, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp"), str(tmp_path / "result")),
+             nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"result.{r}", weights_only=True) for r in range(2)]
+    single, single_grads, _ = _train(tmp_path / "single", 2 * PER_RANK_BATCH)
+
+    assert len(single_grads) == STEPS
+    for r in range(2):
+        assert len(ranks[r]["grads"]) == STEPS
+        for step in range(STEPS):
+            for a, b in zip(ranks[r]["grads"][step], single_grads[step]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for name, value in single.model.state_dict().items():
+            if name != "seen":  # a per-rank image counter
+                torch.testing.assert_close(ranks[r]["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # only rank 0 writes files
+    assert ranks[1]["checkpoint"] == "None" and ranks[1]["scalars"] == "None"
+    assert ckpt.load_checkpoint(tmp_path / "ddp").meta["world_size"] == 2
+    assert ckpt.load_checkpoint(tmp_path / "ddp").state["world_size"] == 2
+    assert len(ckpt.load_checkpoint(tmp_path / "ddp").state["rng"]) == 2  # every rank's RNG state
