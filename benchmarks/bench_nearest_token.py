@@ -1,11 +1,13 @@
-"""Benchmark of ``pacofr.ops.nearest_token`` (needs a CUDA device; nothing here has been run yet).
+"""Benchmark of ``pacofr.ops.nearest_token`` (GPU tiers need a CUDA device; none has been run yet).
 
     python -m benchmarks.bench_nearest_token --quick --out DIR      # or via benchmarks.run
     python -m benchmarks.bench_nearest_token --full --out DIR
+    python -m benchmarks.bench_nearest_token --cpu-smoke --out DIR  # CPU, tiny shapes, no times
 
-Per shape (N queries, K codes, D dims, k neighbours, dtype) it first checks the triton and cuda
-backends against the chunked torch reference (tie-aware: each returned code's exact fp64 distance
-must be within tolerance of the reference's at the same rank), then times side by side:
+Per shape (N queries, K codes, D dims, k neighbours, dtype) it first checks every implementation
+against the chunked torch reference (tie-aware: each returned code's exact fp64 distance must be
+within tolerance of the reference's at the same rank; the dense baseline, which ranks by a GEMM in
+the input dtype, with a bf16-sized tolerance), then times side by side:
 ``reference`` (the chunked torch backend), ``dense`` (one GEMM + argmin/topk, the usual eager
 code), ``dense_compiled`` (``torch.compile`` of it), ``triton`` and ``cuda``. Each row holds the
 do_bench median/p20/p80, the peak extra memory, and % of floor (2*N*K*D FLOPs at the measured bf16
@@ -14,23 +16,22 @@ GEMM rate, or the HBM time of reading inputs and writing outputs when larger).
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import logging
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks.harness import Bench, compiled
+from benchmarks.harness import SMOKE_TIER, Bench
 from pacofr.ops import nearest_token
 from pacofr.ops._dispatch import backend_status
 
-logger = logging.getLogger("benchmarks.nearest_token")
 FAMILY = "nearest_token"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CHECK_REL_TOL = {"exact": 1e-5, "tf32": 1e-3}
+#: the dense baseline ranks by one GEMM in the input dtype (bf16: 8 mantissa bits)
+DENSE_REL_TOL = {"bf16": 2e-2, "fp32": 1e-5}
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,12 @@ class Shape:
 
 
 def shapes(tier: str) -> Iterator[Shape]:
-    """The quick tier (a few minutes) or the full matrix of the issue."""
+    """The quick tier (a few minutes), the full matrix of the issue, or the tiny CPU smoke shapes."""
+    if tier == SMOKE_TIER:
+        yield Shape(129, 33, 16, 1, "fp32")
+        yield Shape(64, 100, 32, 4, "bf16")
+        yield Shape(33, 7, 8, 1, "fp32", metric="cosine")
+        return
     if tier == "quick":
         for dim, codes in itertools.product((64, 256, 768), (8192, 16384)):
             yield Shape(50176, codes, dim, 1, "bf16")
@@ -86,79 +92,80 @@ def exact_distances(x: torch.Tensor, codebook: torch.Tensor, index: torch.Tensor
     return out
 
 
-def check(shape: Shape, x: torch.Tensor, codebook: torch.Tensor, backend: str,
-          reference: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-    """Tie-aware check of one backend against the reference; raises on a real error."""
-    dist, index = nearest_token(x, codebook, shape.k, shape.metric, allow_tf32=shape.tf32, backend=backend)
+def check(name: str, shape: Shape, x: torch.Tensor, codebook: torch.Tensor,
+          result: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor],
+          rel_tol: float) -> dict[str, float]:
+    """Tie-aware check of one implementation's ``(dist, index)`` against the reference.
+
+    Each returned code's exact fp64 distance must be within ``rel_tol * scale`` of the reference's
+    at the same rank, and the returned distance within the same of that exact distance (scale:
+    ``||x||^2 + max ||e||^2`` for l2, 1 for cosine). Raises AssertionError naming ``name``.
+    """
+    dist, index = result
     mine = exact_distances(x, codebook, index, shape.metric)
     theirs = exact_distances(x, codebook, reference[1], shape.metric)
     if shape.metric == "l2":
         scale = x.double().square().sum(1, keepdim=True) + codebook.double().square().sum(1).max()
     else:
         scale = torch.ones((x.shape[0], 1), dtype=torch.float64, device=x.device)
-    tol = CHECK_REL_TOL["tf32" if shape.tf32 else "exact"] * scale
+    tol = rel_tol * scale
     excess = ((mine - theirs).abs() - tol).max().item()
     dist_excess = ((dist.double() - mine).abs() - tol).max().item()
     if excess > 0 or dist_excess > 0:
-        raise AssertionError(f"{backend} disagrees with the reference on {shape}: rank excess {excess:.3g}, "
+        raise AssertionError(f"{name} disagrees with the reference on {shape}: rank excess {excess:.3g}, "
                              f"distance excess {dist_excess:.3g}")
     return {"index_agreement": (index.long() == reference[1].long()).float().mean().item()}
+
+
+def bench_shape(bench: Bench, shape: Shape, generator: torch.Generator, with_compile: bool) -> None:
+    """Check then time every implementation on ``shape``; rows go into ``bench``."""
+    dtype = DTYPES[shape.dtype]
+    codebook = torch.randn(shape.codes, shape.dim, device=bench.device, generator=generator).to(dtype)
+    owners = torch.randint(0, shape.codes, (shape.n,), device=bench.device, generator=generator)
+    noise = torch.randn(shape.n, shape.dim, device=bench.device, generator=generator)
+    x = (codebook[owners].float() + 0.1 * noise).to(dtype)
+    reference = nearest_token(x, codebook, shape.k, shape.metric, backend="torch")
+    flops = 2.0 * shape.n * shape.codes * shape.dim
+    bytes_moved = (shape.n + shape.codes) * shape.dim * x.element_size() + shape.n * shape.k * 12
+    floor = bench.floor_ms(flops=flops, bytes_moved=bytes_moved)
+    impls: dict[str, Callable[[], object]] = {
+        "reference": lambda: nearest_token(x, codebook, shape.k, shape.metric, backend="torch"),
+    }
+    checks: dict[str, dict[str, float]] = {"reference": {}}
+    if shape.metric == "l2":
+        impls["dense"] = lambda: dense_lookup(x, codebook, shape.k)
+        if with_compile:
+            compiled_lookup = bench.compile(dense_lookup)
+            impls["dense_compiled"] = lambda: compiled_lookup(x, codebook, shape.k)
+        for impl in [name for name in impls if name.startswith("dense")]:
+            checks[impl] = check(impl, shape, x, codebook, impls[impl](), reference, DENSE_REL_TOL[shape.dtype])
+    for backend in ("triton", "cuda"):
+        ok, why = backend_status(backend, x.device, FAMILY)
+        if not ok:
+            bench.skip(FAMILY, backend, why)
+            continue
+        impls[backend] = (lambda backend=backend: nearest_token(
+            x, codebook, shape.k, shape.metric, allow_tf32=shape.tf32, backend=backend))
+        checks[backend] = check(backend, shape, x, codebook, impls[backend](), reference,
+                                CHECK_REL_TOL["tf32" if shape.tf32 else "exact"])
+    for impl, fn in impls.items():
+        bench.record(family=FAMILY, impl=impl, shape=asdict(shape), fn=fn, floor_ms=floor,
+                     checked=impl in checks, extra={"gflop": flops / 1e9, **checks[impl]})
 
 
 def run(tier: str, bench: Bench, *, with_compile: bool = True) -> None:
     """Check then time every implementation on every shape of ``tier``; rows go into ``bench``."""
     generator = torch.Generator(device=bench.device).manual_seed(0)
     for shape in shapes(tier):
-        dtype = DTYPES[shape.dtype]
-        codebook = torch.randn(shape.codes, shape.dim, device=bench.device, generator=generator).to(dtype)
-        owners = torch.randint(0, shape.codes, (shape.n,), device=bench.device, generator=generator)
-        noise = torch.randn(shape.n, shape.dim, device=bench.device, generator=generator)
-        x = (codebook[owners].float() + 0.1 * noise).to(dtype)
-        reference = nearest_token(x, codebook, shape.k, shape.metric, backend="torch")
-        flops = 2.0 * shape.n * shape.codes * shape.dim
-        bytes_moved = (shape.n + shape.codes) * shape.dim * x.element_size() + shape.n * shape.k * 12
-        floor = bench.floor_ms(flops=flops, bytes_moved=bytes_moved)
-        impls: dict[str, Callable[[], object]] = {
-            "reference": lambda: nearest_token(x, codebook, shape.k, shape.metric, backend="torch"),
-        }
-        if shape.metric == "l2":
-            impls["dense"] = lambda: dense_lookup(x, codebook, shape.k)
-            if with_compile:
-                compiled_lookup = compiled(dense_lookup)
-                impls["dense_compiled"] = lambda: compiled_lookup(x, codebook, shape.k)
-        checks: dict[str, dict[str, float]] = {}
-        for backend in ("triton", "cuda"):
-            ok, why = backend_status(backend, x.device, FAMILY)
-            if not ok:
-                logger.warning("%s unavailable: %s", backend, why)
-                continue
-            checks[backend] = check(shape, x, codebook, backend, reference)
-            impls[backend] = (lambda backend=backend: nearest_token(
-                x, codebook, shape.k, shape.metric, allow_tf32=shape.tf32, backend=backend))
-        for impl, fn in impls.items():
-            row = bench.record(family=FAMILY, impl=impl, shape=asdict(shape), fn=fn, floor_ms=floor,
-                               extra={"gflop": flops / 1e9, **checks.get(impl, {})})
-            logger.info("%s %s: %.3f ms (%.0f%% of floor), peak +%.0f MiB", shape, impl, row["median_ms"],
-                        row["pct_of_floor"], row["peak_extra_mib"])
-        del x, codebook, noise, owners, reference
-        torch.cuda.empty_cache()
+        bench_shape(bench, shape, generator, with_compile)
+        bench.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_nearest_token", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    tier = parser.add_mutually_exclusive_group()
-    tier.add_argument("--quick", dest="tier", action="store_const", const="quick", help="a few minutes (default)")
-    tier.add_argument("--full", dest="tier", action="store_const", const="full", help="the issue's whole matrix")
-    parser.add_argument("--out", required=True, help="folder for nearest_token.json")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    bench = Bench.start()
-    tier_name = args.tier or "quick"
-    run(tier_name, bench, with_compile=not args.no_compile)
-    logger.info("wrote %s", bench.write(args.out, FAMILY, tier_name))
-    return 0
+    """``python -m benchmarks.run --only nearest_token`` with the same options."""
+    from benchmarks.run import main as run_main
+
+    return run_main(["--only", FAMILY, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

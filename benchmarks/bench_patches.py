@@ -1,15 +1,16 @@
-"""Benchmark of the masked patch ops (``pacofr.ops.patches``); needs a CUDA device, not run yet.
+"""Benchmark of the masked patch ops (``pacofr.ops.patches``); GPU tiers need a CUDA device, not run yet.
 
     python -m benchmarks.bench_patches --quick --out DIR      # or via benchmarks.run
     python -m benchmarks.bench_patches --full --out DIR
+    python -m benchmarks.bench_patches --cpu-smoke --out DIR  # CPU, 32 px images, no times
 
 MAE-Base geometry: 224 px images, patch 16 (L = 196, P = 768), B in {64, 256}, mask ratio in
 {0.5, 0.6, 0.75} (``len_keep = int(L * (1 - ratio))`` as in MAE), decoder width Dd in {512, 768}.
-Four stages, each first checked against the torch reference (raises on a mismatch), then timed
-side by side: ``mae`` (the eager code of facebookresearch/mae: full-image patchify copy, int64
-index repeated to the feature size, loss over all patches, ``repeat`` + ``cat`` + ``gather``),
-``mae_compiled`` (``torch.compile`` of it), ``reference`` (our torch backend), ``triton`` and
-``cuda``:
+Four stages; every implementation (the MAE baselines included) is first checked against the torch
+reference (raises on a mismatch), then timed side by side: ``mae`` (the eager code of
+facebookresearch/mae: full-image patchify copy, int64 index repeated to the feature size, loss
+over all patches, ``repeat`` + ``cat`` + ``gather``), ``mae_compiled`` (``torch.compile`` of it),
+``reference`` (our torch backend), ``triton`` and ``cuda``:
 
 - ``gather``: patchify + gather the visible patches (+ uint8 scaling and mean/std);
 - ``targets``: norm_pix targets of the masked patches, materialised in fp32;
@@ -23,20 +24,17 @@ stage (read each needed input once, write each output once) and % of the copy-ba
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import logging
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks.harness import Bench, compiled
+from benchmarks.harness import SMOKE_TIER, Bench
 from pacofr.ops import gather_patches, masked_patch_loss, patch_targets, scatter_tokens
 from pacofr.ops._dispatch import backend_status
 
-logger = logging.getLogger("benchmarks.patches")
 FAMILY = "patches"
 IMAGE_DTYPES = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp32": torch.float32}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -67,7 +65,13 @@ class Shape:
 
 
 def shapes(tier: str) -> Iterator[Shape]:
-    """Quick tier: B=256, ratio 0.75, Dd 512, bf16 and uint8 pixels. Full: the issue's matrix."""
+    """Quick tier: B=256, ratio 0.75, Dd 512, bf16 and uint8 pixels. Full: the issue's matrix.
+    cpu-smoke: 32 px images of 8 px patches (L = 16), B = 2."""
+    if tier == SMOKE_TIER:
+        yield Shape(2, 0.75, 32, "bf16", image_size=32, patch=8)
+        yield Shape(2, 0.5, 32, "uint8", image_size=32, patch=8)
+        yield Shape(2, 0.75, 24, "fp32", image_size=32, patch=8)
+        return
     if tier == "quick":
         yield Shape(256, 0.75, 512, "bf16")
         yield Shape(256, 0.75, 512, "uint8")
@@ -170,7 +174,7 @@ def make_inputs(shape: Shape, device: torch.device, generator: torch.Generator) 
         mean=torch.tensor(IMAGENET_MEAN, device=device), std=torch.tensor(IMAGENET_STD, device=device))
 
 
-def _assert_close(name: str, backend: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float,
+def assert_close(name: str, backend: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float,
                   atol: float) -> None:
     try:
         torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
@@ -189,25 +193,37 @@ def _grad(fn: Callable[[torch.Tensor], torch.Tensor], leaf: torch.Tensor, grad_o
 # stages
 # ----------------------------------------------------------------------------------------------
 
-def _fused_backends(device: torch.device) -> list[str]:
+def _fused_backends(bench: Bench) -> list[str]:
     names = []
     for backend in ("triton", "cuda"):
-        ok, why = backend_status(backend, device, "gather_patches")
+        ok, why = backend_status(backend, bench.device, "gather_patches")
         if ok:
             names.append(backend)
         else:
-            logger.warning("%s unavailable: %s", backend, why)
+            bench.skip(FAMILY, backend, why)
     return names
+
+
+def _with_baselines(bench: Bench, name: str, mae: Callable, args: tuple, ours: dict[str, Callable[[], object]],
+                    expected: torch.Tensor, rtol: float, atol: float, with_compile: bool
+                    ) -> dict[str, Callable[[], object]]:
+    """``mae`` (and its compiled form) called on ``args``, checked against ``expected``, then ``ours``."""
+    impls: dict[str, Callable[[], object]] = {"mae": lambda: mae(*args)}
+    if with_compile:
+        mae_c = bench.compile(mae)
+        impls["mae_compiled"] = lambda: mae_c(*args)
+    for impl, fn in impls.items():
+        assert_close(name, impl, fn(), expected, rtol=rtol, atol=atol)
+    return {**impls, **ours}
 
 
 def _record_all(bench: Bench, stage: str, shape: Shape, impls: dict[str, Callable[[], object]],
                 bytes_moved: float) -> None:
+    """Every implementation of ``impls`` was checked before this call; record them all."""
     floor = bench.floor_ms(bytes_moved=bytes_moved)
     for impl, fn in impls.items():
-        row = bench.record(family=FAMILY, impl=impl, shape={**asdict(shape), "stage": stage}, fn=fn,
-                           floor_ms=floor, extra={"stage": stage, "min_bytes": bytes_moved})
-        logger.info("%s %s %s: %.3f ms (%.0f%% of floor), peak +%.0f MiB", stage, shape, impl,
-                    row["median_ms"], row["pct_of_floor"], row["peak_extra_mib"])
+        bench.record(family=FAMILY, impl=impl, shape={**asdict(shape), "stage": stage}, fn=fn,
+                     floor_ms=floor, checked=True, extra={"stage": stage, "min_bytes": bytes_moved})
 
 
 def bench_gather(bench: Bench, shape: Shape, x: Inputs, backends: list[str], with_compile: bool) -> None:
@@ -222,15 +238,12 @@ def bench_gather(bench: Bench, shape: Shape, x: Inputs, backends: list[str], wit
     ids32 = x.ids_keep.int()
     expected = ours("torch", x.ids_keep)
     for backend in backends:
-        _assert_close("gather", backend, ours(backend, ids32), expected, rtol=8e-3, atol=8e-3)
+        assert_close("gather", backend, ours(backend, ids32), expected, rtol=8e-3, atol=8e-3)
     mae = lambda imgs, ids: mae_gather_visible(imgs, ids, x.mean, x.std, shape.patch).to(out_dtype)  # noqa: E731
-    impls: dict[str, Callable[[], object]] = {"mae": lambda: mae(x.images, x.ids_keep),
-                                              "reference": lambda: ours("torch", x.ids_keep)}
-    if with_compile:
-        mae_c = compiled(mae)
-        impls["mae_compiled"] = lambda: mae_c(x.images, x.ids_keep)
-    for backend in backends:
-        impls[backend] = lambda backend=backend: ours(backend, ids32)
+    fused = {"reference": lambda: ours("torch", x.ids_keep),
+             **{backend: (lambda backend=backend: ours(backend, ids32)) for backend in backends}}
+    impls = _with_baselines(bench, "gather", mae, (x.images, x.ids_keep), fused, expected, 8e-3, 8e-3,
+                            with_compile)
     rows = shape.batch * shape.len_keep
     bytes_moved = rows * shape.patch_dim * (x.images.element_size() + 2) + rows * 4
     _record_all(bench, "gather", shape, impls, bytes_moved)
@@ -243,15 +256,12 @@ def bench_targets(bench: Bench, shape: Shape, x: Inputs, backends: list[str], wi
                                               validate=False, **stats)
     expected = ours("torch", x.ids_masked)
     for backend in backends:
-        _assert_close("targets", backend, ours(backend, ids32), expected, rtol=1e-4, atol=1e-4)
+        assert_close("targets", backend, ours(backend, ids32), expected, rtol=1e-4, atol=1e-4)
     mae = lambda imgs, ids: mae_targets(imgs, ids, x.mean, x.std, shape.patch)  # noqa: E731
-    impls: dict[str, Callable[[], object]] = {"mae": lambda: mae(x.images, x.ids_masked),
-                                              "reference": lambda: ours("torch", x.ids_masked)}
-    if with_compile:
-        mae_c = compiled(mae)
-        impls["mae_compiled"] = lambda: mae_c(x.images, x.ids_masked)
-    for backend in backends:
-        impls[backend] = lambda backend=backend: ours(backend, ids32)
+    fused = {"reference": lambda: ours("torch", x.ids_masked),
+             **{backend: (lambda backend=backend: ours(backend, ids32)) for backend in backends}}
+    impls = _with_baselines(bench, "targets", mae, (x.images, x.ids_masked), fused, expected, 1e-4, 1e-4,
+                            with_compile)
     rows = x.ids_masked.numel()
     bytes_moved = rows * shape.patch_dim * (x.images.element_size() + 4) + rows * 4
     _record_all(bench, "targets", shape, impls, bytes_moved)
@@ -265,31 +275,33 @@ def bench_loss(bench: Bench, shape: Shape, x: Inputs, backends: list[str], with_
         return masked_patch_loss(pred, x.images, ids, shape.patch, backend=backend, validate=False, **stats)
 
     expected, expected_grad = _grad(lambda p: ours("torch", p, x.ids_masked), x.pred_masked)
-    # MAE's statistics in fp32 (with bf16 pixels its eager code computes mean/var in bf16)
+    # our reference against MAE's math with fp32 statistics
     pixels32 = x.images if x.images.dtype == torch.uint8 else x.images.float()
     mae_value = mae_forward_loss(pixels32, x.pred_full.float(), x.mask, x.mean, x.std, shape.patch)
-    _assert_close("loss (torch backend vs MAE forward_loss)", "torch", expected, mae_value, rtol=1e-3, atol=1e-5)
+    assert_close("loss (torch backend vs MAE forward_loss)", "torch", expected, mae_value, rtol=1e-3, atol=1e-5)
     for backend in backends:
         value, grad = _grad(lambda p, backend=backend: ours(backend, p, ids32), x.pred_masked)
-        _assert_close("loss", backend, value, expected, rtol=1e-5, atol=1e-6)
-        _assert_close("loss gradient", backend, grad, expected_grad, rtol=1e-2, atol=1e-9)
+        assert_close("loss", backend, value, expected, rtol=1e-5, atol=1e-6)
+        assert_close("loss gradient", backend, grad, expected_grad, rtol=1e-2, atol=1e-9)
+    # MAE's eager code computes the patch statistics in the pixel dtype (bf16 pixels: 8 bits)
+    mae_rtol = 5e-2 if x.images.dtype == torch.bfloat16 else 1e-3
     mae = lambda pred: mae_forward_loss(x.images, pred, x.mask, x.mean, x.std, shape.patch)  # noqa: E731
     pred_full = x.pred_full.detach().requires_grad_()
     pred_masked = x.pred_masked.detach().requires_grad_()
-    variants: dict[str, tuple[Callable[[], torch.Tensor], torch.Tensor]] = {
-        "mae": (lambda: mae(pred_full), pred_full),
-        "reference": (lambda: ours("torch", pred_masked, x.ids_masked), pred_masked),
-    }
+    variants: dict[str, tuple[Callable[[], torch.Tensor], torch.Tensor]] = {"mae": (lambda: mae(pred_full), pred_full)}
     if with_compile:
-        mae_c = compiled(mae)
+        mae_c = bench.compile(mae)
         variants["mae_compiled"] = (lambda: mae_c(pred_full), pred_full)
+    for impl, (fn, _) in variants.items():
+        assert_close("loss (vs MAE forward_loss)", impl, fn().detach(), expected, rtol=mae_rtol, atol=1e-5)
+    variants["reference"] = (lambda: ours("torch", pred_masked, x.ids_masked), pred_masked)
     for backend in backends:
         variants[backend] = (lambda backend=backend: ours(backend, pred_masked, ids32), pred_masked)
+    rows = x.ids_masked.numel()
+    pixel_bytes = rows * shape.patch_dim * x.images.element_size()
+    pred_bytes = rows * shape.patch_dim * 2
     with torch.no_grad():
         forward = {impl: fn for impl, (fn, _) in variants.items()}
-        rows = x.ids_masked.numel()
-        pixel_bytes = rows * shape.patch_dim * x.images.element_size()
-        pred_bytes = rows * shape.patch_dim * 2
         _record_all(bench, "loss_forward", shape, forward, pixel_bytes + pred_bytes)
     both = {impl: (lambda fn=fn, leaf=leaf: torch.autograd.grad(fn(), leaf)) for impl, (fn, leaf) in variants.items()}
     # forward + backward: read pixels and pred twice (backward recomputes the target), write grad
@@ -305,26 +317,22 @@ def bench_unshuffle(bench: Bench, shape: Shape, x: Inputs, backends: list[str], 
         return scatter_tokens(visible, ids, x.mask_token, pos_embed=x.pos_embed, backend=backend, validate=False)
 
     expected, expected_grad = _grad(lambda v: ours("torch", v, x.ids_restore), x.visible_tokens, grad_out)
-    _assert_close("unshuffle (torch backend vs MAE)", "torch", expected,
-                  mae_unshuffle(x.visible_tokens, x.ids_restore, x.mask_token, x.pos_embed), rtol=8e-3, atol=8e-3)
     for backend in backends:
         value, grad = _grad(lambda v, backend=backend: ours(backend, v, ids32), x.visible_tokens, grad_out)
-        _assert_close("unshuffle", backend, value, expected, rtol=8e-3, atol=8e-3)
-        _assert_close("unshuffle gradient", backend, grad, expected_grad, rtol=8e-3, atol=8e-3)
+        assert_close("unshuffle", backend, value, expected, rtol=8e-3, atol=8e-3)
+        assert_close("unshuffle gradient", backend, grad, expected_grad, rtol=8e-3, atol=8e-3)
     leaves = [x.visible_tokens.detach().requires_grad_(), x.mask_token.detach().requires_grad_(),
               x.pos_embed.detach().requires_grad_()]
     mae = lambda v, m, p: mae_unshuffle(v, x.ids_restore, m, p)  # noqa: E731
-    variants: dict[str, Callable[[], torch.Tensor]] = {
-        "mae": lambda: mae(*leaves),
+    fused: dict[str, Callable[[], torch.Tensor]] = {
         "reference": lambda: scatter_tokens(leaves[0], x.ids_restore, leaves[1], pos_embed=leaves[2],
                                             backend="torch", validate=False),
-    }
-    if with_compile:
-        mae_c = compiled(mae)
-        variants["mae_compiled"] = lambda: mae_c(*leaves)
-    for backend in backends:
-        variants[backend] = lambda backend=backend: scatter_tokens(leaves[0], ids32, leaves[1], pos_embed=leaves[2],
-                                                                    backend=backend, validate=False)
+        **{backend: (lambda backend=backend: scatter_tokens(leaves[0], ids32, leaves[1], pos_embed=leaves[2],
+                                                            backend=backend, validate=False))
+           for backend in backends}}
+    with torch.no_grad():
+        variants = _with_baselines(bench, "unshuffle (vs MAE)", mae, tuple(leaves), fused, expected, 8e-3, 8e-3,
+                                   with_compile)
     token_bytes = 2 * shape.decoder_dim
     read_visible = shape.batch * shape.len_keep * token_bytes
     full = shape.batch * shape.num_patches * token_bytes
@@ -339,7 +347,7 @@ def bench_unshuffle(bench: Bench, shape: Shape, x: Inputs, backends: list[str], 
 def run(tier: str, bench: Bench, *, with_compile: bool = True) -> None:
     """Check then time every stage on every shape of ``tier``; rows go into ``bench``."""
     generator = torch.Generator(device=bench.device).manual_seed(0)
-    backends = _fused_backends(bench.device)
+    backends = _fused_backends(bench)
     for shape in shapes(tier):
         inputs = make_inputs(shape, bench.device, generator)
         bench_gather(bench, shape, inputs, backends, with_compile)
@@ -347,24 +355,14 @@ def run(tier: str, bench: Bench, *, with_compile: bool = True) -> None:
         bench_loss(bench, shape, inputs, backends, with_compile)
         bench_unshuffle(bench, shape, inputs, backends, with_compile)
         del inputs
-        torch.cuda.empty_cache()
+        bench.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_patches", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    tier = parser.add_mutually_exclusive_group()
-    tier.add_argument("--quick", dest="tier", action="store_const", const="quick", help="a few minutes (default)")
-    tier.add_argument("--full", dest="tier", action="store_const", const="full", help="the issue's whole matrix")
-    parser.add_argument("--out", required=True, help="folder for patches.json")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    bench = Bench.start()
-    tier_name = args.tier or "quick"
-    run(tier_name, bench, with_compile=not args.no_compile)
-    logger.info("wrote %s", bench.write(args.out, FAMILY, tier_name))
-    return 0
+    """``python -m benchmarks.run --only patches`` with the same options."""
+    from benchmarks.run import main as run_main
+
+    return run_main(["--only", FAMILY, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
