@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pacofr.commands.show_regions",
     "pacofr.commands.pretrain",
     "pacofr.commands.export",
+    "pacofr.commands.eval",
 )
 
 

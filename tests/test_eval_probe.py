@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+
 import pytest
 import torch
 from PIL import Image
 
-from pacofr.eval.features import pool_tokens
+from pacofr.eval.features import load_image, normalise, pool_tokens
 from pacofr.eval.labelled import SPLIT_FRACTIONS, load_labelled, split_of
 from pacofr.eval.linear_probe import ProbeConfig, run_probe
+from pacofr.eval.metrics import SeedRun, best_of, summarise
 
 CFG = ProbeConfig(epochs=30, lr=5e-2, batch_size=64, seeds=(0, 1))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Small shapes run fastest on one thread, and far slower with two on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _blobs(n: int, dim: int, classes: int, separation: float, gen: torch.Generator):
@@ -83,3 +96,29 @@ def test_pooling() -> None:
     assert pool_tokens(tokens, 1, "cls+mean").shape == (2, 6)
     with pytest.raises(ValueError, match="has none"):
         pool_tokens(tokens, 0, "cls")
+
+
+def test_best_epoch_comes_from_val_and_the_earliest_tie_wins() -> None:
+    assert best_of([0.5, 0.75, 0.75, 0.6]) == (0.75, 2)
+    assert best_of([float("nan"), 0.4]) == (0.4, 2)
+    value, epoch = best_of([float("nan")] * 3)
+    assert math.isnan(value) and epoch == 0
+
+
+def test_summary_is_final_epoch_mean_and_population_std() -> None:
+    runs = [SeedRun(seed=s, final_test=t, final_test_loss=0.1 * s, final_val=0.5, best_val=0.9, best_val_epoch=3)
+            for s, t in enumerate((0.5, 0.75, 1.0))]
+    summary = summarise(runs, {"train": 1, "val": 1, "test": 4}, {})
+    assert summary["final_test_mean"] == pytest.approx(0.75)
+    assert summary["final_test_std"] == pytest.approx((2 * 0.25**2 / 3) ** 0.5)
+    assert summary["best_val_mean"] == pytest.approx(0.9) and summary["seeds"] == [0, 1, 2]
+    with pytest.raises(ValueError, match="at least one"):
+        summarise([], {}, {})
+
+
+def test_grey_images_are_replicated_resized_and_normalised(tmp_path) -> None:
+    Image.new("L", (5, 5), color=51).save(tmp_path / "g.png")
+    image = load_image(tmp_path / "g.png", 8)
+    assert image.shape == (3, 8, 8) and torch.allclose(image, torch.full_like(image, 0.2))
+    out = normalise(image[None], mean=(0.1, 0.2, 0.3), std=(0.5, 1.0, 2.0))
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([0.2, 0.0, -0.05]))

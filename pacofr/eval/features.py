@@ -1,4 +1,4 @@
-"""Frozen features of a timm ViT encoder: the class token and/or the mean of the patch tokens."""
+"""Images and frozen features of a timm ViT encoder: the class token and/or the mean of the patch tokens."""
 
 from __future__ import annotations
 
@@ -16,13 +16,28 @@ POOLS = ("cls", "mean", "cls+mean")
 
 
 def load_image(path: Path, size: int) -> torch.Tensor:
-    """An image file as float32 (3, size, size) RGB in [0, 1] (bilinear resize)."""
+    """An image file as float32 (3, size, size) RGB in [0, 1] (grey is replicated; bilinear resize,
+    as the pre-training data loader does)."""
     try:
         with Image.open(path) as img:
             rgb = img.convert("RGB").resize((size, size), Image.BILINEAR)
     except (OSError, UnidentifiedImageError) as err:
         raise ValueError(f"cannot read evaluation image {path}: {err}") from err
     return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def load_images(paths: Sequence[Path], size: int) -> torch.Tensor:
+    """float32 (N, 3, size, size) in [0, 1] for ``paths`` (see :func:`load_image`)."""
+    if not paths:
+        return torch.empty(0, 3, size, size)
+    return torch.stack([load_image(p, size) for p in paths])
+
+
+def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(B, 3, S, S) images in [0, 1] -> ``(images - mean) / std`` per channel (the encoder input)."""
+    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - mean_t) / std_t
 
 
 def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, pool: str) -> torch.Tensor:
@@ -36,21 +51,38 @@ def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, pool: str) -> torc
     return {"cls": cls, "mean": mean, "cls+mean": torch.cat([cls, mean], dim=1)}[pool]
 
 
+def pooled_features(encoder: torch.nn.Module, inputs: torch.Tensor, pool: str) -> torch.Tensor:
+    """``encoder.forward_features`` of normalised ``inputs`` (B, 3, S, S), pooled (differentiable)."""
+    tokens = encoder.forward_features(inputs)
+    return pool_tokens(tokens, int(getattr(encoder, "num_prefix_tokens", 1)), pool)
+
+
+@torch.no_grad()
+def encode_images(encoder: torch.nn.Module, images: torch.Tensor, *, mean: Sequence[float],
+                  std: Sequence[float], pool: str = "cls", batch_size: int = 64,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 (N, D) features (CPU) of images (N, 3, S, S) in [0, 1], S = the encoder's input size."""
+    encoder = encoder.eval().to(device)
+    chunks = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = normalise(images[start:start + batch_size].to(device), mean, std)
+        chunks.append(pooled_features(encoder, batch, pool).float().cpu())
+    if not chunks:
+        return torch.empty(0, 0)
+    return torch.cat(chunks)
+
+
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, paths: Sequence[Path], *, image_size: int,
                      mean: Sequence[float], std: Sequence[float], pool: str = "cls",
                      batch_size: int = 64, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Features float32 (N, D) of images at ``paths`` through ``encoder.forward_features``
-    (a timm VisionTransformer), inputs normalised by ``mean``/``std``."""
-    encoder = encoder.eval().to(device)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    prefix = int(getattr(encoder, "num_prefix_tokens", 1))
+    """float32 (N, D) features of the images at ``paths`` through ``encoder.forward_features``
+    (a timm VisionTransformer); images resized to ``image_size``, normalised by ``mean``/``std``."""
     chunks = []
     for start in range(0, len(paths), batch_size):
-        batch = torch.stack([load_image(p, image_size) for p in paths[start:start + batch_size]]).to(device)
-        tokens = encoder.forward_features((batch - mean_t) / std_t)
-        chunks.append(pool_tokens(tokens.float(), prefix, pool).cpu())
+        images = load_images(paths[start:start + batch_size], image_size)
+        chunks.append(encode_images(encoder, images, mean=mean, std=std, pool=pool,
+                                    batch_size=batch_size, device=device))
         logger.debug("features %d/%d", min(start + batch_size, len(paths)), len(paths))
     if not chunks:
         return torch.empty(0, 0)

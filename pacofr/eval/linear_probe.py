@@ -1,24 +1,31 @@
 """Linear probe on frozen features: standardise, fit a linear classifier, report the final epoch.
 
-The numbers reported are those of the **final** epoch on the test split, as mean and standard
-deviation over seeds. The best epoch is chosen on the validation split only and reported as an
-extra; the test split never selects anything.
+Features are standardised with the train split's per-dimension mean and std (the same shift and
+scale is applied to val and test). The numbers reported follow :mod:`pacofr.eval.metrics`:
+final-epoch test accuracy, mean and std over seeds; the best validation epoch is an extra.
 """
 
 from __future__ import annotations
 
-import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-SPLITS = ("train", "val", "test")
+from pacofr.eval.metrics import (
+    SPLITS,
+    SeedRun,
+    accuracy,
+    best_of,
+    loss_value,
+    summarise,
+    task_loss,
+)
 
 
 @dataclass
 class ProbeConfig:
-    """Optimisation of the linear classifier (AdamW, full data, mini-batches)."""
+    """Optimisation of the linear classifier (AdamW on mini-batches of standardised features)."""
 
     epochs: int = 100
     lr: float = 1e-2
@@ -26,17 +33,15 @@ class ProbeConfig:
     batch_size: int = 256
     seeds: tuple[int, ...] = (0, 1, 2)
 
-
-@dataclass
-class ProbeRun:
-    """One seed's outcome; metrics are accuracies in [0, 1] (mean per attribute for multi-label)."""
-
-    seed: int
-    final_test: float
-    final_val: float
-    best_val: float
-    best_val_epoch: int
-    val_curve: list[float] = field(default_factory=list)
+    def __post_init__(self) -> None:
+        self.seeds = tuple(int(s) for s in self.seeds)
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ProbeConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"ProbeConfig needs lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        if not self.seeds:
+            raise ValueError("ProbeConfig.seeds must name at least one seed")
 
 
 def standardise(train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6) -> list[torch.Tensor]:
@@ -46,69 +51,52 @@ def standardise(train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6) -
     return [(t - mean) / std for t in (train, *others)]
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> float:
-    """Top-1 accuracy (single-label, labels int64 (N,)) or mean per-attribute accuracy
-    (multi-label, labels float32 (N, C) multi-hot, threshold at logit 0)."""
-    if labels.numel() == 0:
-        return float("nan")
-    if multi_label:
-        return ((logits > 0).float() == labels).float().mean().item()
-    return (logits.argmax(1) == labels).float().mean().item()
-
-
-def _loss(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    if multi_label:
-        return F.binary_cross_entropy_with_logits(logits, labels)
-    return F.cross_entropy(logits, labels)
-
-
 def fit_probe(features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], num_classes: int,
-              multi_label: bool, cfg: ProbeConfig, seed: int) -> ProbeRun:
+              multi_label: bool, cfg: ProbeConfig, seed: int) -> SeedRun:
     """Train one linear classifier on ``features["train"]`` (float32 (N, D), already standardised)
-    and evaluate it on val and test after every epoch."""
+    and evaluate it on val after every epoch and on test after the last one."""
     if features["train"].shape[0] == 0:
         raise ValueError("the train split is empty: the probe needs labelled training images")
     gen = torch.Generator().manual_seed(seed)
-    dim = features["train"].shape[1]
-    head = torch.nn.Linear(dim, num_classes)
+    head = torch.nn.Linear(features["train"].shape[1], num_classes)
     with torch.no_grad():
         head.weight.normal_(0.0, 0.01, generator=gen)
         head.bias.zero_()
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     x, y = features["train"], labels["train"]
     val_curve: list[float] = []
+    loss_curve: list[float] = []
     for _ in range(cfg.epochs):
         order = torch.randperm(x.shape[0], generator=gen)
+        total = 0.0
         for start in range(0, x.shape[0], cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             opt.zero_grad(set_to_none=True)
-            _loss(head(x[idx]), y[idx], multi_label).backward()
+            loss = task_loss(head(x[idx]), y[idx], multi_label)
+            loss.backward()
             opt.step()
+            total += loss.item() * idx.numel()
+        loss_curve.append(total / x.shape[0])
         with torch.no_grad():
             val_curve.append(accuracy(head(features["val"]), labels["val"], multi_label))
     with torch.no_grad():
-        final_test = accuracy(head(features["test"]), labels["test"], multi_label)
-    scored = [(v, i) for i, v in enumerate(val_curve) if v == v]  # drop NaN (empty val split)
-    best_val, best_epoch = max(scored, key=lambda t: (t[0], -t[1])) if scored else (float("nan"), -1)
-    return ProbeRun(seed=seed, final_test=final_test, final_val=val_curve[-1], best_val=best_val,
-                    best_val_epoch=best_epoch + 1, val_curve=val_curve)
+        logits = head(features["test"])
+    best_val, best_epoch = best_of(val_curve)
+    return SeedRun(seed=seed, final_test=accuracy(logits, labels["test"], multi_label),
+                   final_test_loss=loss_value(logits, labels["test"], multi_label), final_val=val_curve[-1],
+                   best_val=best_val, best_val_epoch=best_epoch, val_curve=val_curve, train_loss_curve=loss_curve)
 
 
 def run_probe(features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], num_classes: int,
-              multi_label: bool, cfg: ProbeConfig) -> dict:
-    """Standardise, fit one probe per seed, and summarise: final-epoch test mean and std."""
+              multi_label: bool, cfg: ProbeConfig) -> dict[str, Any]:
+    """Standardise, fit one probe per seed, and summarise (:func:`pacofr.eval.metrics.summarise`).
+
+    ``features``: split name -> float (N, D); ``labels``: split name -> int64 (N,) or float32
+    (N, C) multi-hot.
+    """
     missing = [s for s in SPLITS if s not in features or s not in labels]
     if missing:
         raise ValueError(f"features and labels need the splits {SPLITS}; missing {missing}")
     std_feats = dict(zip(SPLITS, standardise(*(features[s].float() for s in SPLITS)), strict=True))
     runs = [fit_probe(std_feats, labels, num_classes, multi_label, cfg, seed) for seed in cfg.seeds]
-    finals = [r.final_test for r in runs]
-    return {
-        "final_test_mean": statistics.fmean(finals),
-        "final_test_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
-        "final_val_mean": statistics.fmean(r.final_val for r in runs),
-        "best_val_mean": statistics.fmean(r.best_val for r in runs),
-        "split_sizes": {s: int(features[s].shape[0]) for s in SPLITS},
-        "config": asdict(cfg),
-        "runs": [asdict(r) for r in runs],
-    }
+    return summarise(runs, {s: int(features[s].shape[0]) for s in SPLITS}, asdict(cfg))

@@ -1,0 +1,241 @@
+"""``pacofr eval linear-probe`` / ``finetune`` end to end on a tiny checkpoint, an export and random init."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pacofr import checkpoint as ckpt
+from pacofr.commands import eval as eval_command
+from pacofr.eval.encoders import load_encoder, random_encoder
+from pacofr.eval.features import extract_features
+from pacofr.eval.labelled import load_labelled
+from pacofr.eval.proxy import PROXIES, demo_overlap, open_labelled
+from pacofr.models import PaCoFR
+from pacofr.models.config import ModelConfig
+from pacofr.train.config import PretrainConfig
+from pacofr.train.export import export_encoder
+from pacofr.train.seeding import seed_everything
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Small shapes run fastest on one thread, and far slower with two on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_eval(argv: list[str]) -> int:
+    """``pacofr eval ...`` through the command module (independent of pacofr.cli's module list)."""
+    parser = argparse.ArgumentParser(prog="pacofr")
+    eval_command.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval", *argv])
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PaCoFR]:
+    """A PaCoFR 'tiny' model whose encoder and teacher weights differ from any initialisation,
+    saved with the checkpoint API like a training run does."""
+    cfg = PretrainConfig(model=ModelConfig.preset("tiny", backend="torch"))
+    seed_everything(123)
+    model = PaCoFR(cfg.model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.add_(0.05 * torch.randn_like(param))
+        for param in model.teacher.parameters():
+            param.mul_(0.5)
+    meta = {"step": 7, "epoch": 1, "config": cfg.to_dict(), "alignment_recipe": {"size": 224}}
+    path = ckpt.save_checkpoint(tmp_path_factory.mktemp("run") / "checkpoints", model, {"step": 7}, meta)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def stripes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A learnable two-class folder: random stripes (any orientation, frequency, phase) tinted
+    red-ish ("warm") or blue-ish ("cold") with random brightness and pixel noise."""
+    root = tmp_path_factory.mktemp("stripes")
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[0:40, 0:40].astype(np.float64)
+    for label, tint in (("warm", (1.0, 0.75, 0.6)), ("cold", (0.6, 0.75, 1.0))):
+        (root / label).mkdir()
+        for i in range(60):
+            angle = rng.uniform(0, np.pi)
+            phase = (rows * np.sin(angle) + cols * np.cos(angle)) * rng.uniform(0.3, 1.2) + rng.uniform(0, 2 * np.pi)
+            grey = (0.5 + 0.4 * np.sin(phase)) * rng.uniform(0.6, 1.0)
+            rgb = np.clip(grey[..., None] * np.array(tint) + rng.normal(0, 0.05, (40, 40, 3)), 0, 1)
+            Image.fromarray((rgb * 255).astype(np.uint8)).save(root / label / f"{i:03d}.png")
+    return root
+
+
+def _read(out: Path, name: str) -> dict:
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def _check_summary(result: dict, seeds: int) -> None:
+    finals = [r["final_test"] for r in result["runs"]]
+    assert len(finals) == seeds and result["seeds"] == list(range(seeds))
+    assert result["final_test_mean"] == pytest.approx(statistics.fmean(finals))
+    assert result["final_test_std"] == pytest.approx(statistics.pstdev(finals))
+    for run in result["runs"]:
+        curve = run["val_curve"]
+        assert run["final_val"] == curve[-1]  # the reported val number is the last epoch's
+        assert run["best_val"] == max(curve) and curve[run["best_val_epoch"] - 1] == max(curve)
+
+
+def test_checkpoint_encoder_holds_the_trained_weights(tiny_checkpoint) -> None:
+    path, model = tiny_checkpoint
+    for teacher, module in ((False, model.encoder), (True, model.teacher)):
+        loaded = load_encoder(str(path.parent.parent), teacher=teacher)  # the run folder resolves to it
+        assert loaded.img_size == 32 and loaded.mean == model.cfg.pixel_mean
+        assert loaded.source["step"] == 7
+        expected = module.state_dict()
+        got = loaded.model.state_dict()
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_linear_probe_cli_on_checkpoint_and_export_agree(tiny_checkpoint, tmp_path: Path) -> None:
+    path, _ = tiny_checkpoint
+    export_dir = tmp_path / "export"
+    export_encoder(path, export_dir)
+    common = ["--data", "proxy:lfw-face-vs-nonface", "--seeds", "2", "--epochs", "40", "--pool", "cls+mean"]
+    assert run_eval(["linear-probe", "--checkpoint", str(path), "--out", str(tmp_path / "a"), *common]) == 0
+    assert run_eval(["linear-probe", "--checkpoint", str(export_dir), "--out", str(tmp_path / "b"), *common]) == 0
+    from_ckpt, from_export = _read(tmp_path / "a", "linear_probe"), _read(tmp_path / "b", "linear_probe")
+    assert from_ckpt["encoder"]["kind"] == "checkpoint" and from_export["encoder"]["kind"] == "export"
+    assert from_export["encoder"]["img_size"] == 32 and from_export["encoder"]["std"] == list(ModelConfig().pixel_std)
+    assert from_ckpt["data"]["split_sizes"] == {"train": 135, "val": 33, "test": 32}
+    assert from_ckpt["data"]["per_class"]["test"] == {"face": 16, "nonface": 16}
+    assert from_ckpt["result"]["feature_dim"] == 64  # cls + mean of a 32-d encoder
+    _check_summary(from_ckpt["result"], seeds=2)
+    # identical weights, inputs and seeds: identical probes, run by run
+    assert [r["final_test"] for r in from_ckpt["result"]["runs"]] == [r["final_test"] for r in from_export["result"]["runs"]]
+    assert from_ckpt["result"]["runs"][0]["val_curve"] == from_export["result"]["runs"][0]["val_curve"]
+    assert from_ckpt["environment"]["versions"]["pacofr"] and from_ckpt["environment"]["date"]
+
+
+def test_export_and_checkpoint_features_are_identical(tiny_checkpoint, tmp_path: Path) -> None:
+    path, _ = tiny_checkpoint
+    export_encoder(path, tmp_path / "export")
+    data = open_labelled("proxy:lfw-face-vs-nonface", tmp_path)
+    feats = []
+    for spec in (str(path), str(tmp_path / "export")):
+        enc = load_encoder(spec)
+        feats.append(extract_features(enc.model, data.paths[:20], image_size=enc.img_size, mean=enc.mean,
+                                      std=enc.std, pool="cls+mean"))
+    assert feats[0].shape == (20, 64)
+    torch.testing.assert_close(feats[0], feats[1], rtol=0, atol=0)
+
+
+def test_probe_learns_stripes_and_not_shuffled_labels(stripes: Path, tmp_path: Path) -> None:
+    """Through the whole pipeline (files -> resize -> normalise -> random ViT -> probe), an easy
+    visual distinction is learnt and a random relabelling of the same images is not."""
+    assert run_eval(["linear-probe", "--checkpoint", "random:tiny", "--data", str(stripes), "--pool", "mean",
+                     "--seeds", "2", "--epochs", "60", "--out", str(tmp_path / "real")]) == 0
+    real = _read(tmp_path / "real", "linear_probe")
+    assert real["encoder"]["kind"] == "random" and real["encoder"]["preset"] == "tiny"
+    assert real["result"]["final_test_mean"] > 0.9, real["result"]
+
+    rng = np.random.default_rng(1)
+    lines = ["path,label"] + [f"{p.relative_to(stripes).as_posix()},{'xy'[int(rng.integers(2))]}"
+                             for p in sorted(stripes.rglob("*.png"))]
+    (stripes / "shuffled.csv").write_text("\n".join(lines) + "\n")
+    assert run_eval(["linear-probe", "--checkpoint", "random:tiny", "--data", str(stripes / "shuffled.csv"),
+                     "--pool", "mean", "--seeds", "2", "--epochs", "60", "--out", str(tmp_path / "shuf")]) == 0
+    shuffled = _read(tmp_path / "shuf", "linear_probe")
+    assert shuffled["result"]["final_test_mean"] < 0.8, shuffled["result"]
+
+
+def test_finetune_reports_the_final_epoch_and_leaves_the_encoder(tiny_checkpoint, stripes: Path, tmp_path: Path) -> None:
+    path, model = tiny_checkpoint
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    assert run_eval(["finetune", "--checkpoint", str(path), "--data", str(stripes), "--epochs", "4", "--seeds", "2",
+                     "--lr", "1e-3", "--head-lr", "1e-2", "--out", str(tmp_path)]) == 0
+    result = _read(tmp_path, "finetune")["result"]
+    _check_summary(result, seeds=2)
+    assert all(len(r["val_curve"]) == 4 and len(r["train_loss_curve"]) == 4 for r in result["runs"])
+    assert all(r["train_loss_curve"][-1] < r["train_loss_curve"][0] for r in result["runs"])
+    assert result["final_test_mean"] > 0.8, result
+    assert result["config"]["lr"] == 1e-3 and result["config"]["head_lr"] == 1e-2
+    assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())
+
+
+def test_random_preset_matches_the_pretraining_start() -> None:
+    cfg = ModelConfig.preset("tiny")
+    state = torch.random.get_rng_state()
+    a = random_encoder(cfg, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)  # global generator untouched
+    seed_everything(5)
+    start = PaCoFR(cfg).encoder  # what run_pretraining builds after seed_everything(train.seed)
+    assert all(torch.equal(a.model.state_dict()[k], v) for k, v in start.state_dict().items())
+    b = random_encoder(cfg, seed=6)
+    assert not torch.equal(a.model.patch_embed.proj.weight, b.model.patch_embed.proj.weight)
+
+
+def test_proxy_set_is_labelled_as_documented(tmp_path: Path) -> None:
+    data = open_labelled("proxy:lfw-face-vs-nonface", tmp_path)
+    assert data.class_names == ["face", "nonface"] and data.labels.tolist() == [0] * 100 + [1] * 100
+    assert data.keys[0] == "face/lfw_000.png" and data.keys[-1] == "nonface/lfw_199.png"
+    from skimage.data import lfw_subset
+
+    first = np.asarray(Image.open(data.paths[0]), dtype=np.float64) / 255
+    assert np.abs(first - lfw_subset()[0]).max() <= 0.5 / 255 + 1e-9
+    assert 0 < demo_overlap() <= 100
+    assert "lfw-face-vs-nonface" in eval_command.DATA_HELP and set(PROXIES) == {"lfw-face-vs-nonface"}
+
+
+def _error(argv: list[str], caplog: pytest.LogCaptureFixture) -> str:
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert run_eval(argv) == 2
+    return caplog.text
+
+
+def test_bad_arguments_name_the_argument(tiny_checkpoint, tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture) -> None:
+    path, _ = tiny_checkpoint
+    out = ["--out", str(tmp_path / "x")]
+    proxy = ["--data", "proxy:lfw-face-vs-nonface"]
+    assert "--checkpoint" in _error(["linear-probe", "--checkpoint", str(tmp_path / "none"), *proxy, *out], caplog)
+    text = _error(["linear-probe", "--checkpoint", "random:huge", *proxy, *out], caplog)
+    assert "--checkpoint random:huge" in text and "preset must be one of" in text
+    assert "--data" in _error(["linear-probe", "--checkpoint", "random:tiny", "--data", str(tmp_path / "no"), *out], caplog)
+    text = _error(["linear-probe", "--checkpoint", "random:tiny", "--data", "proxy:cats", *out], caplog)
+    assert "--data proxy:cats" in text and "unknown proxy set" in text
+    export_encoder(path, tmp_path / "export")
+    assert "--teacher" in _error(["linear-probe", "--checkpoint", str(tmp_path / "export"), "--teacher", *proxy, *out],
+                                 caplog)
+    one_class = tmp_path / "one.csv"
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "img" / f"{i}.png")
+    one_class.write_text("path,label\n" + "".join(f"img/{i}.png,a\n" for i in range(3)))
+    text = _error(["linear-probe", "--checkpoint", "random:tiny", "--data", str(one_class), *out], caplog)
+    assert f"--data {one_class}" in text and "need at least 2" in text
+    assert not (tmp_path / "x").exists()  # nothing written on errors
+    for bad, name in ((["--seeds", "0"], "--seeds"), (["--pool", "max"], "--pool"), (["--epochs", "-1"], "--epochs")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_eval(["linear-probe", "--checkpoint", "random:tiny", *proxy, *out, *bad])
+        assert exit_info.value.code == 2 and f"argument {name}" in capsys.readouterr().err
+
+
+def test_small_sets_without_a_test_split_are_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for cls in ("a", "b"):
+        (tmp_path / "tiny" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "tiny" / cls / "0.png")
+    assert load_labelled(tmp_path / "tiny").splits == ["train", "val"]  # fixed by the hash of the names
+    text = _error(["linear-probe", "--checkpoint", "random:tiny", "--data", str(tmp_path / "tiny"),
+                   "--out", str(tmp_path / "o")], caplog)
+    assert "--data" in text and "the test split of the 2 labelled images is empty" in text
