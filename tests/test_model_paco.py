@@ -37,6 +37,7 @@ FLAG_CASES = [
     {"incubation_patches": "replaced"},
     {"method": "mae"},
     {"r_rep": 0.0},
+    {"regularise_in_incubation": False},
 ]
 # parameters a flag leaves idle by design
 IDLE = {"r_rep": {"patch_codebook.code2tok.weight", "patch_codebook.code2tok.bias"}}
@@ -355,3 +356,14 @@ def test_bad_inputs() -> None:
         model(images, region_ids[:, :8], incubation=True)
     with pytest.raises(TypeError, match="region_ids"):
         model(images, region_ids.int(), incubation=True)
+
+
+@pytest.mark.parametrize("regularise", [True, False])
+def test_entropy_and_consistency_in_incubation_follow_the_flag(regularise: bool, generator: torch.Generator) -> None:
+    images, region_ids = face_batch(tiny())
+    model = PaCoFR(tiny(regularise_in_incubation=regularise))
+    incubating = model(images, region_ids, incubation=True, generator=generator).losses
+    after = model(images, region_ids, incubation=False, generator=generator).losses
+    assert ({"ent", "sc"} <= incubating.keys()) is regularise
+    assert not ({"ent", "sc"} & incubating.keys()) or regularise
+    assert {"ent", "sc", "align"} <= after.keys()

@@ -133,6 +133,10 @@ class ModelConfig:
     w_ent: float = 0.01
     w_sc: float = 0.1
     w_ctx: float = 1.0
+    # method.md's "[epoch >= 1] 0.5 L_align + 0.01 L_ent + 0.1 L_sc" is ambiguous. True: the bracket
+    # covers L_align only (the epoch-0 term is parenthesised, this one is not), so L_ent and L_sc
+    # also act during incubation; False: L_ent and L_sc start with the end-to-end phase too.
+    regularise_in_incubation: bool = True
 
     # --- pixels: encoder input is (image - pixel_mean) / pixel_std, image in [0, 1]
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN

@@ -161,7 +161,7 @@ class PaCoFR(nn.Module):
             self._codebook_losses(branch, incubation, terms, stats)
             if self.context_head is not None and not incubation:
                 terms["ctx"] = (self._context_loss(images, masks, hidden), cfg.w_ctx)
-            if self.teacher is not None:
+            if self.teacher is not None and (cfg.regularise_in_incubation or not incubation):
                 terms["sc"] = (self._consistency_loss(images, region_ids, masks, hidden, generator, stats), cfg.w_sc)
             self._remember(branch, incubation)
 
@@ -425,9 +425,10 @@ class PaCoFR(nn.Module):
             protos = book.prototypes(branch.assignment.token)
             with full_precision(protos.device):
                 terms["align"] = (F.mse_loss(protos, x_rep.float()), cfg.w_align)
-        with full_precision(branch.q_rep.device):
-            probs = book.logits(branch.q_rep, codes).softmax(dim=1)
-            terms["ent"] = (math.log(cfg.codebook_size) - Codebook.usage_entropy(probs), cfg.w_ent)
+        if cfg.regularise_in_incubation or not incubation:
+            with full_precision(branch.q_rep.device):
+                probs = book.logits(branch.q_rep, codes).softmax(dim=1)
+                terms["ent"] = (math.log(cfg.codebook_size) - Codebook.usage_entropy(probs), cfg.w_ent)
         with torch.no_grad():
             if branch.labels is not None:
                 counts = torch.bincount(branch.labels, minlength=cfg.codebook_size).float()
