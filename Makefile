@@ -40,7 +40,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m pacofr info
-	$(PY) -m pacofr pretrain --config demo --out $(DEMO_OUT)
+	$(PY) -m pacofr pretrain --config demo --out $(DEMO_OUT) --overwrite
 
 # A wheel with pacofr._C for the torch installed in .venv (see README, "Building wheels").
 wheel: $(STAMP)

@@ -35,6 +35,7 @@ META_FILE = "meta.json"
 CHECKPOINT_DIR = "checkpoints"
 _NAME_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
+_SWAPPED_RE = re.compile(rf"^{re.escape(_TMP_PREFIX)}old-(step_\d{{8,}})-\d+$")
 
 
 @dataclass
@@ -72,10 +73,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _swapped_out_name(tmp: Path) -> str | None:
+    """``step_X`` when ``tmp`` is a complete checkpoint that a re-save of step X had moved aside
+    (``.tmp-old-step_X-PID``) and whose replacement never arrived; else None."""
+    match = _SWAPPED_RE.match(tmp.name)
+    if match is None or not _is_complete(tmp) or (tmp.parent / match.group(1)).exists():
+        return None
+    return match.group(1)
+
+
 def _remove_stale_temporaries(directory: Path) -> None:
-    """Delete temporary folders that an earlier, crashed save left behind."""
+    """Clean up after an earlier, crashed save: a checkpoint it had moved aside to re-save the same
+    step goes back into place; incomplete temporary folders are deleted."""
     for tmp in directory.glob(f"{_TMP_PREFIX}*"):
-        if tmp.is_dir() and not tmp.name.endswith(f"-{os.getpid()}"):
+        if not tmp.is_dir() or tmp.name.endswith(f"-{os.getpid()}"):
+            continue
+        name = _swapped_out_name(tmp)
+        if name is not None:
+            logger.warning("restoring checkpoint %s that an interrupted save had moved aside", name)
+            os.replace(tmp, directory / name)
+        else:
             logger.warning("removing the incomplete checkpoint %s left by an interrupted save", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -128,7 +145,8 @@ def _is_complete(path: Path) -> bool:
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete checkpoints in ``directory``, oldest (lowest step) first."""
+    """Complete checkpoints in ``directory``, oldest (lowest step) first (including one that a
+    crashed re-save left moved aside, under its temporary name)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -137,7 +155,27 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
         match = _NAME_RE.match(child.name)
         if match and child.is_dir() and _is_complete(child):
             found.append((int(match.group(1)), child))
+        elif child.is_dir() and (name := _swapped_out_name(child)) is not None:
+            found.append((checkpoint_step(name), child))
     return [path for _, path in sorted(found)]
+
+
+def checkpoint_step(name: str | Path) -> int:
+    """The optimiser step of a checkpoint folder named ``step_XXXXXXXX``."""
+    match = _NAME_RE.match(Path(name).name)
+    if match is None:
+        raise ValueError(f"{name} is not a checkpoint folder name (step_XXXXXXXX)")
+    return int(match.group(1))
+
+
+def remove_checkpoints_after(directory: str | Path, step: int) -> list[Path]:
+    """Delete the checkpoints in ``directory`` taken after optimiser step ``step`` (a run resumed
+    from an earlier checkpoint abandons them); returns what was deleted."""
+    newer = [path for path in list_checkpoints(directory) if _NAME_RE.match(path.name)
+             and checkpoint_step(path) > step]
+    for path in newer:
+        shutil.rmtree(path)
+    return newer
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

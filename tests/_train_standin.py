@@ -43,6 +43,7 @@ class StandInModel(nn.Module):
         self.random = random
         self.nan_on_calls = set(nan_on_calls)
         self.calls = 0
+        self.discarded = 0  # discard_pending() calls (skipped steps)
 
     def _encode(self, images: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         x = images.flatten(1)
@@ -79,6 +80,9 @@ class StandInModel(nn.Module):
             for t, s in zip(self.teacher.parameters(), self.enc.parameters()):
                 t.lerp_(s, 1.0 - teacher_momentum)
         return {"teacher_gap": float((self.teacher.weight - self.enc.weight).abs().max())}
+
+    def discard_pending(self) -> None:
+        self.discarded += 1
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, region_ids: torch.Tensor,

@@ -106,3 +106,18 @@ def test_resolve_finds_the_newest_checkpoint_of_a_run_folder(tmp_path: Path) -> 
         ckpt.save_checkpoint(tmp_path / ckpt.CHECKPOINT_DIR, _model(step), _state(step), _meta(step))
     assert ckpt.resolve_checkpoint(tmp_path).name == "step_00000010"
     assert ckpt.load_checkpoint(tmp_path / ckpt.CHECKPOINT_DIR).step == 10
+
+
+def test_a_crash_between_the_renames_of_a_re_save_keeps_the_checkpoint(tmp_path: Path) -> None:
+    first = _model(1)
+    ckpt.save_checkpoint(tmp_path, first, _state(3), _meta(3), keep_last=1)
+    # a crash right after the old copy was moved aside, before the new one took its place
+    aside = tmp_path / ".tmp-old-step_00000003-999999"
+    (tmp_path / "step_00000003").rename(aside)
+    assert ckpt.resolve_checkpoint(tmp_path) == aside  # still found for --resume
+    target = _model(5)
+    ckpt.load_weights(target, tmp_path)
+    assert torch.equal(target[0].weight, first[0].weight)
+    ckpt.save_checkpoint(tmp_path, _model(2), _state(4), _meta(4), keep_last=2)  # puts it back, keeps it
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+    assert not aside.exists()

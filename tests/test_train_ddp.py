@@ -60,3 +60,45 @@ def test_two_gloo_processes_match_one_process_on_the_whole_batch(tmp_path: Path)
     assert ckpt.load_checkpoint(tmp_path / "ddp").meta["world_size"] == 2
     assert ckpt.load_checkpoint(tmp_path / "ddp").state["world_size"] == 2
     assert len(ckpt.load_checkpoint(tmp_path / "ddp").state["rng"]) == 2  # every rank's RNG state
+
+
+def _real_worker(rank: int, world: int, init_file: str, out_dir: str, result_file: str) -> None:
+    from torch.utils.data import Subset
+
+    from pacofr.data import demo_dataset
+    from pacofr.models import PaCoFR
+    from pacofr.train.config import load_config
+    from pacofr.train.seeding import seed_everything
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        # EMA codes in incubation, restarts from the first step on: every piece of codebook
+        # maintenance that must stay identical across ranks runs within 4 steps
+        cfg = load_config("demo", [f"train.out_dir={out_dir}", "model.preset=tiny", "model.backend=torch",
+                                   "model.code_update=ema", "model.dead_code_warmup=0",
+                                   "model.dead_code_threshold=0.5", "train.batch_size=4", "train.epochs=2",
+                                   "train.progress=false", "train.viz_every=0", "train.ckpt_every=0",
+                                   "data.augment=false"])
+        dataset = Subset(demo_dataset(image_size=cfg.model.img_size), range(16))
+        seed_everything(cfg.train.seed)
+        trainer = Trainer(cfg, PaCoFR(cfg.model), dataset, dist_info=init_distributed("cpu"))
+        trainer.fit()
+        torch.save({"state": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+                    "restarted": [float(r["stat/restarted_codes"]) for r in trainer.scalars.read()]
+                    if trainer.scalars is not None else None}, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_real_model_keeps_codebook_and_teacher_identical_on_every_rank(tmp_path: Path) -> None:
+    mp.spawn(_real_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp"), str(tmp_path / "result")),
+             nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"result.{r}", weights_only=True) for r in range(2)]
+    assert sum(ranks[0]["restarted"]) > 0  # dead-code restarts (and their broadcast) happened
+    state0, state1 = ranks[0]["state"], ranks[1]["state"]
+    assert state0.keys() == state1.keys()
+    assert any(k.startswith("patch_codebook.codebook.ema_") for k in state0)
+    assert any(k.startswith("teacher.") for k in state0)
+    for name in state0:
+        torch.testing.assert_close(state1[name], state0[name], rtol=0, atol=0, msg=name)

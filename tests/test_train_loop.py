@@ -15,12 +15,12 @@ from pacofr.train.trainer import NonFiniteLossError, Trainer
 
 
 def _run(out_dir: Path, *, model_kwargs: dict | None = None, resume: Path | None = None, dataset_size: int = 40,
-         **train: object):
+         overwrite: bool = False, **train: object):
     cfg = tiny_config(str(out_dir), **train)
     torch.manual_seed(cfg.train.seed)  # the model is built identically for every run
     model = StandInModel(**(model_kwargs or {}))
     trainer = Trainer(cfg, model, TinyFaces(dataset_size), region_fn=region_fn, recipe={"size": 8})
-    return trainer, trainer.fit(resume_from=resume)
+    return trainer, trainer.fit(resume_from=resume, overwrite=overwrite)
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -115,6 +115,7 @@ def test_nan_loss_is_skipped_up_to_the_limit(tmp_path: Path) -> None:
     trainer, result = _run(tmp_path, epochs=1, skip_nonfinite=2, model_kwargs={"nan_on_calls": (1, 4)})
     rows = _rows(result.scalars)
     assert trainer.state.step == 10 and trainer.state.skipped_nonfinite == 2
+    assert trainer.model.discarded == 2  # the skipped steps' forwards never reach the codebook
     assert [r["skipped_nonfinite"] for r in rows][:6] == ["0", "1", "1", "1", "2", "2"]
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     with pytest.raises(NonFiniteLossError, match="skip_nonfinite=1"):
@@ -149,3 +150,30 @@ def test_resuming_mid_epoch_with_another_batch_layout_is_refused(tmp_path: Path)
     _run(tmp_path, max_steps=3)  # 10 steps per epoch: stops inside epoch 0
     with pytest.raises(ValueError, match=r"stopped inside an epoch.*batch_size"):
         _run(tmp_path, max_steps=6, batch_size=2, resume=tmp_path)
+
+
+def test_a_fresh_run_refuses_a_folder_with_an_earlier_run_unless_overwrite(tmp_path: Path) -> None:
+    _run(tmp_path, max_steps=3, ckpt_every=1)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        _run(tmp_path, max_steps=2)
+    assert [r["step"] for r in _rows(tmp_path / "scalars.csv")] == ["1", "2", "3"]  # untouched
+    _, result = _run(tmp_path, max_steps=2, overwrite=True)
+    assert [r["step"] for r in _rows(result.scalars)] == ["1", "2"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step_00000002"]
+
+
+def test_resuming_from_an_older_checkpoint_abandons_the_later_ones(tmp_path: Path) -> None:
+    _run(tmp_path, max_steps=6, ckpt_every=2, keep_last=3)
+    older = tmp_path / "checkpoints" / "step_00000004"
+    _, result = _run(tmp_path, max_steps=5, ckpt_every=2, keep_last=3, resume=older)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [
+        "step_00000002", "step_00000004", "step_00000005"]
+    assert ckpt.resolve_checkpoint(tmp_path) == result.checkpoint
+    assert [r["step"] for r in _rows(result.scalars)] == ["1", "2", "3", "4", "5"]
+
+
+def test_resuming_with_another_schedule_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _run(tmp_path, max_steps=2, ckpt_every=2)
+    with caplog.at_level("WARNING", logger="pacofr.train.trainer"):
+        _run(tmp_path, max_steps=3, epochs=5, resume=tmp_path)
+    assert "learning-rate schedule differs" in caplog.text

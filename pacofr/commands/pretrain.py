@@ -37,6 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                         help="continue exactly from a checkpoint, checkpoints folder or run folder; without "
                              "PATH, the newest checkpoint in the output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="a fresh run into a folder that holds an earlier run deletes that run's "
+                             "checkpoints, scalars and pictures (without it the run refuses to start)")
     parser.add_argument("--method", choices=("paco", "mae"), default=None,
                         help="shorthand for --set model.method=...: PaCo-FR or the MAE-face control")
     parser.set_defaults(func=run)
@@ -83,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
         logger.error("%s", err)
         return 2
     try:
-        result = run_pretraining(cfg, resume=resume)
-    except (ConfigError, FileNotFoundError) as err:
+        result = run_pretraining(cfg, resume=resume, overwrite=args.overwrite)
+    except (ConfigError, FileNotFoundError, FileExistsError) as err:
         logger.error("%s", err)
         return 2
     except NonFiniteLossError as err:

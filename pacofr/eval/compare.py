@@ -95,7 +95,7 @@ def _pretrain(cfg: CompareConfig, method: str, work_dir: Path) -> tuple[LoadedEn
 
     run_cfg = pretrain_config(cfg, method, work_dir / method)
     start = time.perf_counter()
-    result = run_pretraining(run_cfg)
+    result = run_pretraining(run_cfg, overwrite=True)  # the work folder holds scratch runs
     wall = time.perf_counter() - start
     encoder = checkpoint_encoder(result.checkpoint)
     images = len(build_dataset(run_cfg.data, run_cfg.model.img_size))

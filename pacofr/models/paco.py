@@ -220,16 +220,20 @@ class PaCoFR(nn.Module):
         q = torch.cat([p.q for p in group])
         indices = torch.cat([p.indices for p in group])
         weights = None if group[0].weights is None else torch.cat([p.weights for p in group])
-        finite = torch.isfinite(q).all(dim=1)  # rows of a skipped non-finite step must not leak in
+        finite = torch.isfinite(q).all(dim=1)  # non-finite rows must not reach the codebook
         q, indices = q[finite], indices[finite]
         weights = None if weights is None else weights[finite]
-        if q.shape[0] == 0:
-            return 0
+        # no early return on an empty q: every rank must reach the same collectives
         if all(p.ema_codes for p in group):
             self.patch_codebook.ema_codes(q, indices[:, 0])
         else:
             self.patch_codebook.track_usage(indices, weights)
         return self.patch_codebook.restart_dead(q)
+
+    def discard_pending(self) -> None:
+        """Forget the codebook statistics of the forwards since the last :meth:`after_step` (the
+        trainer calls this when it skips a step, so a skipped batch never updates the codebook)."""
+        self._pending = []
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

@@ -32,7 +32,7 @@ def build_dataset(data: DataConfig, image_size: int) -> Dataset:
     if data.root in ("", UNSET_ROOT):
         raise ConfigError("data.root is not set: pass --set data.root=DIR with a folder written by "
                           "`pacofr prepare`, or data.root=demo for the packaged demo faces")
-    root = Path(data.root)
+    root = Path(data.root).expanduser()
     if not root.is_dir():
         raise ConfigError(f"data.root={data.root!r} is not a folder")
     cls = ShardFaceDataset if (root / SHARDS_DIR).is_dir() else AlignedFaceDataset
@@ -49,10 +49,11 @@ def alignment_recipe_of(dataset: Dataset) -> dict[str, Any]:
     return recipe.to_dict()
 
 
-def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None) -> TrainResult:
+def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, overwrite: bool = False) -> TrainResult:
     """Build the data set and model of ``cfg`` and train (under ``torchrun`` on every rank).
 
     ``resume``: a checkpoint, checkpoints folder or run folder to continue from exactly.
+    ``overwrite``: a fresh run may delete an earlier run's files in ``train.out_dir``.
     """
     from pacofr.models import PaCoFR
 
@@ -63,7 +64,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None) -> Tr
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         model = PaCoFR(cfg.model)
         trainer = Trainer(cfg, model, dataset, dist_info=info, recipe=alignment_recipe_of(dataset))
-        return trainer.fit(resume_from=resume)
+        return trainer.fit(resume_from=resume, overwrite=overwrite)
     finally:
         if owns_group and info.distributed:
             dist.destroy_process_group()

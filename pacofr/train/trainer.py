@@ -8,7 +8,9 @@ The model is any ``nn.Module`` with PaCoFR's training interface (see the model/t
 - ``model.param_groups(weight_decay) -> list[dict]`` (AdamW groups);
 - ``model.reconstruct(images, region_ids, generator=None) -> dict`` of (B, 3, S, S) panels;
 - ``model.after_step(teacher_momentum) -> dict[str, float]``, called after every optimiser step
-  (codebook maintenance and the EMA-teacher update; the returned numbers are logged as stats).
+  (codebook maintenance and the EMA-teacher update; the returned numbers are logged as stats);
+- ``model.discard_pending()``, called when a step is skipped (its forwards must not update the
+  codebook).
 
 Resuming restores weights, optimiser, schedule position, scaler, every RNG (per rank), the mask
 generator and the position inside the epoch, so the continued run is the uninterrupted one.
@@ -21,6 +23,7 @@ import datetime
 import itertools
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -50,6 +53,7 @@ SCALARS_FILE = "scalars.csv"
 LOSS_CURVE_FILE = "loss_curve.png"
 RECONSTRUCTIONS_FILE = "reconstructions.png"
 CONFIG_FILE = "config.yaml"
+VIZ_DIR = "viz"
 # independent random streams derived from train.seed: derive_seed(seed, stream, ...); stream 0 is
 # the global generators (seed_everything)
 _MASK_STREAM, _AUGMENT_STREAM, _ORDER_STREAM, _LOADER_STREAM, _VIZ_STREAM = 1, 2, 3, 4, 5
@@ -82,17 +86,6 @@ class TrainResult:
     scalars: Path | None
     loss_curve: Path | None
     reconstructions: Path | None
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP / torch.compile wrappers."""
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod  # type: ignore[assignment]
-        else:
-            return model
 
 
 def _collate_first(dataset: Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -160,7 +153,7 @@ class Trainer:
         self.autocast_dtype = self._autocast_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
 
-        self.scalars = ScalarCSV(self.out_dir / SCALARS_FILE) if self.dist.is_main else None
+        self.scalars: ScalarCSV | None = None  # opened by fit() once the output folder is claimed
         self.tensorboard: TensorBoardLog | None = None
         self.means = TensorMeans()
         self._viz_batch: dict[str, torch.Tensor] | None = None
@@ -253,6 +246,10 @@ class Trainer:
             raise ValueError(f"checkpoint {loaded.path} stopped inside an epoch; resuming there needs the same "
                              f"batch layout and data set, but these changed (checkpoint, now): {changed}. Resume "
                              "from a checkpoint taken at the end of an epoch to change them.")
+        schedule = self.schedule.state_dict()
+        if st["schedule"] != schedule:
+            logger.warning("the learning-rate schedule differs from the checkpoint's (checkpoint %s, now %s): "
+                           "the resumed run follows the new one", st["schedule"], schedule)
         ckpt.load_weights(self.model, loaded.path)
         self.optimizer.load_state_dict(st["optimizer"])
         if self.scaler is not None and st["scaler"]:
@@ -271,6 +268,11 @@ class Trainer:
                            st["world_size"], self.dist.world_size)
             seed_everything(derive_seed(self.tc.seed, self.state.step), self.dist.rank)
             self.mask_generator.manual_seed(derive_seed(self.tc.seed, _MASK_STREAM, self.dist.rank, self.state.step))
+        if self.dist.is_main:
+            abandoned = ckpt.remove_checkpoints_after(self.out_dir / ckpt.CHECKPOINT_DIR, self.state.step)
+            if abandoned:
+                logger.warning("resuming at step %d abandons the later checkpoints of this run folder; "
+                               "deleted %s", self.state.step, [p.name for p in abandoned])
         if self.scalars is not None:
             self.scalars.truncate_after(self.state.step)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", loaded.path, self.state.step,
@@ -300,6 +302,7 @@ class Trainer:
         message = (f"non-finite {what} at optimiser step {self.state.step} (epoch {self.state.epoch}); "
                    f"loss terms: {terms_text}")
         self.optimizer.zero_grad(set_to_none=True)
+        self.model.discard_pending()
         if self.state.skipped_nonfinite >= self.tc.skip_nonfinite:
             raise NonFiniteLossError(f"{message}; stopping (train.skip_nonfinite={self.tc.skip_nonfinite} "
                                      f"batches already skipped). The last checkpoint is untouched.")
@@ -332,7 +335,7 @@ class Trainer:
         momentum = cosine_ramp(self.state.step, self.total_steps, self.cfg.model.teacher_momentum,
                                self.cfg.model.teacher_momentum_end)
         report = self.model.after_step(teacher_momentum=momentum)
-        self.means.add({f"stat/{k}": torch.tensor(float(v)) for k, v in report.items()})
+        self.means.add({f"stat/{k}": torch.tensor(float(v), device=self.device) for k, v in report.items()})
         return lr, float(grad_norm)
 
     def _count_skipped_images(self) -> None:
@@ -387,7 +390,7 @@ class Trainer:
             panels = self.model.reconstruct(images, region_ids, generator=generator)
         self.model.train(was_training)
         panels = {k: v.float().cpu() for k, v in panels.items()}
-        step_png = save_reconstruction_grid(panels, self.out_dir / "viz" / f"step_{self.state.step:08d}.png")
+        step_png = save_reconstruction_grid(panels, self.out_dir / VIZ_DIR / f"step_{self.state.step:08d}.png")
         latest = self.out_dir / RECONSTRUCTIONS_FILE
         latest.write_bytes(step_png.read_bytes())
         return latest
@@ -395,11 +398,42 @@ class Trainer:
     def _every(self, n: int) -> bool:
         return n > 0 and self.state.step % n == 0
 
-    def fit(self, resume_from: str | Path | None = None) -> TrainResult:
-        """Train until ``train.epochs`` (or ``train.max_steps``) are done; return the output paths."""
+    def _earlier_run_files(self) -> list[Path]:
+        """What an earlier run left in ``out_dir``: checkpoints, scalars, pictures."""
+        files = ckpt.list_checkpoints(self.out_dir / ckpt.CHECKPOINT_DIR)
+        files += [path for path in (self.out_dir / name for name in (SCALARS_FILE, LOSS_CURVE_FILE,
+                                                                      RECONSTRUCTIONS_FILE, VIZ_DIR))
+                  if path.exists()]
+        return files
+
+    def _claim_out_dir(self, fresh: bool, overwrite: bool) -> None:
+        """Create ``out_dir``. A fresh run refuses a folder holding an earlier run (it would mix their
+        scalars and checkpoints) unless ``overwrite``, which deletes that run's files (collective)."""
+        earlier: list[Path] = []
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            earlier = self._earlier_run_files() if fresh else []
+        if not all_true(not earlier or overwrite, self.dist):
+            raise FileExistsError(f"{self.out_dir} holds an earlier run ({[p.name for p in earlier][:4]} on rank 0): "
+                                  "resume it (--resume), choose another output folder, or pass --overwrite "
+                                  "to delete its checkpoints, scalars and pictures")
+        for path in earlier:
+            logger.warning("--overwrite: deleting %s of the earlier run", path)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+    def fit(self, resume_from: str | Path | None = None, overwrite: bool = False) -> TrainResult:
+        """Train until ``train.epochs`` (or ``train.max_steps``) are done; return the output paths.
+
+        ``resume_from``: a checkpoint (or checkpoints / run folder) to continue exactly.
+        ``overwrite``: a fresh run may delete an earlier run's files in ``out_dir``.
+        """
+        self._claim_out_dir(fresh=resume_from is None, overwrite=overwrite)
+        if self.dist.is_main:
             (self.out_dir / CONFIG_FILE).write_text(dump_config(self.cfg))
+            self.scalars = ScalarCSV(self.out_dir / SCALARS_FILE)
             self.tensorboard = TensorBoardLog(self.out_dir / "tensorboard", self.tc.tensorboard)
         barrier(self.dist)
         if resume_from is not None:
