@@ -78,7 +78,7 @@ def checkpoint_encoder(path: str | Path, teacher: bool = False) -> LoadedEncoder
     if not state:
         raise ValueError(f"checkpoint {loaded.path} holds no {prefix[:-1]} weights"
                          + (" (it has no EMA teacher: evaluate the student)" if teacher else ""))
-    model = build_encoder(cfg)
+    model = build_encoder(cfg.replace(drop_path_rate=0.0))  # as `pacofr export` writes it
     model.load_state_dict(state, strict=True)
     return LoadedEncoder(model, cfg.img_size, cfg.pixel_mean, cfg.pixel_std,
                          {"kind": "checkpoint", "path": str(loaded.path), "step": loaded.step,

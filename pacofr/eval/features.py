@@ -61,12 +61,20 @@ def pooled_features(encoder: torch.nn.Module, inputs: torch.Tensor, pool: str) -
 def encode_images(encoder: torch.nn.Module, images: torch.Tensor, *, mean: Sequence[float],
                   std: Sequence[float], pool: str = "cls", batch_size: int = 64,
                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """float32 (N, D) features (CPU) of images (N, 3, S, S) in [0, 1], S = the encoder's input size."""
-    encoder = encoder.eval().to(device)
+    """float32 (N, D) features (CPU) of images (N, 3, S, S) in [0, 1], S = the encoder's input size.
+
+    The encoder runs in eval mode on ``device`` and is given back in its own mode and device.
+    """
+    home = next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval().to(device)
     chunks = []
-    for start in range(0, images.shape[0], batch_size):
-        batch = normalise(images[start:start + batch_size].to(device), mean, std)
-        chunks.append(pooled_features(encoder, batch, pool).float().cpu())
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            batch = normalise(images[start:start + batch_size].to(device), mean, std)
+            chunks.append(pooled_features(encoder, batch, pool).float().cpu())
+    finally:
+        encoder.train(was_training).to(home)
     if not chunks:
         return torch.empty(0, 0)
     return torch.cat(chunks)
