@@ -87,9 +87,11 @@ def test_export_loads_in_timm_with_identical_features(short_run: tuple[Trainer, 
     assert not torch.equal(expected["student"], expected["teacher"])  # two different exports
 
 
-def test_real_model_resumes_exactly_across_the_end_of_incubation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("codebook", [[], ["model.dead_code_warmup=1", "model.dead_code_threshold=0.5"]],
+                         ids=["default", "restarts"])
+def test_real_model_resumes_exactly_across_the_end_of_incubation(tmp_path: Path, codebook: list[str]) -> None:
     # 24 faces, batch 8: 3 steps per epoch; stop at step 2 (inside incubation), resume to step 6
-    common = ["train.epochs=2", "train.warmup_epochs=0.5", "train.base_lr=0.032"]
+    common = ["train.epochs=2", "train.warmup_epochs=0.5", "train.base_lr=0.032", *codebook]
     full, full_result = _train(tmp_path / "full", 24, [*common, "train.max_steps=6"])
     _, part_result = _train(tmp_path / "part", 24, [*common, "train.max_steps=2"])
     resumed, resumed_result = _train(tmp_path / "part", 24, [*common, "train.max_steps=6"], resume=tmp_path / "part")
@@ -98,6 +100,8 @@ def test_real_model_resumes_exactly_across_the_end_of_incubation(tmp_path: Path)
     loss_keys = [k for k in full_rows[0] if k.startswith(("loss", "stat/")) or k in ("lr", "grad_norm")]
     for key in loss_keys:
         assert [r[key] for r in joined] == [r[key] for r in full_rows], key
+    if codebook:  # dead codes were re-seeded (random candidates) after the resume too
+        assert sum(float(r["stat/restarted_codes"]) for r in joined[2:]) > 0
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
 
