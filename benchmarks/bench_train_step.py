@@ -17,8 +17,8 @@ Rows, per encoder (ViT-S/16, ViT-B/16 at 224 px), batch (64, 256) and step kind:
 
 each with ``cfg.backend="torch"`` and ``"auto"`` (the fused kernels where available; the row
 records which backend every op resolved to). Before any time is recorded, the ``auto`` model,
-loaded with the torch model's weights, must reproduce the torch model's loss terms on the same
-batch and masks. Each row holds the median/p20/p80 step time (CUDA events, after warm-up
+loaded with the torch model's weights, must reproduce the torch model's loss terms and its
+whole-model gradient (cosine and norm) on the same batch and masks. Each row holds the median/p20/p80 step time (CUDA events, after warm-up
 steps), images/s, peak memory (weights, AdamW state and activations), the model FLOPs of one
 forward + backward counted by ``torch.utils.flop_counter`` on the torch model, and model-FLOPs
 utilisation against the bf16 GEMM rate measured in this run (so 100% = cuBLAS's dense GEMM rate,
@@ -55,6 +55,9 @@ STEP_KINDS: dict[str, tuple[str, bool]] = {"paco_incubation": ("paco", True),
 STEP_COUNTS = {"quick": (3, 10), "full": (5, 30), SMOKE_TIER: (0, 1)}
 #: loss terms of the checked backend vs the torch backend: |a - b| <= RTOL * |b| + ATOL
 GATE_RTOL, GATE_ATOL = 5e-2, 1e-2
+#: whole-model gradient of the checked backend vs the torch backend: cosine >= MIN_COS and the
+#: norms within NORM_RTOL of each other (bf16 autocast reorders sums, so not bitwise)
+GATE_MIN_COS, GATE_NORM_RTOL = 0.99, 5e-2
 TEACHER_MOMENTUM = 0.996
 
 
@@ -120,13 +123,33 @@ def _autocast(shape: Shape, device: torch.device) -> contextlib.AbstractContextM
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def gate_losses(model: PaCoFR, shape: Shape, inputs: StepInputs, device: torch.device) -> dict[str, float]:
-    """Loss terms of one forward without gradients, masks from a generator seeded with 0."""
+def gate_step(model: PaCoFR, shape: Shape, inputs: StepInputs, device: torch.device
+              ) -> tuple[dict[str, float], torch.Tensor]:
+    """Loss terms and the flat fp32 gradient (all parameters, zeros where none) of one forward and
+    backward, masks from a generator seeded with 0. Leaves no gradient and no codebook work behind."""
     _, incubation = STEP_KINDS[shape.step]
     generator = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad(), _autocast(shape, device):
+    model.zero_grad(set_to_none=True)
+    with _autocast(shape, device):
         out = model(inputs.images, inputs.region_ids, incubation=incubation, generator=generator)
-    return {"loss": out.loss.item(), **{name: value.item() for name, value in out.losses.items()}}
+    out.loss.float().backward()
+    grads = torch.cat([(p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)).flatten()
+                       for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    model.discard_pending()
+    losses = {"loss": out.loss.item(), **{name: value.item() for name, value in out.losses.items()}}
+    return losses, grads
+
+
+def check_gradients(backend: str, shape: Shape, got: torch.Tensor, want: torch.Tensor) -> float:
+    """Raise unless the flat gradient ``got`` points where ``want`` does with a similar norm;
+    return their cosine similarity."""
+    cos = float(torch.nn.functional.cosine_similarity(got.double(), want.double(), dim=0))
+    ratio = float(got.double().norm() / want.double().norm().clamp_min(1e-30))
+    if not (cos >= GATE_MIN_COS and abs(ratio - 1.0) <= GATE_NORM_RTOL):  # also catches NaN
+        raise AssertionError(f"{backend} backend: gradient differs from the torch backend's on {shape} "
+                             f"(cosine {cos:.4f}, norm ratio {ratio:.4f})")
+    return cos
 
 
 def check_losses(backend: str, shape: Shape, got: dict[str, float], want: dict[str, float]) -> float:
@@ -204,7 +227,7 @@ def bench_shape(bench: Bench, tier: str, shape: Shape) -> None:
     state = copy.deepcopy(reference.state_dict())
     del reference
     inputs = make_inputs(shape, model_config(shape, "torch"), device)
-    want: dict[str, float] | None = None
+    want: tuple[dict[str, float], torch.Tensor] | None = None
     flops: float | None = None
     for backend in backends(tier):
         if backend == "triton":
@@ -215,18 +238,20 @@ def bench_shape(bench: Bench, tier: str, shape: Shape) -> None:
         model = PaCoFR(model_config(shape, backend)).to(device)
         model.load_state_dict(state)
         model.train()
-        losses = gate_losses(model, shape, inputs, device)
+        losses, grads = gate_step(model, shape, inputs, device)
         if want is None:
-            want, gate_diff = losses, 0.0
+            want, gate_diff, gate_cos = (losses, grads), 0.0, 1.0
         else:
-            gate_diff = check_losses(backend, shape, losses, want)
+            gate_diff = check_losses(backend, shape, losses, want[0])
+            gate_cos = check_gradients(backend, shape, grads, want[1])
+        del grads
         step = make_step(model, shape, inputs, device)
         if flops is None:  # model FLOPs, counted once on the torch model (kernels are invisible to the counter)
             flops = count_flops(step)
         timing = measure(bench, step, tier)
         row = {"family": FAMILY, "impl": backend, "shape": asdict(shape), "checked": True, **timing,
                **derived(bench, shape, timing, flops), "model_gflop_per_step": flops / 1e9,
-               "gate_max_rel_diff": gate_diff, "floor_ms": None, "pct_of_floor": None}
+               "gate_max_rel_diff": gate_diff, "gate_grad_cos": gate_cos, "floor_ms": None, "pct_of_floor": None}
         if backend == "auto":
             row["auto_backends"] = auto_resolution(device)
         bench.add_row(row)

@@ -11,7 +11,8 @@ import copy
 import pytest
 import torch
 
-from benchmarks.bench_train_step import Shape, check_losses, gate_losses, make_inputs, make_step, model_config
+from benchmarks.bench_train_step import (Shape, check_gradients, check_losses, gate_step, make_inputs, make_step,
+                                         model_config)
 from benchmarks.conftest import ON_GPU
 from pacofr.models import PaCoFR
 
@@ -27,11 +28,13 @@ def test_train_step(benchmark, bench_device: torch.device, step_kind: str, backe
     torch.manual_seed(0)
     reference = PaCoFR(model_config(shape, "torch")).to(bench_device)
     inputs = make_inputs(shape, reference.cfg, bench_device)
-    want = gate_losses(reference, shape, inputs, bench_device)
+    want_losses, want_grads = gate_step(reference, shape, inputs, bench_device)
     model = PaCoFR(model_config(shape, backend)).to(bench_device)
     model.load_state_dict(copy.deepcopy(reference.state_dict()))
     del reference
-    check_losses(backend, shape, gate_losses(model, shape, inputs, bench_device), want)
+    got_losses, got_grads = gate_step(model, shape, inputs, bench_device)
+    check_losses(backend, shape, got_losses, want_losses)
+    check_gradients(backend, shape, got_grads, want_grads)
     step = make_step(model, shape, inputs, bench_device)
 
     def synced() -> torch.Tensor:

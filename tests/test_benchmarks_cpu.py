@@ -115,6 +115,17 @@ def test_train_step_gate_rejects_a_different_loss() -> None:
             bench_train_step.check_losses("auto", shape, got, want)
 
 
+def test_train_step_gate_rejects_a_different_gradient() -> None:
+    shape = bench_train_step.Shape("tiny", 32, 2, "mae")
+    want = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    assert bench_train_step.check_gradients("auto", shape, want * 1.01, want) == pytest.approx(1.0)
+    wrong = want.clone()
+    wrong[:500] = 0  # half of the model without gradient
+    for got in (wrong, want * 1.2, want.flip(0), torch.full_like(want, float("nan"))):
+        with pytest.raises(AssertionError, match="auto backend: gradient"):
+            bench_train_step.check_gradients("auto", shape, got, want)
+
+
 def test_gpu_tiers_refuse_to_run_without_a_gpu(tmp_path: Path) -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)],
