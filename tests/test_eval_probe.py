@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pacofr.eval.features import load_image, normalise, pool_tokens
+from pacofr.eval.features import load_image, pool_tokens
 from pacofr.eval.labelled import SPLIT_FRACTIONS, load_labelled, split_of
 from pacofr.eval.linear_probe import ProbeConfig, run_probe
 from pacofr.eval.metrics import SeedRun, best_of, summarise
+from pacofr.models.vit import normalise_pixels
 
 CFG = ProbeConfig(epochs=30, lr=5e-2, batch_size=64, seeds=(0, 1))
 
@@ -120,5 +121,5 @@ def test_grey_images_are_replicated_resized_and_normalised(tmp_path) -> None:
     Image.new("L", (5, 5), color=51).save(tmp_path / "g.png")
     image = load_image(tmp_path / "g.png", 8)
     assert image.shape == (3, 8, 8) and torch.allclose(image, torch.full_like(image, 0.2))
-    out = normalise(image[None], mean=(0.1, 0.2, 0.3), std=(0.5, 1.0, 2.0))
+    out = normalise_pixels(image[None], mean=(0.1, 0.2, 0.3), std=(0.5, 1.0, 2.0))
     assert torch.allclose(out[0, :, 0, 0], torch.tensor([0.2, 0.0, -0.05]))

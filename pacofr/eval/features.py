@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from pacofr.models.vit import normalise_pixels
+
 logger = logging.getLogger(__name__)
 
 POOLS = ("cls", "mean", "cls+mean")
@@ -31,13 +33,6 @@ def load_images(paths: Sequence[Path], size: int) -> torch.Tensor:
     if not paths:
         return torch.empty(0, 3, size, size)
     return torch.stack([load_image(p, size) for p in paths])
-
-
-def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(B, 3, S, S) images in [0, 1] -> ``(images - mean) / std`` per channel (the encoder input)."""
-    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    return (images - mean_t) / std_t
 
 
 def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, pool: str) -> torch.Tensor:
@@ -71,7 +66,7 @@ def encode_images(encoder: torch.nn.Module, images: torch.Tensor, *, mean: Seque
     chunks = []
     try:
         for start in range(0, images.shape[0], batch_size):
-            batch = normalise(images[start:start + batch_size].to(device), mean, std)
+            batch = normalise_pixels(images[start:start + batch_size].to(device), mean, std)
             chunks.append(pooled_features(encoder, batch, pool).float().cpu())
     finally:
         encoder.train(was_training).to(home)

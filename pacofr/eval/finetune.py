@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pacofr.eval.features import normalise, pooled_features
+from pacofr.eval.features import pooled_features
 from pacofr.eval.metrics import (
     SPLITS,
     SeedRun,
@@ -27,6 +27,8 @@ from pacofr.eval.metrics import (
     summarise,
     task_loss,
 )
+from pacofr.models.vit import normalise_pixels
+from pacofr.train.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -85,19 +87,11 @@ def _param_groups(model: _Classifier, cfg: FinetuneConfig) -> list[dict[str, Any
             for (is_head, decay), params in groups.items()]
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0 at ``total`` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 @torch.no_grad()
 def _predict(model: _Classifier, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
              batch_size: int, device: torch.device) -> torch.Tensor:
     model.eval()
-    outs = [model(normalise(images[i:i + batch_size].to(device), mean, std)).float().cpu()
+    outs = [model(normalise_pixels(images[i:i + batch_size].to(device), mean, std)).float().cpu()
             for i in range(0, images.shape[0], batch_size)]
     return torch.cat(outs) if outs else torch.empty(0, model.head.out_features)
 
@@ -117,7 +111,8 @@ def finetune_once(encoder: nn.Module, images: dict[str, torch.Tensor], labels: d
     gen = torch.Generator().manual_seed(seed)
     backbone = copy.deepcopy(encoder).requires_grad_(True)
     with torch.no_grad():
-        dim = pooled_features(backbone.eval(), normalise(x[:1], mean, std), pool).shape[1]
+        probe = x[:1].to(next(backbone.parameters()).device)
+        dim = pooled_features(backbone.eval(), normalise_pixels(probe, mean, std), pool).shape[1]
     model = _Classifier(backbone, pool, num_classes, dim)
     with torch.no_grad():
         model.head.weight.normal_(0.0, 0.01, generator=gen)
@@ -126,7 +121,8 @@ def finetune_once(encoder: nn.Module, images: dict[str, torch.Tensor], labels: d
     opt = torch.optim.AdamW(_param_groups(model, cfg))
     base_lrs = [group["lr"] for group in opt.param_groups]
     steps_per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
-    total, warmup = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
+    total = steps_per_epoch * cfg.epochs
+    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
     step = 0
     val_curve: list[float] = []
     loss_curve: list[float] = []
@@ -141,9 +137,9 @@ def finetune_once(encoder: nn.Module, images: dict[str, torch.Tensor], labels: d
                 flip = torch.rand(idx.numel(), generator=gen) < 0.5
                 batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
             for group, base in zip(opt.param_groups, base_lrs, strict=True):
-                group["lr"] = base * _lr_factor(step, total, warmup)
+                group["lr"] = base * warmup_cosine(step, total, warmup, 1.0)
             opt.zero_grad(set_to_none=True)
-            loss = task_loss(model(normalise(batch.to(device), mean, std)), y[idx].to(device), multi_label)
+            loss = task_loss(model(normalise_pixels(batch.to(device), mean, std)), y[idx].to(device), multi_label)
             loss.backward()
             opt.step()
             step += 1

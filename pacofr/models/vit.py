@@ -8,6 +8,8 @@ vectors, positions added to an arbitrary subset of tokens, then class token, blo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -110,9 +112,14 @@ def run_encoder(encoder: VisionTransformer, tokens: torch.Tensor) -> torch.Tenso
     return encoder.norm(x)
 
 
+def normalise_pixels(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(B, 3, S, S) images in [0, 1] -> ``(images - mean) / std`` per channel, in the images' dtype."""
+    mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - mean_t) / std_t
+
+
 def normalised_images(images: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """(B, 3, S, S) images in [0, 1] -> (images - pixel_mean) / pixel_std (the encoder input)."""
-    mean = torch.tensor(cfg.pixel_mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.pixel_std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images - mean) / std
+    return normalise_pixels(images, cfg.pixel_mean, cfg.pixel_std)
 
