@@ -25,7 +25,6 @@ import torch
 
 from benchmarks.harness import SMOKE_TIER, Bench
 from pacofr.ops import nearest_token
-from pacofr.ops._dispatch import backend_status
 
 FAMILY = "nearest_token"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -139,11 +138,7 @@ def bench_shape(bench: Bench, shape: Shape, generator: torch.Generator, with_com
             impls["dense_compiled"] = lambda: compiled_lookup(x, codebook, shape.k)
         for impl in [name for name in impls if name.startswith("dense")]:
             checks[impl] = check(impl, shape, x, codebook, impls[impl](), reference, DENSE_REL_TOL[shape.dtype])
-    for backend in ("triton", "cuda"):
-        ok, why = backend_status(backend, x.device, FAMILY)
-        if not ok:
-            bench.skip(FAMILY, backend, why)
-            continue
+    for backend in bench.fused_backends(FAMILY, "nearest_token"):
         impls[backend] = (lambda backend=backend: nearest_token(
             x, codebook, shape.k, shape.metric, allow_tf32=shape.tf32, backend=backend))
         checks[backend] = check(backend, shape, x, codebook, impls[backend](), reference,

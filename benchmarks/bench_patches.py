@@ -32,13 +32,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from benchmarks.harness import SMOKE_TIER, Bench
+from pacofr.models.config import IMAGENET_MEAN, IMAGENET_STD
 from pacofr.ops import gather_patches, masked_patch_loss, patch_targets, scatter_tokens
-from pacofr.ops._dispatch import backend_status
 
 FAMILY = "patches"
 IMAGE_DTYPES = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp32": torch.float32}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SIZE, PATCH, CHANNELS = 224, 16, 3
 
 
@@ -193,17 +191,6 @@ def _grad(fn: Callable[[torch.Tensor], torch.Tensor], leaf: torch.Tensor, grad_o
 # stages
 # ----------------------------------------------------------------------------------------------
 
-def _fused_backends(bench: Bench) -> list[str]:
-    names = []
-    for backend in ("triton", "cuda"):
-        ok, why = backend_status(backend, bench.device, "gather_patches")
-        if ok:
-            names.append(backend)
-        else:
-            bench.skip(FAMILY, backend, why)
-    return names
-
-
 def _with_baselines(bench: Bench, name: str, mae: Callable, args: tuple, ours: dict[str, Callable[[], object]],
                     expected: torch.Tensor, rtol: float, atol: float, with_compile: bool
                     ) -> dict[str, Callable[[], object]]:
@@ -347,7 +334,7 @@ def bench_unshuffle(bench: Bench, shape: Shape, x: Inputs, backends: list[str], 
 def run(tier: str, bench: Bench, *, with_compile: bool = True) -> None:
     """Check then time every stage on every shape of ``tier``; rows go into ``bench``."""
     generator = torch.Generator(device=bench.device).manual_seed(0)
-    backends = _fused_backends(bench)
+    backends = bench.fused_backends(FAMILY, "gather_patches")
     for shape in shapes(tier):
         inputs = make_inputs(shape, bench.device, generator)
         bench_gather(bench, shape, inputs, backends, with_compile)

@@ -45,7 +45,6 @@ import torch.nn.functional as F
 
 from benchmarks.harness import SMOKE_TIER, Bench
 from pacofr.ops import codebook_stats, soft_assign
-from pacofr.ops._dispatch import backend_status
 from pacofr.ops.soft_assign import chosen_scores, codebook_stats_reference, soft_assign_reference
 
 FAMILY = "soft_assign"
@@ -323,21 +322,10 @@ def bench_stats(bench: Bench, shape: StatsShape, backends: list[str], with_compi
                      checked=True, extra={"stage": "stats", "min_bytes": bytes_moved})
 
 
-def _fused_backends(bench: Bench) -> list[str]:
-    names = []
-    for backend in ("triton", "cuda"):
-        ok, why = backend_status(backend, bench.device, "soft_assign")
-        if ok:
-            names.append(backend)
-        else:
-            bench.skip(FAMILY, backend, why)
-    return names
-
-
 def run(tier: str, bench: Bench, *, with_compile: bool = True) -> None:
     """Check then time every implementation on every shape of ``tier``; rows go into ``bench``."""
     generator = torch.Generator(device=bench.device).manual_seed(0)
-    backends = _fused_backends(bench)
+    backends = bench.fused_backends(FAMILY, "soft_assign")
     for shape in shapes(tier):
         bench_assign(bench, shape, backends, with_compile, generator)
         bench.empty_cache()

@@ -18,8 +18,8 @@ Rows, per encoder (ViT-S/16, ViT-B/16 at 224 px), batch (64, 256) and step kind:
 each with ``cfg.backend="torch"`` and ``"auto"`` (the fused kernels where available; the row
 records which backend every op resolved to). Before any time is recorded, the ``auto`` model,
 loaded with the torch model's weights, must reproduce the torch model's loss terms and its
-whole-model gradient (cosine and norm) on the same batch and masks. Each row holds the median/p20/p80 step time (CUDA events, after warm-up
-steps), images/s, peak memory (weights, AdamW state and activations), the model FLOPs of one
+whole-model gradient (cosine and norm) on the same batch and masks. Each row holds the
+median/p20/p80 step time (CUDA events, after warm-up steps), images/s, peak memory (weights, AdamW state and activations), the model FLOPs of one
 forward + backward counted by ``torch.utils.flop_counter`` on the torch model, and model-FLOPs
 utilisation against the bf16 GEMM rate measured in this run (so 100% = cuBLAS's dense GEMM rate,
 not the datasheet peak). ``torch.compile`` is not applied (the trainer's default).

@@ -33,6 +33,7 @@ import torch
 
 import pacofr
 from pacofr._triton import interpreter_enabled
+from pacofr.ops._dispatch import backend_status
 
 SMOKE_TIER = "cpu-smoke"
 SMOKE_NOTE = ("cpu-smoke run: CPU backends (torch eager; triton through its interpreter when "
@@ -224,6 +225,18 @@ class Bench:
         if entry not in self.skipped:
             self.skipped.append(entry)
             logger.warning("%s: %s skipped: %s", family, impl, reason)
+
+    def fused_backends(self, family: str, op: str) -> list[str]:
+        """The fused backends ("triton", "cuda") that can run ``op`` on this device; the others
+        are noted as skipped for ``family`` with the reason."""
+        names = []
+        for backend in ("triton", "cuda"):
+            ok, why = backend_status(backend, self.device, op)
+            if ok:
+                names.append(backend)
+            else:
+                self.skip(family, backend, why)
+        return names
 
     def record(self, *, family: str, impl: str, shape: dict[str, Any], fn: Callable[[], Any],
                floor_ms: float | None, checked: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:

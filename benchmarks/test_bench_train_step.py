@@ -11,8 +11,15 @@ import copy
 import pytest
 import torch
 
-from benchmarks.bench_train_step import (Shape, check_gradients, check_losses, gate_step, make_inputs, make_step,
-                                         model_config)
+from benchmarks.bench_train_step import (
+    Shape,
+    check_gradients,
+    check_losses,
+    gate_step,
+    make_inputs,
+    make_step,
+    model_config,
+)
 from benchmarks.conftest import ON_GPU
 from pacofr.models import PaCoFR
 
