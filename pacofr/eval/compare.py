@@ -9,7 +9,6 @@ the results are written as ``compare.json``, ``compare.md`` (a table) and ``comp
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from pacofr.eval.labelled import LabelledSet
 from pacofr.eval.linear_probe import ProbeConfig
 from pacofr.eval.proxy import demo_overlap, is_proxy, open_labelled, proxy_set
 from pacofr.eval.report import bar_plot, environment, markdown_table, write_json
+from pacofr.train.metrics import ScalarCSV
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +76,12 @@ def pretrain_config(cfg: CompareConfig, method: str, out_dir: Path) -> Any:
     return load_config(cfg.config, overrides)
 
 
-def _last_losses(scalars: Path | None, rows: int) -> dict[str, float]:
-    """Mean of every ``loss*`` column over the last ``rows`` logged steps (empty cells skipped)."""
-    if scalars is None or not Path(scalars).is_file():
+def _last_epoch_losses(scalars: Path | None, last_step: int, steps_per_epoch: int) -> dict[str, float]:
+    """Mean of every ``loss*`` column over the rows logged in the last ``steps_per_epoch`` optimiser
+    steps up to ``last_step`` (the final epoch; empty cells skipped)."""
+    if scalars is None:
         return {}
-    with open(scalars, newline="") as fh:
-        tail = list(csv.DictReader(fh))[-rows:]
+    tail = [row for row in ScalarCSV(scalars).read() if int(row["step"]) > last_step - steps_per_epoch]
     means: dict[str, float] = {}
     for key in (tail[0].keys() if tail else ()):
         values = [float(r[key]) for r in tail if key.startswith("loss") and r.get(key)]
@@ -102,7 +102,7 @@ def _pretrain(cfg: CompareConfig, method: str, work_dir: Path) -> tuple[LoadedEn
     steps_per_epoch = images // run_cfg.train.batch_size // run_cfg.train.accum_steps
     info = {"method": method, "steps": result.step, "epochs": run_cfg.train.epochs, "steps_per_epoch": steps_per_epoch,
             "images": images, "wall_s": round(wall, 1), "checkpoint": str(result.checkpoint),
-            "final_losses": _last_losses(result.scalars, max(1, steps_per_epoch))}
+            "final_epoch_losses": _last_epoch_losses(result.scalars, result.step, max(1, steps_per_epoch))}
     logger.info("pre-trained %s: %d steps in %.0f s", method, result.step, wall)
     return encoder, info, run_cfg
 
