@@ -7,6 +7,7 @@ be switched on before ``triton`` is first imported: this file does it at collect
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -36,6 +37,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def device(request: pytest.FixtureRequest) -> torch.device:
     """Every device the suite can run on here (CUDA tests are skipped without a GPU)."""
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny shapes run fastest so, and far slower with two threads on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

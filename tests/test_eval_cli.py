@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _eval_helpers import run_eval
 from PIL import Image
 
 from pacofr import checkpoint as ckpt
 from pacofr.commands import eval as eval_command
 from pacofr.eval.encoders import load_encoder, random_encoder
 from pacofr.eval.evaluate import finetune_encoder
-from pacofr.eval.finetune import FinetuneConfig
 from pacofr.eval.features import extract_features
+from pacofr.eval.finetune import FinetuneConfig
 from pacofr.eval.labelled import load_labelled
 from pacofr.eval.proxy import PROXIES, demo_overlap, open_labelled
 from pacofr.models import PaCoFR
@@ -28,22 +27,7 @@ from pacofr.train.config import PretrainConfig
 from pacofr.train.export import export_encoder
 from pacofr.train.seeding import seed_everything
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Small shapes run fastest on one thread, and far slower with two on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_eval(argv: list[str]) -> int:
-    """``pacofr eval ...`` through the command module (independent of pacofr.cli's module list)."""
-    parser = argparse.ArgumentParser(prog="pacofr")
-    eval_command.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *argv])
-    return args.func(args)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,39 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from _eval_helpers import run_eval
 from PIL import Image
 
-from pacofr.commands import eval as eval_command
 from pacofr.eval.encoders import load_encoder
 from pacofr.eval.finetune import FinetuneConfig, _Classifier, _param_groups
 from pacofr.models.config import ModelConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Small shapes run fastest on one thread, and far slower with two on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_eval(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="pacofr")
-    eval_command.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *argv])
-    return args.func(args)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,13 +17,7 @@ from pacofr.models.vit import normalise_pixels
 CFG = ProbeConfig(epochs=30, lr=5e-2, batch_size=64, seeds=(0, 1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Small shapes run fastest on one thread, and far slower with two on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _blobs(n: int, dim: int, classes: int, separation: float, gen: torch.Generator):

@@ -43,13 +43,7 @@ FLAG_CASES = [
 IDLE = {"r_rep": {"patch_codebook.code2tok.weight", "patch_codebook.code2tok.bias"}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes run fastest on one thread; several threads thrash on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides) -> ModelConfig:

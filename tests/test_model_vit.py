@@ -20,14 +20,7 @@ from pacofr.models.vit import (
 )
 from pacofr.ops import gather_patches
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes run fastest on one thread; several threads thrash on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("preset", ["tiny", "demo"])
