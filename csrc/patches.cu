@@ -17,6 +17,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "dtype_dispatch.h"
+
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -46,16 +48,6 @@ void dispatch_pixels(at::ScalarType type, const char* name, Fn&& fn) {
     case at::kHalf: fn(at::Half{}); break;
     case at::kBFloat16: fn(at::BFloat16{}); break;
     default: TORCH_CHECK(false, name, " must be uint8, float32, float16 or bfloat16, got ", type);
-  }
-}
-
-template <typename Fn>
-void dispatch_floats(at::ScalarType type, const char* name, Fn&& fn) {
-  switch (type) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(at::Half{}); break;
-    case at::kBFloat16: fn(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", type);
   }
 }
 

@@ -21,6 +21,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "dtype_dispatch.h"
+
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -34,16 +36,6 @@ constexpr int kThreads = 128;
 constexpr int kMaxM = 16;
 constexpr int64_t kKeyFloor = -(int64_t{2147483647} * int64_t{4294967296});
 constexpr int32_t kIndexBase = 2147483647;
-
-template <typename Fn>
-void dispatch_floats(at::ScalarType type, const char* name, Fn&& fn) {
-  switch (type) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(at::Half{}); break;
-    case at::kBFloat16: fn(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", type);
-  }
-}
 
 __device__ __forceinline__ int64_t pack_key(float value, int32_t index) {
   if (value != value) value = -INFINITY;
