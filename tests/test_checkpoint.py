@@ -121,3 +121,140 @@ def test_a_crash_between_the_renames_of_a_re_save_keeps_the_checkpoint(tmp_path:
     ckpt.save_checkpoint(tmp_path, _model(2), _state(4), _meta(4), keep_last=2)  # puts it back, keeps it
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
     assert not aside.exists()
+
+
+def _flip_bytes(path: Path, start: int, count: int) -> None:
+    data = bytearray(path.read_bytes())
+    for offset in range(start, start + count):
+        data[offset % len(data)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _tensor_area_start(weights: Path) -> int:
+    header_length = int.from_bytes(weights.read_bytes()[:8], "little")
+    return 8 + header_length
+
+
+def _damage(target: Path, kind: str) -> None:
+    """Flip 3 bytes in the middle, cut the file in half, empty it, or garble its first 8 bytes."""
+    data = target.read_bytes()
+    if kind == "flip":
+        _flip_bytes(target, len(data) // 2, 3)
+    elif kind == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    elif kind == "empty":
+        target.write_bytes(b"")
+    else:
+        _flip_bytes(target, 0, 8)
+
+
+def _single_line(err: BaseException) -> str:
+    text = str(err)
+    assert "\n" not in text, text
+    return text
+
+
+def test_flipped_tensor_bytes_are_detected_by_load_checkpoint_and_load_weights(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(64, 64))  # a tensor area of 16 KiB
+    path = ckpt.save_checkpoint(tmp_path, model, _state(1), _meta(1))
+    weights = path / ckpt.WEIGHTS_FILE
+    _flip_bytes(weights, _tensor_area_start(weights) + 100, 400)
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"model.safetensors does not match its checksum") as err:
+        ckpt.load_checkpoint(path)
+    assert str(path) in _single_line(err.value)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="model.safetensors"):
+        ckpt.load_weights(nn.Sequential(nn.Linear(64, 64)), path)
+
+
+@pytest.mark.parametrize("name", [ckpt.WEIGHTS_FILE, ckpt.STATE_FILE, ckpt.META_FILE])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "header"])
+def test_every_damaged_file_is_a_one_line_error_naming_it(tmp_path: Path, name: str, damage: str) -> None:
+    path = ckpt.save_checkpoint(tmp_path, _model(1), _state(1), _meta(1))
+    _damage(path / name, damage)
+    with pytest.raises(ckpt.CorruptCheckpointError) as err:
+        ckpt.load_checkpoint(path)
+    assert name in _single_line(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("name", [ckpt.WEIGHTS_FILE, ckpt.STATE_FILE, ckpt.META_FILE])
+@pytest.mark.parametrize("damage", ["truncate", "empty", "header"])
+def test_an_unverifiable_old_checkpoint_still_gives_one_line_parse_errors(tmp_path: Path, name: str,
+                                                                          damage: str) -> None:
+    path = ckpt.save_checkpoint(tmp_path, _model(1), _state(1), _meta(1))
+    _make_legacy(path)
+    _damage(path / name, damage)
+    with pytest.raises(ckpt.CorruptCheckpointError) as err:
+        loaded = ckpt.load_checkpoint(path)
+        ckpt.load_weights(_model(2), loaded)
+    assert name in _single_line(err.value)
+
+
+def _make_legacy(path: Path) -> None:
+    """What a checkpoint written before checksums looks like."""
+    (path / ckpt.CHECKSUMS_FILE).unlink()
+    meta = json.loads((path / ckpt.META_FILE).read_text())
+    meta.pop(ckpt.FORMAT_KEY)
+    (path / ckpt.META_FILE).write_text(json.dumps(meta))
+
+
+def test_an_old_checkpoint_without_checksums_loads_with_a_warning(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    source = _model(1)
+    path = ckpt.save_checkpoint(tmp_path, source, _state(1), _meta(1))
+    _make_legacy(path)
+    with caplog.at_level("WARNING", logger="pacofr.checkpoint"):
+        loaded = ckpt.load_checkpoint(path)
+    assert "written before checkpoints carried checksums" in caplog.text and loaded.step == 1
+    target = _model(2)
+    ckpt.load_weights(target, loaded)
+    assert torch.equal(target[0].weight, source[0].weight)
+
+
+def test_a_missing_checksums_file_of_a_new_checkpoint_is_an_error(tmp_path: Path) -> None:
+    path = ckpt.save_checkpoint(tmp_path, _model(1), _state(1), _meta(1))
+    (path / ckpt.CHECKSUMS_FILE).unlink()
+    with pytest.raises(ckpt.CorruptCheckpointError, match="checksums.json is missing"):
+        ckpt.load_checkpoint(path)
+
+
+def test_fallback_skips_corrupted_and_incomplete_newer_checkpoints_and_says_why(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, _model(step), _state(step), _meta(step))
+    (tmp_path / "step_00000003" / ckpt.STATE_FILE).write_bytes(b"")
+    (tmp_path / "step_00000002" / ckpt.META_FILE).unlink()
+    with caplog.at_level("WARNING", logger="pacofr.checkpoint"):
+        assert ckpt.find_intact_checkpoint(tmp_path) == tmp_path / "step_00000001"
+        assert ckpt.load_checkpoint(tmp_path, fallback=True).step == 1
+    assert "skipping checkpoint step_00000003: " in caplog.text and "state.pt is 0 bytes" in caplog.text
+    assert "skipping checkpoint step_00000002: " in caplog.text and "meta.json missing" in caplog.text
+    # without fallback (export, evaluation) the newest complete checkpoint is refused, not replaced
+    with pytest.raises(ckpt.CorruptCheckpointError, match="step_00000003: state.pt"):
+        ckpt.load_checkpoint(tmp_path)
+    # an explicitly named checkpoint is never replaced by another
+    with pytest.raises(ckpt.CorruptCheckpointError, match="state.pt"):
+        ckpt.find_intact_checkpoint(tmp_path / "step_00000003")
+    (tmp_path / "step_00000001" / ckpt.WEIGHTS_FILE).write_bytes(b"x")
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"no intact checkpoint in .*step_00000003.*step_00000001"):
+        ckpt.find_intact_checkpoint(tmp_path)
+
+
+def test_an_interrupted_pruning_leaves_no_half_deleted_step_folder(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, _model(step), _state(step), _meta(step), keep_last=2)
+    real_rmtree = ckpt.shutil.rmtree
+
+    def killed_half_way(path: object, *args: object, **kwargs: object) -> None:
+        (Path(str(path)) / ckpt.WEIGHTS_FILE).unlink()  # the first file is gone, then the process dies
+        raise KeyboardInterrupt("killed while pruning (simulated)")
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, _model(3), _state(3), _meta(3), keep_last=2)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    step_folders = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_"))
+    assert step_folders == ["step_00000002", "step_00000003"]
+    assert all(ckpt.verify_checkpoint(tmp_path / name) for name in step_folders)
+    ckpt.save_checkpoint(tmp_path, _model(4), _state(4), _meta(4), keep_last=2)  # cleans up the rest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004"]
