@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -102,3 +103,30 @@ def test_real_model_keeps_codebook_and_teacher_identical_on_every_rank(tmp_path:
     assert any(k.startswith("teacher.") for k in state0)
     for name in state0:
         torch.testing.assert_close(state1[name], state0[name], rtol=0, atol=0, msg=name)
+
+
+def _locked_out_worker(rank: int, world: int, init_file: str, out_dir: str, result_file: str) -> None:
+    from pacofr.train.lock import RunFolderLockedError
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        try:
+            _train(Path(out_dir), PER_RANK_BATCH)
+            outcome = "trained"
+        except RunFolderLockedError as err:
+            outcome = str(err)
+        Path(f"{result_file}.{rank}").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_stops_when_another_run_holds_the_folder(tmp_path: Path) -> None:
+    from pacofr.train.lock import RunLock
+
+    out = tmp_path / "ddp"
+    with RunLock(out):  # the other writer, here this test's process
+        mp.spawn(_locked_out_worker, args=(2, str(tmp_path / "init"), str(out), str(tmp_path / "result")),
+                 nprocs=2, join=True)
+    outcomes = [(tmp_path / f"result.{r}").read_text() for r in range(2)]
+    assert all(f"in use by another pacofr run: pid {os.getpid()}" in text for text in outcomes), outcomes
+    assert not (out / "checkpoints").exists() and not (out / "scalars.csv").exists()

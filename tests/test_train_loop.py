@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,52 @@ def test_resuming_with_another_schedule_says_so(tmp_path: Path, caplog: pytest.L
     with caplog.at_level("WARNING", logger="pacofr.train.trainer"):
         _run(tmp_path, max_steps=3, epochs=5, resume=tmp_path)
     assert "learning-rate schedule differs" in caplog.text
+
+
+def test_the_first_row_after_a_resume_from_an_odd_step_equals_the_uninterrupted_runs(tmp_path: Path) -> None:
+    # log_every=2: the row at step 4 is the mean of steps 3 and 4, also when the run stopped at step 3
+    _, full = _run(tmp_path / "full", max_steps=6, log_every=2)
+    _run(tmp_path / "part", max_steps=3, log_every=2)
+    _, resumed = _run(tmp_path / "part", max_steps=6, log_every=2, resume=tmp_path / "part")
+    full_rows = {r["step"]: r for r in _rows(full.scalars)}
+    resumed_rows = {r["step"]: r for r in _rows(resumed.scalars)}
+    assert list(full_rows) == ["2", "4", "6"] and list(resumed_rows) == ["2", "3", "4", "6"]
+    for step in ("2", "4", "6"):
+        for key in ("loss", "loss/rec", "loss/align", "stat/seen", "lr", "grad_norm"):
+            assert resumed_rows[step][key] == full_rows[step][key], (step, key)
+
+
+def test_resume_skips_a_corrupted_newest_checkpoint_and_continues_from_the_intact_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _, full = _run(tmp_path / "full", max_steps=6)
+    _run(tmp_path / "run", max_steps=4, ckpt_every=2, keep_last=3)
+    newest = tmp_path / "run" / "checkpoints" / "step_00000004"
+    weights = newest / ckpt.WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-200:] = bytes(b ^ 0xFF for b in data[-200:])  # inside the tensor area
+    weights.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        trainer, resumed = _run(tmp_path / "run", max_steps=6, ckpt_every=2, keep_last=3, resume=tmp_path / "run")
+    assert "skipping checkpoint step_00000004: " in caplog.text and "does not match its checksum" in caplog.text
+    assert trainer.state.step == 6
+    assert [r["step"] for r in _rows(resumed.scalars)] == ["1", "2", "3", "4", "5", "6"]
+    assert [r["loss"] for r in _rows(resumed.scalars)] == [r["loss"] for r in _rows(full.scalars)]
+    assert ckpt.verify_checkpoint(newest)  # re-written by the continued run
+
+
+def test_a_run_folder_in_use_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    from pacofr.train.lock import RunFolderLockedError, RunLock
+
+    _run(tmp_path, max_steps=2, ckpt_every=1)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with RunLock(tmp_path):  # another writer holds the folder
+        hidden_tmp = tmp_path / "checkpoints" / ".tmp-step_00000003-4242"
+        hidden_tmp.mkdir()  # its in-progress save
+        with pytest.raises(RunFolderLockedError, match=rf"in use by another pacofr run: pid {os.getpid()} on host"):
+            _run(tmp_path, max_steps=4, overwrite=True)
+        with pytest.raises(RunFolderLockedError):
+            _run(tmp_path, max_steps=4, resume=tmp_path)
+        assert hidden_tmp.is_dir()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")) == before
+    assert [r["step"] for r in _rows(tmp_path / "scalars.csv")] == ["1", "2"]
+    _run(tmp_path, max_steps=3, resume=tmp_path)  # free again once released

@@ -115,14 +115,31 @@ class TensorMeans:
             self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
             self._counts[key] = self._counts.get(key, 0) + 1
 
-    def pop(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-        """Means since the last pop; ``reduce`` (e.g. a mean over ranks) is applied to the stacked means."""
+    def _means(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> dict[str, float]:
         keys = sorted(self._sums)
         if not keys:
             return {}
         means = torch.stack([self._sums[k] / self._counts[k] for k in keys])
         if reduce is not None:
             means = reduce(means)
+        return dict(zip(keys, means.tolist()))
+
+    def peek(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        """Means since the last pop, which go on accumulating (see :meth:`pop` for ``reduce``)."""
+        return self._means(reduce)
+
+    def pop(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        """Means since the last pop; ``reduce`` (e.g. a mean over ranks) is applied to the stacked means."""
+        means = self._means(reduce)
         self._sums.clear()
         self._counts.clear()
-        return dict(zip(keys, means.tolist()))
+        return means
+
+    def state_dict(self) -> dict[str, dict]:
+        """The running sums (CPU tensors) and counts, for a checkpoint."""
+        return {"sums": {k: v.detach().cpu() for k, v in self._sums.items()}, "counts": dict(self._counts)}
+
+    def load_state_dict(self, state: dict[str, dict], device: torch.device | str = "cpu") -> None:
+        """Continue from :meth:`state_dict` (sums moved to ``device``)."""
+        self._sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self._counts = {k: int(v) for k, v in state["counts"].items()}

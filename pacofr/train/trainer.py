@@ -13,7 +13,9 @@ The model is any ``nn.Module`` with PaCoFR's training interface (see the model/t
   codebook).
 
 Resuming restores weights, optimiser, schedule position, scaler, every RNG (per rank), the mask
-generator and the position inside the epoch, so the continued run is the uninterrupted one.
+generator, the position inside the epoch and the loss means of the steps not yet logged, so the
+continued run is the uninterrupted one, down to its scalars. ``fit`` holds the run folder's
+:class:`~pacofr.train.lock.RunLock` (rank 0) for as long as it runs.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from pacofr import checkpoint as ckpt
 from pacofr.train.config import PretrainConfig, dump_config
 from pacofr.train.distributed import DistInfo, all_reduce_mean, all_true, barrier, gather_objects
+from pacofr.train.lock import RunFolderLockedError, RunLock
 from pacofr.train.metrics import ScalarCSV, TensorBoardLog, TensorMeans, peak_memory_mb
 from pacofr.train.sampling import EpochSeededDataset, ResumableSampler
 from pacofr.train.schedule import LRSchedule, cosine_ramp, scaled_lr
@@ -202,6 +205,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "rng": rng_per_rank,
+            "means": gather_objects(self.means.state_dict(), self.dist),  # steps not yet logged, per rank
             "world_size": self.dist.world_size,
             "batch_size": self.tc.batch_size,
             "accum_steps": self.tc.accum_steps,
@@ -236,8 +240,9 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Continue from checkpoint ``path`` (a checkpoint, checkpoints folder or run folder)."""
-        loaded = ckpt.load_checkpoint(path, map_location="cpu")
+        """Continue from checkpoint ``path``: a checkpoint (which must be intact), or a checkpoints or
+        run folder (its newest intact checkpoint; corrupted newer ones are skipped with a warning)."""
+        loaded = ckpt.load_checkpoint(path, map_location="cpu", fallback=True)
         st = loaded.state
         geometry = {"batch_size": self.tc.batch_size, "accum_steps": self.tc.accum_steps,
                     "world_size": self.dist.world_size, "samples_per_rank": self.sampler.num_samples}
@@ -250,7 +255,7 @@ class Trainer:
         if st["schedule"] != schedule:
             logger.warning("the learning-rate schedule differs from the checkpoint's (checkpoint %s, now %s): "
                            "the resumed run follows the new one", st["schedule"], schedule)
-        ckpt.load_weights(self.model, loaded.path)
+        ckpt.load_weights(self.model, loaded)
         self.optimizer.load_state_dict(st["optimizer"])
         if self.scaler is not None and st["scaler"]:
             self.scaler.load_state_dict(st["scaler"])
@@ -262,6 +267,8 @@ class Trainer:
             rng = st["rng"][self.dist.rank]
             restore_global_rng(rng)
             self.mask_generator.set_state(rng["mask_generator"])
+            if "means" in st:
+                self.means.load_state_dict(st["means"][self.dist.rank], self.device)
         else:
             logger.warning("checkpoint was written by %d processes, resuming with %d: random streams are "
                            "re-seeded, so the run is not bit-identical to an uninterrupted one",
@@ -349,10 +356,13 @@ class Trainer:
             logger.warning("%d unreadable image(s) skipped so far (each replaced by the next readable one; "
                            "the dataset's warnings name them)", self.state.skipped_images)
 
-    def _log(self, lr: float, grad_norm: float, images_per_s: float) -> dict[str, float]:
+    def _log(self, lr: float, grad_norm: float, images_per_s: float, keep_means: bool = False) -> dict[str, float]:
+        """Append a scalars row. ``keep_means``: the means since the last row go on accumulating (a row
+        off the ``log_every`` grid, so that the next row on it covers the same steps as in a run that
+        was never stopped)."""
         reduce = (lambda t: all_reduce_mean(t, self.dist)) if self.dist.distributed else None
         row: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch}
-        row.update(self.means.pop(reduce))
+        row.update(self.means.peek(reduce) if keep_means else self.means.pop(reduce))
         self._count_skipped_images()
         row.update({"lr": lr, "grad_norm": grad_norm, "images_per_s": images_per_s,
                     "peak_mem_mb": peak_memory_mb(self.device),
@@ -419,7 +429,9 @@ class Trainer:
                                   "to delete its checkpoints, scalars and pictures")
         for path in earlier:
             logger.warning("--overwrite: deleting %s of the earlier run", path)
-            if path.is_dir():
+            if path.parent.name == ckpt.CHECKPOINT_DIR:
+                ckpt.delete_checkpoint(path)
+            elif path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink()
@@ -429,7 +441,29 @@ class Trainer:
 
         ``resume_from``: a checkpoint (or checkpoints / run folder) to continue exactly.
         ``overwrite``: a fresh run may delete an earlier run's files in ``out_dir``.
+        Raises :class:`RunFolderLockedError` (on every rank) when another run holds ``out_dir``.
         """
+        with self._run_lock():
+            return self._fit(resume_from, overwrite)
+
+    @contextlib.contextmanager
+    def _run_lock(self) -> Iterator[None]:
+        """Hold ``out_dir``'s lock for the block (rank 0 takes it; every rank fails if it cannot)."""
+        lock, refusal = RunLock(self.out_dir), None
+        if self.dist.is_main:
+            try:
+                lock.acquire()
+            except RunFolderLockedError as err:
+                refusal = str(err)
+        refusal = gather_objects(refusal, self.dist)[0]
+        if refusal is not None:
+            raise RunFolderLockedError(refusal)
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _fit(self, resume_from: str | Path | None, overwrite: bool) -> TrainResult:
         self._claim_out_dir(fresh=resume_from is None, overwrite=overwrite)
         if self.dist.is_main:
             (self.out_dir / CONFIG_FILE).write_text(dump_config(self.cfg))
@@ -473,9 +507,10 @@ class Trainer:
                     self.state.epoch += 1
                     self.state.batch_in_epoch = 0
                 last = self.state.step >= stop_step
-                if self._every(self.tc.log_every) or last:
+                on_grid = self._every(self.tc.log_every)
+                if on_grid or last:
                     elapsed = time.perf_counter() - interval_start
-                    row = self._log(lr, grad_norm, interval_images / max(elapsed, 1e-9))
+                    row = self._log(lr, grad_norm, interval_images / max(elapsed, 1e-9), keep_means=not on_grid)
                     interval_start, interval_images = time.perf_counter(), 0
                     progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}",
                                          lr=f"{lr:.2e}", refresh=False)
