@@ -4,6 +4,10 @@ Each sub-command lives in its own module (listed in ``COMMAND_MODULES``) whose
 ``add_parser(subparsers)`` registers it and sets ``func``: called with the parsed namespace,
 returning an exit code. Modules are imported only to build the parser, so heavy imports belong
 inside ``func``.
+
+A command reports bad input and refused actions by raising (see :func:`expected_errors`): the
+user sees one line ``error: ...`` on stderr and exit status 2 (1 for a run stopped by a
+non-finite loss), never a traceback; ``--verbose`` logs the traceback too.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
+
+logger = logging.getLogger(__name__)
 
 COMMAND_MODULES: tuple[str, ...] = (
     "pacofr.commands.prepare",
@@ -57,12 +64,39 @@ def _log_level(verbose: bool) -> int:
     return logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
 
 
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, a damaged file or a refused action: reported in one line.
+
+    Every other exception is a bug and keeps its traceback.
+    """
+    from pacofr.data.detection import MissingDependencyError
+    from pacofr.ops import BackendUnavailableError
+    from pacofr.train.lock import RunFolderLockedError
+    from pacofr.train.trainer import NonFiniteLossError
+
+    return (ValueError, OSError, MissingDependencyError, BackendUnavailableError, RunFolderLockedError,
+            NonFiniteLossError)
+
+
+def error_line(err: BaseException) -> str:
+    """``error: <message>`` on one line (line breaks inside the message become spaces)."""
+    return "error: " + (re.sub(r"\s*\n\s*", " ", str(err)).strip() or type(err).__name__)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pacofr`` console script and ``python -m pacofr``."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=_log_level(args.verbose),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as err:
+        if not isinstance(err, expected_errors()):
+            raise
+        if args.verbose:
+            logger.exception("pacofr %s failed", args.command)
+        print(error_line(err), file=sys.stderr)
+        return int(getattr(err, "exit_code", 2))
 
 
 if __name__ == "__main__":

@@ -12,14 +12,11 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pacofr.train.config import PretrainConfig
-
-logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -46,11 +43,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _resolve_config(args: argparse.Namespace) -> tuple[PretrainConfig, Path | None]:
-    """The run's config and the checkpoint to resume from (None for a fresh run)."""
+    """The run's config and the checkpoint to resume from (None for a fresh run). Resuming from a
+    run or checkpoints folder takes its newest intact checkpoint (corrupted newer ones are skipped,
+    each named with the reason)."""
     from pacofr import checkpoint as ckpt
-    from pacofr.train.config import PretrainConfig, load_config, parse_override
-    from pacofr.train.fields import ConfigError, set_by_path
+    from pacofr.train.config import PretrainConfig, apply_overrides, load_config
+    from pacofr.train.fields import ConfigError
 
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out: expected an output folder, got an empty string")
     overrides = list(args.overrides)
     if args.method is not None:
         overrides.append(f"model.method={args.method}")
@@ -65,34 +66,26 @@ def _resolve_config(args: argparse.Namespace) -> tuple[PretrainConfig, Path | No
         if args.resume is None:
             return cfg, None
         resume_from = Path(args.resume) if args.resume else Path(cfg.train.out_dir)
-        return cfg, ckpt.resolve_checkpoint(resume_from)
+        return cfg, ckpt.find_intact_checkpoint(resume_from)
     if not args.resume and args.out is None:
         raise ConfigError("--resume without PATH needs --config or --out to know which run to continue")
-    checkpoint = ckpt.resolve_checkpoint(Path(args.resume or args.out))
-    cfg = PretrainConfig.from_dict(ckpt.load_checkpoint(checkpoint).meta["config"])
-    for item in overrides:
-        cfg = set_by_path(cfg, *parse_override(item))
-    return cfg, checkpoint
+    checkpoint = ckpt.find_intact_checkpoint(Path(args.resume or args.out))
+    stored = ckpt.read_meta(checkpoint).get("config")
+    if not isinstance(stored, dict):
+        raise ConfigError(f"checkpoint {checkpoint}: its {ckpt.META_FILE} holds no run config; pass --config")
+    try:
+        cfg = PretrainConfig.from_dict(stored)
+    except ConfigError as err:
+        raise ConfigError(f"checkpoint {checkpoint / ckpt.META_FILE}: {err}") from None
+    return apply_overrides(cfg, overrides), checkpoint
 
 
 def run(args: argparse.Namespace) -> int:
-    from pacofr.train.fields import ConfigError
+    """Train; errors propagate to :func:`pacofr.cli.main`, which reports them in one line."""
     from pacofr.train.pretrain import run_pretraining
-    from pacofr.train.trainer import NonFiniteLossError
 
-    try:
-        cfg, resume = _resolve_config(args)
-    except (ConfigError, FileNotFoundError) as err:
-        logger.error("%s", err)
-        return 2
-    try:
-        result = run_pretraining(cfg, resume=resume, overwrite=args.overwrite)
-    except (ConfigError, FileNotFoundError, FileExistsError) as err:
-        logger.error("%s", err)
-        return 2
-    except NonFiniteLossError as err:
-        logger.error("%s", err)
-        return 1
+    cfg, resume = _resolve_config(args)
+    result = run_pretraining(cfg, resume=resume, overwrite=args.overwrite)
     if result.checkpoint is not None:  # rank 0
         print(f"pre-training finished at step {result.step}; files in {result.out_dir}:")
         print(f"  checkpoint       {result.checkpoint}")

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -46,28 +43,19 @@ def _indexed_landmarks(image_path: Path) -> np.ndarray | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Write the overlay PNG."""
+    """Write the overlay PNG. Bad input raises (reported by :func:`pacofr.cli.main` in one line)."""
     from pacofr.data.alignment import AlignmentRecipe, template_for_size, transform_points
-    from pacofr.data.detection import MissingDependencyError, create_detector, select_faces
-    from pacofr.data.image_io import UnreadableImageError, load_image
+    from pacofr.data.detection import create_detector, select_faces
+    from pacofr.data.image_io import load_image
     from pacofr.data.regions import landmark_region_ids, region_overlay, template_region_ids
 
     path = Path(args.image)
-    try:
-        image = load_image(path)
-    except UnreadableImageError as err:
-        print(f"pacofr show-regions: {err}", file=sys.stderr)
-        return 2
+    image = load_image(path)
     landmarks = None
     if args.align:
-        try:
-            detector = create_detector("mtcnn")
-        except MissingDependencyError as err:
-            print(f"pacofr show-regions: {err}", file=sys.stderr)
-            return 2
-        faces, outcome = select_faces(detector.detect(image), "largest", 0.0)
+        faces, outcome = select_faces(create_detector("mtcnn").detect(image), "largest", 0.0)
         if not faces:
-            print(f"pacofr show-regions: no face found in {path} ({outcome})", file=sys.stderr)
+            print(f"error: no face found in {path} ({outcome})", file=sys.stderr)
             return 1
         image, matrix = AlignmentRecipe().align(image, faces[0].landmarks5)
         landmarks = transform_points(matrix, faces[0].landmarks5)
@@ -75,25 +63,17 @@ def run(args: argparse.Namespace) -> int:
         landmarks = _indexed_landmarks(path)
     height, width = image.shape[:2]
     if height != width:
-        print(f"pacofr show-regions: {path} is {width}x{height}, not an aligned (square) face; use --align",
-              file=sys.stderr)
-        return 2
+        raise ValueError(f"{path} is {width}x{height}, not an aligned (square) face; use --align")
     if args.grid < 1 or args.grid > width:
-        print(f"pacofr show-regions: --grid must be in [1, {width}], got {args.grid}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--grid must be in [1, {width}], got {args.grid}")
     if args.mode == "template":
         ids = template_region_ids(args.grid, width)
         shown = template_for_size(width)
     else:
         if landmarks is None:
-            print(f"pacofr show-regions: no landmarks for {path}: pass a crop from a prepared folder "
-                  "(its index.jsonl holds them), use --align, or --mode template", file=sys.stderr)
-            return 2
-        try:
-            ids = landmark_region_ids(landmarks, args.grid, width)
-        except ValueError as err:
-            print(f"pacofr show-regions: {err}", file=sys.stderr)
-            return 2
+            raise ValueError(f"no landmarks for {path}: pass a crop from a prepared folder (its index.jsonl "
+                             "holds them), use --align, or --mode template")
+        ids = landmark_region_ids(landmarks, args.grid, width)
         shown = landmarks
     out = Path(args.out) if args.out else Path.cwd() / f"{path.stem}_regions.png"
     region_overlay(image, ids, args.grid, landmarks=shown).save(out)

@@ -95,12 +95,16 @@ def read_index(root: str | os.PathLike) -> list[dict[str, Any]]:
     Raises:
         FileNotFoundError: the folder has no index (not written by ``pacofr prepare``, or the
             run has not finished).
+        ValueError: a line of the index is not a JSON object (one line naming file and line).
     """
     path = Path(root) / INDEX_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{root} holds no {INDEX_NAME}: prepare it with `pacofr prepare SRC {root}` "
                                 "(an interrupted run writes the index only when it finishes; run it again)")
-    return list(read_jsonl(path))
+    try:
+        return list(read_jsonl(path))
+    except ValueError as err:
+        raise ValueError(f"{err}: the index is damaged; run `pacofr prepare SRC {root}` again to rewrite it") from None
 
 
 def read_recipe_dict(root: str | os.PathLike) -> dict[str, Any]:

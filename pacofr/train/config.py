@@ -3,10 +3,14 @@
 A YAML config has the sections ``model``, ``data`` and ``train``. In ``model`` the key
 ``preset`` (one of :meth:`ModelConfig.preset_names`) picks the base model config that the other
 keys then override. Named presets live in ``pacofr/configs/<name>.yaml``.
+
+Every problem with a config is a one-line :class:`ConfigError` that names where the value came
+from (the file or preset, or the ``--set`` item), the key and what was expected.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -90,6 +94,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        if self.min_lr > self.base_lr:
+            raise ValueError(f"min_lr={self.min_lr} must not exceed base_lr={self.base_lr} (the schedule decays "
+                             "from base_lr down to min_lr)")
+        if not self.out_dir.strip():
+            raise ValueError("out_dir must name a folder, got an empty string")
 
 
 @dataclass
@@ -116,22 +125,53 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(name_or_path: str | Path) -> dict[str, Any]:
+def _parse_yaml(text: str, source: str) -> dict[str, Any]:
+    """The sections of config text; ``source`` (``config FILE``) starts every error message."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as err:
+        raise ConfigError(f"{source}: {err.problem} (only plain YAML values are allowed: no tags that build "
+                          f"Python objects){_where(err)}") from None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source} is not valid YAML: {problem}{_where(err)}") from None
+    if data is None:
+        raise ConfigError(f"{source} is empty: expected a mapping with model, data and train sections "
+                          "(e.g. model: {preset: vit_small})")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with model, data and train sections, got {data!r:.60}")
+    for section, value in data.items():
+        if value is not None and not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping of keys, got {value!r:.60}")
+    return data
+
+
+def _where(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _read_yaml(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
+    """The sections of a config file or packaged preset, and its name for error messages."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
+        source = f"config {path}"
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{source} is not a UTF-8 text file (a YAML config is text)") from None
+        except OSError as err:
+            raise ConfigError(f"{source} cannot be read ({err.strerror or err})") from None
     else:
+        source = f"preset {name_or_path}"
         packaged = resources.files("pacofr") / "configs" / f"{name_or_path}.yaml"
         if not packaged.is_file():
             raise ConfigError(f"unknown config {str(name_or_path)!r}: not a file, and not a packaged "
                               f"preset (presets: {preset_names()})")
         text = packaged.read_text()
-    data = yaml.safe_load(text) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {name_or_path}: expected a mapping with model/data/train sections")
-    return data
+    return _parse_yaml(text, source), source
 
 
 def _build(data: dict[str, Any]) -> PretrainConfig:
@@ -168,15 +208,25 @@ def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
     ``model.preset=NAME`` swaps the base model config before anything else; the file's other
     ``model`` keys and the remaining overrides still apply on top of it.
     """
-    data = _read_yaml(name_or_path)
+    data, source = _read_yaml(name_or_path)
     parsed = [parse_override(item) for item in overrides]
     for key, value in parsed:
         if key == "model.preset":
             data["model"] = {**(data.get("model") or {}), "preset": value.strip()}
-    cfg = _build(data)
-    for key, value in parsed:
-        if key != "model.preset":
-            cfg = set_by_path(cfg, key, value)
+    try:
+        cfg = _build(data)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return apply_overrides(cfg, [item for item, (key, _) in zip(overrides, parsed) if key != "model.preset"])
+
+
+def apply_overrides(cfg: PretrainConfig, overrides: list[str] | tuple[str, ...]) -> PretrainConfig:
+    """``cfg`` with ``KEY=VALUE`` items applied in order; an error names the ``--set`` item."""
+    for item in overrides:
+        try:
+            cfg = set_by_path(cfg, *parse_override(item))
+        except ConfigError as err:
+            raise ConfigError(f"--set {item}: {err}") from None
     return cfg
 
 

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pacofr.train.fields import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,11 +40,11 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device='cuda' but no CUDA device is visible; use 'cpu' or 'auto'")
+            raise ConfigError("train.device='cuda' but no CUDA device is visible; use train.device=cpu or auto")
         return torch.device("cuda", local_rank)
     if requested == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {requested!r}")
+    raise ConfigError(f"train.device must be 'auto', 'cpu' or 'cuda', got {requested!r}")
 
 
 def init_distributed(requested_device: str = "auto") -> DistInfo:

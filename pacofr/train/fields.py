@@ -3,12 +3,15 @@
 A config is a tree of dataclasses. :func:`from_dict` builds one from a (YAML) mapping,
 :func:`set_by_path` applies a ``"section.field"`` override, and both check every value against
 the field's type hint (``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, ``X | None``,
-``tuple[...]``, ``list[...]``, nested dataclasses). Errors name the offending key.
+``tuple[...]``, ``list[...]``, nested dataclasses). Errors name the offending key. A ``float``
+field (also inside a tuple or list) takes finite numbers only: ``inf`` and ``nan`` are refused
+here, for every config section at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -42,6 +45,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
     Strings are accepted for numbers and booleans (they come from the command line); an int is
     accepted for a float; nothing else is converted silently (``1.5`` for an ``int`` is an error).
+    Floats must be finite.
     """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -109,14 +113,19 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from pacofr import checkpoint as ckpt
 from pacofr.train.config import PretrainConfig, dump_config
 from pacofr.train.distributed import DistInfo, all_reduce_mean, all_true, barrier, gather_objects
+from pacofr.train.fields import ConfigError
 from pacofr.train.lock import RunFolderLockedError, RunLock
 from pacofr.train.metrics import ScalarCSV, TensorBoardLog, TensorMeans, peak_memory_mb
 from pacofr.train.sampling import EpochSeededDataset, ResumableSampler
@@ -64,6 +65,8 @@ _MASK_STREAM, _AUGMENT_STREAM, _ORDER_STREAM, _LOADER_STREAM, _VIZ_STREAM = 1, 2
 
 class NonFiniteLossError(RuntimeError):
     """A NaN/inf loss or gradient, after ``train.skip_nonfinite`` such batches were skipped."""
+
+    exit_code = 1  # ``pacofr pretrain``'s exit status: the run stopped (the settings were accepted)
 
 
 @dataclass
@@ -122,6 +125,7 @@ class Trainer:
             region_fn = RegionAssigner(cfg.model)
         self.region_fn = region_fn
         self.state = TrainState()
+        self._check_backend(cfg.model.backend, self.device)
 
         seed_everything(self.tc.seed, self.dist.rank)
         self.mask_generator = make_generator(derive_seed(self.tc.seed, _MASK_STREAM, self.dist.rank), self.device)
@@ -141,9 +145,9 @@ class Trainer:
         self.batches_per_epoch = (self.sampler.num_samples // self.tc.batch_size) // self.tc.accum_steps \
             * self.tc.accum_steps
         if self.batches_per_epoch == 0:
-            raise ValueError(f"the dataset has {len(dataset)} images: too few for one optimiser step of "
-                             f"batch_size={self.tc.batch_size} x accum_steps={self.tc.accum_steps} x "
-                             f"world_size={self.dist.world_size}")
+            raise ConfigError(f"the data set has {len(dataset)} images: too few for one optimiser step of "
+                              f"train.batch_size={self.tc.batch_size} x train.accum_steps={self.tc.accum_steps} "
+                              f"x {self.dist.world_size} process(es); lower train.batch_size")
         self.steps_per_epoch = self.batches_per_epoch // self.tc.accum_steps
         self.total_steps = self.steps_per_epoch * self.tc.epochs
         self.effective_batch = self.tc.batch_size * self.tc.accum_steps * self.dist.world_size
@@ -151,6 +155,10 @@ class Trainer:
                                    total_steps=self.total_steps,
                                    warmup_steps=min(self.total_steps, round(self.tc.warmup_epochs * self.steps_per_epoch)),
                                    min_lr=self.tc.min_lr)
+        if self.tc.min_lr > self.schedule.peak_lr:
+            raise ConfigError(f"train.min_lr={self.tc.min_lr} exceeds the peak learning rate {self.schedule.peak_lr:.3g} "
+                              f"(train.base_lr={self.tc.base_lr} x effective batch {self.effective_batch} / 256): "
+                              "the schedule would rise instead of decaying")
         self.optimizer = torch.optim.AdamW(self.model.param_groups(self.tc.weight_decay),
                                            lr=self.schedule.peak_lr, betas=self.tc.betas)
         self.autocast_dtype = self._autocast_dtype()
@@ -163,6 +171,18 @@ class Trainer:
         self._new_skipped_images = 0  # since the last log row (this rank)
 
     # ------------------------------------------------------------------------------------------ set-up
+    @staticmethod
+    def _check_backend(backend: str, device: torch.device) -> None:
+        """Refuse a ``model.backend`` that cannot run on ``device`` before any work is done."""
+        from pacofr.ops import backend_status
+
+        if backend == "auto":
+            return
+        available, why = backend_status(backend, device)
+        if not available:
+            raise ConfigError(f"model.backend={backend!r} cannot run on {device}: {why}; use model.backend=auto "
+                              "(the fastest available) or torch")
+
     def _autocast_dtype(self) -> torch.dtype | None:
         if self.tc.precision == "fp32":
             return None

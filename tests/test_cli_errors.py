@@ -1,0 +1,122 @@
+"""Bad settings and damaged inputs at the command line: one line ``error: ...``, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _cli_helpers import error_line
+from pacofr.cli import main
+from pacofr.train.config import load_config
+from pacofr.train.fields import ConfigError
+
+QUICK = ["--set", "train.progress=false", "--set", "train.max_steps=1", "--set", "train.num_viz=2"]
+
+
+def _write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("model: [1, 2\ntrain: {}\n", r"is not valid YAML: .* at line 2, column 6"),
+    ("train: 5\n", "section 'train' must be a mapping of keys, got 5"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "is not a UTF-8 text file"),
+    ("model: !!python/object/apply:os.system ['echo pwned']\n", "only plain YAML values are allowed"),
+    ("", "is empty: expected a mapping with model, data and train sections"),
+    ("# nothing but a comment\n", "is empty"),
+    ("- model\n- train\n", "expected a mapping with model, data and train sections, got"),
+    ("train: {base_lr: .nan}\n", r"train.base_lr: expected a finite number, got nan"),
+    ("train: {base_lr: 1.0e-3, min_lr: 1.0e-2}\n", r"min_lr=0.01 must not exceed base_lr=0.001"),
+    ("model: {preset: demo, r_mask: .inf}\n", r"model.r_mask: expected a finite number, got inf"),
+], ids=["malformed", "section-not-mapping", "binary", "python-tag", "empty", "comment-only", "list",
+        "nan-lr", "min-above-base", "inf-model-field"])
+def test_a_bad_yaml_file_is_one_line_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      content: str | bytes, expected: str) -> None:
+    path = _write(tmp_path / "run.yaml", content)
+    assert main(["pretrain", "--config", str(path), "--out", str(tmp_path / "run"), *QUICK]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: config {path}"), line
+    assert re.search(expected, line), line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.base_lr=inf", "--set train.base_lr=inf: train.base_lr: expected a finite number, got 'inf'"),
+    ("train.base_lr=nan", "train.base_lr: expected a finite number, got 'nan'"),
+    ("train.clip_grad=nan", "train.clip_grad: expected a finite number, got 'nan'"),
+    ("train.weight_decay=-inf", "train.weight_decay: expected a finite number"),
+    ("train.betas=[0.9, .nan]", r"train.betas[1]: expected a finite number"),
+    ("model.pixel_std=[0.2, inf, 0.2]", r"model.pixel_std[1]: expected a finite number"),
+    ("train.min_lr=1", "min_lr=1.0 must not exceed base_lr"),
+    ("train.out_dir= ", "out_dir must name a folder, got an empty string"),
+])
+def test_a_bad_override_is_one_line_naming_the_item_and_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             override: str, expected: str) -> None:
+    assert main(["pretrain", "--config", "demo", "--out", str(tmp_path / "run"), *QUICK, "--set", override]) == 2
+    assert expected in error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_values_are_refused_for_every_float_field() -> None:
+    for key in ("train.base_lr", "train.min_lr", "train.warmup_epochs", "train.clip_grad", "model.tau_b",
+                "model.r_mask", "model.teacher_momentum", "model.norm_pix_eps"):
+        for value in ("inf", "-inf", "nan", ".inf", ".nan"):
+            with pytest.raises(ConfigError, match=f"{key}: expected a finite number"):
+                load_config("demo", [f"{key}={value}"])
+
+
+def test_an_empty_out_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--config", "demo", "--out", "", *QUICK]) == 2
+    assert "--out: expected an output folder, got an empty string" in error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_torn_index_is_one_line_naming_the_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    faces = tmp_path / "faces"
+    _write(faces / "index.jsonl", '{"source": "a.jpg", "face": 0, "file": "images/a.jpg"}\n{"source": "b.jp')
+    _write(faces / "recipe.json", "{}")
+    assert main(["pretrain", "--config", "demo", "--set", f"data.root={faces}", "--out", str(tmp_path / "run"),
+                 *QUICK]) == 2
+    line = error_line(capsys)
+    assert f"{faces / 'index.jsonl'}: line 2 is not a JSON object" in line and "pacofr prepare" in line
+
+
+def test_a_batch_larger_than_the_data_set_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pretrain", "--config", "demo", "--out", str(tmp_path / "run"), *QUICK,
+                 "--set", "train.batch_size=500"]) == 2
+    assert "too few for one optimiser step of train.batch_size=500" in error_line(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("override, expected", [
+    ("train.device=cuda", "train.device='cuda' but no CUDA device is visible"),
+    ("model.backend=cuda", "model.backend='cuda' cannot run on cpu"),
+])
+def test_an_unavailable_device_or_backend_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      override: str, expected: str) -> None:
+    assert main(["pretrain", "--config", "demo", "--out", str(tmp_path / "run"), *QUICK, "--set", override]) == 2
+    assert expected in error_line(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_the_console_command_prints_one_error_line_for_an_unavailable_triton(tmp_path: Path) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # Triton cannot run CPU tensors then
+    done = subprocess.run([sys.executable, "-m", "pacofr", "pretrain", "--config", "demo", "--out",
+                           str(tmp_path / "run"), *QUICK, "--set", "model.backend=triton"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: model.backend='triton' cannot run on cpu")
