@@ -197,6 +197,19 @@ def _is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in _DATA_FILES)
 
 
+def checkpoint_area_of(path: str | Path) -> Path | None:
+    """The checkpoint folder, or folder of checkpoints, that ``path`` is or lies inside (after
+    resolving links and ``..``); None when it is in neither."""
+    for folder in (Path(path).resolve(), *Path(path).resolve().parents):
+        if not folder.is_dir():
+            continue
+        is_checkpoint = (_NAME_RE.match(folder.name) or folder.name.startswith(_TMP_PREFIX)) and any(
+            (folder / name).exists() for name in (*_DATA_FILES, CHECKSUMS_FILE))
+        if is_checkpoint or _candidates(folder):
+            return folder
+    return None
+
+
 def list_checkpoints(directory: str | Path) -> list[Path]:
     """Complete checkpoints in ``directory``, oldest (lowest step) first (including one that a
     crashed re-save left moved aside, under its temporary name)."""

@@ -227,3 +227,12 @@ def test_a_run_folder_in_use_is_refused_and_left_untouched(tmp_path: Path) -> No
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")) == before
     assert [r["step"] for r in _rows(tmp_path / "scalars.csv")] == ["1", "2"]
     _run(tmp_path, max_steps=3, resume=tmp_path)  # free again once released
+
+
+def test_a_min_lr_above_the_scaled_peak_is_refused(tmp_path: Path) -> None:
+    from pacofr.train.fields import ConfigError
+
+    # base_lr 0.05 at an effective batch of 4 peaks at 0.05 * 4 / 256 = 7.8e-4, below min_lr
+    with pytest.raises(ConfigError, match=r"train.min_lr=0.01 exceeds the peak learning rate 0.000781"):
+        _run(tmp_path, min_lr=0.01)
+    assert not (tmp_path / "scalars.csv").exists()

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-
-logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +13,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "timm.create_model('local-dir:OUT', pretrained=True).")
     parser.add_argument("--checkpoint", required=True,
                         help="a checkpoint folder (step_*), a checkpoints folder or a run folder (its newest)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True,
+                        help="output folder: new, empty or an earlier export (never inside a run's checkpoints)")
     parser.add_argument("--teacher", action="store_true",
                         help="export the EMA teacher instead of the student encoder")
     parser.set_defaults(func=run)
@@ -25,11 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pacofr.train.export import export_encoder
 
-    try:
-        result = export_encoder(args.checkpoint, args.out, teacher=args.teacher)
-    except (FileNotFoundError, ValueError) as err:
-        logger.error("%s", err)
-        return 2
+    result = export_encoder(args.checkpoint, args.out, teacher=args.teacher)  # errors: see pacofr.cli
     print(f"exported {result.architecture} encoder to {result.out_dir}:")
     print(f"  weights  {result.weights}")
     print(f"  config   {result.config}")

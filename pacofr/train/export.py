@@ -5,12 +5,16 @@ The folder loads with ``timm.create_model("local-dir:" + folder, pretrained=True
 ``config.json`` follows timm's hub layout (``architecture``, ``model_args``, ``pretrained_cfg`` with
 the input size and the pixel mean/std) and adds ``alignment_recipe`` (how faces must be aligned
 before they are fed) and ``pacofr`` (source checkpoint, step, method, version).
+
+The output folder must be new, empty or an earlier export: a folder inside a run's checkpoints,
+an existing file or a folder holding anything else is refused (nothing is overwritten there).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from pacofr import checkpoint as ckpt
+from pacofr.data.storage import write_atomic
 from pacofr.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -25,6 +30,11 @@ logger = logging.getLogger(__name__)
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
 EXPORT_RECIPE = "alignment_recipe.json"
+EXPORT_FILES = (EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_RECIPE)
+
+
+class ExportTargetError(ValueError):
+    """An ``--out`` folder that an export must not write into."""
 
 
 @dataclass
@@ -71,15 +81,50 @@ def timm_config(model_cfg: Any, recipe: dict[str, Any], source: dict[str, Any]) 
     }
 
 
+def _is_export(folder: Path) -> bool:
+    """Whether ``folder`` holds an earlier export only (its files, with a pacofr ``config.json``, and
+    perhaps the temporary file of an interrupted export)."""
+    names = {child.name for child in folder.iterdir() if not child.name.startswith(".tmp-")}
+    if not names <= set(EXPORT_FILES) or EXPORT_CONFIG not in names:
+        return False
+    try:
+        return "pacofr" in json.loads((folder / EXPORT_CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def check_export_target(out_dir: str | Path) -> None:
+    """Raise :class:`ExportTargetError` unless ``out_dir`` is new, an empty folder or an earlier
+    export, outside every checkpoint folder (an export there would replace checkpoint files)."""
+    out_dir = Path(out_dir)
+    area = ckpt.checkpoint_area_of(out_dir)
+    if area is not None:
+        raise ExportTargetError(f"--out {out_dir} lies inside {area}, which holds training checkpoints: an export "
+                                "there could replace them; choose a folder outside the checkpoints, e.g. "
+                                "RUN/export")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportTargetError(f"--out {out_dir} is an existing file, not a folder; choose a new folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not _is_export(out_dir):
+        raise ExportTargetError(f"--out {out_dir} already holds files that are not an earlier export "
+                                f"({', '.join(sorted(c.name for c in out_dir.iterdir())[:5])}); choose a new or "
+                                "empty folder")
+
+
 def export_encoder(checkpoint: str | Path, out_dir: str | Path, teacher: bool = False) -> ExportResult:
-    """Write the encoder of ``checkpoint`` (the student, or the EMA ``teacher``) as a timm model folder."""
+    """Write the encoder of ``checkpoint`` (the student, or the EMA ``teacher``) as a timm model folder.
+
+    ``out_dir`` must pass :func:`check_export_target`; an earlier export there is replaced file by
+    file (each written to a temporary name, then renamed). The checkpoint is verified first
+    (:class:`~pacofr.checkpoint.CorruptCheckpointError` when it is corrupted).
+    """
     from pacofr.models import PaCoFR
     from pacofr.train.config import PretrainConfig
 
+    check_export_target(out_dir)
     loaded = ckpt.load_checkpoint(checkpoint)
     cfg = PretrainConfig.from_dict(loaded.meta["config"])
     model = PaCoFR(cfg.model)
-    ckpt.load_weights(model, loaded.path)
+    ckpt.load_weights(model, loaded)
     encoder = model.teacher if teacher else model.encoder
     if encoder is None:
         raise ValueError(f"{loaded.path} has no EMA teacher (method={cfg.model.method}, sc={cfg.model.sc}); "
@@ -92,9 +137,11 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, teacher: bool = 
     config = timm_config(cfg.model, loaded.meta.get("alignment_recipe", {}), source)
     weights = out_dir / EXPORT_WEIGHTS
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in encoder.state_dict().items()}
-    save_file(state, str(weights), metadata={"format": "pt"})
+    partial = out_dir / f".tmp-{os.getpid()}-{EXPORT_WEIGHTS}"
+    save_file(state, str(partial), metadata={"format": "pt"})
+    os.replace(partial, weights)
     config_path = out_dir / EXPORT_CONFIG
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
-    (out_dir / EXPORT_RECIPE).write_text(json.dumps(config["alignment_recipe"], indent=2) + "\n")
+    write_atomic(config_path, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+    write_atomic(out_dir / EXPORT_RECIPE, (json.dumps(config["alignment_recipe"], indent=2) + "\n").encode("utf-8"))
     logger.info("exported the %s encoder of %s (step %d) to %s", source["encoder"], loaded.path, loaded.step, out_dir)
     return ExportResult(out_dir, weights, config_path, config["architecture"], config["model_args"])
