@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import re
 import struct
 import zlib
 
@@ -133,3 +135,19 @@ def test_scan_folder_splits_images_from_other_files(tmp_path):
     assert is_image_name("X.TIFF") and not is_image_name("x.txt")
     with pytest.raises(NotADirectoryError):
         scan_folder(tmp_path / "a.png")
+
+
+@pytest.mark.timeout(60)
+def test_only_regular_files_are_read_and_a_size_cap_holds(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    for name, reason in (("pipe.jpg", "not a regular file (a FIFO)"), ("zero.jpg", "not a regular file (a character device)")):
+        with pytest.raises(UnreadableImageError, match=re.escape(reason)):
+            load_image(tmp_path / name)
+    photo = write_bytes(tmp_path, "photo.png", _encode(stub_photo(1, (30, 20)), "PNG"))
+    (tmp_path / "link.png").symlink_to(photo)
+    assert load_image(tmp_path / "link.png").shape == (20, 30, 3)
+    with pytest.raises(UnreadableImageError, match="exceeds max_bytes=100"):
+        load_image(photo, max_bytes=100)
+    images, others = scan_folder(tmp_path)
+    assert images == ["link.png", "photo.png"] and others == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -229,3 +230,73 @@ def test_stub_photos_decode_to_their_face_count():
         data = io.BytesIO(jpeg_bytes(stub_photo(faces)))
         pixel = np.asarray(Image.open(data).convert("RGB"))[0, 0, 0]
         assert int(pixel) // 100 == faces  # the JPEG keeps the code readable
+
+
+def _indexed(dst):
+    """The index and the bytes of every crop it points at (what a data set reads)."""
+    records = list(read_jsonl(dst / INDEX_NAME))
+    return records, {r["file"]: (dst / r["file"]).read_bytes() for r in records}
+
+
+def test_a_photo_with_the_same_name_but_other_content_is_redone(tmp_path, caplog):
+    first, second = tmp_path / "s1", tmp_path / "s2"
+    for number in range(3):
+        write_bytes(first, f"p{number}.jpg", jpeg_bytes(stub_photo(1, seed=10 + number)))
+    write_bytes(second, "p0.jpg", jpeg_bytes(stub_photo(1, seed=99)))  # another person, the same name
+    dst = tmp_path / "dst"
+    prepare_faces(first, dst, detector_factory=StubDetector())
+    with caplog.at_level("WARNING", logger="pacofr.data.prepare"):
+        summary = prepare_faces(second, dst, detector_factory=StubDetector())
+    assert (summary.resumed, summary.processed, summary.faces) == (0, 1, 1)
+    assert "2 photo(s) prepared into" in caplog.text and "are not under" in caplog.text
+    prepare_faces(second, tmp_path / "fresh", detector_factory=StubDetector())
+    assert _indexed(dst) == _indexed(tmp_path / "fresh")
+
+
+def test_a_photo_changed_in_place_is_redone_and_a_touched_one_is_not(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for number in range(2):  # BMP: the same size for every photo of these dimensions
+        stub_photo(1, seed=20 + number).save(src / f"p{number}.bmp")
+    dst = tmp_path / "dst"
+    prepare_faces(src, dst, detector_factory=StubDetector())
+    before = _indexed(dst)
+    size = (src / "p0.bmp").stat().st_size
+    stub_photo(1, seed=77).save(src / "p0.bmp")  # p0: same size, other pixels
+    assert (src / "p0.bmp").stat().st_size == size
+    os.utime(src / "p1.bmp", ns=(10**18, 10**18))  # p1: the same bytes, only a new mtime
+    summary = prepare_faces(src, dst, detector_factory=StubDetector())
+    assert (summary.resumed, summary.processed) == (1, 1)
+    after = _indexed(dst)
+    prepare_faces(src, tmp_path / "fresh", detector_factory=StubDetector())
+    assert after == _indexed(tmp_path / "fresh")
+    assert after != before
+
+
+@pytest.mark.timeout(120)
+def test_special_files_are_skipped_and_counted_and_a_size_cap_holds(tmp_path, monkeypatch):
+    src = make_sources(tmp_path / "src")
+    os.mkfifo(src / "pipe.jpg")  # reading it would block forever
+    (src / "zero.jpg").symlink_to("/dev/zero")  # reading it would never end
+    (src / "gone.jpg").symlink_to(src / "nothing-here.jpg")
+    (src / "link.jpg").symlink_to(src / "one.jpg")  # a link to a regular file is a photo like any other
+    write_bytes(src, "locked/hidden.jpg", jpeg_bytes(stub_photo(1, seed=8)))
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    summary = prepare_faces(src, tmp_path / "dst", detector_factory=StubDetector())
+    assert (summary.special_files, summary.unreadable_folders) == (3, 1)
+    assert summary.skipped_examples == ["gone.jpg: not a regular file", "pipe.jpg: not a regular file",
+                                        "zero.jpg: not a regular file", "locked/: folder cannot be listed"]
+    assert (summary.inputs, summary.faces) == (9, 5)
+    assert "skipped: 3 special files (not regular files), 1 folders that cannot be listed" in summary.format()
+    stored = json.loads((tmp_path / "dst" / SUMMARY_NAME).read_text())["counts"]
+    assert (stored["special_files"], stored["unreadable_folders"]) == (3, 1)
+    capped = prepare_faces(src, tmp_path / "capped", PrepareConfig(max_bytes=2000), detector_factory=StubDetector())
+    assert capped.faces == 0
+    assert any("exceeds max_bytes=2000" in example for example in capped.unreadable_examples)

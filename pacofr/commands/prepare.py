@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-
-logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,25 +30,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shard-size", type=int, default=1000, help="faces per shard (default 1000)")
     parser.add_argument("--max-pixels", type=int, default=100_000_000,
                         help="photos with more pixels are counted unreadable (default 100000000)")
+    parser.add_argument("--max-bytes", type=int, default=512 * 2**20,
+                        help="files larger than this are counted unreadable, not read (default 536870912: 512 MiB)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the pipeline and print its summary."""
-    from pacofr.data.detection import MissingDependencyError
+    """Run the pipeline and print its summary (errors: see :func:`pacofr.cli.main`)."""
     from pacofr.data.prepare import PrepareConfig, prepare_faces
 
-    try:
-        config = PrepareConfig(output_format=args.output_format, multi_face=args.multi_face, min_size=args.min_size,
-                               image_size=args.image_size, border=args.border, detector=args.detector,
-                               jpeg_quality=args.quality, shard_size=args.shard_size, max_pixels=args.max_pixels)
-        summary = prepare_faces(args.src, args.dst, config, workers=args.workers, progress=not args.no_progress)
-    except MissingDependencyError as err:
-        print(f"pacofr prepare: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, NotADirectoryError) as err:
-        print(f"pacofr prepare: {err}", file=sys.stderr)
-        return 2
+    config = PrepareConfig(output_format=args.output_format, multi_face=args.multi_face, min_size=args.min_size,
+                           image_size=args.image_size, border=args.border, detector=args.detector,
+                           jpeg_quality=args.quality, shard_size=args.shard_size, max_pixels=args.max_pixels,
+                           max_bytes=args.max_bytes)
+    summary = prepare_faces(args.src, args.dst, config, workers=args.workers, progress=not args.no_progress)
     print(summary.format())
     return 0

@@ -2,7 +2,11 @@
 
 Stage 1 (parallel, resumable) detects, selects and aligns the faces of every photo not yet in
 the journal, writes each crop as a JPEG and appends one journal line per photo (also for photos
-with no face or that cannot be read, so they are not retried). Stage 2 writes the sorted index,
+with no face or that cannot be read, so they are not retried). A journal line is reused only for
+the same content: it records the photo's size, modification time and SHA-256, and a photo whose
+size or mtime changed is hashed again and redone unless its content is the same. Only regular
+files are read (FIFOs, devices and links to them are skipped and counted, as are folders that
+cannot be listed), and none larger than ``max_bytes``. Stage 2 writes the sorted index,
 the recipe and the summary (format "files") or packs the crops into tar shards first (format
 "shards"). Crop file names derive from the source path, JPEG encoding is deterministic and the
 final index is sorted, so an interrupted run resumed later gives the same output as a run that
@@ -31,7 +35,15 @@ from PIL import Image
 
 from pacofr.data.alignment import AlignmentRecipe, transform_points
 from pacofr.data.detection import Detection, FaceDetector, create_detector, select_faces
-from pacofr.data.image_io import DEFAULT_MAX_PIXELS, UnreadableImageError, load_image, scan_folder
+from pacofr.data.image_io import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    FolderScan,
+    UnreadableImageError,
+    load_image,
+    read_regular_file,
+    scan_sources,
+)
 from pacofr.data.storage import (
     IMAGES_DIR,
     INDEX_NAME,
@@ -74,6 +86,7 @@ class PrepareConfig:
         jpeg_quality: JPEG quality of the crops.
         shard_size: faces per shard (format "shards").
         max_pixels: photos with more pixels are counted unreadable (decompression-bomb guard).
+        max_bytes: files larger than this are counted unreadable without being read.
     """
 
     output_format: str = "files"
@@ -86,6 +99,7 @@ class PrepareConfig:
     jpeg_quality: int = 95
     shard_size: int = 1000
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
 
     def __post_init__(self) -> None:
         if self.output_format not in FORMATS:
@@ -100,6 +114,8 @@ class PrepareConfig:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if self.max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {self.max_bytes}")
 
     def recipe(self) -> AlignmentRecipe:
         """The alignment recipe these settings produce."""
@@ -120,6 +136,10 @@ class PrepareSummary:
         multi_face_skipped: photos dropped by the "skip" policy.
         unreadable: image files that could not be decoded (examples in ``unreadable_examples``).
         not_images: files ignored because their name is not an image type.
+        special_files: entries skipped because they are not regular files (FIFOs, devices,
+            sockets, broken links, links to those).
+        unreadable_folders: folders that could not be listed (what they hold is not counted).
+        skipped_examples: the first special files and unreadable folders, by name.
         resumed: photos already done by an earlier, interrupted run (not stored in summary.json).
         processed: photos processed by this run (not stored in summary.json).
     """
@@ -133,7 +153,10 @@ class PrepareSummary:
     multi_face_skipped: int = 0
     unreadable: int = 0
     not_images: int = 0
+    special_files: int = 0
+    unreadable_folders: int = 0
     unreadable_examples: list[str] = dataclasses.field(default_factory=list)
+    skipped_examples: list[str] = dataclasses.field(default_factory=list)
     resumed: int = 0
     processed: int = 0
 
@@ -155,6 +178,9 @@ class PrepareSummary:
             f"unreadable files: {self.unreadable}",
         ]
         lines += [f"  {example}" for example in self.unreadable_examples]
+        lines.append(f"skipped: {self.special_files} special files (not regular files), "
+                     f"{self.unreadable_folders} folders that cannot be listed")
+        lines += [f"  {example}" for example in self.skipped_examples]
         return "\n".join(lines)
 
 
@@ -191,6 +217,40 @@ def _face_record(detection: Detection, matrix: np.ndarray, source: str, face: in
     return record
 
 
+def source_identity(path: Path) -> dict[str, Any]:
+    """``size`` and ``mtime_ns`` of a photo (following links; -1 when it cannot be stat'ed) and
+    ``sha256`` None: what a journal record holds when the content could not be read."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return {"size": -1, "mtime_ns": -1, "sha256": None}
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": None}
+
+
+def _unreadable(record: dict[str, Any], err: UnreadableImageError) -> dict[str, Any]:
+    logger.debug("%s", err)
+    return {**record, "outcome": "unreadable", "reason": err.reason, "detected": 0}
+
+
+def _same_content(record: dict[str, Any] | None, path: Path, max_bytes: int) -> bool:
+    """Whether journal ``record`` describes the photo now at ``path``: same size and mtime, or
+    else the same SHA-256 (the photo is read again only then)."""
+    if record is None:
+        return False
+    identity = source_identity(path)
+    if identity["size"] != record.get("size"):
+        return False
+    if identity["mtime_ns"] == record.get("mtime_ns"):
+        return True
+    if record.get("sha256") is None:
+        return False
+    try:
+        data, _ = read_regular_file(path, max_bytes)
+    except UnreadableImageError:
+        return False
+    return hashlib.sha256(data).hexdigest() == record["sha256"]
+
+
 @dataclasses.dataclass
 class _Worker:
     """Per-process state of stage 1."""
@@ -202,14 +262,18 @@ class _Worker:
     detector: FaceDetector
 
     def process(self, source: str) -> dict[str, Any]:
-        """Journal record of one photo: outcome, detection count and face records."""
+        """Journal record of one photo: its identity (see :func:`source_identity`), outcome,
+        detection count and face records."""
         record: dict[str, Any] = {"source": source, "faces": []}
         try:
-            image = load_image(self.src / source, max_pixels=self.config.max_pixels)
+            data, info = read_regular_file(self.src / source, self.config.max_bytes)
         except UnreadableImageError as err:
-            logger.debug("%s", err)
-            record.update(outcome="unreadable", reason=err.reason, detected=0)
-            return record
+            return _unreadable({**record, **source_identity(self.src / source)}, err)
+        record.update(size=info.st_size, mtime_ns=info.st_mtime_ns, sha256=hashlib.sha256(data).hexdigest())
+        try:
+            image = load_image(data, max_pixels=self.config.max_pixels)
+        except UnreadableImageError as err:
+            return _unreadable(record, err)
         detections = self.detector.detect(image)
         kept, outcome = select_faces(detections, self.config.multi_face, self.config.min_size)
         record.update(outcome=outcome, detected=sum(d.size >= self.config.min_size for d in detections))
@@ -283,7 +347,7 @@ def _pack_shards(dst: Path, faces: list[dict[str, Any]], shard_size: int) -> lis
     return index
 
 
-def _summarise(records: list[dict[str, Any]], not_images: int) -> PrepareSummary:
+def _summarise(records: list[dict[str, Any]], scan: FolderScan) -> PrepareSummary:
     counts = Counter(record["outcome"] for record in records)
     unreadable = sorted((r["source"], r.get("reason", "")) for r in records if r["outcome"] == "unreadable")
     return PrepareSummary(
@@ -295,8 +359,12 @@ def _summarise(records: list[dict[str, Any]], not_images: int) -> PrepareSummary
         multi_face_images=sum(1 for r in records if r.get("detected", 0) > 1),
         multi_face_skipped=counts["multi_skipped"],
         unreadable=counts["unreadable"],
-        not_images=not_images,
+        not_images=len(scan.others),
+        special_files=len(scan.special),
+        unreadable_folders=len(scan.unreadable_folders),
         unreadable_examples=[f"{source}: {reason}" for source, reason in unreadable[:_EXAMPLES]],
+        skipped_examples=([f"{name}: not a regular file" for name in scan.special]
+                          + [f"{name}/: folder cannot be listed" for name in scan.unreadable_folders])[:_EXAMPLES],
     )
 
 
@@ -306,6 +374,13 @@ def _settings_dict(config: PrepareConfig, detector_name: str) -> dict[str, Any]:
     settings["detector"] = detector_name
     settings["recipe"] = dataclasses.replace(config.recipe(), detector=detector_name).to_dict()
     return json.loads(json.dumps(settings, sort_keys=True, default=repr))
+
+
+def _inputs_digest(src: Path, images: list[str]) -> str:
+    """Fingerprint of the photo set: every name with its size and mtime."""
+    lines = [f"{name}\t{info['size']}\t{info['mtime_ns']}" for name in images
+             for info in (source_identity(src / name),)]
+    return hashlib.sha1("\n".join(lines).encode("utf-8")).hexdigest()
 
 
 def _load_journal(work: Path) -> dict[str, dict[str, Any]]:
@@ -388,6 +463,7 @@ def prepare_faces(src: str | os.PathLike, dst: str | os.PathLike, config: Prepar
     settings_path = work / _SETTINGS
     if settings_path.exists():
         previous = json.loads(settings_path.read_text(encoding="utf-8"))
+        previous.setdefault("max_bytes", DEFAULT_MAX_BYTES)  # folders prepared before the size cap existed
         if previous != settings:
             changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
             raise ValueError(f"{dst} was prepared with other settings ({', '.join(changed)}); "
@@ -395,8 +471,13 @@ def prepare_faces(src: str | os.PathLike, dst: str | os.PathLike, config: Prepar
     else:
         write_json_atomic(settings_path, settings)
 
-    images, others = scan_folder(src_path, exclude=dst_path)
-    inputs_digest = hashlib.sha1("\n".join(images).encode("utf-8")).hexdigest()
+    scan = scan_sources(src_path, exclude=dst_path)
+    images = scan.images
+    if scan.special or scan.unreadable_folders:
+        logger.warning("skipping %d special file(s) (not regular files) and %d folder(s) that cannot be listed "
+                       "under %s, e.g. %s", len(scan.special), len(scan.unreadable_folders), src,
+                       (scan.special + scan.unreadable_folders)[:3])
+    inputs_digest = _inputs_digest(src_path, images)
     complete_path = work / _COMPLETE
     if complete_path.exists() and json.loads(complete_path.read_text())["inputs"] == inputs_digest:
         summary = PrepareSummary(**json.loads((dst_path / SUMMARY_NAME).read_text())["counts"])
@@ -407,7 +488,11 @@ def prepare_faces(src: str | os.PathLike, dst: str | os.PathLike, config: Prepar
         raise ValueError(f"{dst} holds finished shards of another set of photos; use a new output folder")
 
     done = _load_journal(work)
-    todo = [source for source in images if source not in done]
+    gone = sorted(set(done) - set(images))
+    if gone:
+        logger.warning("%d photo(s) prepared into %s earlier are not under %s now (e.g. %s): the index lists "
+                       "only the photos under %s", len(gone), dst, src, gone[:3], src)
+    todo = [source for source in images if not _same_content(done.get(source), src_path / source, config.max_bytes)]
     resumed = len(images) - len(todo)
     if resumed:
         logger.info("resuming: %d of %d photos already done", resumed, len(images))
@@ -417,7 +502,7 @@ def prepare_faces(src: str | os.PathLike, dst: str | os.PathLike, config: Prepar
 
     records = [done[source] for source in images]
     faces = [face for record in records for face in record["faces"]]
-    summary = _summarise(records, len(others))
+    summary = _summarise(records, scan)
     if config.output_format == "shards":
         faces = _pack_shards(dst_path, faces, config.shard_size)
     write_json_atomic(dst_path / RECIPE_NAME, settings["recipe"])
