@@ -120,3 +120,17 @@ def test_the_console_command_prints_one_error_line_for_an_unavailable_triton(tmp
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: model.backend='triton' cannot run on cpu")
+
+
+def test_a_locked_run_folder_is_one_line_and_verbose_adds_the_traceback(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    from pacofr.train.lock import RunLock
+
+    out = tmp_path / "run"
+    with RunLock(out):
+        assert main(["pretrain", "--config", "demo", "--out", str(out), *QUICK]) == 2
+        assert f"in use by another pacofr run: pid {os.getpid()}" in error_line(capsys)
+        with caplog.at_level("ERROR", logger="pacofr.cli"):
+            assert main(["-v", "pretrain", "--config", "demo", "--out", str(out), *QUICK]) == 2
+        assert "Traceback" in caplog.text and "RunFolderLockedError" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == [".pacofr-run.lock"]
