@@ -47,13 +47,21 @@ def test_nearest_prototype_is_the_pixel_argmin(generator: torch.Generator) -> No
     assert torch.equal(labels, pick)
 
 
-def test_logits_and_soft_token(generator: torch.Generator) -> None:
+def test_belief_losses_and_soft_token(generator: torch.Generator) -> None:
     cfg = ModelConfig.preset("tiny", num_candidates=3, tau_b=0.2)
     book = PatchCodebook(cfg)
     q = F.normalize(torch.randn(6, cfg.code_dim, generator=generator), dim=1)
     codes = book.codes()
-    logits = book.logits(q, codes)
-    assert torch.allclose(logits, q @ F.normalize(book.codebook.weight, dim=1).T / 0.2, atol=1e-5)
+    logits = q @ F.normalize(book.codebook.weight, dim=1).T / 0.2  # the dense belief logits
+    labels = torch.randint(cfg.codebook_size, (6,), generator=generator)
+    loss, accuracy = book.cross_entropy(q, codes, labels)
+    assert torch.allclose(loss, F.cross_entropy(logits, labels), atol=1e-5)
+    assert accuracy.item() == (logits.argmax(1) == labels).float().mean().item()
+    assert torch.allclose(book.mean_belief(q, codes), logits.softmax(1).mean(0), atol=1e-6)
+    target = F.normalize(torch.randn(6, cfg.code_dim, generator=generator), dim=1)
+    want_kl = F.kl_div(logits.log_softmax(1), (target @ codes.T / 0.2).log_softmax(1), reduction="batchmean",
+                       log_target=True)
+    assert torch.allclose(book.belief_kl(q, target, codes), want_kl, atol=1e-5)
     token, indices, weights = book.soft_token(q, codes)
     top = logits.topk(3, dim=1)
     assert torch.equal(indices, top.indices)

@@ -4,10 +4,12 @@
   l2-normalised (the belief query q).
 - :class:`PatchCodebook`: the codebook E (a :class:`pacofr.models.codebook.Codebook`, cosine),
   ``code2pix`` (dc -> P, the pixel prototype of a code: the patch-pixel anchor), ``code2tok``
-  (dc -> D, a soft token as an encoder input), the belief logits, the top-M soft token, the
-  nearest-prototype labels of incubation and the code-usage bookkeeping for dead-code restarts.
+  (dc -> D, a soft token as an encoder input), the losses over the belief softmax (never as an
+  N x K matrix: :mod:`pacofr.models.code_softmax`), the top-M soft token, the nearest-prototype
+  labels of incubation and the code-usage bookkeeping for dead-code restarts.
 
-Everything that looks codes up, normalises or takes a softmax runs in fp32 with autocast off.
+Everything that looks codes up, normalises or takes a softmax runs in fp32 with autocast off; the
+score products follow ``cfg.codebook_precision``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pacofr.models import code_softmax
 from pacofr.models.codebook import Codebook
 from pacofr.models.config import ModelConfig
 from pacofr.models.precision import full_precision
@@ -60,6 +63,7 @@ class PatchCodebook(nn.Module):
         self.tau = cfg.tau_b
         self.straight_through = cfg.straight_through
         self.backend = cfg.backend
+        self.precision = cfg.codebook_precision
         self.dead_code_warmup = cfg.dead_code_warmup
         self.codebook = Codebook(cfg.codebook_size, cfg.code_dim, decay=cfg.codebook_decay,
                                  dead_code_threshold=cfg.dead_code_threshold if cfg.restart_dead_codes else 0.0,
@@ -74,10 +78,20 @@ class PatchCodebook(nn.Module):
         codes = self.codebook.codes()
         return codes.detach() if detach else codes
 
-    def logits(self, q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Belief logits q . E^T / tau_b: (N, K) fp32."""
+    def cross_entropy(self, q: torch.Tensor, codes: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_bp = CE(q . E^T / tau_b, labels) over q (N, dc), labels (N,); and the top-1 accuracy (0-d, no grad)."""
         with full_precision(q.device):
-            return (q.float() @ codes.float().T) / self.tau
+            return code_softmax.code_cross_entropy(q.float(), codes.float(), labels, self.tau, precision=self.precision)
+
+    def mean_belief(self, q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Batch-mean belief softmax(q . E^T / tau_b).mean(0): (K,) fp32 (the usage whose entropy L_ent raises)."""
+        with full_precision(q.device):
+            return code_softmax.mean_code_probs(q.float(), codes.float(), self.tau, precision=self.precision)
+
+    def belief_kl(self, q: torch.Tensor, q_target: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """mean KL(belief(q_target) || belief(q)) over rows (0-d fp32; the target is a constant)."""
+        with full_precision(q.device):
+            return code_softmax.code_kl(q.float(), codes.float(), q_target.float(), self.tau, precision=self.precision)
 
     def soft_token(self, q: torch.Tensor, codes: torch.Tensor) -> SoftAssignment:
         """Top-M soft token e_soft (N, dc) fp32, its candidate indices (N, M) and weights (N, M)."""

@@ -25,6 +25,7 @@ RecOn = Literal["masked+replaced", "all"]
 SpatialConsistency = Literal["relation", "equivariance", "off"]
 IncubationPatches = Literal["all", "replaced"]
 Backend = Literal["auto", "torch", "triton", "cuda"]
+CodebookPrecision = Literal["ieee", "tf32x3", "tf32", "bf16"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -142,8 +143,10 @@ class ModelConfig:
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
     pixel_std: tuple[float, float, float] = IMAGENET_STD
 
-    # --- backend of the pacofr.ops calls
+    # --- backend of the pacofr.ops calls, and the precision of the codebook score products (the
+    #     rankings of nearest_token / soft_assign and the belief softmaxes; pacofr.ops.precision)
     backend: Backend = "auto"
+    codebook_precision: CodebookPrecision = "ieee"
 
     def __post_init__(self) -> None:
         self.pixel_mean = tuple(float(v) for v in self.pixel_mean)  # type: ignore[assignment]

@@ -413,10 +413,8 @@ class PaCoFR(nn.Module):
         codes = book.codes(detach=incubation and cfg.code_update == "ema")
         bp_weight = self._bp_weight(incubation)
         if branch.labels is not None:
-            logits = book.logits(branch.q_labelled, codes)
-            with full_precision(logits.device):
-                terms["bp"] = (F.cross_entropy(logits, branch.labels), bp_weight)
-                stats["bp_accuracy"] = (logits.argmax(dim=1) == branch.labels).float().mean().detach()
+            bp_loss, stats["bp_accuracy"] = book.cross_entropy(branch.q_labelled, codes, branch.labels)
+            terms["bp"] = (bp_loss, bp_weight)
             if incubation:
                 protos = book.prototypes(codes[branch.labels])
                 with full_precision(protos.device):
@@ -430,9 +428,8 @@ class PaCoFR(nn.Module):
             with full_precision(protos.device):
                 terms["align"] = (F.mse_loss(protos, x_rep.float()), cfg.w_align)
         if cfg.regularise_in_incubation or not incubation:
-            with full_precision(branch.q_rep.device):
-                probs = book.logits(branch.q_rep, codes).softmax(dim=1)
-                terms["ent"] = (math.log(cfg.codebook_size) - Codebook.usage_entropy(probs), cfg.w_ent)
+            mean_belief = book.mean_belief(branch.q_rep, codes)
+            terms["ent"] = (math.log(cfg.codebook_size) - Codebook.usage_entropy(mean_belief), cfg.w_ent)
         with torch.no_grad():
             if branch.labels is not None:
                 counts = torch.bincount(branch.labels, minlength=cfg.codebook_size).float()
@@ -448,15 +445,13 @@ class PaCoFR(nn.Module):
             return hidden.float().sum() * 0.0
         codes = book.codes(detach=True)
         with torch.no_grad():
-            target = book.logits(book.belief(self._norm_pix(images, masks.ids_masked)), codes)
+            q_target = book.belief(self._norm_pix(images, masks.ids_masked))
         index = masks.ids_masked.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         picked = torch.gather(hidden[:, 1:], 1, index)
         context = self.context_head(picked)
         with full_precision(context.device):
             q_ctx = F.normalize(context.float(), dim=-1)
-            log_p = book.logits(q_ctx, codes).log_softmax(dim=-1).flatten(0, 1)
-            log_t = target.log_softmax(dim=-1).flatten(0, 1)
-            return F.kl_div(log_p, log_t, reduction="batchmean", log_target=True)
+        return book.belief_kl(q_ctx.flatten(0, 1), q_target.flatten(0, 1), codes)
 
     def _teacher_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, L, D) teacher patch features of full images (no gradient)."""
