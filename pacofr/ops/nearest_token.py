@@ -2,7 +2,8 @@
 
 Public op: :func:`nearest_token`. Backends: ``torch`` (the chunked reference below, any device),
 ``triton`` (:mod:`pacofr.kernels.nearest_token`; tile sizes not tuned on a GPU yet) and ``cuda``
-(``csrc/nearest_token.cu``; a SIMT fp32 kernel without tensor cores, compile-checked only so far).
+(``csrc/nearest_token.cu`` on the tensor-core ranking of ``csrc/code_ranking.h``: fp16/bf16 MMAs,
+exact fp32 on FMAs; compile-checked only so far, not yet run on a GPU).
 
 Every backend ranks codes by the same fp32 *score* and breaks ties the same way:
 
