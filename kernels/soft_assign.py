@@ -2,17 +2,13 @@
 
 Forward (:func:`soft_assign_fwd_kernel`), one program per BLOCK_N query rows:
 
-1. tile loop over BLOCK_K codes, inner loop over D in BLOCK_D chunks, ``tl.dot`` into an fp32
-   accumulator; ranking value ``q.e / max(||e||, eps)`` (cosine; the positive per-row factor
-   ``1/||q||`` and ``1/tau`` do not change the order) or ``2 q.e - ||e||^2`` (l2; ``||q||^2`` is
-   constant per row and dropped, kernels.md pitfall 5);
-2. running top-M per row as packed int64 keys ``(order-preserving fp32 bits << 32) + (2^31-1-index)``:
-   one ``max`` yields the best value and, among equal values, the smaller index (pitfall 1). A
-   tile only costs extra work when some row has a value above its current M-th best: the insert
-   loop runs ``min(M, max_row(#values above the threshold))`` times, each inserting the tile's
-   best into the slot of the list's minimum;
-3. epilogue: sort the M keys, gather the M code rows, recompute the scores exactly from the rows
-   (``cos`` via ``q.e`` and the two norms, ``-sum (q - e)^2`` for l2), softmax of
+1. the ranking tile loop shared with ``nearest_token`` (:func:`pacofr.kernels._ranking.best_codes`):
+   fp32 scores ``-(q . e) / max(||e||, eps)`` (cosine; the positive per-row factor ``1/||q||`` and
+   ``1/tau`` do not change the order) or ``0.5 ||e||^2 - q . e`` (l2; ``||q||^2`` is constant per
+   row, kernels.md pitfall 5), lower is better, and the running best M_PAD (score, index) keys per
+   row (ties to the smaller index, NaN after every number);
+2. epilogue: take the M keys in order, gather the M code rows, recompute the scores exactly from
+   the rows (``cos`` via ``q.e`` and the two norms, ``-sum (q - e)^2`` for l2), softmax of
    ``(c - max c) / tau`` (``tau`` read from memory, so no recompilation per value), weighted sum.
    Saved for backward: indices, weights, raw scores ``c`` and ``||q||``.
 
@@ -23,9 +19,6 @@ backward, chain through the scores to ``q`` (written once per row) and to the M 
 
 Statistics: :func:`codebook_stats_atomic_kernel` (fp32 atomics) and
 :func:`codebook_stats_segment_kernel` (sorted segments, deterministic).
-
-Under ``TRITON_INTERPRET=1`` bf16 tiles are upcast to fp32 before ``tl.dot`` (UPCAST), because the
-interpreter's bf16 dot is wrong; fp32 dots pin ``input_precision="ieee"`` (no silent TF32).
 """
 
 from __future__ import annotations
@@ -33,41 +26,24 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-#: below every real key (real keys have order bits >= those of -inf = -2139095041)
-KEY_FLOOR = tl.constexpr(-(2**31 - 1) * 2**32)
-#: above every real key: marks list slots that are not in use when M < M_PAD
-KEY_CEIL = tl.constexpr((2**31 - 1) * 2**32)
-#: the low word of a key is INDEX_BASE - index, so larger keys mean smaller indices on ties
-INDEX_BASE = tl.constexpr(2**31 - 1)
-
-
-@triton.jit
-def _pack_keys(values, cols):
-    """int64 keys ordered like (value, -index): NaN must already be replaced by -inf."""
-    bits = values.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    return ordered.to(tl.int64) * 4294967296 - cols.to(tl.int64) + INDEX_BASE
-
-
-@triton.jit
-def _unpack_index(keys):
-    low = keys - (keys >> 32) * 4294967296
-    return (-low + INDEX_BASE).to(tl.int32)
+from pacofr.kernels._ranking import KEY_PAD, best_codes, key_index, pop_smallest
 
 
 @triton.jit
 def soft_assign_fwd_kernel(
-    q_ptr, cb_ptr, code_stat_ptr, tau_ptr,
+    q_ptr, cb_ptr, code_stat_ptr, rank_term_ptr, tau_ptr,
     token_ptr, idx_ptr, w_ptr, raw_ptr, qnorm_ptr,
     N, K, D,
     stride_qn, stride_qd, stride_cbk, stride_cbd,
     norm_eps,
     M: tl.constexpr, M_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DE: tl.constexpr,
-    COSINE: tl.constexpr, HARD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COSINE: tl.constexpr, HARD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, CAST_BF16: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """code_stat: (K,) fp32 code norms (cosine) or squared norms (l2). Outputs contiguous:
-    token (N, D) q dtype, idx (N, M) int64, w and raw (N, M) fp32, qnorm (N,) fp32."""
+    """code_stat: (K,) fp32 code norms (cosine) or squared norms (l2); rank_term: (K,) fp32
+    ``1 / max(||e||, eps)`` (cosine) or ``0.5 ||e||^2`` (l2), the ranking's per-code term. Outputs
+    contiguous: token (N, D) q dtype, idx (N, M) int64, w and raw (N, M) fp32, qnorm (N,) fp32."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -75,52 +51,17 @@ def soft_assign_fwd_kernel(
     slot = tl.arange(0, M_PAD)
     active = slot < M
 
-    # ---- 1-2. tile loop with a running top-M of packed keys ------------------------------------
-    slot64 = slot[None, :].to(tl.int64)
-    run_keys = tl.where(active[None, :], slot64 + KEY_FLOOR, -slot64 + KEY_CEIL)
-    run_keys = tl.broadcast_to(run_keys, (BLOCK_N, M_PAD))
-    thr = tl.min(run_keys, axis=1)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        cols64 = cols.to(tl.int64)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < D
-            qt = tl.load(q_ptr + rows64[:, None] * stride_qn + dd[None, :] * stride_qd,
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            et = tl.load(cb_ptr + cols64[None, :] * stride_cbk + dd[:, None] * stride_cbd,
-                         mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            if UPCAST:
-                qt = qt.to(tl.float32)
-                et = et.to(tl.float32)
-            acc = tl.dot(qt, et, acc, input_precision=DOT_PRECISION)
-        stat = tl.load(code_stat_ptr + cols, mask=col_ok, other=1.0)
-        if COSINE:
-            vals = acc / tl.maximum(stat, norm_eps)[None, :]
-        else:
-            vals = 2.0 * acc - stat[None, :]
-        vals = tl.where(vals != vals, float("-inf"), vals)
-        keys = _pack_keys(vals, cols[None, :])
-        keys = tl.where(col_ok[None, :], keys, KEY_FLOOR - 64)
-        above = tl.sum((keys > thr[:, None]).to(tl.int32), axis=1)
-        n_insert = tl.minimum(tl.max(above, axis=0), M)
-        for _ in range(n_insert):
-            best = tl.max(keys, axis=1)
-            take = best > thr
-            run_keys = tl.where((run_keys == thr[:, None]) & take[:, None], best[:, None], run_keys)
-            keys = tl.where(keys == best[:, None], KEY_FLOOR - 64, keys)
-            thr = tl.min(run_keys, axis=1)
+    # ---- 1. ranking: the M_PAD best keys per row ------------------------------------------------
+    best = best_codes(q_ptr, cb_ptr, rank_term_ptr, rows, row_ok, K, D,
+                      stride_qn, stride_qd, stride_cbk, stride_cbd,
+                      M_PAD, COSINE, BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION, CAST_BF16, UPCAST)
 
-    # ---- 3. epilogue: order the M winners, recompute their scores, softmax, weighted sum ------------
-    pool = tl.where(active[None, :], run_keys, KEY_FLOOR - 64)
-    ordered = tl.full((BLOCK_N, M_PAD), KEY_FLOOR - 64, tl.int64)
+    # ---- 2. epilogue: the M winners in order, their exact scores, softmax, weighted sum -----------
+    ordered = tl.full((BLOCK_N, M_PAD), KEY_PAD, tl.int64)
     for j in tl.static_range(M):
-        best = tl.max(pool, axis=1)
-        ordered = tl.where(slot[None, :] == j, best[:, None], ordered)
-        pool = tl.where(pool == best[:, None], KEY_FLOOR - 64, pool)
-    idx = tl.where(active[None, :], _unpack_index(ordered), 0)
+        smallest, best = pop_smallest(best)
+        ordered = tl.where(slot[None, :] == j, smallest[:, None], ordered)
+    idx = tl.where(active[None, :], key_index(ordered), 0)
     idx64 = idx.to(tl.int64)
     pair_ok = row_ok[:, None] & active[None, :]
 

@@ -34,6 +34,7 @@ from pacofr.ops._checks import (
     check_tensor,
 )
 from pacofr.ops._dispatch import get_op, register
+from pacofr.ops._tiles import ranking_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -232,26 +233,6 @@ MAX_CODES = 2**31 - 1
 """The fused kernels pack the code index into 32 bits."""
 
 
-@dataclass(frozen=True)
-class TritonTiles:
-    """Tile sizes and launch settings of the Triton kernel (untuned first choice; see benchmarks/)."""
-
-    block_n: int
-    block_k: int
-    block_d: int
-    num_warps: int
-    num_stages: int
-
-
-def triton_tiles(dtype: torch.dtype, kp: int, interpreting: bool) -> TritonTiles:
-    """Tiles for one call: big numpy-friendly tiles under the interpreter, GPU-shaped ones otherwise."""
-    if interpreting:
-        return TritonTiles(block_n=64, block_k=64, block_d=32, num_warps=4, num_stages=1)
-    block_d = 32 if dtype == torch.float32 else 64
-    block_n = 128 if kp <= 4 else 64
-    return TritonTiles(block_n=block_n, block_k=64, block_d=block_d, num_warps=8, num_stages=3)
-
-
 def _check_code_count(codes: int) -> None:
     if codes > MAX_CODES:
         raise ValueError(f"codebook has {codes} rows; the fused kernels support at most {MAX_CODES}")
@@ -268,7 +249,8 @@ def _nearest_token_triton(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
     _check_code_count(codes)
     kp = kernels.next_power_of_two(k)
     interpreting = x.device.type == "cpu" and _triton.interpreter_enabled()
-    tiles = triton_tiles(x.dtype, kp, interpreting)
+    input_precision = "tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee"
+    tiles = ranking_tiles(x.dtype, input_precision, False, kp, interpreting)
     terms = code_terms(codebook, metric)
     distances, indices = new_outputs(n, k, index_dtype, x.device)
     grid = ((n + tiles.block_n - 1) // tiles.block_n,)
@@ -278,10 +260,10 @@ def _nearest_token_triton(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
         x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
         K_OUT=k, KP=kp, COSINE=metric == "cosine",
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_D=tiles.block_d,
-        INPUT_PRECISION="tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee",
+        INPUT_PRECISION=input_precision, CAST_BF16=False,
         # the interpreter's tl.dot is wrong on bf16 tiles: give it exact fp32 copies of the values
-        UPCAST_FOR_DOT=interpreting and x.dtype == torch.bfloat16,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        UPCAST=interpreting and x.dtype == torch.bfloat16,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=tiles.max_registers,
     )
     return distances, indices
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from pacofr.ops._checks import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_same_dtype, check_tensor
 from pacofr.ops._dispatch import get_op, register, requested_backend
+from pacofr.ops._tiles import gather_block_d, ranking_tiles, register_ceiling
 
 logger = logging.getLogger(__name__)
 
@@ -303,21 +304,29 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class _TritonLaunchers:
-    """Launches the kernels of :mod:`pacofr.kernels.soft_assign` (imported lazily)."""
+def _rank_term(code_stat: torch.Tensor, metric: str) -> torch.Tensor:
+    """Per-code term of the shared ranking loop: ``1 / max(||e||, eps)`` (cosine) or ``0.5 ||e||^2`` (l2)."""
+    return 1.0 / code_stat.clamp_min(NORM_EPS) if metric == "cosine" else 0.5 * code_stat
 
-    BLOCK_K = 64
-    ELEMENTS_PER_PROGRAM = 8192  # bound on BLOCK_N * M_PAD * BLOCK_D in the gather loops
+
+class _TritonLaunchers:
+    """Launches the kernels of :mod:`pacofr.kernels.soft_assign` (imported lazily).
+
+    Tiles: the forward's ranking loop takes :func:`pacofr.ops._tiles.ranking_tiles`; its epilogue
+    and the backward gather (BLOCK_N, M_PAD, BLOCK_D) tiles of about ``*_GATHER_ELEMENTS`` values,
+    the size that keeps them in registers with 8 warps on sm_80 and sm_90 (benchmarks.static).
+    """
+
+    FWD_GATHER_ELEMENTS = 4096
+    BWD_GATHER_ELEMENTS = 2048
+    NUM_WARPS = 8
+    STATS_ELEMENTS_PER_PROGRAM = 8192  # bound on BLOCK_N * M_PAD * 64 in the statistics kernel
 
     @staticmethod
     def _module():
         from pacofr.kernels import soft_assign as kernels
 
         return kernels
-
-    @classmethod
-    def _gather_block_d(cls, block_n: int, m_pad: int, dim: int) -> int:
-        return max(4, min(64, cls.ELEMENTS_PER_PROGRAM // (block_n * m_pad), _pow2(dim)))
 
     @classmethod
     def forward(cls, q: torch.Tensor, codebook: torch.Tensor, tau: torch.Tensor, m: int, metric: str,
@@ -338,16 +347,18 @@ class _TritonLaunchers:
         if n == 0:
             return token, saved
         m_pad = _pow2(m)
-        block_n = 64 if m_pad <= 4 else 32
-        upcast = _triton.interpreter_enabled() and q.dtype == torch.bfloat16
-        precision = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
-        grid = (_cdiv(n, block_n),)
+        interpreting = _triton.interpreter_enabled() and q.device.type == "cpu"
+        tiles = ranking_tiles(q.dtype, "ieee", False, m_pad, interpreting)
+        grid = (_cdiv(n, tiles.block_n),)
         kernels.soft_assign_fwd_kernel[grid](
-            q, codebook, code_stat, tau, token, indices, weights, raw, q_norm,
+            q, codebook, code_stat, _rank_term(code_stat, metric), tau, token, indices, weights, raw, q_norm,
             n, num_codes, dim, q.stride(0), q.stride(1), codebook.stride(0), codebook.stride(1), NORM_EPS,
-            M=m, M_PAD=m_pad, BLOCK_N=block_n, BLOCK_K=cls.BLOCK_K, BLOCK_D=max(16, min(64, _pow2(dim))),
-            BLOCK_DE=cls._gather_block_d(block_n, m_pad, dim), COSINE=metric == "cosine",
-            HARD=straight_through, UPCAST=upcast, DOT_PRECISION=precision)
+            M=m, M_PAD=m_pad, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_D=tiles.block_d,
+            BLOCK_DE=gather_block_d(cls.FWD_GATHER_ELEMENTS, tiles.block_n, m_pad, dim), COSINE=metric == "cosine",
+            HARD=straight_through, INPUT_PRECISION="ieee", CAST_BF16=False,
+            # the interpreter's tl.dot is wrong on bf16 tiles: give it exact fp32 copies of the values
+            UPCAST=interpreting and q.dtype == torch.bfloat16,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=tiles.max_registers)
         return token, saved
 
     @classmethod
@@ -369,7 +380,7 @@ class _TritonLaunchers:
             grad_acc = torch.zeros(num_codes, dim, dtype=torch.float32, device=device)
             coef = tau_parts  # unused by the kernel when ATOMIC
         m_pad = _pow2(m)
-        block_n = 32
+        block_n = 32 if m_pad <= 8 else 16
         if n > 0:
             g_w = None if g_weights is None else g_weights.float().contiguous()
             kernels.soft_assign_bwd_kernel[(_cdiv(n, block_n),)](
@@ -378,8 +389,9 @@ class _TritonLaunchers:
                 grad_q, grad_acc, coef, tau_parts, n, dim,
                 g_token.stride(0), g_token.stride(1), q.stride(0), q.stride(1),
                 codebook.stride(0), codebook.stride(1), NORM_EPS,
-                M=m, M_PAD=m_pad, BLOCK_N=block_n, BLOCK_D=cls._gather_block_d(block_n, m_pad, dim),
-                COSINE=metric == "cosine", HAS_GW=g_w is not None, ATOMIC=not deterministic)
+                M=m, M_PAD=m_pad, BLOCK_N=block_n, BLOCK_D=gather_block_d(cls.BWD_GATHER_ELEMENTS, block_n, m_pad, dim),
+                COSINE=metric == "cosine", HAS_GW=g_w is not None, ATOMIC=not deterministic,
+                num_warps=cls.NUM_WARPS, maxnreg=register_ceiling(cls.NUM_WARPS))
         if deterministic:
             order, starts = _sorted_segments(saved.indices, num_codes)
             block_d = max(16, min(64, _pow2(dim)))
@@ -388,7 +400,7 @@ class _TritonLaunchers:
                 saved.weights, saved.raw, coef, grad_cb, dim,
                 g_token.stride(0), g_token.stride(1), q.stride(0), q.stride(1),
                 codebook.stride(0), codebook.stride(1), NORM_EPS,
-                M=m, BLOCK_P=32, BLOCK_D=block_d, COSINE=metric == "cosine")
+                M=m, BLOCK_P=32, BLOCK_D=block_d, COSINE=metric == "cosine", maxnreg=register_ceiling(4))
         else:
             grad_cb = grad_acc.to(codebook.dtype)
         grad_tau = -(tau_parts.sum() / tau) / tau
@@ -421,7 +433,7 @@ class _TritonLaunchers:
         if n == 0:
             return CodebookStats(counts, sums)
         m_pad = _pow2(m)
-        block_n = max(1, min(128, cls.ELEMENTS_PER_PROGRAM // (m_pad * 64)))
+        block_n = max(1, min(128, cls.STATS_ELEMENTS_PER_PROGRAM // (m_pad * 64)))
         kernels.codebook_stats_atomic_kernel[(_cdiv(n, block_n),)](
             idx2, dummy if w2 is None else w2, dummy if x is None else x, counts, dummy if sums is None else sums,
             n, dim, idx2.stride(0), idx2.stride(1),
