@@ -1,9 +1,13 @@
 # pacofr: the two commands a fresh machine needs (README) and a few helpers.
 #   make demo   set up .venv, then pre-train on the embedded real-face demo data (CPU or GPU)
-#   make test   set up .venv, then run the test suite (Triton kernels via the interpreter on CPU)
+#   make test   set up .venv, then run the test suite (Triton kernels via the interpreter on CPU),
+#               the static GPU check (every kernel compiled for sm_80/sm_90: spills, shared memory,
+#               tensor cores) and the same op/model tests and check on the GPU machine's stack
 #
 # .venv gets the pinned torch below. Where nvcc is on PATH the CUDA extension pacofr._C is built
 # too (PACOFR_BUILD_CUDA=1: a failed build is an error) and the tests check that it loads.
+# .venv-gpu-stack holds the torch/Triton of the GPU machine (torch 2.11 + Triton 3.6), so an API
+# difference fails here rather than in a GPU lease; pacofr._C is not built there.
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -17,8 +21,17 @@ BUILD_CUDA  ?= $(if $(filter 1,$(HAVE_NVCC)),1,0)
 ARCHES      ?= 8.0;9.0
 STAMP       := $(VENV)/.pacofr-installed
 DEMO_OUT    ?= runs/demo
+STATIC_OUT  ?= build/static
+GPU_STACK_VENV  ?= .venv-gpu-stack
+GPU_STACK_PY    := $(GPU_STACK_VENV)/bin/python
+GPU_STACK_PINS  ?= torch==2.11.0 triton==3.6.0 torchvision==0.26.0
+GPU_STACK_STAMP := $(GPU_STACK_VENV)/.pacofr-installed
+# the op and model tests: what the GPU machine's torch and Triton run
+GPU_STACK_TESTS ?= tests/test_dispatch.py tests/test_nearest_token.py tests/test_soft_assign.py \
+	tests/test_patches.py tests/test_codebook.py tests/test_code_softmax.py tests/test_masking.py \
+	tests/test_model_parts.py tests/test_model_paco.py tests/test_model_backends.py tests/test_step_buffers.py
 
-.PHONY: all demo test venv wheel info clean
+.PHONY: all demo test unit-tests static-check gpu-stack-tests venv wheel info clean
 
 all: test
 
@@ -35,8 +48,27 @@ venv: $(STAMP)
 info: $(STAMP)
 	$(PY) -m pacofr info
 
-test: $(STAMP)
+test: unit-tests static-check gpu-stack-tests
+
+unit-tests: $(STAMP)
 	PACOFR_EXPECT_C=$(BUILD_CUDA) $(PY) -m pytest -q tests
+
+# compiles without a GPU, so Triton's interpreter must be off in this process
+static-check: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m benchmarks.static --check --json $(STATIC_OUT)/static.json \
+		--markdown $(STATIC_OUT)/static.md
+
+$(GPU_STACK_STAMP): setup.py pyproject.toml
+	@test -x $(GPU_STACK_PY) || $(PYTHON) -m venv $(GPU_STACK_VENV)
+	$(GPU_STACK_PY) -m pip install -q --upgrade "setuptools>=69" wheel
+	$(GPU_STACK_PY) -m pip install -q $(GPU_STACK_PINS)
+	PACOFR_BUILD_CUDA=0 $(GPU_STACK_PY) -m pip install -q --no-build-isolation -e ".[test]"
+	@touch $@
+
+gpu-stack-tests: $(GPU_STACK_STAMP)
+	$(GPU_STACK_PY) -m pytest -q -p no:cacheprovider $(GPU_STACK_TESTS)
+	env -u TRITON_INTERPRET $(GPU_STACK_PY) -m benchmarks.static --check --no-cuda \
+		--json $(STATIC_OUT)/static-gpu-stack.json --markdown $(STATIC_OUT)/static-gpu-stack.md
 
 demo: $(STAMP)
 	$(PY) -m pacofr info
@@ -48,4 +80,4 @@ wheel: $(STAMP)
 		$(PY) -m pip wheel . --no-build-isolation --no-deps -w dist
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info pacofr/_C*.so
+	rm -rf $(VENV) $(GPU_STACK_VENV) build dist *.egg-info pacofr/_C*.so

@@ -1,0 +1,144 @@
+"""``python -m benchmarks.static``: compile every kernel pacofr can launch for sm_80 / sm_90 and check it.
+
+See :mod:`benchmarks.static` for how the variants are found and :mod:`benchmarks.static.policy` for
+the rules. Writes a JSON record (``--json``) and a markdown table (``--markdown``; printed when
+not given). Exit status: 0, or 1 with ``--check`` when a rule is broken, 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime as dt
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("benchmarks.static")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.static", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="80,90", help="compute capabilities to compile for (default 80,90)")
+    parser.add_argument("--tiers", default="quick", help="benchmark tiers whose shapes are compiled (quick,full: all)")
+    parser.add_argument("--presets", default=None, help="model presets whose training step is compiled (default all)")
+    parser.add_argument("--no-benchmarks", action="store_true", help="only the model presets' training steps")
+    parser.add_argument("--no-models", action="store_true", help="only the benchmark shapes")
+    parser.add_argument("--no-cuda", action="store_true", help="skip the pacofr._C SASS table")
+    parser.add_argument("--only", action="append", help="only workloads whose name starts with this (repeatable)")
+    parser.add_argument("--json", type=Path, help="write the full record here")
+    parser.add_argument("--markdown", type=Path, help="write the tables here (default: print them)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a rule is broken")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: all cores)")
+    return parser.parse_args(argv)
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine of this run."""
+    import torch
+    import triton
+
+    import pacofr
+
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "pacofr": pacofr.__version__,
+            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "gpu": "none: compiled ahead of time, nothing was run"}
+
+
+def record_launches(args: argparse.Namespace, arches: tuple[int, ...]) -> list:
+    """Run every workload under the kernel recorder; the recorded launches."""
+    from benchmarks.static.launches import KernelRecorder, compile_only_dispatch
+    from benchmarks.static.workloads import benchmark_workloads, model_workloads
+
+    workloads = []
+    if not args.no_models:
+        presets = tuple(args.presets.split(",")) if args.presets else None
+        workloads += model_workloads(presets)
+    if not args.no_benchmarks:
+        workloads += benchmark_workloads(tuple(args.tiers.split(",")))
+    if args.only:
+        workloads = [w for w in workloads if w.name.startswith(tuple(args.only))]
+    with KernelRecorder(arches) as recorder, compile_only_dispatch():
+        for workload in workloads:
+            recorder.origin = workload.name
+            workload.run(recorder)
+    logger.info("%d workloads made %d launches", len(workloads), len(recorder.launches))
+    return recorder.launches
+
+
+def compile_all(launches: list, jobs: int) -> list:
+    """One compiled :class:`Variant` per distinct specialisation and architecture, ``jobs`` processes at a time."""
+    from benchmarks.static.triton_aot import CompileJob, apply_result, compile_job, describe
+
+    variants: dict[tuple, Any] = {}
+    pending = []
+    for launch in launches:
+        variant = describe(launch)
+        if variant.key not in variants:
+            variants[variant.key] = variant
+            pending.append((CompileJob.of(launch), variant))
+        variants[variant.key].origins.append(launch.origin)
+    start = time.monotonic()
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(compile_job, job): variant for job, variant in pending}
+        for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            apply_result(futures[future], future.result())
+            if i % 50 == 0 or i == len(pending):
+                logger.info("compiled %d/%d variants (%.0f s)", i, len(pending), time.monotonic() - start)
+    return list(variants.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("python -m benchmarks.static: unset TRITON_INTERPRET (the interpreter replaces the kernels "
+              "this check compiles)", file=sys.stderr)
+        return 2
+    try:
+        arches = tuple(int(a) for a in args.arch.split(","))
+    except ValueError:
+        print(f"python -m benchmarks.static: --arch must be a comma-separated list like 80,90, got {args.arch!r}",
+              file=sys.stderr)
+        return 2
+    from benchmarks.static import policy
+    from benchmarks.static.cuda_sass import cuda_kernels
+
+    variants = compile_all(record_launches(args, arches), max(1, args.jobs))
+    triton_rows = [policy.variant_row(v) for v in variants]
+    kernels = [] if args.no_cuda else cuda_kernels()
+    cuda_rows = [policy.cuda_row(k) for k in kernels]
+    violations = [v for variant in variants for v in policy.triton_violations(variant)]
+    violations += [v for kernel in kernels for v in policy.cuda_violations(kernel)]
+    record = {"environment": environment(), "arches": [f"sm_{a}" for a in arches], "triton": triton_rows,
+              "cuda": cuda_rows, "cuda_built": bool(kernels) or args.no_cuda,
+              "violations": [vars(v) for v in violations]}
+    tables = [*policy.triton_summary(triton_rows), "", *(policy.cuda_summary(cuda_rows) if cuda_rows else
+              ["pacofr._C: " + ("skipped (--no-cuda)" if args.no_cuda else "not built; no CUDA table")])]
+    if violations:
+        tables += ["", f"{len(violations)} violations:", *(f"- {v.rule}: {v.kernel} on {v.arch}: {v.detail}"
+                                                           for v in violations)]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=1) + "\n")
+    text = "\n".join(tables) + "\n"
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text)
+    else:
+        print(text)
+    logger.info("%d Triton variants, %d pacofr._C kernels, %d violations", len(triton_rows), len(cuda_rows),
+                len(violations))
+    return 1 if (args.check and violations) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The NVIDIA binary tools the static check uses, and parsers of their output.
+
+``cuobjdump`` comes with the triton wheel (``triton/backends/nvidia/bin``) and with a CUDA toolkit;
+the first one found is used. Nothing here needs a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+#: SASS opcodes that use tensor cores (Ampere ``HMMA``; Hopper warpgroup ``HGMMA``; integer ``IMMA``).
+MMA_OPCODES: tuple[str, ...] = ("HGMMA", "HMMA", "IMMA")
+#: SASS opcodes that touch thread-local memory: spills (or local arrays) when present.
+LOCAL_OPCODES: tuple[str, ...] = ("STL", "LDL")
+
+
+class ToolMissingError(RuntimeError):
+    """No ``cuobjdump`` could be found."""
+
+
+@functools.lru_cache(maxsize=1)
+def cuobjdump() -> str:
+    """Path of a ``cuobjdump`` executable (the triton wheel's first, then the CUDA toolkit's)."""
+    candidates = []
+    try:
+        import triton
+
+        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    except ImportError:
+        pass
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var]) / "bin" / "cuobjdump")
+    which = shutil.which("cuobjdump")
+    if which:
+        candidates.append(Path(which))
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    raise ToolMissingError("cuobjdump was not found: install triton (it ships one) or a CUDA toolkit")
+
+
+def run_tool(*args: str) -> str:
+    """stdout of ``cuobjdump ARGS``; RuntimeError with its stderr when it fails."""
+    done = subprocess.run([cuobjdump(), *args], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"cuobjdump {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Per-function resource usage of one cubin function (``cuobjdump -res-usage``), in registers/bytes."""
+
+    registers: int
+    stack: int
+    shared_static: int
+    local: int
+
+
+@dataclass(frozen=True)
+class SassCounts:
+    """Instruction counts in one function's SASS."""
+
+    mma: dict[str, int]
+    local_stores: int
+    local_loads: int
+    instructions: int
+
+    @property
+    def mma_total(self) -> int:
+        return sum(self.mma.values())
+
+
+@dataclass(frozen=True)
+class FunctionReport:
+    """What the static check knows of one compiled GPU function for one architecture."""
+
+    arch: str
+    name: str
+    resources: Resources
+    sass: SassCounts
+
+
+_ARCH_RE = re.compile(r"^arch = (sm_\d+a?)", re.M)
+_FUNC_RES_RE = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_SASS_FUNC_RE = re.compile(r"^\s*Function : (\S+)\s*$", re.M)
+_OPCODE_RE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(?:\.[A-Z0-9_.]+)?")
+
+
+def _fatbin_sections(text: str) -> Iterator[tuple[str, str]]:
+    """(arch, section text) for every "Fatbin elf code" block of cuobjdump's output (a cubin has one)."""
+    blocks = re.split(r"\n(?=Fatbin elf code:)", text)
+    for block in blocks:
+        found = _ARCH_RE.search(block)
+        yield (found.group(1) if found else "unknown"), block
+
+
+def parse_resource_usage(text: str, default_arch: str = "unknown") -> dict[tuple[str, str], Resources]:
+    """``{(arch, mangled function name): Resources}`` from ``cuobjdump -res-usage`` output."""
+    usage = {}
+    for arch, block in _fatbin_sections(text):
+        arch = default_arch if arch == "unknown" else arch
+        for match in _FUNC_RES_RE.finditer(block):
+            name, regs, stack, shared, local = match.groups()
+            usage[(arch, name)] = Resources(int(regs), int(stack), int(shared), int(local))
+    return usage
+
+
+def count_sass(function_text: str) -> SassCounts:
+    """Opcode counts of one function's SASS listing."""
+    opcodes = _OPCODE_RE.findall(function_text)
+    mma = {op: opcodes.count(op) for op in MMA_OPCODES if op in opcodes}
+    return SassCounts(mma=mma, local_stores=opcodes.count("STL"), local_loads=opcodes.count("LDL"),
+                      instructions=len(opcodes))
+
+
+def parse_sass(text: str, default_arch: str = "unknown") -> dict[tuple[str, str], SassCounts]:
+    """``{(arch, mangled function name): SassCounts}`` from ``cuobjdump -sass`` output."""
+    counts = {}
+    for arch, block in _fatbin_sections(text):
+        arch = default_arch if arch == "unknown" else arch
+        heads = list(_SASS_FUNC_RE.finditer(block))
+        for head, nxt in zip(heads, [*heads[1:], None]):
+            body = block[head.end(): nxt.start() if nxt is not None else len(block)]
+            counts[(arch, head.group(1))] = count_sass(body)
+    return counts
+
+
+def inspect_binary(path: str | os.PathLike, default_arch: str = "unknown") -> list[FunctionReport]:
+    """Every GPU function in a cubin or a host binary with an embedded fatbin (e.g. ``pacofr._C``)."""
+    usage = parse_resource_usage(run_tool("-res-usage", str(path)), default_arch)
+    sass = parse_sass(run_tool("-sass", str(path)), default_arch)
+    empty = SassCounts(mma={}, local_stores=0, local_loads=0, instructions=0)
+    return [FunctionReport(arch=arch, name=name, resources=res, sass=sass.get((arch, name), empty))
+            for (arch, name), res in sorted(usage.items())]
+
+
+@functools.lru_cache(maxsize=4096)
+def demangle(name: str) -> str:
+    """C++ demangled ``name`` (``c++filt``), or ``name`` itself when that is unavailable."""
+    tool = shutil.which("c++filt")
+    if tool is None or not name.startswith("_Z"):
+        return name
+    done = subprocess.run([tool, name], capture_output=True, text=True, timeout=30)
+    return done.stdout.strip() or name
