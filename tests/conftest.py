@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Skip tests marked ``gpu`` cleanly when no CUDA device is visible."""
     if HAS_CUDA:
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (none visible); run benchmarks/gpu_check.sh on a GPU")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (none visible); run python -m benchmarks.gpu_check on a GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
