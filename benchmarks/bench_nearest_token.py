@@ -9,7 +9,9 @@ against the chunked torch reference (tie-aware: each returned code's exact fp64 
 within tolerance of the reference's at the same rank; the dense baseline, which ranks by a GEMM in
 the input dtype, with a bf16-sized tolerance), then times side by side:
 ``reference`` (the chunked torch backend), ``dense`` (one GEMM + argmin/topk, the usual eager
-code), ``dense_compiled`` (``torch.compile`` of it), ``triton`` and ``cuda``. Each row holds the
+code), ``dense_compiled`` (``torch.compile`` of it), ``triton``, ``cuda`` and the peer libraries
+that are installed (:mod:`benchmarks.peers`: flash-kmeans, KeOps, vector-quantize-pytorch;
+checked the same way, with the exact distances of their indices). Each row holds the
 do_bench median/p20/p80, the peak extra memory, and % of floor (2*N*K*D FLOPs at the measured bf16
 GEMM rate, or the HBM time of reading inputs and writing outputs when larger).
 """
@@ -24,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from benchmarks.harness import SMOKE_TIER, Bench
+from benchmarks.peers import NEAREST_TOKEN_PEERS
 from pacofr.ops import nearest_token
 
 FAMILY = "nearest_token"
@@ -138,6 +141,16 @@ def bench_shape(bench: Bench, shape: Shape, generator: torch.Generator, with_com
             impls["dense_compiled"] = lambda: compiled_lookup(x, codebook, shape.k)
         for impl in [name for name in impls if name.startswith("dense")]:
             checks[impl] = check(impl, shape, x, codebook, impls[impl](), reference, DENSE_REL_TOL[shape.dtype])
+    for peer in NEAREST_TOKEN_PEERS:
+        lookup = peer.prepare(x, codebook, shape.k, shape.metric)
+        if isinstance(lookup, str):
+            bench.skip(FAMILY, peer.name, lookup)
+            continue
+        impls[peer.name] = lookup
+        index = lookup()
+        checks[peer.name] = check(peer.name, shape, x, codebook,
+                                  (exact_distances(x, codebook, index, shape.metric).float(), index), reference,
+                                  DENSE_REL_TOL[shape.dtype])
     for backend in bench.fused_backends(FAMILY, "nearest_token"):
         impls[backend] = (lambda backend=backend: nearest_token(
             x, codebook, shape.k, shape.metric, allow_tf32=shape.tf32, backend=backend))
