@@ -10,79 +10,37 @@ usage of every kernel for sm_80 and sm_90:
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
-from collections import Counter, defaultdict
-from pathlib import Path
-
 import pytest
 
-from pacofr import _extension
+from benchmarks.static.cuda_sass import extension_path
+from benchmarks.static.toolchain import ToolMissingError, cuobjdump, inspect_binary
 
 ARCHES = ("sm_80", "sm_90")
 
 
-def _cuobjdump() -> str | None:
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        import triton
-    except ImportError:
-        triton = None
-    candidates = [Path("/usr/local/cuda/bin/cuobjdump"), *Path("/usr/local").glob("cuda-*/bin/cuobjdump")]
-    if triton is not None:
-        candidates.insert(0, Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-    return next((str(p) for p in candidates if p.exists()), None)
-
-
 @pytest.fixture(scope="module")
-def extension_file() -> str:
-    mod = _extension.module()
-    if mod is None:
+def reports() -> list:
+    path = extension_path()
+    if path is None:
         pytest.skip("pacofr._C is not built here")
-    if _cuobjdump() is None:
-        pytest.skip("no cuobjdump (CUDA toolkit or the triton wheel) to read pacofr._C")
-    return mod.__file__
+    try:
+        cuobjdump()
+    except ToolMissingError as err:
+        pytest.skip(str(err))
+    return inspect_binary(path)
 
 
 @pytest.fixture(scope="module")
-def sass(extension_file: str) -> dict[tuple[str, str], Counter]:
+def sass(reports) -> dict[tuple[str, str], dict[str, int]]:
     """(arch, kernel) -> counts of base opcodes (HMMA) and of full ones (I2F.U32.RP)."""
-    text = subprocess.run([_cuobjdump(), "--dump-sass", extension_file], capture_output=True, text=True,
-                          check=True, timeout=600).stdout
-    counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
-    arch = name = None
-    for line in text.splitlines():
-        if line.startswith("arch = "):
-            arch = line.split("=")[1].strip()
-        elif "Function :" in line:
-            name = line.split("Function :")[1].strip()
-        elif name is not None and (match := re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)",
-                                                      line)):
-            opcode = match.group(1)
-            counts[(arch, name)][opcode.split(".")[0]] += 1
-            if "." in opcode:
-                counts[(arch, name)][opcode] += 1
-    return counts
+    return {(r.arch, r.name): r.sass.opcodes for r in reports}
 
 
 @pytest.fixture(scope="module")
-def resources(extension_file: str) -> dict[tuple[str, str], dict[str, int]]:
+def resources(reports) -> dict[tuple[str, str], dict[str, int]]:
     """(arch, kernel) -> REG, STACK, SHARED, LOCAL."""
-    text = subprocess.run([_cuobjdump(), "-res-usage", extension_file], capture_output=True, text=True,
-                          check=True, timeout=600).stdout
-    usage: dict[tuple[str, str], dict[str, int]] = {}
-    arch = name = None
-    for line in text.splitlines():
-        if line.startswith("arch = "):
-            arch = line.split("=")[1].strip()
-        elif line.strip().startswith("Function "):
-            name = line.strip()[len("Function "):].rstrip(":")
-        elif name is not None and "REG:" in line:
-            usage[(arch, name)] = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
-    return usage
+    return {(r.arch, r.name): {"REG": r.resources.registers, "STACK": r.resources.stack,
+                               "SHARED": r.resources.shared_static, "LOCAL": r.resources.local} for r in reports}
 
 
 def kernels(table: dict, arch: str, fragment: str) -> dict[str, object]:
@@ -98,14 +56,14 @@ def test_ranking_kernels_run_on_tensor_cores(sass, arch: str, math: str, mma_per
     found = kernels(sass, arch, f"rank_codes_kernelINS0_{math}")
     assert len(found) == 5, sorted(found)  # KP = 1, 2, 4, 8, 16
     for name, ops in found.items():
-        assert ops["HMMA"] >= mma_per_chunk, (name, ops["HMMA"])  # at least one warp tile of one chunk
-        assert ops["LDSM"] > 0 and ops["LDGSTS"] > 0, name  # ldmatrix from a cp.async ring
+        assert ops.get("HMMA", 0) >= mma_per_chunk, (name, ops.get("HMMA"))  # one warp tile of one chunk
+        assert ops.get("LDSM", 0) > 0 and ops.get("LDGSTS", 0) > 0, name  # ldmatrix from a cp.async ring
 
 
 @pytest.mark.parametrize("arch", ARCHES)
 def test_exact_fp32_ranking_uses_fma_and_no_tensor_core(sass, arch: str) -> None:
     for name, ops in kernels(sass, arch, "rank_codes_kernelINS0_8SimtFp32").items():
-        assert ops["HMMA"] == 0 and ops["FFMA"] >= 512, name  # 2 m-tiles x 8 n-tiles x 4 x 8 per chunk
+        assert ops.get("HMMA", 0) == 0 and ops.get("FFMA", 0) >= 512, name  # 2 m-tiles x 8 n-tiles x 4 x 8 per chunk
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -11,8 +11,9 @@ import os
 import re
 import shutil
 import subprocess
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 #: SASS opcodes that use tensor cores (Ampere ``HMMA``; Hopper warpgroup ``HGMMA``; integer ``IMMA``).
@@ -67,12 +68,14 @@ class Resources:
 
 @dataclass(frozen=True)
 class SassCounts:
-    """Instruction counts in one function's SASS."""
+    """Instruction counts in one function's SASS (``opcodes``: by base opcode, ``HMMA``, and by full
+    opcode with its modifiers, ``HMMA.16816.F32.BF16``)."""
 
     mma: dict[str, int]
     local_stores: int
     local_loads: int
     instructions: int
+    opcodes: dict[str, int] = field(default_factory=dict)
 
     @property
     def mma_total(self) -> int:
@@ -92,7 +95,7 @@ class FunctionReport:
 _ARCH_RE = re.compile(r"^arch = (sm_\d+a?)", re.M)
 _FUNC_RES_RE = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 _SASS_FUNC_RE = re.compile(r"^\s*Function : (\S+)\s*$", re.M)
-_OPCODE_RE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(?:\.[A-Z0-9_.]+)?")
+_OPCODE_RE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_.]+)?)")
 
 
 def _fatbin_sections(text: str) -> Iterator[tuple[str, str]]:
@@ -116,10 +119,12 @@ def parse_resource_usage(text: str, default_arch: str = "unknown") -> dict[tuple
 
 def count_sass(function_text: str) -> SassCounts:
     """Opcode counts of one function's SASS listing."""
-    opcodes = _OPCODE_RE.findall(function_text)
-    mma = {op: opcodes.count(op) for op in MMA_OPCODES if op in opcodes}
-    return SassCounts(mma=mma, local_stores=opcodes.count("STL"), local_loads=opcodes.count("LDL"),
-                      instructions=len(opcodes))
+    full = _OPCODE_RE.findall(function_text)
+    counts = Counter(op.split(".", 1)[0] for op in full)
+    counts.update(op for op in full if "." in op)
+    mma = {op: counts[op] for op in MMA_OPCODES if counts[op]}
+    return SassCounts(mma=mma, local_stores=counts["STL"], local_loads=counts["LDL"], instructions=len(full),
+                      opcodes=dict(counts))
 
 
 def parse_sass(text: str, default_arch: str = "unknown") -> dict[tuple[str, str], SassCounts]:
