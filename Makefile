@@ -24,7 +24,9 @@ DEMO_OUT    ?= runs/demo
 STATIC_OUT  ?= build/static
 GPU_STACK_VENV  ?= .venv-gpu-stack
 GPU_STACK_PY    := $(GPU_STACK_VENV)/bin/python
-GPU_STACK_PINS  ?= torch==2.11.0 triton==3.6.0 torchvision==0.26.0
+# numpy < 2.4: Triton 3.6's interpreter turns 1-element arrays into loop bounds, which numpy 2.4 refuses
+# (the GPU machine compiles its kernels and never runs the interpreter)
+GPU_STACK_PINS  ?= torch==2.11.0 triton==3.6.0 torchvision==0.26.0 "numpy<2.4"
 GPU_STACK_STAMP := $(GPU_STACK_VENV)/.pacofr-installed
 # the op and model tests: what the GPU machine's torch and Triton run
 GPU_STACK_TESTS ?= tests/test_dispatch.py tests/test_nearest_token.py tests/test_soft_assign.py \
@@ -62,7 +64,7 @@ $(GPU_STACK_STAMP): setup.py pyproject.toml
 	@test -x $(GPU_STACK_PY) || $(PYTHON) -m venv $(GPU_STACK_VENV)
 	$(GPU_STACK_PY) -m pip install -q --upgrade "setuptools>=69" wheel
 	$(GPU_STACK_PY) -m pip install -q $(GPU_STACK_PINS)
-	PACOFR_BUILD_CUDA=0 $(GPU_STACK_PY) -m pip install -q --no-build-isolation -e ".[test]"
+	PACOFR_BUILD_CUDA=0 $(GPU_STACK_PY) -m pip install -q --no-build-isolation -e ".[test]" $(GPU_STACK_PINS)
 	@touch $@
 
 gpu-stack-tests: $(GPU_STACK_STAMP)

@@ -354,7 +354,8 @@ class _TritonLaunchers:
             q, codebook, code_stat, _rank_term(code_stat, metric), tau, token, indices, weights, raw, q_norm,
             n, num_codes, dim, q.stride(0), q.stride(1), codebook.stride(0), codebook.stride(1), NORM_EPS,
             M=m, M_PAD=m_pad, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_D=tiles.block_d,
-            BLOCK_DE=gather_block_d(cls.FWD_GATHER_ELEMENTS, tiles.block_n, m_pad, dim), COSINE=metric == "cosine",
+            BLOCK_DE=gather_block_d(cls.FWD_GATHER_ELEMENTS, tiles.block_n, m_pad, dim, high=32),
+            COSINE=metric == "cosine",
             HARD=straight_through, INPUT_PRECISION="ieee", CAST_BF16=False,
             # the interpreter's tl.dot is wrong on bf16 tiles: give it exact fp32 copies of the values
             UPCAST=interpreting and q.dtype == torch.bfloat16,
