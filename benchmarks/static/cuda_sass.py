@@ -23,9 +23,8 @@ def extension_path() -> Path | None:
     return Path(spec.origin) if spec is not None and spec.origin else None
 
 
-def short_name(mangled: str) -> str:
+def short_name(full: str) -> str:
     """``pacofr::(anonymous namespace)::kernel<c10::BFloat16, 4>(...)`` -> ``kernel<c10::BFloat16, 4>``."""
-    full = demangle(mangled)
     depth, start = 0, 0
     for i, ch in enumerate(full):  # scope separators and the argument list outside template brackets
         if ch == "<":
@@ -44,4 +43,6 @@ def cuda_kernels(path: Path | None = None) -> list[CudaKernel]:
     path = path or extension_path()
     if path is None:
         return []
-    return [CudaKernel(short_name(r.name), r) for r in inspect_binary(path)]
+    reports = inspect_binary(path)
+    names = demangle([r.name for r in reports])
+    return [CudaKernel(short_name(names[r.name]), r) for r in reports]

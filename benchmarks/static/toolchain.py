@@ -148,11 +148,13 @@ def inspect_binary(path: str | os.PathLike, default_arch: str = "unknown") -> li
             for (arch, name), res in sorted(usage.items())]
 
 
-@functools.lru_cache(maxsize=4096)
-def demangle(name: str) -> str:
-    """C++ demangled ``name`` (``c++filt``), or ``name`` itself when that is unavailable."""
+def demangle(names: list[str]) -> dict[str, str]:
+    """C++ demangled form of every name (one ``c++filt`` call), each name itself where that is unavailable."""
     tool = shutil.which("c++filt")
-    if tool is None or not name.startswith("_Z"):
-        return name
-    done = subprocess.run([tool, name], capture_output=True, text=True, timeout=30)
-    return done.stdout.strip() or name
+    if tool is None or not names:
+        return {name: name for name in names}
+    done = subprocess.run([tool], input="\n".join(names) + "\n", capture_output=True, text=True, timeout=120)
+    lines = done.stdout.splitlines()
+    if done.returncode != 0 or len(lines) != len(names):
+        return {name: name for name in names}
+    return dict(zip(names, lines))
