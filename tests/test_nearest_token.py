@@ -15,8 +15,10 @@ import importlib
 import pytest
 import torch
 
+from _oracles import nearest_token_distances64 as oracle_distances
+from _oracles import nearest_token_sorted, recorded_sort_widths
 from pacofr.ops import BackendUnavailableError, nearest_token
-from pacofr.ops.nearest_token import nearest_token_reference
+from pacofr.ops.nearest_token import MAX_K, nearest_token_reference
 
 nt_module = importlib.import_module("pacofr.ops.nearest_token")  # the module, not the function of the same name
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -39,17 +41,6 @@ COSINE_TOL = 1e-5
 # ------------------------------------------------------------------------------------------
 # oracle and checks
 # ------------------------------------------------------------------------------------------
-
-def oracle_distances(x2d: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
-    """Exact fp64 distances ``(N, K)`` of the given values (direct differences, no expansion)."""
-    x64, e64 = x2d.double().cpu(), codebook.double().cpu()
-    if metric == "l2":
-        return torch.cdist(x64, e64, compute_mode="donot_use_mm_for_euclid_dist").square()
-    nx, ne = x64.norm(dim=1), e64.norm(dim=1)
-    inv_x = torch.where(nx > 0, 1.0 / nx.clamp_min(1e-300), torch.zeros_like(nx))
-    inv_e = torch.where(ne > 0, 1.0 / ne.clamp_min(1e-300), torch.zeros_like(ne))
-    return 1.0 - (x64 @ e64.T) * inv_x[:, None] * inv_e[None, :]
-
 
 def row_tolerance(x2d: torch.Tensor, codebook: torch.Tensor, metric: str, rel: float = REL_TOL) -> torch.Tensor:
     if metric == "cosine":
@@ -178,6 +169,54 @@ def test_reference_chunk_boundaries(generator: torch.Generator) -> None:
         whole = nearest_token_reference(x, codebook, 5, metric)
         chunked = nearest_token_reference(x, codebook, 5, metric, buffer_elements=21, codes_per_chunk=7)
         assert torch.equal(whole[1], chunked[1]) and torch.equal(whole[0], chunked[0])
+
+
+# ------------------------------------------------------------------------------------------
+# the sort-free torch backend against the sort-based oracle (tests/_oracles.py)
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("codes", [1, 40, 128, 1000, 4096 + 33])
+def test_torch_backend_equals_the_sort_oracle_on_exact_data(dtype: torch.dtype, metric: str, codes: int,
+                                                            generator: torch.Generator) -> None:
+    """Integer data make every score exact, so the fast path must return the oracle's bits: ties
+    everywhere (duplicate codes, equidistant codes), NaN query rows and NaN codes, every k."""
+    x, codebook = integer_inputs(61, codes, 12, generator, dtype, low=-2, high=3)
+    codebook[codes // 2:codes // 2 + 3] = codebook[min(3, codes - 1)]  # duplicates across the block
+    if codes > 8:
+        codebook[5, 1] = float("nan")
+    x[7] = codebook[min(3, codes - 1)]
+    x[9, 4] = float("nan")
+    every_k = range(1, min(codes, MAX_K) + 1)
+    for k in every_k if codes <= 1000 else (1, 2, 7, 16):
+        got = nearest_token(x, codebook, k, metric, backend="torch")
+        want = nearest_token_sorted(x, codebook, k, metric)
+        assert torch.equal(got[1], want[1]), f"k={k}: indices differ in rows {(got[1] != want[1]).any(1).nonzero()}"
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("kind", ["gaussian", "clustered"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_torch_backend_on_large_codebooks_matches_float64(dtype: torch.dtype, kind: str, metric: str,
+                                                         generator: torch.Generator) -> None:
+    """Codebooks wide enough for every path of the selection (runs, groups, the ragged tail)."""
+    for n, codes, dim, ks in [(70, 4096 + 33, 16, (1, 5, 16)), (50, 1000, 40, (2, 8)), (40, 8192 + 64, 8, (1, 3))]:
+        x, codebook = make_inputs(kind, n, codes, dim, dtype, generator, sigma=0.05)
+        for k in ks:
+            dist, idx = nearest_token(x, codebook, k, metric, backend="torch")
+            assert_matches_oracle(x, codebook, k, metric, dist, idx)
+
+
+@pytest.mark.parametrize("k", [1, 8])
+def test_torch_backend_sorts_no_block(k: int, generator: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tie-free data: at most the 2k-value merges of code blocks are sorted, never a row of scores."""
+    x, codebook = make_inputs("gaussian", 300, 9000, 16, torch.float32, generator)
+    with recorded_sort_widths(monkeypatch) as widths:
+        dist, idx = nearest_token(x, codebook, k, backend="torch")
+    assert max(widths, default=0) <= 2 * k, f"sorted {max(widths)} values per row"
+    assert_matches_oracle(x, codebook, k, "l2", dist, idx)
 
 
 @pytest.mark.gpu

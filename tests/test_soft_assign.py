@@ -1,7 +1,7 @@
 """soft_assign and codebook_stats: every backend against an independent float64 oracle.
 
 The oracle ranks codes with numpy's lexsort on (-score, index) in float64, so the tie rule is
-checked independently of the implementations (which use sorts / packed keys). Indices are compared
+checked independently of the implementations (group minima + topk / packed keys). Indices are compared
 the way FAISS/flash-kmeans tests do (kernels.md, pitfall 2): the oracle scores at the returned
 indices must equal the oracle's top-m scores within a tolerance, and the indices must be equal
 where the top-(m+1) scores are separated by more than that tolerance. Weights, tokens and
@@ -13,12 +13,14 @@ from __future__ import annotations
 import importlib
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pacofr.ops.soft_assign import codebook_stats, soft_assign, soft_assign_reference
+from _oracles import recorded_sort_widths, select_top_m_sorted
+from _oracles import soft_assign_scores64 as oracle_scores
+from _oracles import top_m_lexsort as oracle_top_m
+from pacofr.ops.soft_assign import codebook_stats, select_top_m, soft_assign, soft_assign_reference
 
 sa_module = importlib.import_module("pacofr.ops.soft_assign")  # the module, not the function
 
@@ -37,26 +39,6 @@ TOL = {torch.float32: (1e-5, 2e-5), torch.float16: (1e-5, 2e-3), torch.bfloat16:
 # ------------------------------------------------------------------------------------------
 # Oracle (float64, independent of the module under test)
 # ------------------------------------------------------------------------------------------
-
-
-def oracle_scores(q: torch.Tensor, cb: torch.Tensor, metric: str) -> torch.Tensor:
-    """Raw float64 scores (N, K) before 1/tau: cosine, or -squared distance computed directly."""
-    q, cb = q.double(), cb.double()
-    if metric == "cosine":
-        qn = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        en = cb / cb.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return qn @ en.T
-    return -((q[:, None, :] - cb[None, :, :]) ** 2).sum(-1)
-
-
-def oracle_top_m(scores: torch.Tensor, m: int) -> torch.Tensor:
-    s = scores.numpy()
-    out = np.empty((s.shape[0], m), dtype=np.int64)
-    idx = np.arange(s.shape[1])
-    for row in range(s.shape[0]):
-        key = np.where(np.isnan(s[row]), -np.inf, s[row])
-        out[row] = np.lexsort((idx, -key))[:m]
-    return torch.from_numpy(out)
 
 
 def oracle_given(q, cb, idx, tau, metric, straight_through=False):
@@ -243,6 +225,47 @@ def test_m_equal_k_is_the_full_softmax(backend, metric, generator):
     torch.testing.assert_close(w.double(), full.gather(1, idx), atol=2e-5, rtol=0)
     assert (w[:, :-1] >= w[:, 1:]).all()  # best first
     assert_close_rel(token, full @ cb.double(), 1e-5, "token")
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
+@pytest.mark.parametrize("codes", [1, 40, 256, 4096 + 33])
+def test_torch_ranking_equals_the_sort_oracle_on_exact_l2_data(dtype, codes, generator):
+    """Integer data make every l2 ranking score exact, so the sort-free ranking must return the
+    oracle's indices bit for bit: ties everywhere, duplicate codes, NaN and inf in rows and codes."""
+    q = torch.randint(-2, 3, (61, 12), generator=generator).to(dtype)
+    cb = torch.randint(-2, 3, (codes, 12), generator=generator).to(dtype)
+    cb[codes // 2:codes // 2 + 3] = cb[min(3, codes - 1)]
+    if codes > 8:
+        cb[5, 1] = float("nan")
+        cb[6, 0] = float("inf")
+    q[7] = cb[min(3, codes - 1)]
+    q[9, 4] = float("nan")
+    q[10, 2] = float("-inf")
+    every_m = range(1, min(codes, 16) + 1)
+    for m in every_m if codes <= 256 else (1, 2, 7, 16):
+        got, want = select_top_m(q, cb, m, "l2"), select_top_m_sorted(q, cb, m, "l2")
+        assert torch.equal(got, want), f"m={m}: rows {(got != want).any(1).nonzero().flatten().tolist()}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", METRICS)
+def test_torch_ranking_on_large_codebooks_matches_float64(dtype, metric, generator):
+    """Codebooks wide enough for every path of the sort-free selection (runs, groups, ragged tail)."""
+    for n, k, d, ms in [(60, 4096 + 33, 16, (1, 4, 16)), (40, 1000, 24, (2, 8))]:
+        q, cb = make_inputs(n, k, d, dtype, generator, "clustered")
+        for m in ms:
+            idx = select_top_m(q, cb, m, metric)
+            check_selection(idx, q, cb, m, metric, atol=1e-5 if dtype == torch.float32 else 4e-5)
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_torch_ranking_sorts_no_block(m, generator, monkeypatch):
+    """Tie-free data: at most 2m values per row are sorted (merges of code blocks), never a row."""
+    q, cb = make_inputs(300, 9000, 16, torch.float32, generator)
+    with recorded_sort_widths(monkeypatch) as widths:
+        token, idx, _ = soft_assign(q, cb, m, 0.1, backend="torch")
+    assert max(widths, default=0) <= 2 * m, f"sorted {max(widths)} values per row"
+    check_selection(idx, q, cb, m, "cosine", atol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")

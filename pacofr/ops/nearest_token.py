@@ -1,6 +1,6 @@
 """Nearest-token codebook lookup: the k nearest codebook rows of every query, without an N x K matrix.
 
-Public op: :func:`nearest_token`. Backends: ``torch`` (the chunked reference below, any device),
+Public op: :func:`nearest_token`. Backends: ``torch`` (the blocked, sort-free reference below, any device),
 ``triton`` (:mod:`pacofr.kernels.nearest_token`; tile sizes not tuned on a GPU yet) and ``cuda``
 (``csrc/nearest_token.cu``; a SIMT fp32 kernel without tensor cores, compile-checked only so far).
 
@@ -33,6 +33,7 @@ from pacofr.ops._checks import (
     check_tensor,
 )
 from pacofr.ops._dispatch import get_op, register
+from pacofr.ops._selection import smallest_k
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,8 @@ def _validate(x: object, codebook: object, k: object, metric: object, index_dtyp
 # --------------------------------------------------------------------------------------------
 
 REFERENCE_BUFFER_ELEMENTS = 1 << 22
-"""Scores the reference holds at once per (row chunk, code chunk) block (16 MiB of fp32)."""
+"""Most scores the torch backend holds at once in one (rows, codes) block (16 MiB of fp32); its
+blocks are smaller where the codebook allows (cache-sized, see :mod:`pacofr.ops._selection`)."""
 
 
 def new_outputs(n: int, k: int, index_dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,38 +184,46 @@ def finish_distances(best_scores: torch.Tensor, best_indices: torch.Tensor, squa
 def nearest_token_reference(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str = "l2",
                             index_dtype: torch.dtype = torch.int64, *,
                             buffer_elements: int = REFERENCE_BUFFER_ELEMENTS,
-                            codes_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch nearest_token on 2-D ``x`` ``(N, D)``: fp32 scores in bounded chunks.
+                            codes_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch nearest_token on 2-D ``x`` ``(N, D)``: fp32 scores in bounded blocks, no sorting.
 
-    Rows are processed ``buffer_elements // codes_per_chunk`` at a time and codes
-    ``codes_per_chunk`` at a time; a stable sort of (running best, new chunk) keeps equal scores
-    in index order, so the smallest index wins and NaN (sorted last) loses. No argument checks:
-    call :func:`nearest_token` for those.
+    Scores come one cache-sized block (rows x codes, at most ``buffer_elements``) at a time from
+    one GEMM each (``addmm`` folds in the l2 code term); :func:`pacofr.ops._selection.smallest_k`
+    keeps the k smallest by (score, index) without sorting the block, so the smallest index wins
+    and NaN (ranked after ``+inf``) loses. ``codes_per_chunk`` overrides the block width (tests).
+    No argument checks: call :func:`nearest_token` for those.
     """
-    n, codes = x.shape[0], codebook.shape[0]
-    codes_per_chunk = max(1, min(codes_per_chunk, codes))
-    rows_per_chunk = max(1, buffer_elements // codes_per_chunk)
-    codebook32 = codebook.float()
+    codes_t = codebook.float().t()
     terms = code_terms(codebook, metric)
-    distances, indices = new_outputs(n, k, index_dtype, x.device)
-    for r0 in range(0, n, rows_per_chunk):
-        rows = x[r0:r0 + rows_per_chunk].float()
-        best_scores = rows.new_empty((rows.shape[0], 0))
-        best_indices = torch.empty((rows.shape[0], 0), dtype=torch.int64, device=x.device)
-        for c0 in range(0, codes, codes_per_chunk):
-            chunk = codebook32[c0:c0 + codes_per_chunk]
-            dots = rows @ chunk.T
-            scores = terms[c0:c0 + chunk.shape[0]] - dots if metric == "l2" else -dots * terms[c0:c0 + chunk.shape[0]]
-            chunk_indices = torch.arange(c0, c0 + chunk.shape[0], device=x.device).expand(rows.shape[0], -1)
-            merged_scores = torch.cat([best_scores, scores], dim=1)
-            merged_indices = torch.cat([best_indices, chunk_indices], dim=1)
-            order = torch.sort(merged_scores, dim=1, stable=True).indices[:, :k]
-            best_scores = merged_scores.gather(1, order)
-            best_indices = merged_indices.gather(1, order)
-        d, i = finish_distances(best_scores, best_indices, rows.square().sum(dim=1), metric, index_dtype)
-        distances[r0:r0 + rows.shape[0]] = d
-        indices[r0:r0 + rows.shape[0]] = i
+    if metric == "l2":
+        def score_block(rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+            return torch.addmm(terms[c0:c1], rows, codes_t[:, c0:c1], alpha=-1.0)
+    else:
+        negative_terms = -terms
+
+        def score_block(rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+            return torch.mm(rows, codes_t[:, c0:c1]).mul_(negative_terms[c0:c1])
+
+    best_scores, best_indices = smallest_k(x, codebook.shape[0], k, _as_float32, score_block,
+                                           score_dtype=torch.float32, nan_as_inf=False,
+                                           buffer_elements=buffer_elements, codes_per_block=codes_per_chunk)
+    distances, indices = new_outputs(x.shape[0], k, index_dtype, x.device)
+    distances[:], indices[:] = finish_distances(best_scores, best_indices, squared_norms(x, buffer_elements),
+                                                metric, index_dtype)
     return distances, indices
+
+
+def _as_float32(rows: torch.Tensor) -> torch.Tensor:
+    return rows.float()
+
+
+def squared_norms(x: torch.Tensor, buffer_elements: int = REFERENCE_BUFFER_ELEMENTS) -> torch.Tensor:
+    """fp32 ``||x_i||^2`` of every row of ``x`` ``(N, D)``, upcasting at most ``buffer_elements`` values at a time."""
+    rows_per_chunk = max(1, buffer_elements // max(1, x.shape[1]))
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    for r0 in range(0, x.shape[0], rows_per_chunk):
+        out[r0:r0 + rows_per_chunk] = x[r0:r0 + rows_per_chunk].float().square().sum(dim=1)
+    return out
 
 
 @register(OP_NAME, "torch", auto_order=AUTO_ORDER)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from pacofr.ops._checks import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_same_dtype, check_tensor
 from pacofr.ops._dispatch import get_op, register, requested_backend
+from pacofr.ops._selection import smallest_k
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ METRICS: tuple[str, ...] = ("cosine", "l2")
 MAX_FUSED_M = 16
 #: ``F.normalize``'s default: a vector is divided by ``max(||v||, NORM_EPS)``.
 NORM_EPS = 1e-12
-#: Rows of the N x K score matrix the reference materialises at a time (about 256 MiB of fp32).
+#: Most scores of the N x K matrix the reference ranking holds in one block (256 MiB of fp32); its
+#: blocks are cache-sized below that (see :mod:`pacofr.ops._selection`).
 _REFERENCE_SCORE_ELEMENTS = 1 << 26
 
 
@@ -171,29 +173,33 @@ def select_top_m(q: torch.Tensor, codebook: torch.Tensor, m: int, metric: str) -
     """Indices (N, m) int64 of the m best codes per row of ``q`` (N, D), ties to the smaller index.
 
     Ranks by ``qn . en`` (cosine) or ``2 q.e - ||e||^2`` (l2, ``||q||^2`` dropped: constant per row),
-    computed in fp32 (fp64 for fp64 inputs) in row chunks; NaN ranks as ``-inf``. A stable
-    descending sort makes the tie rule exact.
+    computed in fp32 (fp64 for fp64 inputs) one cache-sized block at a time (at most
+    ``_REFERENCE_SCORE_ELEMENTS`` scores); NaN ranks as ``-inf``. The negated scores go through
+    :func:`pacofr.ops._selection.smallest_k`, which keeps the tie rule exact without sorting.
     """
     compute = _compute_dtype(q.dtype)
     cb = codebook.to(compute)
     if metric == "cosine":
-        cb = F.normalize(cb, dim=1, eps=NORM_EPS)
-        code_bias = None
+        negated_codes_t = F.normalize(cb, dim=1, eps=NORM_EPS).t().neg()
+
+        def prepare_rows(rows: torch.Tensor) -> torch.Tensor:
+            return F.normalize(rows.to(compute), dim=1, eps=NORM_EPS)
+
+        def negated_scores(rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+            return torch.mm(rows, negated_codes_t[:, c0:c1])
     else:
+        codes_t = cb.t()
         code_bias = cb.pow(2).sum(dim=1)
-    num_rows, num_codes = q.shape[0], cb.shape[0]
-    out = torch.empty(num_rows, m, dtype=torch.int64, device=q.device)
-    chunk = max(1, _REFERENCE_SCORE_ELEMENTS // num_codes)
-    for start in range(0, num_rows, chunk):
-        rows = q[start:start + chunk].to(compute)
-        if metric == "cosine":
-            scores = F.normalize(rows, dim=1, eps=NORM_EPS) @ cb.T
-        else:
-            scores = 2.0 * (rows @ cb.T) - code_bias
-        scores = scores.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-        out[start:start + chunk] = order[:, :m]
-    return out
+
+        def prepare_rows(rows: torch.Tensor) -> torch.Tensor:
+            return rows.to(compute)
+
+        def negated_scores(rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+            return torch.addmm(code_bias[c0:c1], rows, codes_t[:, c0:c1], alpha=-2.0)
+
+    _, indices = smallest_k(q, cb.shape[0], m, prepare_rows, negated_scores, score_dtype=compute,
+                            nan_as_inf=True, buffer_elements=_REFERENCE_SCORE_ELEMENTS)
+    return indices
 
 
 def chosen_scores(q: torch.Tensor, rows: torch.Tensor, metric: str) -> torch.Tensor:
