@@ -541,3 +541,24 @@ def test_soft_assign_feeds_stats(generator):
     counts, _ = codebook_stats(idx, 10, weights=w)
     torch.testing.assert_close(counts.sum(), torch.tensor(40.0), atol=1e-4, rtol=0)
     assert F.one_hot(idx, 10).sum(1).max() == 1  # distinct codes per row
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_stats_read_strided_weights_indices_and_x(backend, deterministic, generator):
+    """Views of every input (issue 18: strided fp32 weights were read as if contiguous)."""
+    idx = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0]])
+    w = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])
+    counts, _ = run_stats(backend, idx[:, 0], 4, weights=w[:, 0], deterministic=deterministic)
+    torch.testing.assert_close(counts, torch.tensor([0.9, 0.8, 0.7, 0.6]))
+    big_idx = torch.randint(7, (3, 60, 5), generator=generator)
+    big_w = torch.rand(5, 60, 3, generator=generator)
+    big_x = torch.randn(12, 60, generator=generator)
+    views = [(big_idx[1, :, 1::2], big_w[1::2, :, 2].T, big_x[::3].T),  # (60, 2) with no unit stride
+             (big_idx[0, ::2, 3], big_w[1, ::2, 0], big_x[2:5, ::2].T)]  # (30,)
+    for indices, weights, x in views:
+        assert not (indices.is_contiguous() or weights.is_contiguous() or x.is_contiguous())
+        got = run_stats(backend, indices, 7, weights=weights, x=x, deterministic=deterministic)
+        want_counts, want_sums = stats_oracle(indices, 7, weights, x)
+        torch.testing.assert_close(got.counts.double(), want_counts, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.sums.double(), want_sums, atol=1e-5, rtol=1e-5)

@@ -414,7 +414,8 @@ class _TritonLaunchers:
             counts = _new_output((num_codes,), torch.float32, device)
             sums = None if x is None else _new_output((num_codes, dim), torch.float32, device)
             order, starts = _sorted_segments(idx2, num_codes)
-            flat_w = None if w2 is None else w2.reshape(-1).float()
+            # entry e = row * m + j of the segments: the weights must be row-major contiguous
+            flat_w = None if w2 is None else w2.reshape(-1).float().contiguous()
             block_d = max(16, min(64, _pow2(max(dim, 1))))
             kernels.codebook_stats_segment_kernel[(num_codes, max(1, _cdiv(dim, block_d)))](
                 order, starts, dummy if flat_w is None else flat_w, dummy if x is None else x,
