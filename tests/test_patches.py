@@ -525,14 +525,31 @@ def test_errors_name_the_argument():
         gather_patches(images, ids, 16, backend="opencl")
 
 
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_eps_zero_on_a_constant_patch_is_rejected_on_every_backend(backend):
+    """Issue 18: eps = 0 gave -inf (torch) and 0.943 (triton) on a constant patch; both now refuse it."""
+    _skip_unless_runnable(backend, "patch_targets")
+    device = _device_for(backend)
+    images = torch.full((1, 3, 8, 8), 0.25, device=device)
+    ids = torch.zeros(1, 1, dtype=torch.int64, device=device)
+    pred = torch.zeros(1, 1, 48, device=device)
+    with pytest.raises(ValueError, match=r"eps must be a finite number > 0 with norm_pix .* got 0\.0"):
+        patch_targets(images, ids, 4, eps=0.0, backend=backend)
+    with pytest.raises(ValueError, match=r"eps must be a finite number > 0 with norm_pix .* got 0"):
+        masked_patch_loss(pred, images, ids, 4, eps=0, backend=backend)
+    assert (patch_targets(images, ids, 4, eps=1e-6, backend=backend) == 0).all()
+
+
 def test_loss_and_targets_errors():
     images = torch.zeros(2, 1, 4, 4)
     ids = torch.zeros(2, 3, dtype=torch.int32)
     with pytest.raises(ValueError, match=r"norm_pix needs at least 2 values per patch.*P = .* = 1"):
         patch_targets(images, ids, 1)
     patch_targets(images, ids, 1, norm_pix=False)  # allowed without norm_pix
-    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
-        patch_targets(images, ids, 2, eps=-1.0)
+    for eps in (-1.0, 0.0, float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0 with norm_pix"):
+            patch_targets(images, ids, 2, eps=eps)
+    patch_targets(images, ids, 2, norm_pix=False, eps=0.0)  # eps is unused without norm_pix
     with pytest.raises(TypeError, match="norm_pix must be a bool"):
         patch_targets(images, ids, 2, norm_pix=1)
     with pytest.raises(ValueError, match=r"pred must have shape \(B, n, p\*p\*C\) = \(2, 3, 4\)"):
