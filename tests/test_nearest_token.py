@@ -308,6 +308,56 @@ def test_nan_codes_fill_the_list_only_when_nothing_else_is_left(backend: str, de
     assert dist[0, 0].item() == 1.0 and torch.isnan(dist[0, 1:]).all()
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy overflowing on purpose
+@pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_inputs_past_the_finite_range_are_nan_rows_and_nan_codes(backend: str, device_name: str, metric: str,
+                                                                generator: torch.Generator) -> None:
+    """Issue 18: past ~1.8e19 squares overflowed silently (inf distances, wrong indices) and the
+    backends disagreed at 1e30. Rows whose fp32 squared norm exceeds 2^124 are out of range: a query
+    row returns NaN / -1, a code is treated as a NaN code; every other row keeps its exact answer."""
+    x, codebook = make_inputs("gaussian", 12, 30, 8, torch.float32, generator)
+    x, codebook = x * 1e17, codebook * 1e17  # in range: squared norms ~1e35 < 2^124 ~ 2.1e37
+    bad_rows = [1, 4, 7, 10]
+    x[1] *= 1e3  # 1e20: squares overflow
+    x[4, 2] = 3e19
+    x[7, 0] = float("inf")
+    x[10] = 1e30
+    bad_codes = [0, 9, 29]
+    codebook[0] *= 1e3
+    codebook[9, 5] = float("-inf")
+    codebook[29] = 1e30
+    good_rows = [r for r in range(12) if r not in bad_rows]
+    good_codes = torch.tensor([c for c in range(30) if c not in bad_codes])
+    x, codebook = x.to(device_name), codebook.to(device_name)
+    dist, idx = nearest_token(x, codebook, 4, metric, backend=backend)
+    dist, idx = dist.cpu(), idx.cpu()
+    assert torch.isnan(dist[bad_rows]).all() and (idx[bad_rows] == -1).all()
+    assert not torch.isin(idx[good_rows], torch.tensor(bad_codes)).any()
+    positions = torch.searchsorted(good_codes, idx[good_rows])
+    assert_matches_oracle(x[good_rows].cpu(), codebook.cpu()[good_codes], 4, metric, dist[good_rows], positions)
+    # with k = K the out-of-range codes fill the last slots, reported as NaN / -1
+    sixteen = codebook[torch.cat([torch.tensor(bad_codes[:2]), good_codes[:13], torch.tensor(bad_codes[2:])])]
+    dist, idx = nearest_token(x[good_rows], sixteen, 16, metric, backend=backend)
+    assert torch.isnan(dist[:, -3:].cpu()).all() and (idx[:, -3:].cpu() == -1).all()
+    assert torch.isfinite(dist[:, :-3].cpu()).all() and ((idx[:, :-3] >= 2) & (idx[:, :-3] < 15)).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_out_of_range_answers_agree_on_both_cpu_backends(metric: str, generator: torch.Generator) -> None:
+    x, codebook = make_inputs("gaussian", 9, 20, 6, torch.float32, generator)
+    half_x, half_codes = x.clone(), codebook.clone()
+    half_x[::2] *= 1e30
+    half_codes[1::2] *= 1e30
+    for queries, codes in [(half_x, half_codes), (x * 1e30, codebook * 1e30), (x * 1e30, codebook)]:
+        for k in (1, 3):
+            torch_result = nearest_token(queries, codes, k, metric, backend="torch")
+            triton_result = nearest_token(queries, codes, k, metric, backend="triton")
+            assert torch.equal(torch_result[1], triton_result[1])
+            torch.testing.assert_close(torch_result[0], triton_result[0], rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)
 def test_cosine_zero_norm_rows_are_zero_vectors(backend: str, device_name: str, generator: torch.Generator) -> None:
     x, codebook = make_inputs("gaussian", 5, 20, 16, torch.float32, generator)

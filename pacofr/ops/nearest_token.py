@@ -20,6 +20,7 @@ pair (score, index): equal scores go to the smaller index whatever the tiling.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +85,13 @@ def nearest_token(x: torch.Tensor, codebook: torch.Tensor, k: int = 1, metric: s
     * NaN: a NaN score ranks after every number (``+inf`` included), so a codebook row containing
       NaN is returned only when fewer than k other codes exist. Every returned slot whose distance
       is NaN gets index ``-1``: a query row containing NaN returns ``k`` NaN distances and indices
-      ``-1``. Infinite inputs follow IEEE arithmetic through the score and then these rules.
+      ``-1``.
+    * Finite range: a row (query or code) is in range when its fp32 squared norm is at most
+      ``MAX_SQUARED_NORM`` = 2^124 (about 2.1e37, so entries up to about 4.6e18 / sqrt(D)); then
+      no score or distance can overflow. A query row out of range (an infinite entry, or values
+      whose squares overflow) returns ``k`` NaN distances and indices ``-1``, as a NaN row does; a
+      code out of range is treated as a NaN code (every score NaN: never returned while k other
+      codes exist). The range is decided once, in fp32, for every backend alike.
     * Memory: the O(N * k) outputs, K fp32 code norms (computed through a transient fp32 copy of
       the codebook) and, for the torch backend, bounded chunks of at most
       ``REFERENCE_BUFFER_ELEMENTS`` scores; the N x K distance matrix is never materialised. The
@@ -101,6 +108,9 @@ def nearest_token(x: torch.Tensor, codebook: torch.Tensor, k: int = 1, metric: s
     logger.debug("nearest_token: backend %s, N=%d K=%d D=%d k=%d metric=%s", name, queries.shape[0],
                  problem.codes, problem.dim, k, metric)
     distances, indices = impl(queries, codebook, k, metric, index_dtype, allow_tf32)
+    outside = ~in_range(squared_norms(queries))[:, None]  # the codes' rule lives in code_terms
+    distances = torch.where(outside, math.nan, distances)
+    indices = torch.where(outside, -1, indices)
     return distances.reshape(*leading, k), indices.reshape(*leading, k)
 
 
@@ -155,12 +165,23 @@ def new_outputs(n: int, k: int, index_dtype: torch.dtype, device: torch.device) 
             torch.empty((n, k), dtype=index_dtype, device=device))
 
 
+MAX_SQUARED_NORM = 2.0**124
+"""Largest fp32 squared norm of an in-range query or code row (:func:`nearest_token`, "Finite
+range"): with both below it, ``|score| <= 2^125`` and distances ``<= 2^126`` stay finite."""
+
+
+def in_range(squared_norm: torch.Tensor) -> torch.Tensor:
+    """Whether rows of these fp32 squared norms are in the finite range (False for NaN and inf)."""
+    return squared_norm <= MAX_SQUARED_NORM
+
+
 def code_terms(codebook: torch.Tensor, metric: str) -> torch.Tensor:
-    """Per-code fp32 term of the score, ``(K,)``: ``0.5 * ||e||^2`` (l2) or ``1 / ||e||`` (cosine, 0 for a zero row)."""
+    """Per-code fp32 term of the score, ``(K,)``: ``0.5 * ||e||^2`` (l2) or ``1 / ||e||`` (cosine,
+    0 for a zero row); NaN for a code out of the finite range, which makes its every score NaN on
+    every backend (they all take their code terms from here)."""
     squared = codebook.float().square().sum(dim=1)
-    if metric == "l2":
-        return 0.5 * squared
-    return _inverse_norm(squared)
+    term = 0.5 * squared if metric == "l2" else _inverse_norm(squared)
+    return torch.where(in_range(squared), term, math.nan)
 
 
 def _inverse_norm(squared_norm: torch.Tensor) -> torch.Tensor:
