@@ -15,8 +15,8 @@ import importlib
 import pytest
 import torch
 
+from _oracles import REL_TOL, assert_matches_oracle, nearest_token_sorted, recorded_sort_widths, row_tolerance
 from _oracles import nearest_token_distances64 as oracle_distances
-from _oracles import nearest_token_sorted, recorded_sort_widths
 from pacofr.ops import BackendUnavailableError, nearest_token
 from pacofr.ops.nearest_token import MAX_K, nearest_token_reference
 
@@ -33,56 +33,9 @@ BACKEND_DEVICES = [
     pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.gpu),
 ]
 
-REL_TOL = 1e-5
-"""fp32 arithmetic on the exact input values: score error relative to ||x||^2 + max ||e||^2."""
-COSINE_TOL = 1e-5
-
-
 # ------------------------------------------------------------------------------------------
-# oracle and checks
+# inputs
 # ------------------------------------------------------------------------------------------
-
-def row_tolerance(x2d: torch.Tensor, codebook: torch.Tensor, metric: str, rel: float = REL_TOL) -> torch.Tensor:
-    if metric == "cosine":
-        return torch.full((x2d.shape[0],), COSINE_TOL * rel / REL_TOL, dtype=torch.float64)
-    scale = x2d.double().cpu().square().sum(1) + codebook.double().cpu().square().sum(1).max()
-    return rel * scale
-
-
-def assert_matches_oracle(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
-                          distances: torch.Tensor, indices: torch.Tensor, *,
-                          index_dtype: torch.dtype = torch.int64, rel: float = REL_TOL) -> int:
-    """Check a finite-input result; return how many slots were checked for exact index equality."""
-    dim = codebook.shape[1]
-    assert distances.shape == (*x.shape[:-1], k) and indices.shape == distances.shape
-    assert distances.dtype == torch.float32 and indices.dtype == index_dtype
-    assert distances.device == x.device and indices.device == x.device
-    x2d = x.reshape(-1, dim)
-    dist = distances.reshape(-1, k).double().cpu()
-    idx = indices.reshape(-1, k).long().cpu()
-    assert torch.isfinite(dist).all(), "non-finite distance for finite inputs"
-    assert ((idx >= 0) & (idx < codebook.shape[0])).all(), "index out of range"
-    if k > 1:
-        assert (idx.sort(dim=1).values.diff(dim=1) > 0).all(), "repeated index within a row"
-        assert (dist.diff(dim=1) >= 0).all(), "distances not sorted nearest first"
-    exact = oracle_distances(x2d, codebook, metric)
-    tol = row_tolerance(x2d, codebook, metric, rel)[:, None]
-    best, best_idx = torch.sort(exact, dim=1, stable=True)
-    picked = exact.gather(1, idx)
-    assert ((picked - best[:, :k]).abs() <= tol).all(), (
-        f"a returned code is farther than the tolerance from the optimum: "
-        f"max excess {((picked - best[:, :k]).abs() - tol).max().item():.3g}")
-    assert ((dist - picked).abs() <= tol).all(), (
-        f"reported distance off by {((dist - picked).abs() - tol).max().item():.3g} beyond tolerance")
-    inf = torch.full((best.shape[0], 1), float("inf"), dtype=torch.float64)
-    padded = torch.cat([-inf, best[:, :k + 1], inf], dim=1)
-    gap_below = padded[:, 1:k + 1] - padded[:, 0:k]
-    gap_above = padded[:, 2:k + 2] - padded[:, 1:k + 1]
-    separated = torch.minimum(gap_below, gap_above) > tol
-    mismatch = separated & (idx != best_idx[:, :k])
-    assert not mismatch.any(), f"{int(mismatch.sum())} well-separated slots returned the wrong index"
-    return int(separated.sum())
-
 
 def make_inputs(kind: str, n: int, codes: int, dim: int, dtype: torch.dtype, generator: torch.Generator,
                 sigma: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,9 +17,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _oracles import recorded_sort_widths, select_top_m_sorted
+from _oracles import (
+    assert_close_rel,
+    assert_weights_close,
+    check_selection,
+    oracle_given,
+    recorded_sort_widths,
+    select_top_m_sorted,
+    stats_oracle,
+)
 from _oracles import soft_assign_scores64 as oracle_scores
-from _oracles import top_m_lexsort as oracle_top_m
 from pacofr.ops.soft_assign import codebook_stats, select_top_m, soft_assign, soft_assign_reference
 
 sa_module = importlib.import_module("pacofr.ops.soft_assign")  # the module, not the function
@@ -34,61 +41,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 METRICS = ["cosine", "l2"]
 # per-dtype tolerances: (selection score tolerance, relative tolerance on outputs/gradients)
 TOL = {torch.float32: (1e-5, 2e-5), torch.float16: (1e-5, 2e-3), torch.bfloat16: (1e-5, 1.6e-2)}
-
-
-# ------------------------------------------------------------------------------------------
-# Oracle (float64, independent of the module under test)
-# ------------------------------------------------------------------------------------------
-
-
-def oracle_given(q, cb, idx, tau, metric, straight_through=False):
-    """float64 (token, weights) for the given indices, differentiable w.r.t. q, cb and tau."""
-    rows = cb[idx]  # (N, m, D)
-    if metric == "cosine":
-        qn = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        en = rows / rows.norm(dim=2, keepdim=True).clamp_min(1e-12)
-        raw = (qn[:, None, :] * en).sum(-1)
-    else:
-        raw = -((q[:, None, :] - rows) ** 2).sum(-1)
-    weights = torch.softmax(raw / tau, dim=1)
-    soft = (weights[..., None] * rows).sum(1)
-    token = soft + (rows[:, 0] - soft).detach() if straight_through else soft
-    return token, weights
-
-
-def check_selection(idx, q, cb, m, metric, atol):
-    """Returned indices select the oracle's top-m (up to near-ties of size atol), best first."""
-    scores = oracle_scores(q, cb, metric)
-    want = oracle_top_m(scores, m)
-    assert idx.dtype == torch.int64 and idx.shape == (q.shape[0], m)
-    assert int(idx.min()) >= 0 and int(idx.max()) < cb.shape[0]
-    for row in idx:
-        assert len(set(row.tolist())) == m, f"repeated code in a row: {row.tolist()}"
-    got_s, want_s = scores.gather(1, idx), scores.gather(1, want)
-    torch.testing.assert_close(got_s, want_s, atol=atol, rtol=0)
-    ranked = torch.sort(scores, dim=1, descending=True).values[:, : m + 1]
-    gaps = ranked[:, :-1] - ranked[:, 1:]
-    clear = gaps.min(dim=1).values > 4 * atol if gaps.shape[1] else torch.ones(len(idx), dtype=torch.bool)
-    assert torch.equal(idx[clear], want[clear])
-
-
-def assert_weights_close(w, q, cb, idx, tau, metric):
-    """Weights computed in fp32 differ from float64 by about eps32 * |score| / tau per logit."""
-    want_token, want_w = oracle_given(q.double(), cb.double(), idx, tau, metric)
-    scale = oracle_scores(q, cb, metric).abs().amax().item()
-    atol = 1e-6 + 4 * 2.0**-23 * math.sqrt(q.shape[1]) * max(scale, 1.0) / tau
-    torch.testing.assert_close(w.double(), want_w, atol=atol, rtol=0)
-    return want_token, atol * idx.shape[1] * cb.double().abs().max().item()
-
-
-def assert_close_rel(got, want, rel, name, atol=0.0):
-    """|got - want| <= atol + rel * max(max|want|, 1e-3) elementwise, reporting the worst element
-    (the floor keeps vanishing gradients of saturated softmaxes from demanding subnormal accuracy)."""
-    got, want = got.double(), want.double()
-    scale = max(want.abs().max().item(), 1e-3) if want.numel() else 1.0
-    err = (got - want).abs()
-    worst = err.max().item() if err.numel() else 0.0
-    assert worst <= atol + rel * scale, f"{name}: max error {worst:.3e} > {atol:.1e} + {rel:.1e} * {scale:.3e}"
 
 
 def make_inputs(n, k, d, dtype, generator, kind="gauss"):
@@ -471,21 +423,6 @@ def test_triton_rejects_m_above_the_fused_limit_but_auto_falls_back():
 # ------------------------------------------------------------------------------------------
 # codebook_stats
 # ------------------------------------------------------------------------------------------
-
-
-def stats_oracle(indices, k, weights, x):
-    idx = indices.reshape(-1).long()
-    w = torch.ones(idx.shape, dtype=torch.float64) if weights is None else weights.reshape(-1).double()
-    counts = torch.bincount(idx, weights=w, minlength=k).double()
-    sums = None
-    if x is not None:
-        per_row = 1 if indices.dim() == 1 else indices.shape[1]
-        rows = torch.arange(indices.shape[0]).repeat_interleave(per_row)
-        sums = torch.zeros(k, x.shape[1], dtype=torch.float64)
-        for j in range(k):  # plain loop: independent of index_add
-            sel = idx == j
-            sums[j] = (w[sel, None] * x.double()[rows[sel]]).sum(0)
-    return counts, sums
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
