@@ -237,6 +237,19 @@ def test_nan_query_row_gives_nan_weights_and_nan_code_is_never_chosen(backend, g
         check_selection(idx[ok] - (idx[ok] > 7).long(), q[ok], cb[keep], 3, metric, 1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_straight_through_token_of_a_nan_row_is_nan(backend, generator):
+    """Found by the fuzz suite: the hard forward token hid a NaN query (an arbitrary code row came out)."""
+    q, cb = make_inputs(6, 20, 16, torch.float32, generator)
+    q[2, 5] = float("nan")
+    for metric in METRICS:
+        token, idx, w = run(backend, q, cb, 3, 0.5, metric=metric, straight_through=True)
+        assert torch.isnan(token[2]).all() and torch.isnan(w[2]).all()
+        ok = torch.tensor([0, 1, 3, 4, 5])
+        assert torch.equal(token[ok], cb[idx[ok, 0]])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_queries(backend):
     cb = torch.randn(10, 8, requires_grad=True)

@@ -164,6 +164,12 @@ class _ForwardHardBackwardSoft(torch.autograd.Function):
         return grad, None
 
 
+def hard_token(best_rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The straight-through forward token (N, D): each row's best code, but NaN for a row whose
+    weights (N, m) are NaN (a query containing NaN), as the NaN rule promises; every backend."""
+    return torch.where(torch.isnan(weights).any(dim=1, keepdim=True), math.nan, best_rows)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -233,7 +239,10 @@ def soft_assign_reference(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: 
     shifted = raw - raw.amax(dim=1, keepdim=True).detach()
     weights = torch.softmax(shifted / tau_c, dim=1)
     soft = (weights.unsqueeze(-1) * rows).sum(dim=1)
-    token = _ForwardHardBackwardSoft.apply(soft, rows[:, 0].detach()) if straight_through else soft
+    if straight_through:
+        token = _ForwardHardBackwardSoft.apply(soft, hard_token(rows[:, 0].detach(), weights.detach()))
+    else:
+        token = soft
     return SoftAssignment(token.to(q.dtype), indices, weights)
 
 
@@ -480,6 +489,8 @@ class _FusedSoftAssignFunction(torch.autograd.Function):
     def forward(ctx, q: torch.Tensor, codebook: torch.Tensor, tau: torch.Tensor, m: int, metric: str,  # noqa: D102
                 straight_through: bool, deterministic: bool, launchers: type) -> tuple[torch.Tensor, ...]:
         token, saved = launchers.forward(q, codebook, tau, m, metric, straight_through)
+        if straight_through:
+            token = hard_token(token, saved.weights)
         ctx.save_for_backward(q, codebook, tau, *saved)
         ctx.metric, ctx.deterministic, ctx.launchers = metric, deterministic, launchers
         ctx.mark_non_differentiable(saved.indices)
@@ -562,8 +573,9 @@ def soft_assign(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float | to
         metric: ``"cosine"``: score = cos(q, e_k) / tau (q and the codebook rows are normalised
             internally in fp32, gradients flow through the normalisation); ``"l2"``: score =
             -||q - e_k||^2 / tau.
-        straight_through: forward token = codebook[indices[..., 0]] (hard top-1); its gradient
-            is that of the soft token (the hard rows are treated as constants).
+        straight_through: forward token = codebook[indices[..., 0]] (hard top-1; NaN for a query
+            row containing NaN, as without it); its gradient is that of the soft token (the hard
+            rows are treated as constants).
         deterministic: reduce codebook gradients by sorted segments instead of atomics (fused
             backends); None follows ``torch.are_deterministic_algorithms_enabled()``.
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
