@@ -278,7 +278,7 @@ def oracle_patches(images: torch.Tensor, ids: torch.Tensor, p: int, mean=None, s
 
 def oracle_targets(images, ids, p, norm_pix=True, eps=1e-6, mean=None, std=None) -> torch.Tensor:
     target = oracle_patches(images, ids, p, mean, std)
-    if norm_pix:
+    if norm_pix and target.numel():  # (var of an empty tensor warns)
         m = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
         target = (target - m) / (var + eps) ** 0.5
