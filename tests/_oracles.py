@@ -1,7 +1,7 @@
 """Plainly correct oracles the op tests (and the CPU benchmark's "old" rows) compare against.
 
-* :func:`nearest_token_sorted` and :func:`select_top_m_sorted`: the torch backends of
-  ``nearest_token`` and ``soft_assign``'s ranking as they were before the sort-free selection
+* :func:`nearest_token_sorted`, :func:`select_top_m_sorted` and :func:`soft_assign_sorted`: the
+  torch backends of ``nearest_token`` and ``soft_assign`` as they were before the sort-free selection
   (:mod:`pacofr.ops._selection`): per chunk of codes, a full stable ``torch.sort`` of (running best,
   new scores), so that equal scores keep index order and NaN sorts last. Slow, obviously right.
 * float64 oracles of the scores themselves (direct differences, no expansion), numpy's
@@ -92,6 +92,24 @@ def select_top_m_sorted(q: torch.Tensor, codebook: torch.Tensor, m: int, metric:
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices
         out[start:start + chunk] = order[:, :m]
     return out
+
+
+def soft_assign_sorted(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float, metric: str = "cosine"
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """soft_assign's torch backend as it was before (soft path): :func:`select_top_m_sorted`, then
+    cosine scores of ``F.normalize``-d rows (or ``-||q - e||^2``), softmax, weighted sum; autograd
+    through torch ops. Returns ``(token, indices, weights)``."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    indices = select_top_m_sorted(q, codebook, m, metric)
+    q_c = q.to(compute)
+    rows = codebook.to(compute)[indices]
+    if metric == "cosine":
+        raw = (F.normalize(q_c, dim=-1, eps=NORM_EPS).unsqueeze(1) * F.normalize(rows, dim=-1, eps=NORM_EPS)).sum(-1)
+    else:
+        raw = -(q_c.unsqueeze(1) - rows).pow(2).sum(dim=-1)
+    weights = torch.softmax((raw - raw.amax(dim=1, keepdim=True).detach()) / tau, dim=1)
+    token = (weights.unsqueeze(-1) * rows).sum(dim=1)
+    return token.to(q.dtype), indices, weights
 
 
 # ------------------------------------------------------------------------------------------
