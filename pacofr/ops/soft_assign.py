@@ -211,13 +211,15 @@ def select_top_m(q: torch.Tensor, codebook: torch.Tensor, m: int, metric: str) -
 def chosen_scores(q: torch.Tensor, rows: torch.Tensor, metric: str) -> torch.Tensor:
     """Raw scores (N, m) of queries (N, D) against their chosen code rows (N, m, D), before 1/tau.
 
-    cosine: ``cos(q, e)`` with both normalised as ``v / max(||v||, 1e-12)``;
+    cosine: ``cos(q, e) = (q . e) / (max(||q||, 1e-12) max(||e||, 1e-12))``, the dot product of
+    the vectors normalised as ``F.normalize`` does (the norms divide the m dot products, not the
+    m * D values);
     l2: ``-||q - e||^2`` summed directly (no expansion, so no cancellation).
     """
     if metric == "cosine":
-        qn = F.normalize(q, dim=-1, eps=NORM_EPS)
-        en = F.normalize(rows, dim=-1, eps=NORM_EPS)
-        return (qn.unsqueeze(1) * en).sum(dim=-1)
+        dots = (rows * q.unsqueeze(1)).sum(dim=-1)
+        norms = rows.norm(dim=-1).clamp_min(NORM_EPS) * q.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        return dots / norms
     return -(q.unsqueeze(1) - rows).pow(2).sum(dim=-1)
 
 
