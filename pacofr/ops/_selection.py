@@ -11,16 +11,18 @@ ranks first. Per block, without sorting it:
   the smallest index.
 * k > 1: the block's ``c`` codes are split into ``W = c / G`` interleaved groups
   ``{j, j + W, j + 2W, ...}`` of ``G`` codes (G from :func:`group_size`) and the minimum of every
-  group is taken (a vectorised reduction over contiguous slabs of W codes). ``topk`` finds the
-  k + 1 smallest group minima; when the k-th is strictly below the (k+1)-th, the row's k smallest
+  group is taken (a vectorised reduction over contiguous slabs of W codes). ``topk`` finds the k
+  smallest group minima; when the k-th is strictly below the next one, the row's k smallest
   scores all lie in the k chosen groups (each holds a score no larger than the k-th minimum, and
-  every score outside them is at least the (k+1)-th minimum). ``topk(k + 1)`` of those ``k * G``
-  candidates then gives the answer when its k + 1 values are all distinct. Narrow blocks (few
-  codes, or the last ``< ALIGN`` codes of the codebook) run ``topk(k + 1)`` on the whole row.
+  every score outside them is at least the next minimum). ``topk`` of those ``k * G`` candidates
+  then gives the answer when it has no tie: no two equal values among the k best, none equal to
+  the k-th outside them (seen as the (k+1)-th value of ``topk(k + 1)``, or as the minimum of the
+  others where torch's heap-based ``topk(k)`` is the cheaper call). Narrow blocks (few codes, or the last ``< ALIGN``
+  codes of the codebook) run that last step on the whole row.
 
-A row where a strict inequality fails is repaired exactly by a stable sort, over its candidates
-(put in index order) for two equal values among the k + 1 best, over its whole block for equal
-group minima at the k-th place or a NaN anywhere in the row. Rows without ties or NaN never sort.
+A row with such a tie is repaired exactly by a stable sort, over its candidates (put in index
+order) for a tie among them, over its whole block for a tie among the group minima or a NaN
+anywhere in the row. Rows without ties or NaN never sort.
 
 NaN policy (``nan_as_inf``): False ranks NaN after every number, ``+inf`` included (which NaN codes
 fill the last slots is then arbitrary; callers report such slots as NaN); True ranks NaN as
@@ -148,15 +150,17 @@ def exact_smallest(scores: torch.Tensor, k: int, nan_as_inf: bool) -> tuple[torc
 
 def group_size(width: int, kept: int) -> int:
     """Group size G (a power of two dividing ``width``, at most :data:`ALIGN`) of the k > 1 path;
-    1 means ``topk`` of the whole row. Minimises the modelled cost of the two ``topk`` calls, over
-    the ``width / G`` group minima and the ``G * kept`` candidates (see :data:`TOPK_HEAP_RATIO`)."""
+    1 means ``topk`` of the whole row. Minimises a cost model of the path, in nanoseconds per row
+    (torch 2.14's CPU ``topk``, measured on this project's 2-core machine): ~100 per call plus ~4 per
+    value on its heap path (:data:`TOPK_HEAP_RATIO`, with the masking passes of :func:`_top_of`) or
+    ~12 on its ``nth_element`` path; the group path adds ~200 plus ~4 per candidate gathered."""
     def topk_cost(n: int) -> int:
-        return n if kept + 1 <= n // TOPK_HEAP_RATIO else 4 * n
+        return 100 + (4 if kept * TOPK_HEAP_RATIO <= n else 12) * n
 
     best, best_cost = 1, topk_cost(width)
     size = 2
     while size <= ALIGN and width % size == 0 and width // size >= 2 * (kept + 1):
-        cost = topk_cost(width // size) + topk_cost(size * kept)
+        cost = topk_cost(width // size) + topk_cost(size * kept) + 200 + 4 * size * kept
         if cost < best_cost:
             best, best_cost = size, cost
         size *= 2
@@ -193,24 +197,36 @@ def _smallest_one(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _smallest_several(scores: torch.Tensor, kept: int, nan_as_inf: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """k > 1: ``(values, positions, rows still needing the exact path)``; tied rows already repaired."""
-    rows, width = scores.shape
-    size = group_size(width, kept)
+    size = group_size(scores.shape[1], kept)
     if size > 1:
         candidates, positions, exact_rows = _group_candidates(scores, kept, size)
     else:
         candidates, positions = scores, None
         exact_rows = torch.isnan(scores.amin(dim=1))
-    top_values, top_at = candidates.topk(kept + 1, dim=1, largest=False)
-    # topk orders equal values arbitrarily: two equal values among the kept + 1 best (at the
-    # boundary or among the winners) send the row to a stable sort of its candidates
-    tie_rows = (top_values[:, 1:] == top_values[:, :-1]).any(dim=1) & ~exact_rows
-    values = top_values[:, :kept]
-    found = top_at[:, :kept] if positions is None else positions.gather(1, top_at[:, :kept])
+    values, top_at, tie_rows = _top_of(candidates, kept)
+    tie_rows &= ~exact_rows
+    found = top_at if positions is None else positions.gather(1, top_at)
     if bool(tie_rows.any()):
         at = tie_rows.nonzero().squeeze(1)
         values[at], found[at] = _exact_candidates(candidates[at], None if positions is None else positions[at],
                                                   kept, nan_as_inf)
     return values, found, exact_rows
+
+
+def _top_of(values: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``topk`` of the ``kept`` smallest of rows ``(r, n)``, their positions, and the rows with a
+    tie among them or at the boundary (``topk`` orders equal values arbitrarily). Rows holding NaN
+    get meaningless answers: the callers send them to the exact path.
+
+    On torch's heap path (``kept * 64 <= n``) the next value is the minimum of the others (the
+    kept best masked by ``+inf``: two vectorised passes); otherwise ``topk(kept + 1)`` shows it.
+    """
+    if kept * TOPK_HEAP_RATIO <= values.shape[1]:
+        best, at = values.topk(kept, dim=1, largest=False)
+        following = values.scatter(1, at, math.inf).amin(dim=1)
+        return best, at, (following == best[:, -1]) | (best[:, 1:] == best[:, :-1]).any(dim=1)
+    best, at = values.topk(kept + 1, dim=1, largest=False)
+    return best[:, :kept], at[:, :kept], (best[:, 1:] == best[:, :-1]).any(dim=1)
 
 
 def _exact_candidates(candidates: torch.Tensor, positions: torch.Tensor | None, k: int,
@@ -228,16 +244,17 @@ def _group_candidates(scores: torch.Tensor, kept: int, size: int
     """The scores of the ``kept`` groups of ``size`` codes with the smallest minima.
 
     Returns ``(candidates (r, size * kept), their positions in the block, rows needing the exact
-    path)``: a row needs it when it holds a NaN (a group minimum is NaN) or when the kept-th and
-    next group minima are equal.
+    path)``: a row needs it when it holds a NaN (a group minimum is NaN) or when two of its kept + 1
+    smallest group minima are equal (only a tie at the kept-th place matters; any is sent).
     """
     rows, width = scores.shape
     groups = width // size
     slabs = scores.view(rows, size, groups)  # slab t holds codes t*W .. t*W + W - 1
     minima = slabs.amin(dim=1)  # (r, W): group j = {j, j + W, ...}; NaN when the group holds one
-    top_minima, top_groups = minima.topk(kept + 1, dim=1, largest=False)
-    exact_rows = torch.isnan(minima.amin(dim=1)) | (top_minima[:, kept - 1] == top_minima[:, kept])
-    chosen = top_groups[:, None, :kept]
+    nan_rows = torch.isnan(minima.amin(dim=1))
+    _, top_groups, tied = _top_of(minima, kept)
+    exact_rows = nan_rows | tied
+    chosen = top_groups[:, None, :]
     candidates = slabs.gather(2, chosen.expand(rows, size, kept)).reshape(rows, size * kept)
     slab_starts = groups * torch.arange(size, device=scores.device)[:, None]
     positions = (chosen + slab_starts).reshape(rows, size * kept)
