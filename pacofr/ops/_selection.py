@@ -22,7 +22,8 @@ ranks first. Per block, without sorting it:
 
 A row with such a tie is repaired exactly by a stable sort, over its candidates (put in index
 order) for a tie among them, over its whole block for a tie among the group minima or a NaN
-anywhere in the row. Rows without ties or NaN never sort.
+anywhere in the row. Rows without ties or NaN never sort. (Deciding whether a block needs a repair
+reads one flag per block on the host: on CUDA tensors that is a synchronisation per block.)
 
 NaN policy (``nan_as_inf``): False ranks NaN after every number, ``+inf`` included (which NaN codes
 fill the last slots is then arbitrary; callers report such slots as NaN); True ranks NaN as
@@ -47,7 +48,7 @@ MAX_CODES_PER_BLOCK = 8192
 """Widest block; wider codebooks are scanned in several blocks whose winners are merged."""
 TOPK_HEAP_RATIO = 64
 """torch's CPU ``topk`` of k out of n uses a heap when ``k * 64 <= n`` and ``nth_element``
-otherwise, which costs about 4x more per value (torch 2.14, measured): :func:`group_size` models it."""
+otherwise, which costs about 3x more per value (torch 2.14, measured): :func:`group_size` models it."""
 
 ScoreBlock = Callable[[torch.Tensor, int, int], torch.Tensor]
 """``(prepared rows (r, D), c0, c1) -> (r, c1 - c0)`` contiguous scores of codes ``c0:c1``;
