@@ -10,7 +10,7 @@
   soft_assign, :func:`stats_oracle` for codebook_stats), shared by the op tests and the fuzz suite.
 * the masked patch ops transcribed from MAE's ``models_mae.py`` in float64 (:func:`oracle_patches`,
   :func:`oracle_targets`, :func:`oracle_loss`, :func:`oracle_scatter`).
-* :func:`recorded_sort_widths`: what a call sorts, to check that a path is sort-free.
+* :func:`recorded_sorts`: what a call sorts, to check that a path is sort-free.
 """
 
 from __future__ import annotations
@@ -320,18 +320,25 @@ def oracle_scatter(x, ids_restore, mask_token, pos_embed=None) -> torch.Tensor:
     return x_
 
 @contextlib.contextmanager
-def recorded_sort_widths(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Inside the block, every ``torch.sort`` / ``Tensor.sort`` appends the length of the sorted
-    dimension to the yielded list (the sort still runs)."""
-    widths: list[int] = []
+def recorded_sorts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int]]]:
+    """Inside the block, every ``torch.sort`` / ``Tensor.sort`` appends ``(rows, width)`` to the
+    yielded list: the length of the sorted dimension and how many such rows were sorted (the sort
+    still runs)."""
+    sorts: list[tuple[int, int]] = []
     original = torch.sort
 
     def recording(input: torch.Tensor, *args, **kwargs):  # noqa: A002 - torch.sort's own name
         dim = kwargs.get("dim", args[0] if args and isinstance(args[0], int) else -1)
-        widths.append(input.shape[dim] if input.dim() else 1)
+        width = input.shape[dim] if input.dim() else 1
+        sorts.append((input.numel() // max(width, 1), width))
         return original(input, *args, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(torch, "sort", recording)
         patch.setattr(torch.Tensor, "sort", lambda self, *args, **kwargs: recording(self, *args, **kwargs))
-        yield widths
+        yield sorts
+
+
+def sorted_share(sorts: list[tuple[int, int]], wider_than: int, scores: int) -> float:
+    """The fraction of ``scores`` that went through sorts of more than ``wider_than`` values per row."""
+    return sum(rows * width for rows, width in sorts if width > wider_than) / scores
