@@ -8,12 +8,14 @@ are ``triton.testing.do_bench`` medians with p20/p80 in milliseconds (CUDA event
 peak allocated above the inputs' footprint; "% of floor" compares with the device's measured bf16
 GEMM rate and copy bandwidth.
 
-Two kinds of session:
+Three kinds of session:
 
 * GPU tiers (``quick``, ``full``): need a CUDA device, measure the ceilings first.
 * ``cpu-smoke``: CPU tensors, tiny shapes, every implementation checked and then run once so the
   code paths stay tested without a GPU. It records no times, no memory and no % of floor: these
   are not performance numbers, and the JSON says so.
+* ``cpu``: CPU performance (:mod:`benchmarks.bench_cpu`): best-of-N wall-clock times
+  (:func:`time_cpu_ms`) with the load average around each, no memory and no floor.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +44,11 @@ SMOKE_NOTE = ("cpu-smoke run: CPU backends (torch eager; triton through its inte
               "implementation was checked against the torch reference and then run once. These are NOT "
               "performance numbers: no times, memory or % of floor are recorded; GPU numbers need a GPU "
               "(python -m benchmarks.run --quick on a CUDA device).")
+CPU_TIER = "cpu"
+CPU_NOTE = ("CPU run: best-of-N wall-clock times (time.perf_counter) in one process on the torch threads "
+            "recorded in the environment, after a correctness check of every implementation; the load "
+            "average before and after each measurement is in its row. On a shared machine the times are "
+            "upper bounds.")
 GPU_NOTE = ("GPU run: do_bench medians (p20/p80) with CUDA events after a correctness check against the "
             "torch reference; % of floor against the ceilings measured on this device in this run.")
 NO_GPU_MESSAGE = ("no CUDA device is visible: the quick and full benchmark tiers time GPU kernels and need a "
@@ -82,6 +90,18 @@ def _nvidia_driver() -> str | None:
         return None
 
 
+def _cpu_model() -> str | None:
+    """The "model name" line of /proc/cpuinfo (Linux), or None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def _triton_version() -> str | None:
     try:
         import triton
@@ -98,7 +118,9 @@ def environment(device: torch.device) -> dict[str, Any]:
                     "multiprocessors": props.multi_processor_count, "driver": _nvidia_driver()}
     else:
         hardware = {"device": f"cpu ({platform.processor() or platform.machine()})", "capability": None,
-                    "multiprocessors": None, "driver": None, "cpu_count": os.cpu_count()}
+                    "multiprocessors": None, "driver": None, "cpu_count": os.cpu_count(),
+                    "cpu_model": _cpu_model(), "torch_threads": torch.get_num_threads(),
+                    "loadavg": list(os.getloadavg())}
     return {
         **hardware,
         "torch": torch.__version__,
@@ -111,6 +133,23 @@ def environment(device: torch.device) -> dict[str, Any]:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
     }
+
+
+def time_cpu_ms(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
+    """Best, median, p20 and p80 of ``repeats`` wall-clock runs of ``fn`` in ms (after ``warmup``
+    untimed ones), with the 1-minute load average before and after."""
+    for _ in range(warmup):
+        fn()
+    load_before = os.getloadavg()[0]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    p20, p50, p80 = torch.quantile(torch.tensor(times, dtype=torch.float64),
+                                   torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)).tolist()
+    return {"best_ms": min(times), "median_ms": p50, "p20_ms": p20, "p80_ms": p80, "repeats": repeats,
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0]}
 
 
 def time_ms(fn: Callable[[], Any], *, warmup_ms: int = 25, rep_ms: int = 100) -> dict[str, float]:
@@ -182,20 +221,22 @@ class Bench:
     """One benchmark session on one device: ceilings measured once, rows collected.
 
     ``smoke=True`` is the CPU smoke tier: no ceilings, :meth:`record` runs ``fn`` once and stores
-    no time, memory or floor (those fields are None).
+    no time, memory or floor (those fields are None). ``cpu_timing=True`` is the CPU performance
+    tier: :meth:`record` stores :func:`time_cpu_ms` (no memory, no floor).
     """
 
     device: torch.device
     ceilings: dict[str, float] | None
     smoke: bool = False
+    cpu_timing: bool = False
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     @classmethod
-    def start(cls, *, smoke: bool = False) -> Bench:
-        """A GPU session (ceilings measured now), or the CPU smoke session."""
-        if smoke:
-            return cls(device=torch.device("cpu"), ceilings=None, smoke=True)
+    def start(cls, *, smoke: bool = False, cpu: bool = False) -> Bench:
+        """A GPU session (ceilings measured now), the CPU smoke session or the CPU timing session."""
+        if smoke or cpu:
+            return cls(device=torch.device("cpu"), ceilings=None, smoke=smoke, cpu_timing=cpu and not smoke)
         device = require_cuda()
         return cls(device=device, ceilings=measure_ceilings(device))
 
@@ -246,7 +287,10 @@ class Bench:
         """
         if self.smoke:
             fn()
-            timing: dict[str, float | None] = {"median_ms": None, "p20_ms": None, "p80_ms": None}
+            timing: dict[str, Any] = {"median_ms": None, "p20_ms": None, "p80_ms": None}
+            peak_mib = None
+        elif self.cpu_timing:
+            timing = time_cpu_ms(fn)
             peak_mib = None
         else:
             timing = time_ms(fn)
@@ -268,6 +312,10 @@ class Bench:
     def log_row(row: dict[str, Any]) -> None:
         """One log line per row; says "ran (cpu-smoke, not timed)" when there is no time."""
         where = f"{row['family']} {row['impl']} {row['shape']}"
+        if row.get("best_ms") is not None:
+            logger.info("%s: best %.1f ms, median %.1f ms of %d (load %.2f -> %.2f)", where, row["best_ms"],
+                        row["median_ms"], row["repeats"], row["loadavg_before"], row["loadavg_after"])
+            return
         if row.get("median_ms") is None:
             logger.info("%s: ran (cpu-smoke, not timed), checked=%s", where, row.get("checked"))
             return
@@ -284,7 +332,7 @@ class Bench:
             "family": name,
             "tier": tier,
             "performance": not self.smoke,
-            "note": SMOKE_NOTE if self.smoke else GPU_NOTE,
+            "note": SMOKE_NOTE if self.smoke else CPU_NOTE if self.cpu_timing else GPU_NOTE,
             "status": status,
             "error": error,
             "environment": environment(self.device),
@@ -297,8 +345,9 @@ class Bench:
     def write(self, out_dir: str | os.PathLike, name: str, tier: str, *, status: str = "ok",
               error: str | None = None) -> Path:
         """Write ``{out_dir}/{name}.json`` (environment, tier, note, ceilings, shapes, rows); return its path."""
-        if self.smoke != (tier == SMOKE_TIER):
-            raise ValueError(f"tier {tier!r} does not match this session (smoke={self.smoke})")
+        if self.smoke != (tier == SMOKE_TIER) or self.cpu_timing != (tier == CPU_TIER):
+            raise ValueError(f"tier {tier!r} does not match this session (smoke={self.smoke}, "
+                             f"cpu_timing={self.cpu_timing})")
         path = Path(out_dir) / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")

@@ -29,12 +29,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import SMOKE_TIER
 from benchmarks.result_files import (
     FUSED,
     Run,
     by_shape,
     eager_baseline,
-    is_performance,
     load_payloads,
     ordered_impls,
     performance_runs,
@@ -177,7 +177,7 @@ def generate(results: Path, readme_dir: Path) -> str:
     """The markdown that goes between the markers."""
     payloads = load_payloads(results) if results.is_dir() else []
     runs = _latest_runs(performance_runs(payloads))
-    smoke = sum(1 for _, data in payloads if not is_performance(data))
+    smoke = sum(1 for _, data in payloads if data.get("tier") == SMOKE_TIER)
     lines = [GENERATED_NOTE, ""]
     if not runs:
         lines.append(NO_GPU_TEXT)

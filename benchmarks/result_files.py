@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import SMOKE_TIER
+from benchmarks.harness import CPU_TIER, SMOKE_TIER
 
 logger = logging.getLogger("benchmarks.result_files")
 
@@ -35,8 +35,8 @@ def is_family_payload(data: Any) -> bool:
 
 
 def is_performance(data: dict[str, Any]) -> bool:
-    """GPU numbers (not a cpu-smoke correctness run)."""
-    return data.get("tier") != SMOKE_TIER and bool(data.get("performance", True))
+    """GPU numbers (not a cpu-smoke correctness run, nor the CPU tier's wall-clock timings)."""
+    return data.get("tier") not in (SMOKE_TIER, CPU_TIER) and bool(data.get("performance", True))
 
 
 @dataclass

@@ -3,6 +3,7 @@
     python -m benchmarks.run --quick --out benchmarks/results/<date>-<device>   # GPU, ~minutes per family
     python -m benchmarks.run --full --only nearest_token --out DIR              # GPU, the whole matrix
     python -m benchmarks.run --cpu-smoke --out /tmp/smoke                       # no GPU needed
+    python -m benchmarks.run --cpu --out benchmarks/results/<date>-cpu-2core      # CPU timings (bench_cpu)
 
 Each family module ``benchmarks/bench_<family>.py`` exposes
 ``run(tier, bench, *, with_compile=True) -> None`` that checks every implementation against the
@@ -12,7 +13,9 @@ The quick and full tiers need a CUDA device (without one this exits with status 
 ``--cpu-smoke`` runs every family on tiny shapes with the CPU backends (torch eager; triton through
 its interpreter, switched on here when no GPU is visible and TRITON_INTERPRET is unset) to keep the
 code paths tested: its JSON is marked ``"tier": "cpu-smoke"`` and holds no times: GPU numbers need
-a GPU.
+a GPU. ``--cpu`` runs the CPU family (:mod:`benchmarks.bench_cpu`: the torch backend beside faiss-cpu,
+``torch.cdist`` + ``topk``, pykeops and the dense baseline) with wall-clock timings; it is the only
+family of that tier, and the GPU families do not run in it.
 
 Exit status: 0 when every family ran and passed its checks, 1 when one failed (its JSON then
 has ``"status": "failed"`` and the error), 2 for a usage error or a missing GPU.
@@ -27,6 +30,7 @@ import os
 import sys
 
 FAMILIES: tuple[str, ...] = ("nearest_token", "soft_assign", "patches", "train_step")
+CPU_FAMILIES: tuple[str, ...] = ("cpu",)
 logger = logging.getLogger("benchmarks")
 
 
@@ -40,7 +44,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tier.add_argument("--full", dest="tier", action="store_const", const="full", help="GPU: the whole shape matrix")
     tier.add_argument("--cpu-smoke", dest="tier", action="store_const", const="cpu-smoke",
                       help="CPU: tiny shapes, correctness and code paths only, no performance numbers")
-    parser.add_argument("--only", choices=FAMILIES, action="append", help="run only these families (repeatable)")
+    tier.add_argument("--cpu", dest="tier", action="store_const", const="cpu",
+                      help="CPU: wall-clock timings of the CPU family against faiss-cpu, cdist + topk, pykeops")
+    parser.add_argument("--only", choices=FAMILIES + CPU_FAMILIES, action="append",
+                        help="run only these families (repeatable)")
     parser.add_argument("--out", required=True, help="folder for the JSON files (one per family)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     return parser.parse_args(argv)
@@ -52,20 +59,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     tier = args.tier or "quick"
     smoke = tier == "cpu-smoke"
-    from benchmarks.harness import NO_GPU_MESSAGE, Bench, has_cuda
+    from benchmarks.harness import CPU_TIER, NO_GPU_MESSAGE, Bench, has_cuda
+
+    cpu = tier == CPU_TIER
+    tier_families = CPU_FAMILIES if cpu else FAMILIES
+    wrong = [family for family in args.only or () if family not in tier_families]
+    if wrong:
+        print(f"python -m benchmarks.run: the {tier} tier runs the families {tier_families}, not {wrong}",
+              file=sys.stderr)
+        return 2
 
     if smoke and not has_cuda() and "triton.language" not in sys.modules:
         # before triton is first imported; never on a GPU machine, where it would switch this
         # process's triton (and any GPU work after it) to the interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    if not smoke and not has_cuda():
+    if not smoke and not cpu and not has_cuda():
         print(f"python -m benchmarks.run: {NO_GPU_MESSAGE}", file=sys.stderr)
         return 2
-    bench = Bench.start(smoke=smoke)
+    bench = Bench.start(smoke=smoke, cpu=cpu)
     if bench.ceilings:
         logger.info("ceilings measured on this device: %s", bench.ceilings)
     failed = []
-    for family in dict.fromkeys(args.only or FAMILIES):
+    for family in dict.fromkeys(args.only or tier_families):
         module = importlib.import_module(f"benchmarks.bench_{family}")
         bench.reset()
         status, error = "ok", None

@@ -15,8 +15,10 @@ import importlib
 import pytest
 import torch
 
+from _oracles import REL_TOL, assert_matches_oracle, nearest_token_sorted, recorded_sorts, row_tolerance, sorted_share
+from _oracles import nearest_token_distances64 as oracle_distances
 from pacofr.ops import BackendUnavailableError, nearest_token
-from pacofr.ops.nearest_token import nearest_token_reference
+from pacofr.ops.nearest_token import MAX_K, nearest_token_reference
 
 nt_module = importlib.import_module("pacofr.ops.nearest_token")  # the module, not the function of the same name
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -31,67 +33,9 @@ BACKEND_DEVICES = [
     pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.gpu),
 ]
 
-REL_TOL = 1e-5
-"""fp32 arithmetic on the exact input values: score error relative to ||x||^2 + max ||e||^2."""
-COSINE_TOL = 1e-5
-
-
 # ------------------------------------------------------------------------------------------
-# oracle and checks
+# inputs
 # ------------------------------------------------------------------------------------------
-
-def oracle_distances(x2d: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
-    """Exact fp64 distances ``(N, K)`` of the given values (direct differences, no expansion)."""
-    x64, e64 = x2d.double().cpu(), codebook.double().cpu()
-    if metric == "l2":
-        return torch.cdist(x64, e64, compute_mode="donot_use_mm_for_euclid_dist").square()
-    nx, ne = x64.norm(dim=1), e64.norm(dim=1)
-    inv_x = torch.where(nx > 0, 1.0 / nx.clamp_min(1e-300), torch.zeros_like(nx))
-    inv_e = torch.where(ne > 0, 1.0 / ne.clamp_min(1e-300), torch.zeros_like(ne))
-    return 1.0 - (x64 @ e64.T) * inv_x[:, None] * inv_e[None, :]
-
-
-def row_tolerance(x2d: torch.Tensor, codebook: torch.Tensor, metric: str, rel: float = REL_TOL) -> torch.Tensor:
-    if metric == "cosine":
-        return torch.full((x2d.shape[0],), COSINE_TOL * rel / REL_TOL, dtype=torch.float64)
-    scale = x2d.double().cpu().square().sum(1) + codebook.double().cpu().square().sum(1).max()
-    return rel * scale
-
-
-def assert_matches_oracle(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
-                          distances: torch.Tensor, indices: torch.Tensor, *,
-                          index_dtype: torch.dtype = torch.int64, rel: float = REL_TOL) -> int:
-    """Check a finite-input result; return how many slots were checked for exact index equality."""
-    dim = codebook.shape[1]
-    assert distances.shape == (*x.shape[:-1], k) and indices.shape == distances.shape
-    assert distances.dtype == torch.float32 and indices.dtype == index_dtype
-    assert distances.device == x.device and indices.device == x.device
-    x2d = x.reshape(-1, dim)
-    dist = distances.reshape(-1, k).double().cpu()
-    idx = indices.reshape(-1, k).long().cpu()
-    assert torch.isfinite(dist).all(), "non-finite distance for finite inputs"
-    assert ((idx >= 0) & (idx < codebook.shape[0])).all(), "index out of range"
-    if k > 1:
-        assert (idx.sort(dim=1).values.diff(dim=1) > 0).all(), "repeated index within a row"
-        assert (dist.diff(dim=1) >= 0).all(), "distances not sorted nearest first"
-    exact = oracle_distances(x2d, codebook, metric)
-    tol = row_tolerance(x2d, codebook, metric, rel)[:, None]
-    best, best_idx = torch.sort(exact, dim=1, stable=True)
-    picked = exact.gather(1, idx)
-    assert ((picked - best[:, :k]).abs() <= tol).all(), (
-        f"a returned code is farther than the tolerance from the optimum: "
-        f"max excess {((picked - best[:, :k]).abs() - tol).max().item():.3g}")
-    assert ((dist - picked).abs() <= tol).all(), (
-        f"reported distance off by {((dist - picked).abs() - tol).max().item():.3g} beyond tolerance")
-    inf = torch.full((best.shape[0], 1), float("inf"), dtype=torch.float64)
-    padded = torch.cat([-inf, best[:, :k + 1], inf], dim=1)
-    gap_below = padded[:, 1:k + 1] - padded[:, 0:k]
-    gap_above = padded[:, 2:k + 2] - padded[:, 1:k + 1]
-    separated = torch.minimum(gap_below, gap_above) > tol
-    mismatch = separated & (idx != best_idx[:, :k])
-    assert not mismatch.any(), f"{int(mismatch.sum())} well-separated slots returned the wrong index"
-    return int(separated.sum())
-
 
 def make_inputs(kind: str, n: int, codes: int, dim: int, dtype: torch.dtype, generator: torch.Generator,
                 sigma: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +122,55 @@ def test_reference_chunk_boundaries(generator: torch.Generator) -> None:
         whole = nearest_token_reference(x, codebook, 5, metric)
         chunked = nearest_token_reference(x, codebook, 5, metric, buffer_elements=21, codes_per_chunk=7)
         assert torch.equal(whole[1], chunked[1]) and torch.equal(whole[0], chunked[0])
+
+
+# ------------------------------------------------------------------------------------------
+# the sort-free torch backend against the sort-based oracle (tests/_oracles.py)
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("codes", [1, 40, 128, 1000, 4096 + 33])
+def test_torch_backend_equals_the_sort_oracle_on_exact_data(dtype: torch.dtype, metric: str, codes: int,
+                                                            generator: torch.Generator) -> None:
+    """Integer data make every score exact, so the fast path must return the oracle's bits: ties
+    everywhere (duplicate codes, equidistant codes), NaN query rows and NaN codes, every k."""
+    x, codebook = integer_inputs(61, codes, 12, generator, dtype, low=-2, high=3)
+    codebook[codes // 2:codes // 2 + 3] = codebook[min(3, codes - 1)]  # duplicates across the block
+    if codes > 8:
+        codebook[5, 1] = float("nan")
+    x[7] = codebook[min(3, codes - 1)]
+    x[9, 4] = float("nan")
+    every_k = range(1, min(codes, MAX_K) + 1)
+    for k in every_k if codes <= 1000 else (1, 2, 7, 16):
+        got = nearest_token(x, codebook, k, metric, backend="torch")
+        want = nearest_token_sorted(x, codebook, k, metric)
+        assert torch.equal(got[1], want[1]), f"k={k}: indices differ in rows {(got[1] != want[1]).any(1).nonzero()}"
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("kind", ["gaussian", "clustered"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_torch_backend_on_large_codebooks_matches_float64(dtype: torch.dtype, kind: str, metric: str,
+                                                         generator: torch.Generator) -> None:
+    """Codebooks wide enough for every path of the selection (runs, groups, the ragged tail)."""
+    for n, codes, dim, ks in [(70, 4096 + 33, 16, (1, 5, 16)), (50, 1000, 40, (2, 8)), (40, 8192 + 64, 8, (1, 3))]:
+        x, codebook = make_inputs(kind, n, codes, dim, dtype, generator, sigma=0.05)
+        for k in ks:
+            dist, idx = nearest_token(x, codebook, k, metric, backend="torch")
+            assert_matches_oracle(x, codebook, k, metric, dist, idx)
+
+
+@pytest.mark.parametrize("k", [1, 8])
+def test_torch_backend_sorts_no_block(k: int, generator: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Continuous data: beyond the 2k-value merges of code blocks, only the rare rows with an exact
+    tie among their best scores are sorted (the old backend sorted every score)."""
+    x, codebook = make_inputs("gaussian", 300, 9000, 16, torch.float32, generator)
+    with recorded_sorts(monkeypatch) as sorts:
+        dist, idx = nearest_token(x, codebook, k, backend="torch")
+    assert sorted_share(sorts, 2 * k, 300 * 9000) <= 0.02, f"sorted: {sorts}"
+    assert_matches_oracle(x, codebook, k, "l2", dist, idx)
 
 
 @pytest.mark.gpu
@@ -267,6 +260,56 @@ def test_nan_codes_fill_the_list_only_when_nothing_else_is_left(backend: str, de
     dist, idx = nearest_token(x, codebook, 3, backend=backend)
     assert idx.cpu().tolist() == [[1, -1, -1]]
     assert dist[0, 0].item() == 1.0 and torch.isnan(dist[0, 1:]).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy overflowing on purpose
+@pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_inputs_past_the_finite_range_are_nan_rows_and_nan_codes(backend: str, device_name: str, metric: str,
+                                                                generator: torch.Generator) -> None:
+    """Issue 18: past ~1.8e19 squares overflowed silently (inf distances, wrong indices) and the
+    backends disagreed at 1e30. Rows whose fp32 squared norm exceeds 2^124 are out of range: a query
+    row returns NaN / -1, a code is treated as a NaN code; every other row keeps its exact answer."""
+    x, codebook = make_inputs("gaussian", 12, 30, 8, torch.float32, generator)
+    x, codebook = x * 1e17, codebook * 1e17  # in range: squared norms ~1e35 < 2^124 ~ 2.1e37
+    bad_rows = [1, 4, 7, 10]
+    x[1] *= 1e3  # 1e20: squares overflow
+    x[4, 2] = 3e19
+    x[7, 0] = float("inf")
+    x[10] = 1e30
+    bad_codes = [0, 9, 29]
+    codebook[0] *= 1e3
+    codebook[9, 5] = float("-inf")
+    codebook[29] = 1e30
+    good_rows = [r for r in range(12) if r not in bad_rows]
+    good_codes = torch.tensor([c for c in range(30) if c not in bad_codes])
+    x, codebook = x.to(device_name), codebook.to(device_name)
+    dist, idx = nearest_token(x, codebook, 4, metric, backend=backend)
+    dist, idx = dist.cpu(), idx.cpu()
+    assert torch.isnan(dist[bad_rows]).all() and (idx[bad_rows] == -1).all()
+    assert not torch.isin(idx[good_rows], torch.tensor(bad_codes)).any()
+    positions = torch.searchsorted(good_codes, idx[good_rows])
+    assert_matches_oracle(x[good_rows].cpu(), codebook.cpu()[good_codes], 4, metric, dist[good_rows], positions)
+    # with k = K the out-of-range codes fill the last slots, reported as NaN / -1
+    sixteen = codebook[torch.cat([torch.tensor(bad_codes[:2]), good_codes[:13], torch.tensor(bad_codes[2:])])]
+    dist, idx = nearest_token(x[good_rows], sixteen, 16, metric, backend=backend)
+    assert torch.isnan(dist[:, -3:].cpu()).all() and (idx[:, -3:].cpu() == -1).all()
+    assert torch.isfinite(dist[:, :-3].cpu()).all() and ((idx[:, :-3] >= 2) & (idx[:, :-3] < 15)).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_out_of_range_answers_agree_on_both_cpu_backends(metric: str, generator: torch.Generator) -> None:
+    x, codebook = make_inputs("gaussian", 9, 20, 6, torch.float32, generator)
+    half_x, half_codes = x.clone(), codebook.clone()
+    half_x[::2] *= 1e30
+    half_codes[1::2] *= 1e30
+    for queries, codes in [(half_x, half_codes), (x * 1e30, codebook * 1e30), (x * 1e30, codebook)]:
+        for k in (1, 3):
+            torch_result = nearest_token(queries, codes, k, metric, backend="torch")
+            triton_result = nearest_token(queries, codes, k, metric, backend="triton")
+            assert torch.equal(torch_result[1], triton_result[1])
+            torch.testing.assert_close(torch_result[0], triton_result[0], rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)

@@ -1,6 +1,6 @@
 """Masked patch ops (pacofr.ops.patches) against a literal float64 transcription of MAE.
 
-The oracle below follows facebookresearch/mae ``models_mae.py`` line by line (einsum patchify,
+The oracle (tests/_oracles.py) follows facebookresearch/mae ``models_mae.py`` line by line (einsum patchify,
 gather with an index *repeated* to the feature size, ``var`` with the unbiased estimator,
 ``mask_token.repeat`` + ``cat`` + ``gather`` in the decoder) in float64 on the exact input
 values, and is independent of the implementations under test.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _oracles import mae_patchify, oracle_loss, oracle_patches, oracle_scatter, oracle_targets
 from pacofr.ops import BackendUnavailableError, gather_patches, masked_patch_loss, patch_targets, scatter_tokens
 from pacofr.ops import _patches_fused
 from pacofr.ops import patches as patches_module
@@ -71,59 +72,6 @@ def poison_fused_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_poisoning_is_active():
     assert torch.isnan(_patches_fused._empty((2,), torch.float32, torch.device("cpu"))).all()
-
-
-# ----------------------------------------------------------------------------------------------
-# float64 MAE oracle
-# ----------------------------------------------------------------------------------------------
-
-def mae_patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    """MAE patchify (generalised to H != W): (B, C, H, W) -> (B, L, p*p*C)."""
-    n, c, height, width = imgs.shape
-    h, w = height // p, width // p
-    x = imgs.reshape(n, c, h, p, w, p)
-    x = torch.einsum("nchpwq->nhwpqc", x)
-    return x.reshape(n, h * w, p * p * c)
-
-
-def oracle_patches(images: torch.Tensor, ids: torch.Tensor, p: int, mean=None, std=None) -> torch.Tensor:
-    x = images.double()
-    if images.dtype == torch.uint8:
-        x = x / 255.0
-    if mean is not None or std is not None:
-        c = images.shape[1]
-        m = torch.as_tensor(mean if mean is not None else [0.0] * c, dtype=torch.float64, device=x.device)
-        s = torch.as_tensor(std if std is not None else [1.0] * c, dtype=torch.float64, device=x.device)
-        x = (x - m.view(1, c, 1, 1)) / s.view(1, c, 1, 1)
-    target = mae_patchify(x, p)
-    index = ids.long().unsqueeze(-1).repeat(1, 1, target.shape[-1])
-    return torch.gather(target, dim=1, index=index)
-
-
-def oracle_targets(images, ids, p, norm_pix=True, eps=1e-6, mean=None, std=None) -> torch.Tensor:
-    target = oracle_patches(images, ids, p, mean, std)
-    if norm_pix:
-        m = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - m) / (var + eps) ** 0.5
-    return target
-
-
-def oracle_loss(pred, images, ids, p, **kwargs) -> torch.Tensor:
-    target = oracle_targets(images, ids, p, **kwargs)
-    loss = (pred.double() - target) ** 2
-    return loss.mean(dim=-1).mean()
-
-
-def oracle_scatter(x, ids_restore, mask_token, pos_embed=None) -> torch.Tensor:
-    """MAE forward_decoder without the cls token, float64."""
-    x = x.double()
-    mask_tokens = mask_token.double().reshape(1, 1, -1).repeat(x.shape[0], ids_restore.shape[1] - x.shape[1], 1)
-    x_ = torch.cat([x, mask_tokens], dim=1)
-    x_ = torch.gather(x_, dim=1, index=ids_restore.long().unsqueeze(-1).repeat(1, 1, x.shape[2]))
-    if pos_embed is not None:
-        x_ = x_ + pos_embed.double().reshape(1, ids_restore.shape[1], -1)
-    return x_
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,14 +473,31 @@ def test_errors_name_the_argument():
         gather_patches(images, ids, 16, backend="opencl")
 
 
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_eps_zero_on_a_constant_patch_is_rejected_on_every_backend(backend):
+    """Issue 18: eps = 0 gave -inf (torch) and 0.943 (triton) on a constant patch; both now refuse it."""
+    _skip_unless_runnable(backend, "patch_targets")
+    device = _device_for(backend)
+    images = torch.full((1, 3, 8, 8), 0.25, device=device)
+    ids = torch.zeros(1, 1, dtype=torch.int64, device=device)
+    pred = torch.zeros(1, 1, 48, device=device)
+    with pytest.raises(ValueError, match=r"eps must be a finite number > 0 with norm_pix .* got 0\.0"):
+        patch_targets(images, ids, 4, eps=0.0, backend=backend)
+    with pytest.raises(ValueError, match=r"eps must be a finite number > 0 with norm_pix .* got 0"):
+        masked_patch_loss(pred, images, ids, 4, eps=0, backend=backend)
+    assert (patch_targets(images, ids, 4, eps=1e-6, backend=backend) == 0).all()
+
+
 def test_loss_and_targets_errors():
     images = torch.zeros(2, 1, 4, 4)
     ids = torch.zeros(2, 3, dtype=torch.int32)
     with pytest.raises(ValueError, match=r"norm_pix needs at least 2 values per patch.*P = .* = 1"):
         patch_targets(images, ids, 1)
     patch_targets(images, ids, 1, norm_pix=False)  # allowed without norm_pix
-    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
-        patch_targets(images, ids, 2, eps=-1.0)
+    for eps in (-1.0, 0.0, float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0 with norm_pix"):
+            patch_targets(images, ids, 2, eps=eps)
+    patch_targets(images, ids, 2, norm_pix=False, eps=0.0)  # eps is unused without norm_pix
     with pytest.raises(TypeError, match="norm_pix must be a bool"):
         patch_targets(images, ids, 2, norm_pix=1)
     with pytest.raises(ValueError, match=r"pred must have shape \(B, n, p\*p\*C\) = \(2, 3, 4\)"):

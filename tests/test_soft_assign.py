@@ -1,7 +1,7 @@
 """soft_assign and codebook_stats: every backend against an independent float64 oracle.
 
 The oracle ranks codes with numpy's lexsort on (-score, index) in float64, so the tie rule is
-checked independently of the implementations (which use sorts / packed keys). Indices are compared
+checked independently of the implementations (group minima + topk / packed keys). Indices are compared
 the way FAISS/flash-kmeans tests do (kernels.md, pitfall 2): the oracle scores at the returned
 indices must equal the oracle's top-m scores within a tolerance, and the indices must be equal
 where the top-(m+1) scores are separated by more than that tolerance. Weights, tokens and
@@ -13,12 +13,22 @@ from __future__ import annotations
 import importlib
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pacofr.ops.soft_assign import codebook_stats, soft_assign, soft_assign_reference
+from _oracles import (
+    assert_close_rel,
+    assert_weights_close,
+    check_selection,
+    oracle_given,
+    recorded_sorts,
+    select_top_m_sorted,
+    sorted_share,
+    stats_oracle,
+)
+from _oracles import soft_assign_scores64 as oracle_scores
+from pacofr.ops.soft_assign import codebook_stats, select_top_m, soft_assign, soft_assign_reference
 
 sa_module = importlib.import_module("pacofr.ops.soft_assign")  # the module, not the function
 
@@ -32,81 +42,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 METRICS = ["cosine", "l2"]
 # per-dtype tolerances: (selection score tolerance, relative tolerance on outputs/gradients)
 TOL = {torch.float32: (1e-5, 2e-5), torch.float16: (1e-5, 2e-3), torch.bfloat16: (1e-5, 1.6e-2)}
-
-
-# ------------------------------------------------------------------------------------------
-# Oracle (float64, independent of the module under test)
-# ------------------------------------------------------------------------------------------
-
-
-def oracle_scores(q: torch.Tensor, cb: torch.Tensor, metric: str) -> torch.Tensor:
-    """Raw float64 scores (N, K) before 1/tau: cosine, or -squared distance computed directly."""
-    q, cb = q.double(), cb.double()
-    if metric == "cosine":
-        qn = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        en = cb / cb.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return qn @ en.T
-    return -((q[:, None, :] - cb[None, :, :]) ** 2).sum(-1)
-
-
-def oracle_top_m(scores: torch.Tensor, m: int) -> torch.Tensor:
-    s = scores.numpy()
-    out = np.empty((s.shape[0], m), dtype=np.int64)
-    idx = np.arange(s.shape[1])
-    for row in range(s.shape[0]):
-        key = np.where(np.isnan(s[row]), -np.inf, s[row])
-        out[row] = np.lexsort((idx, -key))[:m]
-    return torch.from_numpy(out)
-
-
-def oracle_given(q, cb, idx, tau, metric, straight_through=False):
-    """float64 (token, weights) for the given indices, differentiable w.r.t. q, cb and tau."""
-    rows = cb[idx]  # (N, m, D)
-    if metric == "cosine":
-        qn = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        en = rows / rows.norm(dim=2, keepdim=True).clamp_min(1e-12)
-        raw = (qn[:, None, :] * en).sum(-1)
-    else:
-        raw = -((q[:, None, :] - rows) ** 2).sum(-1)
-    weights = torch.softmax(raw / tau, dim=1)
-    soft = (weights[..., None] * rows).sum(1)
-    token = soft + (rows[:, 0] - soft).detach() if straight_through else soft
-    return token, weights
-
-
-def check_selection(idx, q, cb, m, metric, atol):
-    """Returned indices select the oracle's top-m (up to near-ties of size atol), best first."""
-    scores = oracle_scores(q, cb, metric)
-    want = oracle_top_m(scores, m)
-    assert idx.dtype == torch.int64 and idx.shape == (q.shape[0], m)
-    assert int(idx.min()) >= 0 and int(idx.max()) < cb.shape[0]
-    for row in idx:
-        assert len(set(row.tolist())) == m, f"repeated code in a row: {row.tolist()}"
-    got_s, want_s = scores.gather(1, idx), scores.gather(1, want)
-    torch.testing.assert_close(got_s, want_s, atol=atol, rtol=0)
-    ranked = torch.sort(scores, dim=1, descending=True).values[:, : m + 1]
-    gaps = ranked[:, :-1] - ranked[:, 1:]
-    clear = gaps.min(dim=1).values > 4 * atol if gaps.shape[1] else torch.ones(len(idx), dtype=torch.bool)
-    assert torch.equal(idx[clear], want[clear])
-
-
-def assert_weights_close(w, q, cb, idx, tau, metric):
-    """Weights computed in fp32 differ from float64 by about eps32 * |score| / tau per logit."""
-    want_token, want_w = oracle_given(q.double(), cb.double(), idx, tau, metric)
-    scale = oracle_scores(q, cb, metric).abs().amax().item()
-    atol = 1e-6 + 4 * 2.0**-23 * math.sqrt(q.shape[1]) * max(scale, 1.0) / tau
-    torch.testing.assert_close(w.double(), want_w, atol=atol, rtol=0)
-    return want_token, atol * idx.shape[1] * cb.double().abs().max().item()
-
-
-def assert_close_rel(got, want, rel, name, atol=0.0):
-    """|got - want| <= atol + rel * max(max|want|, 1e-3) elementwise, reporting the worst element
-    (the floor keeps vanishing gradients of saturated softmaxes from demanding subnormal accuracy)."""
-    got, want = got.double(), want.double()
-    scale = max(want.abs().max().item(), 1e-3) if want.numel() else 1.0
-    err = (got - want).abs()
-    worst = err.max().item() if err.numel() else 0.0
-    assert worst <= atol + rel * scale, f"{name}: max error {worst:.3e} > {atol:.1e} + {rel:.1e} * {scale:.3e}"
 
 
 def make_inputs(n, k, d, dtype, generator, kind="gauss"):
@@ -245,6 +180,48 @@ def test_m_equal_k_is_the_full_softmax(backend, metric, generator):
     assert_close_rel(token, full @ cb.double(), 1e-5, "token")
 
 
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
+@pytest.mark.parametrize("codes", [1, 40, 256, 4096 + 33])
+def test_torch_ranking_equals_the_sort_oracle_on_exact_l2_data(dtype, codes, generator):
+    """Integer data make every l2 ranking score exact, so the sort-free ranking must return the
+    oracle's indices bit for bit: ties everywhere, duplicate codes, NaN and inf in rows and codes."""
+    q = torch.randint(-2, 3, (61, 12), generator=generator).to(dtype)
+    cb = torch.randint(-2, 3, (codes, 12), generator=generator).to(dtype)
+    cb[codes // 2:codes // 2 + 3] = cb[min(3, codes - 1)]
+    if codes > 8:
+        cb[5, 1] = float("nan")
+        cb[6, 0] = float("inf")
+    q[7] = cb[min(3, codes - 1)]
+    q[9, 4] = float("nan")
+    q[10, 2] = float("-inf")
+    every_m = range(1, min(codes, 16) + 1)
+    for m in every_m if codes <= 256 else (1, 2, 7, 16):
+        got, want = select_top_m(q, cb, m, "l2"), select_top_m_sorted(q, cb, m, "l2")
+        assert torch.equal(got, want), f"m={m}: rows {(got != want).any(1).nonzero().flatten().tolist()}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", METRICS)
+def test_torch_ranking_on_large_codebooks_matches_float64(dtype, metric, generator):
+    """Codebooks wide enough for every path of the sort-free selection (runs, groups, ragged tail)."""
+    for n, k, d, ms in [(60, 4096 + 33, 16, (1, 4, 16)), (40, 1000, 24, (2, 8))]:
+        q, cb = make_inputs(n, k, d, dtype, generator, "clustered")
+        for m in ms:
+            idx = select_top_m(q, cb, m, metric)
+            check_selection(idx, q, cb, m, metric, atol=1e-5 if dtype == torch.float32 else 4e-5)
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_torch_ranking_sorts_no_block(m, generator, monkeypatch):
+    """Continuous data: beyond the 2m-value merges of code blocks, only the rare rows with an exact
+    tie among their best scores are sorted (the old ranking sorted every score)."""
+    q, cb = make_inputs(300, 9000, 16, torch.float32, generator)
+    with recorded_sorts(monkeypatch) as sorts:
+        token, idx, _ = soft_assign(q, cb, m, 0.1, backend="torch")
+    assert sorted_share(sorts, 2 * m, 300 * 9000) <= 0.02, f"sorted: {sorts}"
+    check_selection(idx, q, cb, m, "cosine", atol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_query_row_gives_nan_weights_and_nan_code_is_never_chosen(backend, generator):
@@ -260,6 +237,19 @@ def test_nan_query_row_gives_nan_weights_and_nan_code_is_never_chosen(backend, g
         assert torch.isfinite(w[ok]).all() and torch.isfinite(token[ok]).all()
         keep = torch.tensor([i for i in range(20) if i != 7])
         check_selection(idx[ok] - (idx[ok] > 7).long(), q[ok], cb[keep], 3, metric, 1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_straight_through_token_of_a_nan_row_is_nan(backend, generator):
+    """Found by the fuzz suite: the hard forward token hid a NaN query (an arbitrary code row came out)."""
+    q, cb = make_inputs(6, 20, 16, torch.float32, generator)
+    q[2, 5] = float("nan")
+    for metric in METRICS:
+        token, idx, w = run(backend, q, cb, 3, 0.5, metric=metric, straight_through=True)
+        assert torch.isnan(token[2]).all() and torch.isnan(w[2]).all()
+        ok = torch.tensor([0, 1, 3, 4, 5])
+        assert torch.equal(token[ok], cb[idx[ok, 0]])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -450,21 +440,6 @@ def test_triton_rejects_m_above_the_fused_limit_but_auto_falls_back():
 # ------------------------------------------------------------------------------------------
 
 
-def stats_oracle(indices, k, weights, x):
-    idx = indices.reshape(-1).long()
-    w = torch.ones(idx.shape, dtype=torch.float64) if weights is None else weights.reshape(-1).double()
-    counts = torch.bincount(idx, weights=w, minlength=k).double()
-    sums = None
-    if x is not None:
-        per_row = 1 if indices.dim() == 1 else indices.shape[1]
-        rows = torch.arange(indices.shape[0]).repeat_interleave(per_row)
-        sums = torch.zeros(k, x.shape[1], dtype=torch.float64)
-        for j in range(k):  # plain loop: independent of index_add
-            sel = idx == j
-            sums[j] = (w[sel, None] * x.double()[rows[sel]]).sum(0)
-    return counts, sums
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(0,), (1,), (129,), (57, 3), (200, 8)])
 @pytest.mark.parametrize("with_weights,with_x", [(False, False), (True, False), (False, True), (True, True)])
@@ -518,3 +493,24 @@ def test_soft_assign_feeds_stats(generator):
     counts, _ = codebook_stats(idx, 10, weights=w)
     torch.testing.assert_close(counts.sum(), torch.tensor(40.0), atol=1e-4, rtol=0)
     assert F.one_hot(idx, 10).sum(1).max() == 1  # distinct codes per row
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_stats_read_strided_weights_indices_and_x(backend, deterministic, generator):
+    """Views of every input (issue 18: strided fp32 weights were read as if contiguous)."""
+    idx = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0]])
+    w = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])
+    counts, _ = run_stats(backend, idx[:, 0], 4, weights=w[:, 0], deterministic=deterministic)
+    torch.testing.assert_close(counts, torch.tensor([0.9, 0.8, 0.7, 0.6]))
+    big_idx = torch.randint(7, (3, 60, 5), generator=generator)
+    big_w = torch.rand(5, 60, 3, generator=generator)
+    big_x = torch.randn(12, 60, generator=generator)
+    views = [(big_idx[1, :, 1::2], big_w[1::2, :, 2].T, big_x[::3].T),  # (60, 2) with no unit stride
+             (big_idx[0, ::2, 3], big_w[1, ::2, 0], big_x[2:5, ::2].T)]  # (30,)
+    for indices, weights, x in views:
+        assert not (indices.is_contiguous() or weights.is_contiguous() or x.is_contiguous())
+        got = run_stats(backend, indices, 7, weights=weights, x=x, deterministic=deterministic)
+        want_counts, want_sums = stats_oracle(indices, 7, weights, x)
+        torch.testing.assert_close(got.counts.double(), want_counts, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.sums.double(), want_sums, atol=1e-5, rtol=1e-5)

@@ -257,7 +257,7 @@ class ModelConfig:
              f"{self.teacher_momentum}, {self.teacher_momentum_end}")
         need(len(self.pixel_mean) == 3 and len(self.pixel_std) == 3, "pixel_mean and pixel_std need 3 values")
         need(all(s > 0 for s in self.pixel_std), f"pixel_std must be > 0, got {self.pixel_std}")
-        need(self.norm_pix_eps >= 0, f"norm_pix_eps must be >= 0, got {self.norm_pix_eps}")
+        need(self.norm_pix_eps > 0, f"norm_pix_eps must be > 0 (a constant patch has variance 0), got {self.norm_pix_eps}")
         need(0.0 <= self.eq_min_overlap <= 1.0, f"eq_min_overlap must be in [0, 1], got {self.eq_min_overlap}")
         for name in ("w_bp", "w_code", "w_align", "w_ent", "w_sc", "w_ctx", "alpha_rep", "sc_beta",
                      "bp_small_weight", "dead_code_threshold", "dead_code_warmup", "eq_max_rotation",

@@ -1,6 +1,6 @@
 """Nearest-token codebook lookup: the k nearest codebook rows of every query, without an N x K matrix.
 
-Public op: :func:`nearest_token`. Backends: ``torch`` (the chunked reference below, any device),
+Public op: :func:`nearest_token`. Backends: ``torch`` (the blocked, sort-free reference below, any device),
 ``triton`` (:mod:`pacofr.kernels.nearest_token`; tile sizes not tuned on a GPU yet) and ``cuda``
 (``csrc/nearest_token.cu`` on the tensor-core ranking of ``csrc/code_ranking.h``: fp16/bf16 MMAs,
 exact fp32 on FMAs; compile-checked only so far, not yet run on a GPU).
@@ -21,6 +21,7 @@ pair (score, index): equal scores go to the smaller index whatever the tiling.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,7 @@ from pacofr.ops._checks import (
 )
 from pacofr.ops._dispatch import get_op, register
 from pacofr.ops._tiles import ranking_tiles
+from pacofr.ops._selection import smallest_k
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +87,13 @@ def nearest_token(x: torch.Tensor, codebook: torch.Tensor, k: int = 1, metric: s
     * NaN: a NaN score ranks after every number (``+inf`` included), so a codebook row containing
       NaN is returned only when fewer than k other codes exist. Every returned slot whose distance
       is NaN gets index ``-1``: a query row containing NaN returns ``k`` NaN distances and indices
-      ``-1``. Infinite inputs follow IEEE arithmetic through the score and then these rules.
+      ``-1``.
+    * Finite range: a row (query or code) is in range when its fp32 squared norm is at most
+      ``MAX_SQUARED_NORM`` = 2^124 (about 2.1e37, so entries up to about 4.6e18 / sqrt(D)); then
+      no score or distance can overflow. A query row out of range (an infinite entry, or values
+      whose squares overflow) returns ``k`` NaN distances and indices ``-1``, as a NaN row does; a
+      code out of range is treated as a NaN code (every score NaN: never returned while k other
+      codes exist). The range is decided once, in fp32, for every backend alike.
     * Memory: the O(N * k) outputs, K fp32 code norms (computed through a transient fp32 copy of
       the codebook) and, for the torch backend, bounded chunks of at most
       ``REFERENCE_BUFFER_ELEMENTS`` scores; the N x K distance matrix is never materialised. The
@@ -102,6 +110,9 @@ def nearest_token(x: torch.Tensor, codebook: torch.Tensor, k: int = 1, metric: s
     logger.debug("nearest_token: backend %s, N=%d K=%d D=%d k=%d metric=%s", name, queries.shape[0],
                  problem.codes, problem.dim, k, metric)
     distances, indices = impl(queries, codebook, k, metric, index_dtype, allow_tf32)
+    outside = ~in_range(squared_norms(queries))[:, None]  # the codes' rule lives in code_terms
+    distances = torch.where(outside, math.nan, distances)
+    indices = torch.where(outside, -1, indices)
     return distances.reshape(*leading, k), indices.reshape(*leading, k)
 
 
@@ -143,7 +154,8 @@ def _validate(x: object, codebook: object, k: object, metric: object, index_dtyp
 # --------------------------------------------------------------------------------------------
 
 REFERENCE_BUFFER_ELEMENTS = 1 << 22
-"""Scores the reference holds at once per (row chunk, code chunk) block (16 MiB of fp32)."""
+"""Most scores the torch backend holds at once in one (rows, codes) block (16 MiB of fp32); its
+blocks are smaller where the codebook allows (cache-sized, see :mod:`pacofr.ops._selection`)."""
 
 
 def new_outputs(n: int, k: int, index_dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,12 +167,23 @@ def new_outputs(n: int, k: int, index_dtype: torch.dtype, device: torch.device) 
             torch.empty((n, k), dtype=index_dtype, device=device))
 
 
+MAX_SQUARED_NORM = 2.0**124
+"""Largest fp32 squared norm of an in-range query or code row (:func:`nearest_token`, "Finite
+range"): with both below it, ``|score| <= 2^125`` and distances ``<= 2^126`` stay finite."""
+
+
+def in_range(squared_norm: torch.Tensor) -> torch.Tensor:
+    """Whether rows of these fp32 squared norms are in the finite range (False for NaN and inf)."""
+    return squared_norm <= MAX_SQUARED_NORM
+
+
 def code_terms(codebook: torch.Tensor, metric: str) -> torch.Tensor:
-    """Per-code fp32 term of the score, ``(K,)``: ``0.5 * ||e||^2`` (l2) or ``1 / ||e||`` (cosine, 0 for a zero row)."""
+    """Per-code fp32 term of the score, ``(K,)``: ``0.5 * ||e||^2`` (l2) or ``1 / ||e||`` (cosine,
+    0 for a zero row); NaN for a code out of the finite range, which makes its every score NaN on
+    every backend (they all take their code terms from here)."""
     squared = codebook.float().square().sum(dim=1)
-    if metric == "l2":
-        return 0.5 * squared
-    return _inverse_norm(squared)
+    term = 0.5 * squared if metric == "l2" else _inverse_norm(squared)
+    return torch.where(in_range(squared), term, math.nan)
 
 
 def _inverse_norm(squared_norm: torch.Tensor) -> torch.Tensor:
@@ -184,38 +207,46 @@ def finish_distances(best_scores: torch.Tensor, best_indices: torch.Tensor, squa
 def nearest_token_reference(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str = "l2",
                             index_dtype: torch.dtype = torch.int64, *,
                             buffer_elements: int = REFERENCE_BUFFER_ELEMENTS,
-                            codes_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch nearest_token on 2-D ``x`` ``(N, D)``: fp32 scores in bounded chunks.
+                            codes_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch nearest_token on 2-D ``x`` ``(N, D)``: fp32 scores in bounded blocks, no sorting.
 
-    Rows are processed ``buffer_elements // codes_per_chunk`` at a time and codes
-    ``codes_per_chunk`` at a time; a stable sort of (running best, new chunk) keeps equal scores
-    in index order, so the smallest index wins and NaN (sorted last) loses. No argument checks:
-    call :func:`nearest_token` for those.
+    Scores come one cache-sized block (rows x codes, at most ``buffer_elements``) at a time from
+    one GEMM each (``addmm`` folds in the l2 code term); :func:`pacofr.ops._selection.smallest_k`
+    keeps the k smallest by (score, index) without sorting the block, so the smallest index wins
+    and NaN (ranked after ``+inf``) loses. ``codes_per_chunk`` overrides the block width (tests).
+    No argument checks: call :func:`nearest_token` for those.
     """
-    n, codes = x.shape[0], codebook.shape[0]
-    codes_per_chunk = max(1, min(codes_per_chunk, codes))
-    rows_per_chunk = max(1, buffer_elements // codes_per_chunk)
-    codebook32 = codebook.float()
+    codes_t = codebook.float().t()
     terms = code_terms(codebook, metric)
-    distances, indices = new_outputs(n, k, index_dtype, x.device)
-    for r0 in range(0, n, rows_per_chunk):
-        rows = x[r0:r0 + rows_per_chunk].float()
-        best_scores = rows.new_empty((rows.shape[0], 0))
-        best_indices = torch.empty((rows.shape[0], 0), dtype=torch.int64, device=x.device)
-        for c0 in range(0, codes, codes_per_chunk):
-            chunk = codebook32[c0:c0 + codes_per_chunk]
-            dots = rows @ chunk.T
-            scores = terms[c0:c0 + chunk.shape[0]] - dots if metric == "l2" else -dots * terms[c0:c0 + chunk.shape[0]]
-            chunk_indices = torch.arange(c0, c0 + chunk.shape[0], device=x.device).expand(rows.shape[0], -1)
-            merged_scores = torch.cat([best_scores, scores], dim=1)
-            merged_indices = torch.cat([best_indices, chunk_indices], dim=1)
-            order = torch.sort(merged_scores, dim=1, stable=True).indices[:, :k]
-            best_scores = merged_scores.gather(1, order)
-            best_indices = merged_indices.gather(1, order)
-        d, i = finish_distances(best_scores, best_indices, rows.square().sum(dim=1), metric, index_dtype)
-        distances[r0:r0 + rows.shape[0]] = d
-        indices[r0:r0 + rows.shape[0]] = i
+    if metric == "l2":
+        def score_block(rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+            return torch.addmm(terms[c0:c1], rows, codes_t[:, c0:c1], alpha=-1.0)
+    else:
+        negative_terms = -terms
+
+        def score_block(rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+            return torch.mm(rows, codes_t[:, c0:c1]).mul_(negative_terms[c0:c1])
+
+    best_scores, best_indices = smallest_k(x, codebook.shape[0], k, _as_float32, score_block,
+                                           score_dtype=torch.float32, nan_as_inf=False,
+                                           buffer_elements=buffer_elements, codes_per_block=codes_per_chunk)
+    distances, indices = new_outputs(x.shape[0], k, index_dtype, x.device)
+    distances[:], indices[:] = finish_distances(best_scores, best_indices, squared_norms(x, buffer_elements),
+                                                metric, index_dtype)
     return distances, indices
+
+
+def _as_float32(rows: torch.Tensor) -> torch.Tensor:
+    return rows.float()
+
+
+def squared_norms(x: torch.Tensor, buffer_elements: int = REFERENCE_BUFFER_ELEMENTS) -> torch.Tensor:
+    """fp32 ``||x_i||^2`` of every row of ``x`` ``(N, D)``, upcasting at most ``buffer_elements`` values at a time."""
+    rows_per_chunk = max(1, buffer_elements // max(1, x.shape[1]))
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    for r0 in range(0, x.shape[0], rows_per_chunk):
+        out[r0:r0 + rows_per_chunk] = x[r0:r0 + rows_per_chunk].float().square().sum(dim=1)
+    return out
 
 
 @register(OP_NAME, "torch", auto_order=AUTO_ORDER)

@@ -164,9 +164,13 @@ def _check_stats(mean: ChannelStats, std: ChannelStats, grid: PatchGrid, images:
     return mean_vec, std_vec
 
 
-def _check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+def _check_eps(eps: object, norm_pix: bool) -> float:
+    """With norm_pix, eps > 0: a constant patch has variance 0, and 0 / sqrt(0) has no value the
+    backends could agree on (unused, and then any finite number, without norm_pix)."""
+    number = not isinstance(eps, bool) and isinstance(eps, (int, float))
+    if not (number and math.isfinite(eps) and (eps > 0 or not norm_pix)):
+        raise ValueError(f"eps must be a finite number > 0 with norm_pix (the variance of a constant patch "
+                         f"is 0), got {eps!r}")
     return float(eps)
 
 
@@ -235,7 +239,8 @@ def patch_targets(images: torch.Tensor, ids: torch.Tensor, patch_size: int, *, n
     Args:
         images, ids, patch_size, mean, std, backend, validate: as in :func:`gather_patches`.
         norm_pix: normalise each patch by its mean and unbiased variance (needs P >= 2).
-        eps: added to the variance inside the square root (MAE: 1e-6).
+        eps: added to the variance inside the square root (MAE: 1e-6); must be > 0 with
+            ``norm_pix`` (a constant patch has variance 0), any finite number without it.
 
     Returns:
         (B, n, P) float32 (float64 for float64 images); a constant: no gradient flows to images.
@@ -244,7 +249,7 @@ def patch_targets(images: torch.Tensor, ids: torch.Tensor, patch_size: int, *, n
     ids = _check_ids(ids, grid, images, validate)
     mean_vec, std_vec = _check_stats(mean, std, grid, images, validate)
     norm_pix = _check_norm_pix(norm_pix, grid)
-    eps = _check_eps(eps)
+    eps = _check_eps(eps, norm_pix)
     fn = _resolve("patch_targets", backend, [images])
     return fn(images.detach(), ids, grid.patch_size, norm_pix, eps, mean_vec, std_vec)
 
@@ -279,7 +284,7 @@ def masked_patch_loss(pred: torch.Tensor, images: torch.Tensor, ids: torch.Tenso
     check_same_device(images=images, pred=pred)
     mean_vec, std_vec = _check_stats(mean, std, grid, images, validate)
     norm_pix = _check_norm_pix(norm_pix, grid)
-    eps = _check_eps(eps)
+    eps = _check_eps(eps, norm_pix)
     out_dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
     if pred.numel() == 0:
         return pred.to(out_dtype).sum()

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from pacofr.ops._checks import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_same_dtype, check_tensor
 from pacofr.ops._dispatch import get_op, register, requested_backend
 from pacofr.ops._tiles import gather_block_d, ranking_tiles, register_ceiling
+from pacofr.ops._selection import smallest_k
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ METRICS: tuple[str, ...] = ("cosine", "l2")
 MAX_FUSED_M = 16
 #: ``F.normalize``'s default: a vector is divided by ``max(||v||, NORM_EPS)``.
 NORM_EPS = 1e-12
-#: Rows of the N x K score matrix the reference materialises at a time (about 256 MiB of fp32).
+#: Most scores of the N x K matrix the reference ranking holds in one block (256 MiB of fp32); its
+#: blocks are cache-sized below that (see :mod:`pacofr.ops._selection`).
 _REFERENCE_SCORE_ELEMENTS = 1 << 26
 
 
@@ -163,6 +165,12 @@ class _ForwardHardBackwardSoft(torch.autograd.Function):
         return grad, None
 
 
+def hard_token(best_rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The straight-through forward token (N, D): each row's best code, but NaN for a row whose
+    weights (N, m) are NaN (a query containing NaN), as the NaN rule promises; every backend."""
+    return torch.where(torch.isnan(weights).any(dim=1, keepdim=True), math.nan, best_rows)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -172,41 +180,47 @@ def select_top_m(q: torch.Tensor, codebook: torch.Tensor, m: int, metric: str) -
     """Indices (N, m) int64 of the m best codes per row of ``q`` (N, D), ties to the smaller index.
 
     Ranks by ``qn . en`` (cosine) or ``2 q.e - ||e||^2`` (l2, ``||q||^2`` dropped: constant per row),
-    computed in fp32 (fp64 for fp64 inputs) in row chunks; NaN ranks as ``-inf``. A stable
-    descending sort makes the tie rule exact.
+    computed in fp32 (fp64 for fp64 inputs) one cache-sized block at a time (at most
+    ``_REFERENCE_SCORE_ELEMENTS`` scores); NaN ranks as ``-inf``. The negated scores go through
+    :func:`pacofr.ops._selection.smallest_k`, which keeps the tie rule exact without sorting.
     """
     compute = _compute_dtype(q.dtype)
     cb = codebook.to(compute)
     if metric == "cosine":
-        cb = F.normalize(cb, dim=1, eps=NORM_EPS)
-        code_bias = None
+        negated_codes_t = F.normalize(cb, dim=1, eps=NORM_EPS).t().neg()
+
+        def prepare_rows(rows: torch.Tensor) -> torch.Tensor:
+            return F.normalize(rows.to(compute), dim=1, eps=NORM_EPS)
+
+        def negated_scores(rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+            return torch.mm(rows, negated_codes_t[:, c0:c1])
     else:
+        codes_t = cb.t()
         code_bias = cb.pow(2).sum(dim=1)
-    num_rows, num_codes = q.shape[0], cb.shape[0]
-    out = torch.empty(num_rows, m, dtype=torch.int64, device=q.device)
-    chunk = max(1, _REFERENCE_SCORE_ELEMENTS // num_codes)
-    for start in range(0, num_rows, chunk):
-        rows = q[start:start + chunk].to(compute)
-        if metric == "cosine":
-            scores = F.normalize(rows, dim=1, eps=NORM_EPS) @ cb.T
-        else:
-            scores = 2.0 * (rows @ cb.T) - code_bias
-        scores = scores.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-        out[start:start + chunk] = order[:, :m]
-    return out
+
+        def prepare_rows(rows: torch.Tensor) -> torch.Tensor:
+            return rows.to(compute)
+
+        def negated_scores(rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+            return torch.addmm(code_bias[c0:c1], rows, codes_t[:, c0:c1], alpha=-2.0)
+
+    _, indices = smallest_k(q, cb.shape[0], m, prepare_rows, negated_scores, score_dtype=compute,
+                            nan_as_inf=True, buffer_elements=_REFERENCE_SCORE_ELEMENTS)
+    return indices
 
 
 def chosen_scores(q: torch.Tensor, rows: torch.Tensor, metric: str) -> torch.Tensor:
     """Raw scores (N, m) of queries (N, D) against their chosen code rows (N, m, D), before 1/tau.
 
-    cosine: ``cos(q, e)`` with both normalised as ``v / max(||v||, 1e-12)``;
+    cosine: ``cos(q, e) = (q . e) / (max(||q||, 1e-12) max(||e||, 1e-12))``, the dot product of
+    the vectors normalised as ``F.normalize`` does (the norms divide the m dot products, not the
+    m * D values);
     l2: ``-||q - e||^2`` summed directly (no expansion, so no cancellation).
     """
     if metric == "cosine":
-        qn = F.normalize(q, dim=-1, eps=NORM_EPS)
-        en = F.normalize(rows, dim=-1, eps=NORM_EPS)
-        return (qn.unsqueeze(1) * en).sum(dim=-1)
+        dots = (rows * q.unsqueeze(1)).sum(dim=-1)
+        norms = rows.norm(dim=-1).clamp_min(NORM_EPS) * q.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        return dots / norms
     return -(q.unsqueeze(1) - rows).pow(2).sum(dim=-1)
 
 
@@ -228,7 +242,10 @@ def soft_assign_reference(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: 
     shifted = raw - raw.amax(dim=1, keepdim=True).detach()
     weights = torch.softmax(shifted / tau_c, dim=1)
     soft = (weights.unsqueeze(-1) * rows).sum(dim=1)
-    token = _ForwardHardBackwardSoft.apply(soft, rows[:, 0].detach()) if straight_through else soft
+    if straight_through:
+        token = _ForwardHardBackwardSoft.apply(soft, hard_token(rows[:, 0].detach(), weights.detach()))
+    else:
+        token = soft
     return SoftAssignment(token.to(q.dtype), indices, weights)
 
 
@@ -421,7 +438,8 @@ class _TritonLaunchers:
             counts = _new_output((num_codes,), torch.float32, device)
             sums = None if x is None else _new_output((num_codes, dim), torch.float32, device)
             order, starts = _sorted_segments(idx2, num_codes)
-            flat_w = None if w2 is None else w2.reshape(-1).float()
+            # entry e = row * m + j of the segments: the weights must be row-major contiguous
+            flat_w = None if w2 is None else w2.reshape(-1).float().contiguous()
             block_d = max(16, min(64, _pow2(max(dim, 1))))
             kernels.codebook_stats_segment_kernel[(num_codes, max(1, _cdiv(dim, block_d)))](
                 order, starts, dummy if flat_w is None else flat_w, dummy if x is None else x,
@@ -486,6 +504,8 @@ class _FusedSoftAssignFunction(torch.autograd.Function):
     def forward(ctx, q: torch.Tensor, codebook: torch.Tensor, tau: torch.Tensor, m: int, metric: str,  # noqa: D102
                 straight_through: bool, deterministic: bool, launchers: type) -> tuple[torch.Tensor, ...]:
         token, saved = launchers.forward(q, codebook, tau, m, metric, straight_through)
+        if straight_through:
+            token = hard_token(token, saved.weights)
         ctx.save_for_backward(q, codebook, tau, *saved)
         ctx.metric, ctx.deterministic, ctx.launchers = metric, deterministic, launchers
         ctx.mark_non_differentiable(saved.indices)
@@ -568,8 +588,9 @@ def soft_assign(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float | to
         metric: ``"cosine"``: score = cos(q, e_k) / tau (q and the codebook rows are normalised
             internally in fp32, gradients flow through the normalisation); ``"l2"``: score =
             -||q - e_k||^2 / tau.
-        straight_through: forward token = codebook[indices[..., 0]] (hard top-1); its gradient
-            is that of the soft token (the hard rows are treated as constants).
+        straight_through: forward token = codebook[indices[..., 0]] (hard top-1; NaN for a query
+            row containing NaN, as without it); its gradient is that of the soft token (the hard
+            rows are treated as constants).
         deterministic: reduce codebook gradients by sorted segments instead of atomics (fused
             backends); None follows ``torch.are_deterministic_algorithms_enabled()``.
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
