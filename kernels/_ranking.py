@@ -13,7 +13,9 @@ norms are treated. The dot products are accumulated in fp32 over ``D`` in ``BLOC
 Operand precision: ``INPUT_PRECISION`` ("ieee" exact fp32 FMAs, "tf32", "tf32x3") is passed to
 ``tl.dot``; ``CAST_BF16`` rounds fp32 tiles to bf16 first (the "bf16" precision: bf16 MMAs with
 fp32 accumulation); ``UPCAST`` turns 16-bit tiles into fp32 before the dot (Triton's interpreter
-computes bf16 dots wrongly; its fp32 dots of bf16 values are exact).
+computes bf16 dots wrongly; its fp32 dots of bf16 values are exact). The interpreter also casts
+fp32 to bf16 by truncation where a GPU rounds to nearest even, so with ``UPCAST`` the bf16
+rounding is done on the bits (:func:`round_to_bf16`) and stays in fp32.
 
 Candidates are int64 keys: the high 32 bits hold the score's bits mapped to an order-preserving
 signed integer, the low 32 bits the code index. Comparing keys compares (score, index)
@@ -30,6 +32,7 @@ import triton.language as tl
 KEY_PAD = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # masked code columns / removed candidates: after every real key
 KEY_NAN = tl.constexpr(0x7FFFFFFF)  # high word of a NaN score: after +inf (0x7F800000)
 SIGN_FLIP = tl.constexpr(0x7FFFFFFF)
+BF16_KEEP = tl.constexpr(-65536)  # 0xFFFF0000 as int32: the bits a bfloat16 keeps
 
 
 @triton.jit
@@ -84,6 +87,15 @@ def merge_tile(best, keys, KP: tl.constexpr):
 
 
 @triton.jit
+def round_to_bf16(x):
+    """fp32 ``x`` rounded to bfloat16 (nearest, ties to even, as ``cvt.rn.bf16.f32``), kept in fp32; NaN unchanged."""
+    bits = x.to(tl.int32, bitcast=True)
+    lsb = (bits >> 16) & 1
+    rounded = ((bits + 0x7FFF + lsb) & BF16_KEEP).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded)
+
+
+@triton.jit
 def best_codes(
     x_ptr, codebook_ptr, code_term_ptr, rows, row_mask, n_codes, dim,
     stride_xn, stride_xd, stride_en, stride_ed,
@@ -109,7 +121,10 @@ def best_codes(
                              mask=row_mask[:, None] & d_mask[None, :], other=0.0)
             e_tile = tl.load(e_cols + ds.to(tl.int64)[:, None] * stride_ed,
                              mask=d_mask[:, None] & col_mask[None, :], other=0.0)
-            if CAST_BF16:
+            if CAST_BF16 and UPCAST:
+                x_tile = round_to_bf16(x_tile)
+                e_tile = round_to_bf16(e_tile)
+            elif CAST_BF16:
                 x_tile = x_tile.to(tl.bfloat16)
                 e_tile = e_tile.to(tl.bfloat16)
             if UPCAST:

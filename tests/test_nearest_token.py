@@ -174,12 +174,14 @@ def test_torch_backend_sorts_no_block(k: int, generator: torch.Generator, monkey
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_allow_tf32_within_documented_tolerance(backend: str, generator: torch.Generator) -> None:
+@pytest.mark.parametrize("backend,precision", [("triton", "tf32"), ("triton", "tf32x3"), ("triton", "bf16"),
+                                               ("cuda", "tf32"), ("cuda", "tf32x3")])
+def test_reduced_precision_within_documented_tolerance(backend: str, precision: str,
+                                                       generator: torch.Generator) -> None:
     x, codebook = make_inputs("gaussian", 257, 1031, 256, torch.float32, generator)
     x, codebook = x.cuda(), codebook.cuda()
-    dist, idx = nearest_token(x, codebook, 4, allow_tf32=True, backend=backend)
-    assert_matches_oracle(x, codebook, 4, "l2", dist, idx, rel=1e-3)
+    dist, idx = nearest_token(x, codebook, 4, precision=precision, backend=backend)
+    assert_matches_oracle(x, codebook, 4, "l2", dist, idx, rel={"tf32": 1e-3, "tf32x3": 1e-5, "bf16": 8e-3}[precision])
 
 
 # ------------------------------------------------------------------------------------------
@@ -447,7 +449,7 @@ def test_errors_name_the_argument() -> None:
         (lambda: nearest_token(x, codebook, 2.0), TypeError, "k must be an int"),
         (lambda: nearest_token(x, codebook, metric="l1"), ValueError, "metric must be one of"),
         (lambda: nearest_token(x, codebook, index_dtype=torch.int16), TypeError, "index_dtype must be"),
-        (lambda: nearest_token(x, codebook, allow_tf32=1), TypeError, "allow_tf32 must be a bool"),
+        (lambda: nearest_token(x, codebook, precision="fp8"), ValueError, "precision must be one of"),
         (lambda: nearest_token(x, codebook, backend="cuDNN"), ValueError, "backend must be one of"),
     ]
     for call, error, message in cases:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.static.launches import KernelRecorder, OpCallRecorder, replay_on_triton, run_with_backward
+from pacofr.ops.precision import PRECISIONS
 
 #: input dtypes every float op accepts
 FLOAT_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -72,14 +73,12 @@ def _nearest_token_workloads(tiers: tuple[str, ...]) -> Iterator[Workload]:
     geometry = representatives({(s.n, s.codes, s.dim, s.metric) for tier in tiers for s in shapes(tier)}, (0, 1))
     for (n, codes, dim, metric), k, (dtype_name, dtype) in itertools.product(
             geometry, SELECTION_SIZES, FLOAT_DTYPES.items()):
-        precisions = (False, True) if dtype == torch.float32 else (False,)
-        for tf32 in precisions:
+        for precision in PRECISIONS if dtype == torch.float32 else ("ieee",):
             def call(recorder: KernelRecorder, n=n, codes=codes, dim=dim, metric=metric, k=k, dtype=dtype,
-                     tf32=tf32) -> None:
+                     precision=precision) -> None:
                 nearest_token(_empty((n, dim), dtype), _empty((codes, dim), dtype), k, metric,
-                              allow_tf32=tf32, backend="triton")
-            yield Workload(f"nearest_token N={n} K={codes} D={dim} k={k} {metric} {dtype_name}"
-                           f"{' tf32' if tf32 else ''}", call)
+                              precision=precision, backend="triton")
+            yield Workload(f"nearest_token N={n} K={codes} D={dim} k={k} {metric} {dtype_name} {precision}", call)
 
 
 def _soft_assign_workloads(tiers: tuple[str, ...]) -> Iterator[Workload]:
@@ -89,13 +88,15 @@ def _soft_assign_workloads(tiers: tuple[str, ...]) -> Iterator[Workload]:
     geometry = representatives({(s.n, s.codes, s.dim, s.metric) for tier in tiers for s in shapes(tier)}, (0, 1))
     for (n, codes, dim, metric), m, (dtype_name, dtype), deterministic in itertools.product(
             geometry, SELECTION_SIZES, FLOAT_DTYPES.items(), (False, True)):
-        def call(recorder: KernelRecorder, n=n, codes=codes, dim=dim, metric=metric, m=m, dtype=dtype,
-                 deterministic=deterministic) -> None:
-            q, book = _empty((n, dim), dtype, True), _empty((codes, dim), dtype, True)
-            run_with_backward(lambda: soft_assign(q, book, m, 0.1, metric=metric, deterministic=deterministic,
-                                                  backend="triton")[::2])
-        yield Workload(f"soft_assign N={n} K={codes} D={dim} m={m} {metric} {dtype_name}"
-                       f"{' deterministic' if deterministic else ''}", call)
+        # the ranking precision changes only the forward; the backward is recorded once per dtype
+        for precision in PRECISIONS if dtype == torch.float32 and not deterministic else ("ieee",):
+            def call(recorder: KernelRecorder, n=n, codes=codes, dim=dim, metric=metric, m=m, dtype=dtype,
+                     deterministic=deterministic, precision=precision) -> None:
+                q, book = _empty((n, dim), dtype, True), _empty((codes, dim), dtype, True)
+                run_with_backward(lambda: soft_assign(q, book, m, 0.1, metric=metric, deterministic=deterministic,
+                                                      precision=precision, backend="triton")[::2])
+            yield Workload(f"soft_assign N={n} K={codes} D={dim} m={m} {metric} {dtype_name} {precision}"
+                           f"{' deterministic' if deterministic else ''}", call)
     stats = representatives({(s.n, s.codes, s.dim, s.m) for tier in tiers for s in stats_shapes(tier)}, (0, 1))
     for (n, codes, dim, m), (dtype_name, dtype), deterministic in itertools.product(
             stats, FLOAT_DTYPES.items(), (False, True)):

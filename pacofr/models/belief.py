@@ -97,7 +97,7 @@ class PatchCodebook(nn.Module):
         """Top-M soft token e_soft (N, dc) fp32, its candidate indices (N, M) and weights (N, M)."""
         with full_precision(q.device):
             return soft_assign(q.float(), codes.float(), self.num_candidates, self.tau, metric="cosine",
-                               straight_through=self.straight_through, backend=self.backend)
+                               straight_through=self.straight_through, precision=self.precision, backend=self.backend)
 
     def prototypes(self, codes: torch.Tensor) -> torch.Tensor:
         """Pixel prototypes code2pix(codes): (..., dc) -> (..., P) fp32 (norm-pix space)."""
@@ -109,7 +109,7 @@ class PatchCodebook(nn.Module):
         """Incubation labels k* = argmin_k ||x - code2pix(E_k)||^2: patches (N, P) -> (N,) int64."""
         protos = self.prototypes(self.codes(detach=True))
         _, idx = nearest_token(patches.float().contiguous(), protos.contiguous(), k=1, metric="l2",
-                               backend=self.backend)
+                               precision=self.precision, backend=self.backend)
         return idx[:, 0]
 
     # ------------------------------------------------------------------------------------------

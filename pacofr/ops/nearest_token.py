@@ -35,8 +35,9 @@ from pacofr.ops._checks import (
     check_tensor,
 )
 from pacofr.ops._dispatch import get_op, register
-from pacofr.ops._tiles import ranking_tiles
 from pacofr.ops._selection import smallest_k
+from pacofr.ops._tiles import ranking_tiles
+from pacofr.ops.precision import check_precision, cuda_input_precision, kernel_precision, round_operands
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ AUTO_ORDER: tuple[str, ...] = ("triton", "cuda", "torch")
 
 
 def nearest_token(x: torch.Tensor, codebook: torch.Tensor, k: int = 1, metric: str = "l2", *,
-                  index_dtype: torch.dtype = torch.int64, allow_tf32: bool = False,
+                  index_dtype: torch.dtype = torch.int64, precision: str = "ieee",
                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest codebook rows of every query row, nearest first.
 
@@ -59,14 +60,15 @@ def nearest_token(x: torch.Tensor, codebook: torch.Tensor, k: int = 1, metric: s
         k: how many neighbours per query, ``1 <= k <= min(K, 16)``.
         metric: ``"l2"`` (squared Euclidean distance) or ``"cosine"`` (``1 - cosine similarity``).
         index_dtype: ``torch.int64`` (default) or ``torch.int32`` for the returned indices.
-        allow_tf32: fp32 inputs only. False (default): the products ``x . e`` are exact fp32
-            (IEEE fp32 multiply-add, fp32 accumulation). True: the triton backend rounds the fp32
-            inputs to TF32 (10-bit mantissa) inside ``tl.dot``, so each score may be off by up to
-            about ``1e-3 * sum_i |x_i e_i|`` (tested as ``1e-3 * (||x||^2 + max ||e||^2)`` on the
-            distance): codes whose scores differ by less than that may swap, and reported
-            distances carry the same absolute error. Ignored for fp16/bf16 inputs (always exact
-            products of the given values with fp32 accumulation), by the cuda backend (exact fp32
-            FMAs) and by the torch backend (torch's fp32 matmul setting, exact by default).
+        precision: how the products ``x . e`` of fp32 inputs are formed (:mod:`pacofr.ops.precision`):
+            ``"ieee"`` (default) exact fp32; ``"tf32x3"`` fp32-accurate on TF32 tensor cores;
+            ``"tf32"`` / ``"bf16"`` the operands rounded to TF32 (10 mantissa bits) / bfloat16 (7)
+            with exact products and fp32 accumulation, so each score may be off by up to about
+            ``2^-10`` / ``2^-7`` of ``sum_i |x_i e_i|``: codes whose scores differ by less may swap,
+            and reported distances carry the same absolute error. Every backend applies the same
+            rounding (the torch backend rounds the operands itself); the cuda backend has no
+            ``"bf16"`` path for fp32 inputs (``auto`` takes triton). Ignored for fp16/bf16 inputs
+            (always exact products of the given values with fp32 accumulation).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see :mod:`pacofr.ops._dispatch`).
 
     Returns:
@@ -100,7 +102,7 @@ def nearest_token(x: torch.Tensor, codebook: torch.Tensor, k: int = 1, metric: s
       cuda backend copies non-contiguous inputs to contiguous ones; triton reads any strides.
     * ``N = 0`` (no queries) returns empty outputs of shape ``(..., k)`` without running a kernel.
     """
-    problem = _validate(x, codebook, k, metric, index_dtype, allow_tf32)
+    problem = _validate(x, codebook, k, metric, index_dtype, precision)
     leading = tuple(x.shape[:-1])
     queries = x.reshape(-1, problem.dim)
     if queries.shape[0] == 0:
@@ -109,7 +111,7 @@ def nearest_token(x: torch.Tensor, codebook: torch.Tensor, k: int = 1, metric: s
     name, impl = get_op(OP_NAME).implementation(backend, [queries, codebook])
     logger.debug("nearest_token: backend %s, N=%d K=%d D=%d k=%d metric=%s", name, queries.shape[0],
                  problem.codes, problem.dim, k, metric)
-    distances, indices = impl(queries, codebook, k, metric, index_dtype, allow_tf32)
+    distances, indices = impl(queries, codebook, k, metric, index_dtype, precision)
     outside = ~in_range(squared_norms(queries))[:, None]  # the codes' rule lives in code_terms
     distances = torch.where(outside, math.nan, distances)
     indices = torch.where(outside, -1, indices)
@@ -125,7 +127,7 @@ class _Problem:
 
 
 def _validate(x: object, codebook: object, k: object, metric: object, index_dtype: object,
-              allow_tf32: object) -> _Problem:
+              precision: object) -> _Problem:
     queries = check_tensor("x", x, dtypes=FLOAT_DTYPES)
     codes_tensor = check_tensor("codebook", codebook, ndim=2, dtypes=FLOAT_DTYPES)
     if queries.dim() < 1:
@@ -144,8 +146,7 @@ def _validate(x: object, codebook: object, k: object, metric: object, index_dtyp
     check_choice("metric", metric, METRICS)
     if index_dtype not in INDEX_DTYPES:
         raise TypeError(f"index_dtype must be torch.int64 or torch.int32, got {index_dtype!r}")
-    if not isinstance(allow_tf32, bool):
-        raise TypeError(f"allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
+    check_precision(precision)
     return _Problem(codes=codes, dim=dim)
 
 
@@ -205,7 +206,7 @@ def finish_distances(best_scores: torch.Tensor, best_indices: torch.Tensor, squa
 
 
 def nearest_token_reference(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str = "l2",
-                            index_dtype: torch.dtype = torch.int64, *,
+                            index_dtype: torch.dtype = torch.int64, precision: str = "ieee", *,
                             buffer_elements: int = REFERENCE_BUFFER_ELEMENTS,
                             codes_per_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch nearest_token on 2-D ``x`` ``(N, D)``: fp32 scores in bounded blocks, no sorting.
@@ -213,10 +214,12 @@ def nearest_token_reference(x: torch.Tensor, codebook: torch.Tensor, k: int, met
     Scores come one cache-sized block (rows x codes, at most ``buffer_elements``) at a time from
     one GEMM each (``addmm`` folds in the l2 code term); :func:`pacofr.ops._selection.smallest_k`
     keeps the k smallest by (score, index) without sorting the block, so the smallest index wins
-    and NaN (ranked after ``+inf``) loses. ``codes_per_chunk`` overrides the block width (tests).
-    No argument checks: call :func:`nearest_token` for those.
+    and NaN (ranked after ``+inf``) loses. The GEMM's operands are rounded as ``precision`` says
+    (:func:`pacofr.ops.precision.round_operands`); code terms and ``||x||^2`` come from the given
+    values. ``codes_per_chunk`` overrides the block width (tests). No argument checks: call
+    :func:`nearest_token` for those.
     """
-    codes_t = codebook.float().t()
+    codes_t = round_operands(codebook.float(), precision).t()
     terms = code_terms(codebook, metric)
     if metric == "l2":
         def score_block(rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
@@ -227,17 +230,16 @@ def nearest_token_reference(x: torch.Tensor, codebook: torch.Tensor, k: int, met
         def score_block(rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
             return torch.mm(rows, codes_t[:, c0:c1]).mul_(negative_terms[c0:c1])
 
-    best_scores, best_indices = smallest_k(x, codebook.shape[0], k, _as_float32, score_block,
+    def as_operands(rows: torch.Tensor) -> torch.Tensor:
+        return round_operands(rows.float(), precision)
+
+    best_scores, best_indices = smallest_k(x, codebook.shape[0], k, as_operands, score_block,
                                            score_dtype=torch.float32, nan_as_inf=False,
                                            buffer_elements=buffer_elements, codes_per_block=codes_per_chunk)
     distances, indices = new_outputs(x.shape[0], k, index_dtype, x.device)
     distances[:], indices[:] = finish_distances(best_scores, best_indices, squared_norms(x, buffer_elements),
                                                 metric, index_dtype)
     return distances, indices
-
-
-def _as_float32(rows: torch.Tensor) -> torch.Tensor:
-    return rows.float()
 
 
 def squared_norms(x: torch.Tensor, buffer_elements: int = REFERENCE_BUFFER_ELEMENTS) -> torch.Tensor:
@@ -251,9 +253,8 @@ def squared_norms(x: torch.Tensor, buffer_elements: int = REFERENCE_BUFFER_ELEME
 
 @register(OP_NAME, "torch", auto_order=AUTO_ORDER)
 def _nearest_token_torch(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
-                         index_dtype: torch.dtype, allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    del allow_tf32  # the reference follows torch's fp32 matmul setting (exact unless enabled globally)
-    return nearest_token_reference(x, codebook, k, metric, index_dtype)
+                         index_dtype: torch.dtype, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return nearest_token_reference(x, codebook, k, metric, index_dtype, precision)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,7 +272,7 @@ def _check_code_count(codes: int) -> None:
 
 @register(OP_NAME, "triton", auto_order=AUTO_ORDER)
 def _nearest_token_triton(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
-                          index_dtype: torch.dtype, allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          index_dtype: torch.dtype, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     from pacofr import _triton
     from pacofr.kernels import nearest_token as kernels
 
@@ -280,8 +281,8 @@ def _nearest_token_triton(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
     _check_code_count(codes)
     kp = kernels.next_power_of_two(k)
     interpreting = x.device.type == "cpu" and _triton.interpreter_enabled()
-    input_precision = "tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee"
-    tiles = ranking_tiles(x.dtype, input_precision, False, kp, interpreting)
+    input_precision, cast_bf16 = kernel_precision(precision, x.dtype)
+    tiles = ranking_tiles(x.dtype, input_precision, cast_bf16, kp, interpreting)
     terms = code_terms(codebook, metric)
     distances, indices = new_outputs(n, k, index_dtype, x.device)
     grid = ((n + tiles.block_n - 1) // tiles.block_n,)
@@ -291,9 +292,9 @@ def _nearest_token_triton(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
         x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
         K_OUT=k, KP=kp, COSINE=metric == "cosine",
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_D=tiles.block_d,
-        INPUT_PRECISION=input_precision, CAST_BF16=False,
+        INPUT_PRECISION=input_precision, CAST_BF16=cast_bf16,
         # the interpreter's tl.dot is wrong on bf16 tiles: give it exact fp32 copies of the values
-        UPCAST=interpreting and x.dtype == torch.bfloat16,
+        UPCAST=interpreting and (x.dtype == torch.bfloat16 or cast_bf16),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=tiles.max_registers,
     )
     return distances, indices
@@ -305,15 +306,12 @@ def _nearest_token_triton(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
 
 @register(OP_NAME, "cuda", auto_order=AUTO_ORDER)
 def _nearest_token_cuda(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
-                        index_dtype: torch.dtype, allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``csrc/nearest_token.cu``: fp16/bf16 on 16-bit tensor-core MMAs, fp32 by the precision given.
-
-    The kernel takes ``input_precision`` ``"ieee"`` (exact fp32 FMAs), ``"tf32"`` or ``"tf32x3"``;
-    until the public op passes one, fp32 stays exact (``allow_tf32`` is documented as ignored here).
-    """
-    del allow_tf32
+                        index_dtype: torch.dtype, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``csrc/nearest_token.cu``: fp16/bf16 on 16-bit tensor-core MMAs, fp32 by the precision given
+    (``"ieee"`` exact fp32 FMAs, ``"tf32"``, ``"tf32x3"``; no ``"bf16"`` path for fp32 inputs)."""
+    input_precision = cuda_input_precision(OP_NAME, precision, x.dtype)
     _check_code_count(codebook.shape[0])
     terms = code_terms(codebook, metric)
     distances, indices = new_outputs(x.shape[0], k, index_dtype, x.device)
-    torch.ops.pacofr_cuda.nearest_token(x, codebook, terms, metric == "cosine", "ieee", distances, indices)
+    torch.ops.pacofr_cuda.nearest_token(x, codebook, terms, metric == "cosine", input_precision, distances, indices)
     return distances, indices

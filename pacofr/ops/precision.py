@@ -63,3 +63,26 @@ def round_operands(x: torch.Tensor, precision: str) -> torch.Tensor:
 def is_reduced(precision: str, dtype: torch.dtype) -> bool:
     """Whether ``precision`` changes the products of inputs of ``dtype`` (only fp32 inputs, only tf32/bf16)."""
     return dtype == torch.float32 and precision in ("tf32", "bf16")
+
+
+def kernel_precision(precision: str, dtype: torch.dtype) -> tuple[str, bool]:
+    """How a fused kernel realises ``precision`` for inputs of ``dtype``: ``(input_precision, cast_bf16)``.
+
+    ``input_precision`` is Triton's / the CUDA kernels' ``"ieee" | "tf32" | "tf32x3"`` for fp32
+    operands; ``cast_bf16``: round fp32 tiles to bf16 before the MMA. 16-bit inputs: ``("ieee", False)``.
+    """
+    if dtype != torch.float32:
+        return "ieee", False
+    if precision == "bf16":
+        return "ieee", True
+    return precision, False
+
+
+def cuda_input_precision(op: str, precision: str, dtype: torch.dtype) -> str:
+    """The ``input_precision`` the CUDA kernels take for ``precision``; ValueError for fp32 + ``"bf16"``,
+    which they do not implement (the triton backend does, and ``auto`` tries it first)."""
+    input_precision, cast_bf16 = kernel_precision(precision, dtype)
+    if cast_bf16:
+        raise ValueError(f"{op}: the cuda backend has no precision='bf16' path for float32 inputs; use "
+                         "backend='triton', a TF32 precision, or bfloat16 inputs")
+    return input_precision

@@ -37,8 +37,9 @@ import torch.nn.functional as F
 
 from pacofr.ops._checks import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_same_dtype, check_tensor
 from pacofr.ops._dispatch import get_op, register, requested_backend
-from pacofr.ops._tiles import gather_block_d, ranking_tiles, register_ceiling
 from pacofr.ops._selection import smallest_k
+from pacofr.ops._tiles import gather_block_d, ranking_tiles, register_ceiling
+from pacofr.ops.precision import check_precision, cuda_input_precision, kernel_precision, round_operands
 
 logger = logging.getLogger(__name__)
 
@@ -176,30 +177,30 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.no_grad()
-def select_top_m(q: torch.Tensor, codebook: torch.Tensor, m: int, metric: str) -> torch.Tensor:
+def select_top_m(q: torch.Tensor, codebook: torch.Tensor, m: int, metric: str, precision: str = "ieee") -> torch.Tensor:
     """Indices (N, m) int64 of the m best codes per row of ``q`` (N, D), ties to the smaller index.
 
-    Ranks by ``qn . en`` (cosine) or ``2 q.e - ||e||^2`` (l2, ``||q||^2`` dropped: constant per row),
-    computed in fp32 (fp64 for fp64 inputs) one cache-sized block at a time (at most
-    ``_REFERENCE_SCORE_ELEMENTS`` scores); NaN ranks as ``-inf``. The negated scores go through
-    :func:`pacofr.ops._selection.smallest_k`, which keeps the tie rule exact without sorting.
+    Ranks by ``(q . e) / max(||e||, eps)`` (cosine: the positive row factor ``1 / ||q||`` does not
+    change the order) or ``2 q.e - ||e||^2`` (l2, ``||q||^2`` dropped: constant per row), as the
+    fused kernels do, computed in fp32 (fp64 for fp64 inputs) one cache-sized block at a time (at
+    most ``_REFERENCE_SCORE_ELEMENTS`` scores), the products' operands rounded as ``precision``
+    says (:func:`pacofr.ops.precision.round_operands`); NaN ranks as ``-inf``. The negated scores
+    go through :func:`pacofr.ops._selection.smallest_k`, which keeps the tie rule exact without sorting.
     """
     compute = _compute_dtype(q.dtype)
     cb = codebook.to(compute)
-    if metric == "cosine":
-        negated_codes_t = F.normalize(cb, dim=1, eps=NORM_EPS).t().neg()
+    codes_t = round_operands(cb, precision).t()
 
-        def prepare_rows(rows: torch.Tensor) -> torch.Tensor:
-            return F.normalize(rows.to(compute), dim=1, eps=NORM_EPS)
+    def prepare_rows(rows: torch.Tensor) -> torch.Tensor:
+        return round_operands(rows.to(compute), precision)
+
+    if metric == "cosine":
+        negated_inverse_norms = -1.0 / cb.norm(dim=1).clamp_min(NORM_EPS)
 
         def negated_scores(rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
-            return torch.mm(rows, negated_codes_t[:, c0:c1])
+            return torch.mm(rows, codes_t[:, c0:c1]).mul_(negated_inverse_norms[c0:c1])
     else:
-        codes_t = cb.t()
         code_bias = cb.pow(2).sum(dim=1)
-
-        def prepare_rows(rows: torch.Tensor) -> torch.Tensor:
-            return rows.to(compute)
 
         def negated_scores(rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
             return torch.addmm(code_bias[c0:c1], rows, codes_t[:, c0:c1], alpha=-2.0)
@@ -225,7 +226,8 @@ def chosen_scores(q: torch.Tensor, rows: torch.Tensor, metric: str) -> torch.Ten
 
 
 def soft_assign_reference(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float | torch.Tensor, *,
-                          metric: str = "cosine", straight_through: bool = False) -> SoftAssignment:
+                          metric: str = "cosine", straight_through: bool = False,
+                          precision: str = "ieee") -> SoftAssignment:
     """Plain-PyTorch soft assignment of ``q`` (N, D) to ``codebook`` (K, D); autograd through torch ops.
 
     Arguments as :func:`soft_assign` (already validated; fp64 inputs allowed, the test oracle). The
@@ -233,7 +235,7 @@ def soft_assign_reference(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: 
     fp32 and are cast once. Returns token in q's dtype, indices int64, weights fp32 (fp64 for fp64).
     """
     compute = _compute_dtype(q.dtype)
-    indices = select_top_m(q, codebook, m, metric)
+    indices = select_top_m(q, codebook, m, metric, precision)
     q_c = q.to(compute)
     rows = codebook.to(compute)[indices]  # (N, m, D): gradient scatters into an fp32 buffer
     raw = chosen_scores(q_c, rows, metric)
@@ -269,8 +271,9 @@ def codebook_stats_reference(indices: torch.Tensor, num_codes: int, weights: tor
 
 @register("soft_assign", "torch")
 def _soft_assign_torch(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float | torch.Tensor,
-                       metric: str, straight_through: bool, deterministic: bool) -> SoftAssignment:
-    return soft_assign_reference(q, codebook, m, tau, metric=metric, straight_through=straight_through)
+                       metric: str, straight_through: bool, deterministic: bool, precision: str) -> SoftAssignment:
+    return soft_assign_reference(q, codebook, m, tau, metric=metric, straight_through=straight_through,
+                                 precision=precision)
 
 
 @register("codebook_stats", "torch")
@@ -347,7 +350,7 @@ class _TritonLaunchers:
 
     @classmethod
     def forward(cls, q: torch.Tensor, codebook: torch.Tensor, tau: torch.Tensor, m: int, metric: str,
-                straight_through: bool) -> tuple[torch.Tensor, _Saved]:
+                straight_through: bool, precision: str) -> tuple[torch.Tensor, _Saved]:
         from pacofr import _triton
 
         kernels = cls._module()
@@ -365,7 +368,8 @@ class _TritonLaunchers:
             return token, saved
         m_pad = _pow2(m)
         interpreting = _triton.interpreter_enabled() and q.device.type == "cpu"
-        tiles = ranking_tiles(q.dtype, "ieee", False, m_pad, interpreting)
+        input_precision, cast_bf16 = kernel_precision(precision, q.dtype)
+        tiles = ranking_tiles(q.dtype, input_precision, cast_bf16, m_pad, interpreting)
         grid = (_cdiv(n, tiles.block_n),)
         kernels.soft_assign_fwd_kernel[grid](
             q, codebook, code_stat, _rank_term(code_stat, metric), tau, token, indices, weights, raw, q_norm,
@@ -373,9 +377,9 @@ class _TritonLaunchers:
             M=m, M_PAD=m_pad, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_D=tiles.block_d,
             BLOCK_DE=gather_block_d(cls.FWD_GATHER_ELEMENTS, tiles.block_n, m_pad, dim, high=32),
             COSINE=metric == "cosine",
-            HARD=straight_through, INPUT_PRECISION="ieee", CAST_BF16=False,
+            HARD=straight_through, INPUT_PRECISION=input_precision, CAST_BF16=cast_bf16,
             # the interpreter's tl.dot is wrong on bf16 tiles: give it exact fp32 copies of the values
-            UPCAST=interpreting and q.dtype == torch.bfloat16,
+            UPCAST=interpreting and (q.dtype == torch.bfloat16 or cast_bf16),
             num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=tiles.max_registers)
         return token, saved
 
@@ -468,11 +472,11 @@ class _CudaLaunchers:
 
     @staticmethod
     def forward(q: torch.Tensor, codebook: torch.Tensor, tau: torch.Tensor, m: int, metric: str,
-                straight_through: bool) -> tuple[torch.Tensor, _Saved]:
+                straight_through: bool, precision: str) -> tuple[torch.Tensor, _Saved]:
+        input_precision = cuda_input_precision("soft_assign", precision, q.dtype)
         code_stat = _code_stat(codebook, metric)
         token, indices, weights, raw, q_norm = torch.ops.pacofr_cuda.soft_assign(
-            q, codebook, code_stat, tau, m, metric == "cosine", straight_through, NORM_EPS,
-            "ieee")  # fp32 ranking in exact fp32, as the triton backend's
+            q, codebook, code_stat, tau, m, metric == "cosine", straight_through, NORM_EPS, input_precision)
         return token, _Saved(indices, weights, raw, q_norm, code_stat)
 
     @staticmethod
@@ -502,8 +506,9 @@ class _FusedSoftAssignFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, codebook: torch.Tensor, tau: torch.Tensor, m: int, metric: str,  # noqa: D102
-                straight_through: bool, deterministic: bool, launchers: type) -> tuple[torch.Tensor, ...]:
-        token, saved = launchers.forward(q, codebook, tau, m, metric, straight_through)
+                straight_through: bool, deterministic: bool, precision: str,
+                launchers: type) -> tuple[torch.Tensor, ...]:
+        token, saved = launchers.forward(q, codebook, tau, m, metric, straight_through, precision)
         if straight_through:
             token = hard_token(token, saved.weights)
         ctx.save_for_backward(q, codebook, tau, *saved)
@@ -520,23 +525,24 @@ class _FusedSoftAssignFunction(torch.autograd.Function):
             g_token = torch.zeros_like(q)
         grad_q, grad_cb, grad_tau = ctx.launchers.backward(g_token, g_weights, q, codebook, tau, saved,
                                                            ctx.metric, ctx.deterministic)
-        return grad_q, grad_cb, grad_tau.to(tau.dtype), None, None, None, None, None
+        return grad_q, grad_cb, grad_tau.to(tau.dtype), None, None, None, None, None, None
 
 
 def _fused_soft_assign(launchers: type, q: torch.Tensor, codebook: torch.Tensor, m: int,
                        tau: float | torch.Tensor, metric: str, straight_through: bool,
-                       deterministic: bool) -> SoftAssignment:
+                       deterministic: bool, precision: str) -> SoftAssignment:
     tau_t = tau.float() if isinstance(tau, torch.Tensor) else torch.full((), tau, dtype=torch.float32,
                                                                          device=q.device)
     token, indices, weights = _FusedSoftAssignFunction.apply(q, codebook, tau_t, m, metric, straight_through,
-                                                            deterministic, launchers)
+                                                            deterministic, precision, launchers)
     return SoftAssignment(token, indices, weights)
 
 
 @register("soft_assign", "triton", auto_order=("triton", "cuda", "torch"))
 def _soft_assign_triton(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float | torch.Tensor,
-                        metric: str, straight_through: bool, deterministic: bool) -> SoftAssignment:
-    return _fused_soft_assign(_TritonLaunchers, q, codebook, m, tau, metric, straight_through, deterministic)
+                        metric: str, straight_through: bool, deterministic: bool, precision: str) -> SoftAssignment:
+    return _fused_soft_assign(_TritonLaunchers, q, codebook, m, tau, metric, straight_through, deterministic,
+                              precision)
 
 
 @register("codebook_stats", "triton", auto_order=("triton", "cuda", "torch"))
@@ -547,8 +553,9 @@ def _codebook_stats_triton(indices: torch.Tensor, num_codes: int, weights: torch
 
 @register("soft_assign", "cuda", auto_order=("triton", "cuda", "torch"))
 def _soft_assign_cuda(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float | torch.Tensor,
-                      metric: str, straight_through: bool, deterministic: bool) -> SoftAssignment:
-    return _fused_soft_assign(_CudaLaunchers, q, codebook, m, tau, metric, straight_through, deterministic)
+                      metric: str, straight_through: bool, deterministic: bool, precision: str) -> SoftAssignment:
+    return _fused_soft_assign(_CudaLaunchers, q, codebook, m, tau, metric, straight_through, deterministic,
+                              precision)
 
 
 @register("codebook_stats", "cuda", auto_order=("triton", "cuda", "torch"))
@@ -575,7 +582,7 @@ def _resolve(op_name: str, backend: str, tensors: list[torch.Tensor], m: int) ->
 
 def soft_assign(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float | torch.Tensor, *,
                 metric: str = "cosine", straight_through: bool = False, deterministic: bool | None = None,
-                backend: str = "auto") -> SoftAssignment:
+                precision: str = "ieee", backend: str = "auto") -> SoftAssignment:
     """Soft-assign each query to its ``m`` best codes.
 
     Args:
@@ -593,6 +600,11 @@ def soft_assign(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float | to
             rows are treated as constants).
         deterministic: reduce codebook gradients by sorted segments instead of atomics (fused
             backends); None follows ``torch.are_deterministic_algorithms_enabled()``.
+        precision: how the products of fp32 inputs are formed for the *ranking* (which m codes are
+            chosen), as in :func:`pacofr.ops.nearest_token` (``"ieee"`` default, ``"tf32x3"``,
+            ``"tf32"``, ``"bf16"``; :mod:`pacofr.ops.precision`). The weights, the token and the
+            gradients are recomputed from the chosen rows in fp32 at every setting, so a reduced
+            precision can only swap candidates whose scores are closer than its rounding error.
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
 
     Returns:
@@ -601,12 +613,13 @@ def soft_assign(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float | to
         smaller index; weights (..., m) float32 = softmax over the m chosen scores.
     """
     q, codebook, m, tau = _check_soft_assign_args(q, codebook, m, tau, metric, straight_through)
+    check_precision(precision)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     lead_shape = q.shape[:-1]
     flat = q.reshape(-1, q.shape[-1])
     _, fn = _resolve("soft_assign", backend, [flat, codebook], m)
-    token, indices, weights = fn(flat, codebook, m, tau, metric, straight_through, bool(deterministic))
+    token, indices, weights = fn(flat, codebook, m, tau, metric, straight_through, bool(deterministic), precision)
     return SoftAssignment(token.reshape(*lead_shape, token.shape[-1]), indices.reshape(*lead_shape, m),
                           weights.reshape(*lead_shape, m))
 
