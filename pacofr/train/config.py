@@ -53,6 +53,8 @@ class TrainConfig:
     epochs: int = 100
     max_steps: int = 0  # stop after this many optimiser steps (0: run all epochs); the schedule
     #                     still spans all epochs, so a run can be cut short and resumed exactly
+    total_steps: int = 0  # length of the run and of its lr schedule in optimiser steps, whatever
+    #                       the epochs (0: epochs x steps per epoch); e.g. a compute budget in steps
     batch_size: int = 64
     accum_steps: int = 1
     base_lr: float = 1.5e-4
@@ -81,7 +83,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "incubation_epochs", "skip_nonfinite", "log_every", "viz_every",
+        for name in ("max_steps", "total_steps", "incubation_epochs", "skip_nonfinite", "log_every", "viz_every",
                      "num_viz", "ckpt_every", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
