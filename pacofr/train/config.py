@@ -18,6 +18,7 @@ from pacofr.models.config import ModelConfig
 from pacofr.train.fields import ConfigError, from_dict, merge_into, set_by_path, to_dict
 
 Precision = Literal["bf16", "fp16", "fp32"]
+DataLayout = Literal["prepared", "crops"]
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -27,9 +28,13 @@ class DataConfig:
 
     ``root``: ``"demo"`` for the embedded real-face demo set, else a folder of aligned crops
     (``pacofr.data.datasets.AlignedFaceDataset``). Images are resized to ``model.img_size``.
+    ``layout``: ``"prepared"``, a folder written by ``pacofr prepare``; ``"crops"``, images that
+    are already face crops (a folder, ``.zip`` or ``.npz``), used as they are with the template
+    region map (``pacofr.data.datasets.CroppedFaceDataset``).
     """
 
     root: str = "demo"
+    layout: DataLayout = "prepared"
     augment: bool = True  # flip (with left/right landmark swap), small similarity and colour jitter
     num_workers: int = 0
     pin_memory: bool = True  # only takes effect on CUDA
