@@ -1,4 +1,4 @@
-"""``pacofr eval``: evaluate encoders and classic baselines on labelled faces.
+"""``pacofr eval``: evaluate encoders and classic baselines on labelled faces; the pre-training study.
 
 Examples::
 
@@ -10,10 +10,12 @@ Examples::
     pacofr eval fer2013 --checkpoint runs/demo --data-root /work/shared/data --out eval/fer
     pacofr eval faces --checkpoint runs/a --checkpoint random:demo --baselines hog,raw \\
         --data-root /work/shared/data --out eval/faces
+    pacofr eval study --config study_cpu --variant paco --variant mae --data-root /work/shared/data \\
+        --work runs/study --out docs/eval
 
 Every task writes ``OUT/<task>.json``: final-epoch test scores (mean and std over seeds), the
-hyper-parameters picked on val, the split, the row's source, versions and date. ``faces`` also
-writes a markdown table.
+hyper-parameters picked on val, the split, the row's source, versions and date. ``faces`` and
+``study`` also write a markdown table.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from pacofr.eval.tasks import all_tasks
 
     parser = subparsers.add_parser(
-        "eval", help="evaluate encoders and baselines: probes, k-NN, fine-tune, face tasks",
+        "eval", help="evaluate encoders and baselines: probes, k-NN, fine-tune, face tasks, pre-training study",
         description="Evaluate encoders (and classic baselines) on labelled faces. Reported numbers are final-epoch "
                     "test scores (mean and std over seeds); hyper-parameters are picked on a validation split.")
     tasks = parser.add_subparsers(dest="eval_task", metavar="TASK", required=True)
@@ -61,6 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         task.add_arguments(sub)
         sub.set_defaults(func=run_task, eval_task=task.name)
     _add_faces_parser(tasks)
+    _add_study_parser(tasks)
 
 
 def _add_faces_parser(tasks: argparse._SubParsersAction) -> None:
@@ -74,6 +77,33 @@ def _add_faces_parser(tasks: argparse._SubParsersAction) -> None:
     _common_arguments(sub)
     add_plan_arguments(sub)
     sub.set_defaults(func=run_faces, eval_task="faces")
+
+
+def _add_study_parser(tasks: argparse._SubParsersAction) -> None:
+    sub = tasks.add_parser(
+        "study", help="pre-train named variants at equal steps and equal compute; evaluate them, random init and "
+                      "baselines on every face task",
+        description="Pre-trains every --variant on the unlabelled train images of UTKFace and FER-2013 (under "
+                    "--data-root) at equal steps and, after the first, at the first one's CPU seconds; evaluates "
+                    "them, random init and the baselines on the face tasks; writes study.json, study.md and "
+                    "study.png into --out.")
+    sub.add_argument("--config", default="study_cpu", help="pre-training config: a packaged preset or a YAML file")
+    sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="pre-training config override shared by every variant (repeatable)")
+    sub.add_argument("--variant", action="append", default=[], metavar="[NAME=]METHOD[:KEY=VALUE,...]",
+                     help="a pre-training variant, e.g. paco, mae, 'M1=paco:model.num_candidates=1' (repeatable; "
+                          "default: paco and mae)")
+    sub.add_argument("--steps", type=positive_int, default=None,
+                     help="equal-steps budget (default: the config's train.total_steps)")
+    sub.add_argument("--no-equal-compute", action="store_true", help="skip the equal-compute runs")
+    sub.add_argument("--baselines", default="raw,pca,hog,lbp", help="comma-separated baselines ('' for none)")
+    sub.add_argument("--tasks", default="all", help="'all' or comma-separated face tasks")
+    sub.add_argument("--work", required=True, help="folder for the pre-training runs and finished rows (reused when "
+                                                   "the study is run again)")
+    sub.add_argument("--out", required=True, help="output folder for study.json, study.md, study.png")
+    _common_arguments(sub)
+    add_plan_arguments(sub)
+    sub.set_defaults(func=run_study, eval_task="study")
 
 
 def _device(choice: str) -> str:
@@ -161,4 +191,32 @@ def run_faces(args: argparse.Namespace) -> int:
     write_json(out / "faces.json", payload)
     (out / "faces.md").write_text("\n".join([metric_line(grid, names, titles), "", *grid_tables(grid, names, titles)]))
     print(f"written {out / 'faces.json'}, faces.md")
+    return 0
+
+
+def run_study(args: argparse.Namespace) -> int:
+    from pacofr.eval.baselines import BASELINES
+    from pacofr.eval.face_tasks import parse_task_list
+    from pacofr.eval.study import StudyConfig, parse_variant, pretrain_config
+    from pacofr.eval.study import run_study as study
+
+    try:
+        device = _device(args.device)
+        variants = tuple(parse_variant(v) for v in (args.variant or ["paco", "mae"]))
+        cfg = StudyConfig(data_root=data_root(args), config=args.config, overrides=tuple(args.overrides),
+                          variants=variants, steps=args.steps, equal_compute=not args.no_equal_compute,
+                          tasks=tuple(parse_task_list(args.tasks)), baselines=_names(args.baselines, BASELINES,
+                                                                                       "baselines"),
+                          plan=plan_from_args(args, tuple(range(args.seeds)), device, args.feature_batch))
+        for variant in variants:  # a bad config or override fails before any pre-training
+            try:
+                pretrain_config(cfg, variant, cfg.steps, Path(args.work) / "check")
+            except ValueError as err:
+                raise ValueError(f"--config {args.config} / --set / --variant {variant.name}: {err}") from err
+        result = study(cfg, args.out, args.work)
+    except (ValueError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        return 2
+    print(f"written {Path(args.out) / 'study.json'}, study.md, study.png "
+          f"({len(result['rows'])} rows, {len(result['tasks'])} tasks)")
     return 0
