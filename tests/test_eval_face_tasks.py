@@ -28,9 +28,14 @@ def sets(face_root: Path) -> dict:
     return dict(load_tasks(list(FACE_TASKS), face_root))
 
 
-def test_every_task_is_a_command() -> None:
+def test_every_task_is_a_command_with_help(capsys: pytest.CaptureFixture) -> None:
     tasks = all_tasks()
     assert set(FACE_TASKS) <= set(tasks)
+    for argv in (["--help"], *([name, "--help"] for name in [*tasks, "faces", "study"])):
+        with pytest.raises(SystemExit) as exit_info:
+            run_eval(argv)
+        assert exit_info.value.code == 0, argv
+    assert "68-point landmarks (NME, %)" in capsys.readouterr().out
     assert parse_task_list("all") == list(FACE_TASKS)
     with pytest.raises(ValueError, match="comma-separated list"):
         parse_task_list("fer2013,imagenet")

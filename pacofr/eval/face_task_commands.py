@@ -84,5 +84,5 @@ def _run(name: str) -> Any:
 
 
 for _task in FACE_TASKS.values():
-    register(EvalTask(name=_task.name, help=f"{_task.title}; {_task.protocol}", add_arguments=add_plan_arguments,
-                      run=_run(_task.name)))
+    register(EvalTask(name=_task.name, help=f"{_task.title}; {_task.protocol}".replace("%", "%%"),
+                      add_arguments=add_plan_arguments, run=_run(_task.name)))
