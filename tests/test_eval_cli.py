@@ -293,3 +293,19 @@ def test_empty_labels_and_single_image_classes(tmp_path: Path, caplog: pytest.Lo
                          "--out", str(tmp_path / "o")]) == 0
     assert "single image" in caplog.text and "'grey'" in caplog.text
     assert any("single image" in w for w in _read(tmp_path / "o", "knn")["warnings"])
+
+
+def test_a_grey_npz_with_its_own_split(tmp_path: Path) -> None:
+    """A grey image set as an npz (uint8 (N, H, W)) with string labels and a split array."""
+    rng = np.random.default_rng(0)
+    labels = np.array(["smile", "neutral"] * 30)
+    images = np.stack([np.full((20, 16), 200 if label == "smile" else 40, dtype=np.uint8) for label in labels])
+    images = np.clip(images + rng.normal(0, 20, images.shape), 0, 255).astype(np.uint8)
+    split = np.array(["train"] * 40 + ["test"] * 20)
+    np.savez(tmp_path / "grey.npz", images=images, labels=labels, split=split)
+    assert run_eval(["knn", "--checkpoint", "random:tiny", "--data", str(tmp_path / "grey.npz"), "--seeds", "1",
+                     "--out", str(tmp_path / "o")]) == 0
+    payload = _read(tmp_path / "o", "knn")
+    assert payload["data"]["split_sizes"]["test"] == 20 and payload["data"]["names"] == ["neutral", "smile"]
+    assert "split as given" in payload["data"]["protocol"]
+    assert _result(payload, "knn", "mean")["mean"] > 90

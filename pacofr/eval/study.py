@@ -280,6 +280,10 @@ def markdown_report(study: dict[str, Any]) -> str:
         f"seen), encoder {study['encoder']}. Every variant starts from the same initial weights (\"random init\").",
         "",
         *_run_table(runs), "",
+        ("FLOPs per image: `torch.utils.flop_counter` on one batch of the torch backend (matrix products and "
+         "attention; element-wise work is not counted); a training step is forward + backward after incubation "
+         "(PaCo-FR's includes its EMA teacher and codebook), the encoder column one forward pass at inference."),
+        "",
         ("Equal compute: the first variant's process CPU seconds are the budget; every other variant was run again "
          "for round(steps x budget / its own CPU seconds at equal steps) steps, its learning-rate schedule spanning "
          "exactly those steps. Achieved CPU seconds vs the budget: "

@@ -83,12 +83,13 @@ def open_user_data(args: argparse.Namespace, context: TaskContext) -> LabelledSe
         raise ValueError(f"--data {args.data}: {err}") from err
 
 
-def headline(protocol: str, task: dict[str, Any]) -> str:
-    """One line per result: protocol, pool, mean +- std over seeds, the test size."""
+def headline(name: str, task: dict[str, Any]) -> str:
+    """One line: every result's protocol / pool and mean +- std over seeds, and the test size."""
     sizes = task["data"]["split_sizes"]
-    parts = [f"{r['protocol']} ({r['pool']}): {r['mean']:.4g} +- {r['std']:.4g} {r['unit']} {r['metric']}"
-             for r in task["results"]]
-    return f"{protocol}: " + "; ".join(parts) + f" (mean +- std over seeds, final epoch; test n={sizes['test']})"
+    parts = [f"{r['protocol']}/{r['pool']} {r['mean']:.4g} +- {r['std']:.4g}" for r in task["results"]]
+    first = task["results"][0] if task["results"] else {"metric": "", "unit": ""}
+    return (f"{name}: {first['metric']} ({first['unit']}) " + "; ".join(parts)
+            + f" (final epoch, mean +- std over seeds; test n={sizes['test']})")
 
 
 def run_protocol(protocol: str, extractor: Extractor, args: argparse.Namespace, context: TaskContext,
