@@ -7,12 +7,14 @@ every image of a batch (so batches stay dense):
 - **replaced** (n_rep): enter the encoder as a codebook token predicted from their own pixels;
 - **visible** (the rest): enter the encoder as pixel patches.
 
-Mask modes: ``region`` masks one whole face region (a second one with probability
-``second_region_prob``) and fills up to n_mask with patches drawn uniformly among the remaining
-patches (so each other region contributes in proportion to its size, in expectation); ``random``
-draws n_mask patches uniformly; ``block`` masks one contiguous block: the n_mask patches nearest
-(in a random-aspect L-infinity distance) to a random centre. When a chosen region holds more
-than n_mask patches, a uniform subset of it is masked.
+Mask modes: ``region`` masks whole facial regions: the regions present in the image are put in a
+uniformly random order and masked one after the other, whole, until n_mask patches are masked;
+the region that crosses the budget is masked partially (a uniform subset of it), so every patch
+but those of one region belongs to a whole masked region. Every patch belongs to a region (the
+region map covers the periphery too, :mod:`pacofr.data.regions`), so region sampling fills the
+whole budget; a region named ``other_region`` is never ordered and only completes the budget.
+``random`` draws n_mask patches uniformly; ``block`` masks one contiguous block: the n_mask patches
+nearest (in a random-aspect L-infinity distance) to a random centre.
 
 The replaced set comes from the patches left visible (``visible``), from the structured mask
 (``masked``: n_rep of the n_mask masked patches become replaced, leaving n_mask - n_rep masked),
@@ -47,13 +49,13 @@ class MaskSpec:
     n_mask: int
     n_rep: int
     replace_from: str = "visible"  # "visible" | "masked" | "all"
-    num_regions: int = 9
+    num_regions: int = 14
     other_region: int = -1
-    second_region_prob: float = 0.5
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "MaskSpec":
-        """The spec of ``cfg`` (MAE-face control: random ``mae_mask_ratio`` mask, nothing replaced).
+        """The spec of ``cfg`` (MAE-face control: random ``mae_mask_ratio`` mask, nothing replaced;
+        nothing is replaced either without the codebook, ``codebook=False``).
 
         With ``replace_from="masked"`` n_mask counts the structured mask before replacement, so
         ``n_mask - n_rep`` patches stay masked.
@@ -61,8 +63,9 @@ class MaskSpec:
         length = cfg.num_patches
         if not cfg.is_paco:
             return cls("random", length, round(cfg.mae_mask_ratio * length), 0)
-        return cls(cfg.mask_mode, length, round(cfg.r_mask * length), round(cfg.r_rep * length),
-                   cfg.replace_from, cfg.num_regions, cfg.other_region, cfg.second_region_prob)
+        n_rep = round(cfg.r_rep * length) if cfg.codebook else 0
+        return cls(cfg.mask_mode, length, round(cfg.r_mask * length), n_rep, cfg.replace_from, cfg.num_regions,
+                   cfg.other_region)
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, ("region", "random", "block"))
@@ -98,7 +101,9 @@ class MaskSets:
         ids_keep: (B, n_vis + n_rep) = cat(ids_visible, ids_replaced): the encoder token order.
         ids_restore: (B, L) inverse permutation of cat(ids_keep, ids_masked) (MAE unshuffle):
             position l of the image holds token ``ids_restore[b, l]`` of that concatenation.
-        masked_regions: (B, 2) region ids masked whole by region mode (-1: none).
+        whole_regions: (B, G) bool, regions present in the image whose every patch is in the
+            structured mask (the masked patches, and with ``replace_from="masked"`` the replaced
+            ones too); all False outside region mode.
     """
 
     ids_visible: torch.Tensor
@@ -106,7 +111,7 @@ class MaskSets:
     ids_masked: torch.Tensor
     ids_keep: torch.Tensor
     ids_restore: torch.Tensor
-    masked_regions: torch.Tensor
+    whole_regions: torch.Tensor
 
     @property
     def num_patches(self) -> int:
@@ -137,28 +142,28 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: 
     return torch.rand(shape, generator=generator, device=where).to(device)
 
 
-def _region_priority(region_ids: torch.Tensor, spec: MaskSpec, generator: torch.Generator | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Priorities (B, L): [2, 3) in the first whole region, [1, 2) in the second, [0, 1) elsewhere;
-    and the regions chosen (B, 2), -1 where none."""
+def _region_counts(region_ids: torch.Tensor, num_regions: int, members: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, G) fp32 patches of each region (only those where ``members`` (B, L) bool is True)."""
+    batch, length = region_ids.shape
+    ones = torch.ones(batch, length, device=region_ids.device) if members is None else members.float()
+    counts = torch.zeros(batch, num_regions, device=region_ids.device)
+    return counts.scatter_add_(1, region_ids, ones)
+
+
+def _region_priority(region_ids: torch.Tensor, spec: MaskSpec, generator: torch.Generator | None) -> torch.Tensor:
+    """Priorities (B, L): every patch of the region ranked r-th in a random order of the regions
+    present gets ``G - r + u`` (u uniform in [0, 1)), so the n_mask highest are whole regions in that
+    order and a uniform part of the region that crosses the budget; ``other_region`` ranks last."""
     batch, length = region_ids.shape
     device = region_ids.device
-    counts = torch.zeros(batch, spec.num_regions, device=device)
-    counts.scatter_add_(1, region_ids, torch.ones(batch, length, device=device))
-    eligible = counts > 0
+    present = _region_counts(region_ids, spec.num_regions) > 0
+    key = _uniform((batch, spec.num_regions), generator, device)
     if spec.other_region >= 0:
-        eligible[:, spec.other_region] = False
-    key = torch.where(eligible, _uniform((batch, spec.num_regions), generator, device), -1.0)
-    first_key, first = key.max(dim=1)
-    key.scatter_(1, first.unsqueeze(1), -1.0)
-    second_key, second = key.max(dim=1)
-    has_first = first_key >= 0
-    has_second = (second_key >= 0) & (_uniform((batch,), generator, device) < spec.second_region_prob)
-    in_first = (region_ids == first.unsqueeze(1)) & has_first.unsqueeze(1)
-    in_second = (region_ids == second.unsqueeze(1)) & has_second.unsqueeze(1)
-    priority = _uniform((batch, length), generator, device) + 2.0 * in_first + 1.0 * in_second
-    chosen = torch.stack([torch.where(has_first, first, -1), torch.where(has_second, second, -1)], dim=1)
-    return priority, chosen
+        key[:, spec.other_region] = -1.0
+    key = torch.where(present, key, -2.0)
+    rank = torch.argsort(torch.argsort(key, dim=1, descending=True), dim=1)  # 0 = masked first
+    patch_rank = torch.gather(rank, 1, region_ids).float()
+    return (spec.num_regions - patch_rank) + _uniform((batch, length), generator, device)
 
 
 def _block_priority(batch: int, length: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -211,9 +216,8 @@ def sample_masks(region_ids: torch.Tensor, cfg: ModelConfig | MaskSpec,
             raise ValueError(f"region_ids must be in [0, {spec.num_regions}), got values in [{low}, {high}]")
     device = region_ids.device
 
-    chosen = torch.full((batch, 2), -1, dtype=torch.long, device=device)
     if spec.mode == "region":
-        priority, chosen = _region_priority(region_ids, spec, generator)
+        priority = _region_priority(region_ids, spec, generator)
     elif spec.mode == "block":
         priority = _block_priority(batch, length, generator, device)
     else:
@@ -231,6 +235,12 @@ def sample_masks(region_ids: torch.Tensor, cfg: ModelConfig | MaskSpec,
         replaced = _top(rep_key.masked_fill(~structured, -math.inf), spec.n_rep)
         masked = structured & ~replaced
 
+    if spec.replace_from != "masked":
+        structured = masked
+    whole = torch.zeros(batch, spec.num_regions, dtype=torch.bool, device=device)
+    if spec.mode == "region":
+        counts = _region_counts(region_ids, spec.num_regions)
+        whole = (counts > 0) & (_region_counts(region_ids, spec.num_regions, structured) == counts)
     membership = torch.where(masked, _MASKED, torch.where(replaced, _REPLACED, _VISIBLE))  # no host sync
     position = torch.arange(length, device=device)
     ids_shuffle = torch.argsort(membership * length + position, dim=1)
@@ -240,4 +250,4 @@ def sample_masks(region_ids: torch.Tensor, cfg: ModelConfig | MaskSpec,
     return MaskSets(ids_visible=ids_shuffle[:, :n_vis].contiguous(),
                     ids_replaced=ids_shuffle[:, n_vis:n_keep].contiguous(),
                     ids_masked=ids_shuffle[:, n_keep:].contiguous(), ids_keep=ids_shuffle[:, :n_keep].contiguous(),
-                    ids_restore=ids_restore, masked_regions=chosen)
+                    ids_restore=ids_restore, whole_regions=whole)

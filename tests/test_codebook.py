@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pacofr.models.codebook import Codebook
+from pacofr.models.codebook import Codebook, pick_distinct_seeds
 
 
 def make_codebook(codes, **kwargs) -> Codebook:
@@ -31,11 +31,15 @@ def test_ema_laplace_and_dead_codes_by_hand():
     # Laplace: (c + 0.1) / (1.5 + 3 * 0.1) * 1.5 = [11/12, 1/2, 1/12]
     torch.testing.assert_close(cb.weight.detach(), torch.tensor([[3.5 * 12 / 11, 0.0], [0.0, 4.0], [30.0, 30.0]]))
     assert cb.dead_codes().tolist() == [False, True, True]
-    restarted = cb.restart_dead_codes(torch.tensor([[9.0, 8.0]]))
-    assert restarted.tolist() == [False, True, True]
-    torch.testing.assert_close(cb.weight.detach(), torch.tensor([[3.5 * 12 / 11, 0.0], [9.0, 8.0], [9.0, 8.0]]))
-    torch.testing.assert_close(cb.ema_counts, torch.tensor([1.0, 1.0, 1.0]))
-    torch.testing.assert_close(cb.ema_sums, torch.tensor([[3.5, 0.0], [9.0, 8.0], [9.0, 8.0]]))
+    # one candidate vector seeds one code, never two: the other dead code waits for another vector
+    restarted = cb.restart_dead_codes(torch.tensor([[9.0, 8.0], [9.0, 8.0]]))
+    assert restarted.tolist() == [False, True, False]
+    torch.testing.assert_close(cb.weight.detach(), torch.tensor([[3.5 * 12 / 11, 0.0], [9.0, 8.0], [30.0, 30.0]]))
+    torch.testing.assert_close(cb.ema_counts, torch.tensor([1.0, 1.0, 0.0]))
+    torch.testing.assert_close(cb.ema_sums, torch.tensor([[3.5, 0.0], [9.0, 8.0], [2.5, 2.5]]))
+    restarted = cb.restart_dead_codes(torch.tensor([[9.0, 8.0], [-7.0, 1.0]]))  # a copy of a live code is skipped
+    assert restarted.tolist() == [False, False, True]
+    torch.testing.assert_close(cb.weight.detach()[2], torch.tensor([-7.0, 1.0]))
     assert not cb.dead_codes().any()
 
 
@@ -114,6 +118,41 @@ def test_restart_draws_distinct_candidates_and_keeps_live_codes(generator):
     assert (cb.ema_counts[dead] == 0.5).all()
     torch.testing.assert_close(cb.ema_sums[dead], new * 0.5)
     assert torch.equal(cb.restart_dead_codes(torch.empty(0, 4)), torch.zeros(6, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("cosine", [True, False])
+def test_restarts_from_clustered_candidates_are_distinct(cosine, generator):
+    """Many copies of a few vectors (a batch of near-identical patches) seed each vector at most once,
+    and never a copy of a code that stays."""
+    k, d = 24, 8
+    cb = Codebook(k, d, dead_code_threshold=0.5, use_cosine=cosine)
+    live = torch.arange(k) < 4
+    with torch.no_grad():
+        cb.ema_counts.copy_(live.float())
+    distinct = torch.randn(5, d, generator=generator) * 3
+    candidates = torch.cat([distinct.repeat(40, 1), cb.codes().detach()[:4].repeat(10, 1)])
+    candidates = candidates[torch.randperm(candidates.shape[0], generator=generator)]
+    restarted = cb.restart_dead_codes(candidates, generator=generator)
+    assert restarted.sum() == 5, "five distinct vectors can seed five codes; the other dead codes wait"
+    codes = cb.codes().detach()
+    gaps = torch.cdist(codes, codes) + torch.eye(k) * 1e9
+    assert gaps[restarted].min() > 1e-3, "two codes were seeded from one vector (or from a live code)"
+    assert cb.dead_codes().sum() == k - 4 - 5
+
+
+def test_pick_distinct_seeds_follows_squared_distances(generator):
+    """k-means++ seeding: rows far from the centres are picked before rows next to them."""
+    centres = torch.zeros(1, 4)
+    near = torch.randn(200, 4, generator=generator) * 0.01
+    far = torch.eye(4) * 10.0
+    candidates = torch.cat([near, far])
+    picks = pick_distinct_seeds(candidates, centres, 4, generator=generator)
+    assert sorted(picks.tolist()) == [200, 201, 202, 203]
+    assert pick_distinct_seeds(candidates, centres, 0).numel() == 0
+    assert pick_distinct_seeds(candidates[:0], centres, 3).numel() == 0
+    spread = torch.eye(4).repeat(3, 1) * torch.arange(1.0, 13.0).unsqueeze(1)  # 12 distinct rows
+    everything = pick_distinct_seeds(spread, spread[:0], 500, generator=generator)
+    assert sorted(everything.tolist()) == list(range(12))
 
 
 def test_threshold_zero_disables_dead_codes():

@@ -1,4 +1,5 @@
-"""Facial-region maps: template and landmark modes, grids 14 and 7, pose equivariance."""
+"""Facial-region maps: template and landmark modes, grids 14 and 7, pose equivariance, the periphery
+regions, and the template fallback for unusable landmarks."""
 
 from __future__ import annotations
 
@@ -10,10 +11,15 @@ from test_data_support import demo_face
 
 from pacofr.data.alignment import FLIP_PERMUTATION, TEMPLATE_224, template_for_size
 from pacofr.data.regions import (
+    MIRROR_PAIRS,
+    NUM_FACE_REGIONS,
     NUM_REGIONS,
     REGION_NAMES,
+    face_frame_valid,
     landmark_region_ids,
     patch_centres,
+    REGION_COLOURS,
+    region_ids_or_template,
     region_overlay,
     template_region_ids,
 )
@@ -29,8 +35,8 @@ def _cell(point: np.ndarray, grid: int, size: int = 224) -> int:
 
 def test_region_names_contract():
     assert REGION_NAMES == ("eye_left", "eye_right", "nose", "mouth", "forehead", "cheek_left", "cheek_right",
-                            "chin", "other")
-    assert NUM_REGIONS == 9
+                            "chin", "hair", "temple_left", "temple_right", "jaw_left", "jaw_right", "neck")
+    assert NUM_REGIONS == 14 and NUM_FACE_REGIONS == 8
 
 
 @pytest.mark.parametrize("grid", [14, 7])
@@ -41,8 +47,9 @@ def test_template_map_puts_the_landmark_patches_in_their_regions(grid):
     for point, name in zip(TEMPLATE_224, expected):
         assert REGION_NAMES[int(ids[_cell(point, grid)])] == name
     table = ids.view(grid, grid)
-    # image corners are background; the face regions sit in the face
-    assert {int(table[0, 0]), int(table[0, -1]), int(table[-1, 0]), int(table[-1, -1])} == {ID["other"]}
+    # image corners are periphery: hair above, neck below; the face regions sit in the face
+    assert {int(table[0, 0]), int(table[0, -1])} == {ID["hair"]}
+    assert {int(table[-1, 0]), int(table[-1, -1])} == {ID["neck"]}
     eye_row = _cell(TEMPLATE_224[0], grid) // grid
     mouth_row = _cell(TEMPLATE_224[3], grid) // grid
     forehead_rows = torch.nonzero((table == ID["forehead"]).any(dim=1)).flatten()
@@ -52,6 +59,10 @@ def test_template_map_puts_the_landmark_patches_in_their_regions(grid):
     assert int(cheek_cols_left.max()) < int(cheek_cols_right.min())
     if grid == 14:
         assert set(ids.tolist()) == set(range(NUM_REGIONS))
+        # every region, periphery included, has a size a whole-region mask can use (no region holds
+        # most of the image, as the earlier single "other" region held 136 of 196 patches)
+        assert int(torch.bincount(ids).max()) <= 28
+        assert int(table[6, 0]) == ID["temple_left"] and int(table[10, -1]) == ID["jaw_right"]
         chin_rows = torch.nonzero((table == ID["chin"]).any(dim=1)).flatten()
         assert int(chin_rows.min()) > mouth_row
         # the eye regions include the brow row above the eye patches
@@ -73,7 +84,11 @@ def test_landmark_map_follows_a_shifted_face(grid):
         moved = base + torch.tensor([shift_cols * patch, shift_rows * patch], dtype=torch.float64)
         ids = landmark_region_ids(moved, grid, 224).view(grid, grid)
         expected = torch.roll(template_region_ids(grid, 224).view(grid, grid), (shift_rows, shift_cols), (0, 1))
-        assert torch.equal(ids, expected)  # the template map has a border of "other" wide enough to roll
+        # compare where the roll did not wrap around (the periphery regions reach the image border)
+        rows = slice(max(shift_rows, 0), grid + min(shift_rows, 0))
+        cols = slice(max(shift_cols, 0), grid + min(shift_cols, 0))
+        assert torch.equal(ids[rows, cols], expected[rows, cols])
+        assert torch.equal(ids < NUM_FACE_REGIONS, expected < NUM_FACE_REGIONS)
 
 
 @pytest.mark.parametrize("grid", [14, 7])
@@ -88,8 +103,9 @@ def test_landmark_map_turns_with_the_face(grid):
 
 
 def test_landmark_map_is_mirror_symmetric(generator):
-    swap = {ID["eye_left"]: ID["eye_right"], ID["eye_right"]: ID["eye_left"],
-            ID["cheek_left"]: ID["cheek_right"], ID["cheek_right"]: ID["cheek_left"]}
+    swap = {}
+    for left, right in MIRROR_PAIRS:
+        swap[ID[left]], swap[ID[right]] = ID[right], ID[left]
     relabel = torch.tensor([swap.get(k, k) for k in range(NUM_REGIONS)])
     for grid in (14, 7):
         for _ in range(10):
@@ -107,7 +123,7 @@ def test_landmark_map_of_a_real_turned_face_keeps_its_parts():
     ids = landmark_region_ids(torch.from_numpy(landmarks), 14)
     for point, name in zip(landmarks, ("eye_left", "eye_right", "nose", "mouth", "mouth")):
         assert REGION_NAMES[int(ids[_cell(point, 14)])] == name
-    assert (ids == ID["forehead"]).sum() >= 6 and (ids == ID["other"]).sum() >= 98
+    assert (ids == ID["forehead"]).sum() >= 6 and (ids >= NUM_FACE_REGIONS).sum() >= 98
 
 
 def test_landmark_map_batches_devices_and_dtypes(generator):
@@ -150,11 +166,31 @@ def test_region_overlay_draws_regions():
     picture = region_overlay(face, ids, 14, landmarks=landmarks)
     assert isinstance(picture, Image.Image) and picture.height == 224 and picture.width > 224
     pixels = np.asarray(picture)[:, :224].astype(int)
-    corner = pixels[4:12, 4:12]  # inside the patch outline
-    np.testing.assert_array_equal(corner.mean(axis=(0, 1)).round(), face[4:12, 4:12].mean(axis=(0, 1)).round())
+    corner = pixels[4:12, 4:12].astype(float)  # inside the patch outline: the hair region's tint
+    blended = face[4:12, 4:12] * (1 - 0.45) + np.asarray(REGION_COLOURS[ID["hair"]]) * 0.45
+    np.testing.assert_allclose(corner.mean(axis=(0, 1)), blended.mean(axis=(0, 1)), atol=1.5)
     eye_patch = _cell(landmarks[0], 14)
     row, col = divmod(eye_patch, 14)
     tinted = pixels[row * 16 + 4:row * 16 + 12, col * 16 + 4:col * 16 + 12].mean(axis=(0, 1))
     assert tinted[0] > tinted[1]  # the left eye is tinted red
     with pytest.raises(ValueError, match="region_ids"):
         region_overlay(face, ids[:10], 14)
+
+
+def test_unusable_landmarks_fall_back_to_the_template(generator):
+    template = torch.from_numpy(template_for_size(224)).double()
+    turned = template.clone()
+    turned[:, 0] = 112 + (turned[:, 0] - 112) * 0.7 + 12
+    nan_face = template.clone()
+    nan_face[2, 0] = float("nan")
+    collapsed = template.clone()
+    collapsed[1] = collapsed[0]
+    batch = torch.stack([turned, nan_face, collapsed, template])
+    assert face_frame_valid(batch).tolist() == [True, False, False, True]
+    ids, fallback = region_ids_or_template(batch, 14, 224)
+    assert fallback.tolist() == [False, True, True, False]
+    assert torch.equal(ids[0], landmark_region_ids(turned, 14, 224))
+    assert not torch.equal(ids[0], template_region_ids(14, 224))
+    for b in (1, 2, 3):
+        assert torch.equal(ids[b], template_region_ids(14, 224))
+    assert region_ids_or_template(batch[:0], 14, 224)[0].shape == (0, 196)

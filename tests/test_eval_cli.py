@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PaCoFR]:
     """A PaCoFR 'tiny' model whose encoder and teacher weights differ from any initialisation,
     saved with the checkpoint API like a training run does."""
-    cfg = PretrainConfig(model=ModelConfig.preset("tiny", backend="torch"))
+    cfg = PretrainConfig(model=ModelConfig.preset("tiny", backend="torch", sc="relation"))  # with an EMA teacher
     seed_everything(123)
     model = PaCoFR(cfg.model)
     with torch.no_grad():

@@ -14,10 +14,12 @@ def test_defaults_are_method_md() -> None:
     assert (cfg.num_patches, cfg.patch_dim) == (196, 768)
     assert (cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads) == (512, 8, 16)
     assert (cfg.codebook_size, cfg.code_dim, cfg.bp_hidden, cfg.num_candidates, cfg.tau_b) == (4096, 64, 512, 4, 0.1)
-    assert (cfg.r_mask, cfg.r_rep, cfg.second_region_prob, cfg.num_regions) == (0.6, 0.15, 0.5, 9)
+    assert (cfg.r_mask, cfg.r_rep, cfg.num_regions, cfg.other_region, cfg.regions) == (0.75, 0.1, 14, -1, "landmarks")
     assert (cfg.mask_mode, cfg.replace_from, cfg.encoder_mask, cfg.straight_through) == ("region", "visible", "drop", False)
     assert (cfg.bp_after, cfg.bp_input, cfg.code_update, cfg.target, cfg.rec_on, cfg.sc) == (
-        "off", "pixels", "grad", "norm_pix", "masked+replaced", "relation")
+        "off", "pixels", "grad", "norm_pix", "masked+replaced", "layout")
+    assert (cfg.codebook, cfg.prototypes, cfg.bp_ste, cfg.low_usage_threshold, cfg.alpha_rep) == (
+        True, "table", True, 0.1, 1.0)
     assert (cfg.w_align, cfg.w_ent, cfg.w_sc, cfg.teacher_momentum, cfg.teacher_momentum_end) == (0.5, 0.01, 0.1, 0.996, 1.0)
     assert (cfg.norm_pix_eps, cfg.mae_mask_ratio) == (1e-6, 0.75)
 
@@ -49,8 +51,12 @@ def test_preset_names_and_demo_size() -> None:
     ({"r_mask": 1.5}, "r_mask"),
     ({"teacher_momentum": 0.9, "teacher_momentum_end": 0.8}, "teacher_momentum"),
     ({"pixel_std": (1.0, 0.0, 1.0)}, "pixel_std"),
-    ({"other_region": 9}, "other_region"),
+    ({"other_region": 14}, "other_region"),
+    ({"alpha_rep": 1.5}, "alpha_rep"),
+    ({"codebook": False, "bp_input": "context"}, "needs the codebook"),
+    ({"low_usage_threshold": 2.0}, "low_usage_threshold"),
     ({"w_sc": -1.0}, "w_sc"),
+    ({"sc": "layuot"}, "sc must be one of"),
 ])
 def test_validation_names_the_field(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -61,7 +67,7 @@ def test_validation_names_the_field(changes: dict, message: str) -> None:
 
 def test_from_dict_rejects_unknown_keys() -> None:
     with pytest.raises(ValueError, match="unknown ModelConfig keys"):
-        ModelConfig.from_dict({"codebook": 3})
+        ModelConfig.from_dict({"codebook_count": 3})
 
 
 def test_yaml_style_values_are_coerced_and_checked() -> None:

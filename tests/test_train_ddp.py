@@ -77,7 +77,7 @@ def _real_worker(rank: int, world: int, init_file: str, out_dir: str, result_fil
         # EMA codes in incubation, restarts from the first step on: every piece of codebook
         # maintenance that must stay identical across ranks runs within 4 steps
         cfg = load_config("demo", [f"train.out_dir={out_dir}", "model.preset=tiny", "model.backend=torch",
-                                   "model.code_update=ema", "model.dead_code_warmup=0",
+                                   "model.code_update=ema", "model.dead_code_warmup=0", "model.sc=relation",
                                    "model.dead_code_threshold=0.5", "train.batch_size=4", "train.epochs=2",
                                    "train.progress=false", "train.viz_every=0", "train.ckpt_every=0",
                                    "data.augment=false"])

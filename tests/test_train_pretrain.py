@@ -40,9 +40,10 @@ def _train(out_dir: Path, n_images: int, overrides: list[str], resume: Path | No
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trainer, TrainResult]:
-    # 32 faces, batch 8: 4 steps per epoch, incubation in epoch 0, then 2 end-to-end epochs
+    # 32 faces, batch 8: 4 steps per epoch, incubation in epoch 0, then 2 end-to-end epochs; the relation
+    # consistency term, so that there is an EMA teacher to export
     return _train(tmp_path_factory.mktemp("paco"), 32, ["train.epochs=3", "train.warmup_epochs=0.5",
-                                                        "train.base_lr=0.032"])
+                                                        "train.base_lr=0.032", "model.sc=relation"])
 
 
 def test_short_real_run_reduces_the_reconstruction_loss(short_run: tuple[Trainer, TrainResult]) -> None:

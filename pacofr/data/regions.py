@@ -7,10 +7,13 @@ is turned, tilted or shifted:
 * ``s`` axis: the vector from the left to the right eye (eyes at s = -0.5 and +0.5);
 * ``t`` axis: the vector from the eye midpoint to the mouth midpoint (eyes at t = 0, mouth at 1).
 
-A patch takes the region of its centre (first matching box in ``REGION_BOXES``' order, else
-``other``); then the patch that contains each landmark is given that landmark's region, so the
-eyes, the nose and the mouth own their patches on every grid, however coarse. The template map is
-the same rule applied to the template landmarks.
+A patch takes the region of its centre: the first matching face box in ``REGION_BOXES``' order,
+else one of the six periphery regions around the face (``hair`` above the forehead, ``neck`` below
+the chin, and on each side ``temple_*`` above ``PERIPHERY_SPLIT_T`` and ``jaw_*`` below it), so
+every patch belongs to a region of comparable size and structured masking can cover the whole
+budget with whole regions. Then the patch that contains each landmark is given that landmark's
+region, so the eyes, the nose and the mouth own their patches on every grid, however coarse. The
+template map is the same rule applied to the template landmarks.
 """
 
 from __future__ import annotations
@@ -23,9 +26,14 @@ from PIL import Image, ImageDraw
 
 from pacofr.data.alignment import template_for_size
 
-REGION_NAMES = ("eye_left", "eye_right", "nose", "mouth", "forehead", "cheek_left", "cheek_right", "chin", "other")
+REGION_NAMES = ("eye_left", "eye_right", "nose", "mouth", "forehead", "cheek_left", "cheek_right", "chin",
+                "hair", "temple_left", "temple_right", "jaw_left", "jaw_right", "neck")
 NUM_REGIONS = len(REGION_NAMES)
-OTHER = REGION_NAMES.index("other")
+#: Regions ``0 .. NUM_FACE_REGIONS - 1`` are the facial components; the rest surround the face.
+NUM_FACE_REGIONS = REGION_NAMES.index("hair")
+#: Left/right pairs (swapped by a horizontal flip).
+MIRROR_PAIRS = (("eye_left", "eye_right"), ("cheek_left", "cheek_right"), ("temple_left", "temple_right"),
+                ("jaw_left", "jaw_right"))
 
 #: Region of each of the five landmarks (left eye, right eye, nose, left and right mouth corner).
 LANDMARK_REGIONS = (0, 1, 2, 3, 3)
@@ -58,6 +66,11 @@ REGION_BOXES = (
     RegionBox(6, "eyes", 0.0, 1.05, 0.0, 1.30),
     RegionBox(7, "mouth", -0.90, 0.90, 0.30, 0.62),
 )
+#: Periphery (eye-midpoint frame): above ``t = PERIPHERY_TOP_T`` is hair, below ``PERIPHERY_BOTTOM_T``
+#: (the chin box's lower edge) is neck; in between, a side is temple above ``PERIPHERY_SPLIT_T``, jaw below.
+PERIPHERY_TOP_T = -1.25
+PERIPHERY_BOTTOM_T = 1.62
+PERIPHERY_SPLIT_T = 0.3
 
 
 def _anchor_points(frame_landmarks: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -86,6 +99,32 @@ def _check_grid(grid: int, image_size: int) -> None:
         raise ValueError(f"image_size must be an int >= grid ({grid}), got {image_size!r}")
 
 
+def _as_landmarks(landmarks: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(..., 5, 2) float64 landmarks (shape checked), on their own device."""
+    points = torch.as_tensor(landmarks)
+    if points.ndim < 2 or tuple(points.shape[-2:]) != (5, 2):
+        raise ValueError(f"landmarks must have shape (..., 5, 2), got {tuple(points.shape)}")
+    return points.detach().to(torch.float64)
+
+
+def _frame_basis(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eye midpoint (..., 2) and face-frame axes as the columns of (..., 2, 2), from float64 landmarks."""
+    eye_mid = points[..., 0:2, :].mean(dim=-2)
+    axis_s = points[..., 1, :] - points[..., 0, :]
+    axis_t = points[..., 3:5, :].mean(dim=-2) - eye_mid
+    return eye_mid, torch.stack([axis_s, axis_t], dim=-1)
+
+
+def face_frame_valid(landmarks: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(...,) bool: the face's landmarks (..., 5, 2) are finite and span a face frame (the eyes
+    apart, the mouth off the eye line), so :func:`landmark_region_ids` can use them."""
+    points = _as_landmarks(landmarks)
+    finite = torch.isfinite(points).flatten(-2).all(dim=-1)
+    _, basis = _frame_basis(torch.where(torch.isfinite(points), points, torch.zeros_like(points)))
+    scale = basis[..., 0].norm(dim=-1) * basis[..., 1].norm(dim=-1)
+    return finite & (torch.linalg.det(basis).abs() > 1e-3 * scale) & (scale > 1e-6)
+
+
 def landmark_region_ids(landmarks: torch.Tensor | np.ndarray, grid: int = 14, image_size: int = 224) -> torch.Tensor:
     """Region id of every patch, following each face's own landmarks.
 
@@ -94,26 +133,19 @@ def landmark_region_ids(landmarks: torch.Tensor | np.ndarray, grid: int = 14, im
         grid: patches per side.
         image_size: side of the aligned image in pixels.
     Returns:
-        int64 (..., grid*grid) region ids in [0, 9), row-major, on the landmarks' device.
+        int64 (..., grid*grid) region ids in [0, NUM_REGIONS), row-major, on the landmarks' device.
     Raises:
-        ValueError: wrong shape, non-finite landmarks, or eyes and mouth that span no face frame.
+        ValueError: wrong shape, non-finite landmarks, or eyes and mouth that span no face frame
+            (:func:`region_ids_or_template` falls back to the template instead).
     """
     _check_grid(grid, image_size)
-    points = torch.as_tensor(landmarks)
-    if points.ndim < 2 or tuple(points.shape[-2:]) != (5, 2):
-        raise ValueError(f"landmarks must have shape (..., 5, 2), got {tuple(points.shape)}")
+    points = _as_landmarks(landmarks)
     device = points.device
-    points = points.detach().to(torch.float64)
     if not torch.isfinite(points).all():
         raise ValueError("landmarks must be finite")
-    eye_mid = points[..., 0:2, :].mean(dim=-2)
-    axis_s = points[..., 1, :] - points[..., 0, :]
-    axis_t = points[..., 3:5, :].mean(dim=-2) - eye_mid
-    basis = torch.stack([axis_s, axis_t], dim=-1)  # (..., 2, 2): columns are the axes
-    det = torch.linalg.det(basis)
-    scale = axis_s.norm(dim=-1) * axis_t.norm(dim=-1)
-    if (det.abs() <= 1e-3 * scale).any() or (scale <= 1e-6).any():
+    if not face_frame_valid(points).all():
         raise ValueError("landmarks span no face frame: the eyes coincide or the mouth lies on the eye line")
+    eye_mid, basis = _frame_basis(points)
     to_frame = torch.linalg.inv(basis)  # (..., 2, 2)
 
     centres = patch_centres(grid, image_size).to(device)  # (L, 2)
@@ -121,7 +153,7 @@ def landmark_region_ids(landmarks: torch.Tensor | np.ndarray, grid: int = 14, im
     frame_landmarks = torch.einsum("...ij,...kj->...ki", to_frame, points - eye_mid.unsqueeze(-2))
     anchors = _anchor_points(frame_landmarks)
 
-    ids = torch.full(frame_patches.shape[:-1], OTHER, dtype=torch.int64, device=device)
+    ids = _periphery_ids(frame_patches)
     unassigned = torch.ones_like(ids, dtype=torch.bool)
     for box in REGION_BOXES:
         rel = frame_patches - anchors[box.anchor].unsqueeze(-2)
@@ -139,15 +171,45 @@ def landmark_region_ids(landmarks: torch.Tensor | np.ndarray, grid: int = 14, im
     return ids
 
 
+def _periphery_ids(frame_patches: torch.Tensor) -> torch.Tensor:
+    """Periphery region (int64 (..., L)) of patch centres given in the eye-midpoint frame (..., L, 2)."""
+    s, t = frame_patches[..., 0], frame_patches[..., 1]
+    region = {name: torch.tensor(REGION_NAMES.index(name), device=s.device) for name in REGION_NAMES}
+    upper = torch.where(s < 0, region["temple_left"], region["temple_right"])
+    lower = torch.where(s < 0, region["jaw_left"], region["jaw_right"])
+    side = torch.where(t < PERIPHERY_SPLIT_T, upper, lower)
+    return torch.where(t < PERIPHERY_TOP_T, region["hair"], torch.where(t > PERIPHERY_BOTTOM_T, region["neck"], side))
+
+
 def template_region_ids(grid: int = 14, image_size: int = 224) -> torch.Tensor:
     """Region id (grid*grid,) int64 of every patch of a face aligned to the template."""
     _check_grid(grid, image_size)
     return landmark_region_ids(torch.from_numpy(template_for_size(image_size)), grid, image_size)
 
 
-#: Overlay colours per region (RGB), ``other`` left uncoloured.
+def region_ids_or_template(landmarks: torch.Tensor | np.ndarray, grid: int = 14,
+                           image_size: int = 224) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-face region maps from landmarks, the template map for faces whose landmarks cannot be used.
+
+    Args:
+        landmarks: (..., 5, 2) landmarks in aligned-image pixels.
+        grid, image_size: as :func:`landmark_region_ids`.
+    Returns:
+        ids int64 (..., grid*grid) and ``fallback`` bool (...): True where the landmarks were
+        non-finite or spanned no face frame and the template map was used.
+    """
+    _check_grid(grid, image_size)
+    points = _as_landmarks(landmarks)
+    valid = face_frame_valid(points)
+    template = torch.from_numpy(template_for_size(image_size)).to(device=points.device, dtype=torch.float64)
+    usable = torch.where(valid[..., None, None], points, template.expand_as(points))
+    return landmark_region_ids(usable, grid, image_size), ~valid
+
+
+#: Overlay colours per region (RGB): bright for the facial components, muted for the periphery.
 REGION_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-                  (145, 30, 180), (70, 240, 240), (240, 50, 230), None)
+                  (145, 30, 180), (70, 240, 240), (240, 50, 230),
+                  (128, 96, 64), (96, 96, 160), (96, 160, 96), (160, 96, 96), (160, 160, 96), (96, 96, 96))
 
 
 def region_overlay(image: Image.Image | np.ndarray, region_ids: torch.Tensor | np.ndarray, grid: int,
@@ -177,9 +239,7 @@ def region_overlay(image: Image.Image | np.ndarray, region_ids: torch.Tensor | n
     for index, region in enumerate(ids):
         row, col = divmod(index, grid)
         box = (round(col * patch), round(row * patch), round((col + 1) * patch) - 1, round((row + 1) * patch) - 1)
-        colour = REGION_COLOURS[int(region)]
-        if colour is not None:
-            draw.rectangle(box, fill=(*colour, int(255 * alpha)))
+        draw.rectangle(box, fill=(*REGION_COLOURS[int(region)], int(255 * alpha)))
         draw.rectangle(box, outline=(255, 255, 255, 60))
     composed = Image.alpha_composite(base.convert("RGBA"), tint).convert("RGB")
     if landmarks is not None:
@@ -190,9 +250,8 @@ def region_overlay(image: Image.Image | np.ndarray, region_ids: torch.Tensor | n
     text = ImageDraw.Draw(legend)
     line = max(12, size // (NUM_REGIONS + 1))
     for region, name in enumerate(REGION_NAMES):
-        colour = REGION_COLOURS[region] or (128, 128, 128)
         top = 4 + region * line
-        text.rectangle((4, top, 14, top + 10), fill=colour)
+        text.rectangle((4, top, 14, top + 10), fill=REGION_COLOURS[region])
         text.text((20, top - 1), name, fill=(230, 230, 230))
     canvas = Image.new("RGB", (size + legend.width, size))
     canvas.paste(composed, (0, 0))

@@ -13,12 +13,14 @@ for what is listed here:
   its ``ema_counts`` is reset to the threshold and its ``ema_sums`` to vector * threshold (its
   ``reset_cluster_size`` default).
 
-Not reproduced: k-means initialisation, Gumbel sampling, multiple heads, affine re-parametrisation.
-Differences: candidates for restarts are passed in by the caller (chosen without ``.item()``, so no
-host synchronisation), and statistics are computed by :func:`pacofr.ops.codebook_stats` (scatter,
-fp32) rather than a one-hot matrix. For data parallelism set :attr:`Codebook.all_reduce` to a
-function that sums a tensor in place across ranks (e.g. ``torch.distributed.all_reduce``); it is
-applied to the raw counts and sums before the EMA.
+Not reproduced: k-means initialisation inside the module, Gumbel sampling, multiple heads, affine
+re-parametrisation. Differences: candidates for restarts are passed in by the caller and chosen by
+:func:`pick_distinct_seeds` (k-means++ style, far from the live codes and from each other, never two
+copies of one vector; vector-quantize-pytorch samples them uniformly, with replacement), and
+statistics are computed by :func:`pacofr.ops.codebook_stats` (scatter, fp32) rather than a one-hot
+matrix. For data parallelism set :attr:`Codebook.all_reduce` to a function that sums a tensor in
+place across ranks (e.g. ``torch.distributed.all_reduce``); it is applied to the raw counts and
+sums before the EMA.
 """
 
 from __future__ import annotations
@@ -30,8 +32,94 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pacofr.ops import nearest_token
 from pacofr.ops._checks import check_int, check_tensor
 from pacofr.ops.soft_assign import NORM_EPS, SoftAssignment, codebook_stats, soft_assign
+
+#: Two candidates closer than this fraction of the candidates' mean squared norm are copies.
+SEED_MIN_GAP = 1e-4
+#: :func:`pick_distinct_seeds` picks its seeds in at most this many rounds.
+SEED_ROUNDS = 64
+
+
+def _min_sq_distance(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """(C,) fp32 squared distance of each row of x (C, D) to its nearest row of centres (n, D); inf if n = 0."""
+    if centres.shape[0] == 0:
+        return torch.full((x.shape[0],), math.inf, device=x.device)
+    distance, _ = nearest_token(x.contiguous(), centres.contiguous(), k=1, metric="l2")
+    return distance[:, 0]
+
+
+class _SeedSpace:
+    """Squared distances of candidate rows to the centres and picks so far, in one vector space."""
+
+    def __init__(self, candidates: torch.Tensor, centres: torch.Tensor) -> None:
+        self.x = candidates.float()
+        norms = self.x.square().sum(dim=1).mean() if self.x.shape[0] else torch.ones(())
+        self.gap = SEED_MIN_GAP * float(norms.clamp_min(torch.finfo(torch.float32).tiny))
+        self.d2 = _min_sq_distance(self.x, centres.float().to(self.x.device))
+
+    def allowed(self) -> torch.Tensor:
+        """(C,) bool: rows that are no copy of a centre or a pick."""
+        return self.d2 > self.gap
+
+    def copies_of_earlier(self, picks: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: picks that copy an earlier pick of the same round."""
+        pair = torch.cdist(self.x[picks], self.x[picks], compute_mode="donot_use_mm_for_euclid_dist").square()
+        return ((pair <= self.gap) & torch.ones_like(pair, dtype=torch.bool).tril(-1)).any(dim=1)
+
+    def add(self, picks: torch.Tensor) -> None:
+        self.d2 = torch.minimum(self.d2, _min_sq_distance(self.x, self.x[picks]))
+
+
+def pick_distinct_seeds(candidates: torch.Tensor, centres: torch.Tensor, count: int, *,
+                        also_distinct: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Rows of ``candidates`` to seed ``count`` new codes with, k-means++ style (D^2 sampling).
+
+    Each round draws, without replacement, rows with probability proportional to their squared
+    distance to the nearest of ``centres`` and of the rows already picked (Gumbel top-k; at most
+    :data:`SEED_ROUNDS` rounds). A row within ``SEED_MIN_GAP`` (relative to the candidates' mean
+    squared norm) of a centre or of another pick is never picked, so the seeds are distinct vectors,
+    also from the live codes; fewer than ``count`` come back when the candidates hold fewer such rows.
+
+    Args:
+        candidates: (C, D) float vectors (compared in fp32).
+        centres: (n, D) the codes that stay (n may be 0).
+        count: how many seeds are wanted.
+        also_distinct: optional (C, D2) second description of the same candidates and (n, D2) of the
+            same centres (a code's belief beside its pixel prototype): picks are distinct there too.
+        generator: random source (CPU or the candidates' device; None: the global RNG).
+    Returns:
+        (n_picked,) int64 row indices into ``candidates``, n_picked <= min(count, C), in pick order.
+    """
+    spaces = [_SeedSpace(candidates, centres)]
+    if also_distinct is not None:
+        spaces.append(_SeedSpace(*also_distinct))
+    main = spaces[0]
+    picked = [torch.zeros(0, dtype=torch.long, device=main.x.device)]
+    if main.x.shape[0] == 0 or count <= 0:
+        return picked[0]
+    per_round = max(1, math.ceil(count / SEED_ROUNDS))
+    remaining = count
+    while remaining > 0:
+        allowed = torch.stack([space.allowed() for space in spaces]).all(dim=0)
+        available = int(allowed.sum())
+        if available == 0:
+            break
+        weight = torch.where(torch.isinf(main.d2), torch.ones_like(main.d2), main.d2)
+        uniform = torch.rand(main.x.shape[0], generator=generator,
+                             device=generator.device if generator is not None else main.x.device).to(main.x.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-12, 1 - 1e-7)))
+        keys = torch.where(allowed, torch.log(weight) + gumbel, torch.full_like(main.d2, -math.inf))
+        round_picks = keys.topk(min(per_round, remaining, available)).indices
+        copies = torch.stack([space.copies_of_earlier(round_picks) for space in spaces]).any(dim=0)
+        round_picks = round_picks[~copies]
+        picked.append(round_picks)
+        for space in spaces:
+            space.add(round_picks)
+        remaining -= round_picks.numel()
+    return torch.cat(picked)
 
 
 class Codebook(nn.Module):
@@ -104,14 +192,31 @@ class Codebook(nn.Module):
         if self.use_cosine:
             x = F.normalize(x.float(), dim=1, eps=NORM_EPS)
         counts, sums = codebook_stats(indices, self.num_codes, weights=weights, x=x)
+        self.ema_update_from_stats(counts, sums)
+
+    @torch.no_grad()
+    def ema_update_from_stats(self, counts: torch.Tensor, sums: torch.Tensor, *, laplace: bool = True) -> None:
+        """The EMA step of :meth:`ema_update` from raw statistics: counts (K,) and sums (K, D) fp32
+        (all-reduced here when :attr:`all_reduce` is set).
+
+        ``laplace=False``: codes = ``ema_sums / ema_counts`` without smoothing, and a code whose EMA
+        count is still 0 keeps its vector; with statistics that start at zero (``reseed(count=0)``)
+        this is the bias-corrected EMA mean, so a new code moves to the mean of its first
+        assignments at once (online k-means) instead of 1 - decay of the way per step.
+        """
         if self.all_reduce is not None:
             self.all_reduce(counts)
             self.all_reduce(sums)
         self.ema_counts.lerp_(counts, 1.0 - self.decay)
         self.ema_sums.lerp_(sums, 1.0 - self.decay)
-        total = self.ema_counts.sum()
-        smoothed = (self.ema_counts + self.eps) / (total + self.num_codes * self.eps) * total
-        new_codes = self.ema_sums / smoothed.unsqueeze(1)
+        if laplace:
+            total = self.ema_counts.sum()
+            smoothed = (self.ema_counts + self.eps) / (total + self.num_codes * self.eps) * total
+            new_codes = self.ema_sums / smoothed.unsqueeze(1)
+        else:
+            tiny = torch.finfo(torch.float32).tiny
+            means = self.ema_sums / self.ema_counts.clamp_min(tiny).unsqueeze(1)
+            new_codes = torch.where((self.ema_counts > tiny).unsqueeze(1), means, self.weight.detach().float())
         if self.use_cosine:
             new_codes = F.normalize(new_codes, dim=1, eps=NORM_EPS)
         self.weight.copy_(new_codes)
@@ -121,35 +226,42 @@ class Codebook(nn.Module):
         return self.ema_counts < self.dead_code_threshold
 
     @torch.no_grad()
-    def restart_dead_codes(self, candidates: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Re-seed every dead code from a random row of ``candidates`` (C, D); returns the (K,) mask.
+    def reseed(self, rows: torch.Tensor, vectors: torch.Tensor, count: float) -> None:
+        """Set codes ``rows`` (n,) int64 to ``vectors`` (n, D) (l2-normalised with ``use_cosine``), with
+        ``ema_counts = count`` and ``ema_sums = vector * count``."""
+        vectors = vectors.to(device=self.weight.device, dtype=torch.float32)
+        if self.use_cosine:
+            vectors = F.normalize(vectors, dim=1, eps=NORM_EPS)
+        self.weight.index_copy_(0, rows, vectors.to(self.weight.dtype))
+        self.ema_sums.index_copy_(0, rows, vectors * count)
+        self.ema_counts.index_fill_(0, rows, count)
 
-        Candidates are drawn without replacement when C >= K (with replacement otherwise) for all K
-        codes and applied with ``torch.where``, so no host synchronisation happens. A restarted code
+    @torch.no_grad()
+    def restart_dead_codes(self, candidates: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Re-seed dead codes from distinct rows of ``candidates`` (C, D); returns the (K,) mask of restarted codes.
+
+        The rows are chosen by :func:`pick_distinct_seeds` (far from the live codes and from each
+        other, no two copies; compared after l2-normalisation with ``use_cosine``). A restarted code
         gets ``ema_counts = dead_code_threshold`` and ``ema_sums = vector * dead_code_threshold``.
-        With no candidates (C = 0) nothing changes.
+        Dead codes left without a distinct candidate stay dead (and wait for the next call); with no
+        candidates (C = 0) nothing changes. Costs a few host synchronisations (one per round).
         """
         candidates = check_tensor("candidates", candidates, ndim=2)
         if candidates.shape[1] != self.dim:
             raise ValueError(f"candidates must have {self.dim} columns, got shape {tuple(candidates.shape)}")
         dead = self.dead_codes()
-        num = candidates.shape[0]
-        if num == 0:
-            return torch.zeros_like(dead)
-        device = self.weight.device
-        if num >= self.num_codes:
-            pick = torch.randperm(num, generator=generator, device=candidates.device)[:self.num_codes]
-        else:
-            pick = torch.randint(num, (self.num_codes,), generator=generator, device=candidates.device)
-        seeds = candidates[pick].to(device=device, dtype=torch.float32)
+        restarted = torch.zeros_like(dead)
+        rows = torch.nonzero(dead).flatten()
+        if rows.numel() == 0 or candidates.shape[0] == 0:
+            return restarted
+        space = candidates.float().to(self.weight.device)
         if self.use_cosine:
-            seeds = F.normalize(seeds, dim=1, eps=NORM_EPS)
-        dead_col = dead.unsqueeze(1)
-        reset = self.dead_code_threshold
-        self.weight.copy_(torch.where(dead_col, seeds.to(self.weight.dtype), self.weight))
-        self.ema_sums.copy_(torch.where(dead_col, seeds * reset, self.ema_sums))
-        self.ema_counts.copy_(torch.where(dead, torch.full_like(self.ema_counts, reset), self.ema_counts))
-        return dead
+            space = F.normalize(space, dim=1, eps=NORM_EPS)
+        picks = pick_distinct_seeds(space, self.codes().detach().float()[~dead], rows.numel(), generator=generator)
+        rows = rows[:picks.numel()]
+        self.reseed(rows, space[picks], self.dead_code_threshold)
+        restarted[rows] = True
+        return restarted
 
     @staticmethod
     def usage_entropy(probs: torch.Tensor) -> torch.Tensor:

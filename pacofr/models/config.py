@@ -8,6 +8,7 @@ overrides are checked (see :mod:`pacofr.train.fields`). Defaults are method.md's
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,10 +23,12 @@ BeliefAfter = Literal["off", "decay", "keep_small"]
 CodeUpdate = Literal["grad", "ema"]
 Target = Literal["norm_pix", "pixels"]
 RecOn = Literal["masked+replaced", "all"]
-SpatialConsistency = Literal["relation", "equivariance", "off"]
+SpatialConsistency = Literal["layout", "relation", "equivariance", "off"]
 IncubationPatches = Literal["all", "replaced"]
 Backend = Literal["auto", "torch", "triton", "cuda"]
 CodebookPrecision = Literal["ieee", "tf32x3", "tf32", "bf16"]
+Prototypes = Literal["table", "linear"]
+ProtoPatches = Literal["all", "replaced"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -79,12 +82,13 @@ class ModelConfig:
 
     # --- structured masking
     mask_mode: MaskMode = "region"
-    regions: RegionSource = "template"  # how the data pipeline assigns region ids (model takes ids)
-    num_regions: int = 9  # G
-    other_region: int = 8  # region id never chosen as "the whole region" (background); -1: none
-    second_region_prob: float = 0.5
-    r_mask: float = 0.6
-    r_rep: float = 0.15
+    # how the data pipeline assigns region ids (the model takes ids): per face from its landmarks
+    # (the template map where a face has none or they are degenerate), or the template for every face
+    regions: RegionSource = "landmarks"
+    num_regions: int = 14  # G (pacofr.data.regions: 8 facial components + 6 periphery regions)
+    other_region: int = -1  # a region id never masked as a whole region, only to complete the budget; -1: none
+    r_mask: float = 0.75  # masked fraction of the patches (MAE-face's mae_mask_ratio by default)
+    r_rep: float = 0.1
     replace_from: ReplaceFrom = "visible"
     mae_mask_ratio: float = 0.75  # method="mae" only
 
@@ -114,10 +118,14 @@ class ModelConfig:
     target: Target = "norm_pix"
     norm_pix_eps: float = 1e-6
     rec_on: RecOn = "masked+replaced"
+    # per-patch weight of a replaced patch in L_rec relative to a masked one (L_rec is the weighted mean
+    # over the scored patches, so a replaced patch never weighs more than a masked one when <= 1)
     alpha_rep: float = 1.0
 
     # --- spatial consistency
-    sc: SpatialConsistency = "relation"
+    # layout (default): predict the relative layout of the facial regions (pairwise centroid offsets in the
+    # augmented image) from the encoder's pooled tokens; relation / equivariance: the earlier feature terms
+    sc: SpatialConsistency = "layout"
     sc_beta: float = 1.0  # weight of (1 - cos) at masked patches inside L_sc (relation)
     teacher_momentum: float = 0.996  # EMA teacher momentum at the start (cosine ramp to the end)
     teacher_momentum_end: float = 1.0
@@ -138,6 +146,25 @@ class ModelConfig:
     # covers L_align only (the epoch-0 term is parenthesised, this one is not), so L_ent and L_sc
     # also act during incubation; False: L_ent and L_sc start with the end-to-end phase too.
     regularise_in_incubation: bool = True
+
+    # ===== issue 16: components that do what their names say (docs/method.md "Design"; flags here) =====
+    # codebook=False: PaCo-FR without the patch codebook (no replaced patches, no Belief Predictor),
+    # the "codebook off" ablation; masking and spatial consistency unchanged
+    codebook: bool = True
+    # pixel prototype of each code: "table" = one norm-pix patch per code kept as an EMA k-means centroid
+    # of the patches nearest to it (incubation: all patches, afterwards the replaced ones);
+    # "linear" = code2pix(E_k), a Linear dc -> P fitted by L_code (the earlier design)
+    prototypes: Prototypes = "table"
+    # the patches whose nearest prototype updates the table after incubation ("all" costs one nearest-
+    # prototype search over the B x L patches per step; "replaced": only the replaced ones)
+    proto_patches: ProtoPatches = "all"
+    # straight-through path from the soft token to the belief q (token + q - stopgrad(q)), so the Belief
+    # Predictor gets reconstruction gradient at every num_candidates, M = 1 included
+    bp_ste: bool = True
+    # a code counts as rarely used when its (bias-corrected) EMA usage is below this fraction of uniform
+    # usage; measured before the restarts of the step (stat low_usage_fraction)
+    low_usage_threshold: float = 0.1
+    # ===== end of issue 16 flags =====
 
     # --- pixels: encoder input is (image - pixel_mean) / pixel_std, image in [0, 1]
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -206,9 +233,19 @@ class ModelConfig:
         return self.method == "paco"
 
     @property
+    def uses_codebook(self) -> bool:
+        """Whether the model has the patch codebook and Belief Predictor (PaCo-FR with codebook=True)."""
+        return self.is_paco and self.codebook
+
+    @property
+    def uses_layout(self) -> bool:
+        """Whether L_sc is the region-layout term (PaCo-FR with sc="layout")."""
+        return self.is_paco and self.sc == "layout"
+
+    @property
     def uses_teacher(self) -> bool:
         """Whether the model keeps an EMA teacher of the encoder (PaCo-FR with sc != "off")."""
-        return self.is_paco and self.sc != "off"
+        return self.is_paco and self.sc in ("relation", "equivariance")
 
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``timm.create_model(timm_name, pretrained=False, **kwargs)`` that
@@ -222,6 +259,12 @@ class ModelConfig:
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(f"ModelConfig: {message}")
+
+        for name, hint in typing.get_type_hints(type(self)).items():  # choices, also from Python callers
+            if typing.get_origin(hint) is Literal:
+                choices = typing.get_args(hint)
+                value = getattr(self, name)
+                need(value in choices, f"{name} must be one of {list(choices)}, got {value!r}")
 
         for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_dim",
                      "decoder_depth", "decoder_heads", "codebook_size", "code_dim", "bp_hidden",
@@ -237,7 +280,7 @@ class ModelConfig:
              f"num_candidates={self.num_candidates} must be <= codebook_size={self.codebook_size}")
         need(-1 <= self.other_region < self.num_regions,
              f"other_region must be -1 or a region id < num_regions={self.num_regions}, got {self.other_region}")
-        for name in ("r_mask", "r_rep", "mae_mask_ratio", "second_region_prob", "codebook_decay"):
+        for name in ("r_mask", "r_rep", "mae_mask_ratio", "codebook_decay", "low_usage_threshold"):
             need(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(self, name)}")
         need(self.mae_mask_ratio < 1.0, f"mae_mask_ratio must be < 1, got {self.mae_mask_ratio}")
         length = self.num_patches
@@ -249,6 +292,7 @@ class ModelConfig:
             need(n_mask + n_rep < length,
                  f"r_mask + r_rep leave no pixel patch for the encoder: round(r_mask*L)={n_mask} + "
                  f"round(r_rep*L)={n_rep} must be < L={length}")
+        need(self.codebook or self.bp_input == "pixels", "bp_input='context' needs the codebook (codebook=True)")
         need(self.incubation_patches == "all" or n_rep >= 1,
              f"incubation_patches='replaced' needs replaced patches, but round(r_rep*L) = {n_rep}")
         need(self.tau_b > 0, f"tau_b must be > 0, got {self.tau_b}")
@@ -264,3 +308,5 @@ class ModelConfig:
                      "eq_max_scale", "eq_max_shift", "drop_path_rate"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.eq_max_scale < 1, f"eq_max_scale must be < 1, got {self.eq_max_scale}")
+        need(self.alpha_rep <= 1, f"alpha_rep must be <= 1 (a replaced patch never outweighs a masked one), "
+                                  f"got {self.alpha_rep}")

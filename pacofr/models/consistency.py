@@ -1,5 +1,13 @@
 """Spatial consistency between facial parts (method.md "Spatial consistency").
 
+- ``layout`` (default): the relative layout of the facial regions. Each region's centroid comes
+  from the image's own region map (landmark-driven, so it follows the face's pose and the
+  augmentation); a :class:`LayoutHead` on the encoder's mean-pooled kept tokens predicts every
+  pairwise offset ``c_h - c_g`` (in units of the image side). Both the predictions and the targets
+  are centred on their batch mean, so only how each face's layout differs from the others' counts
+  (pose, shape, the augmentation's rotation and scale), and the squared error is normalised per
+  pair by the offset's variance over the batch (floor ``(1 / (4 grid))^2``): about 1 for a head
+  that predicts the same layout for every face, 0 for an exact one. No teacher.
 - EMA teacher of the encoder (:func:`make_teacher`, :func:`ema_update`) that sees the full image.
 - ``relation``: region-pool student and teacher features, compare the G x G cosine relation
   matrices (``||A_s - A_t||_F^2`` averaged over the region pairs present in the image, = / G^2
@@ -94,6 +102,64 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, region_ids: torc
             cos_term = student.float().sum() * 0.0
         loss = relation + beta * cos_term
     return loss, {"sc_relation": relation.detach(), "sc_cos": cos_term.detach()}
+
+
+def region_centroids(region_ids: torch.Tensor, grid: int, num_regions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroid of each region's patch centres, (x, y) in units of the image side, and presence.
+
+    Args:
+        region_ids: (B, L) int64 region ids of a row-major ``grid`` x ``grid`` patch grid.
+    Returns:
+        centroids (B, G, 2) fp32 (0 for an absent region) and present (B, G) bool.
+    """
+    cells = torch.arange(grid * grid, device=region_ids.device)
+    coords = torch.stack([cells % grid, cells // grid], dim=-1).float().add(0.5).div(grid)  # (L, 2)
+    centroids, counts = region_pool(coords.expand(region_ids.shape[0], -1, -1), region_ids, num_regions)
+    return centroids, counts > 0
+
+
+class LayoutHead(nn.Module):
+    """MLP from a pooled feature (B, D) to the offsets (B, n_pairs, 2) of every region pair g < h.
+
+    Buffer ``pairs`` (2, n_pairs) int64: the (g, h) of each output row (``torch.triu_indices``).
+    """
+
+    def __init__(self, dim: int, num_regions: int, hidden: int) -> None:
+        super().__init__()
+        self.register_buffer("pairs", torch.triu_indices(num_regions, num_regions, 1), persistent=False)
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 2 * self.pairs.shape[1]))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled (B, D) -> predicted offsets (B, n_pairs, 2) in the input's dtype."""
+        return self.net(pooled).view(pooled.shape[0], -1, 2)
+
+
+def layout_loss(predicted: torch.Tensor, region_ids: torch.Tensor, pairs: torch.Tensor, grid: int,
+                num_regions: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_sc for ``sc="layout"``: variance-normalised squared error of the predicted region offsets.
+
+    Args:
+        predicted: (B, n_pairs, 2) offsets ``c_h - c_g`` for the pairs (g, h) in ``pairs`` (2, n_pairs).
+        region_ids: (B, L) region map of each image (the targets come from it).
+    Returns:
+        the fp32 scalar loss (mean over present pairs and both coordinates of
+        ``(pred - mean(pred) - (target - mean(target)))^2 / (batch variance + (1 / (4 grid))^2)``,
+        means and variances over the images where the pair is present) and {"sc_layout": it, detached}.
+    """
+    with full_precision(predicted.device):
+        centroids, present = region_centroids(region_ids, grid, num_regions)
+        target = centroids[:, pairs[1]] - centroids[:, pairs[0]]  # (B, n_pairs, 2)
+        valid = (present[:, pairs[0]] & present[:, pairs[1]]).float().unsqueeze(-1)
+        count = valid.sum(dim=0).clamp_min(1.0)
+
+        def centred(x: torch.Tensor) -> torch.Tensor:
+            return x - (x * valid).sum(dim=0) / count
+
+        target, predicted = centred(target), centred(predicted.float())
+        variance = (target.square() * valid).sum(dim=0) / count
+        error = (predicted - target).square() / (variance + (0.25 / grid) ** 2)
+        loss = (error * valid).sum() / (2.0 * valid.sum()).clamp_min(1.0)
+    return loss, {"sc_layout": loss.detach()}
 
 
 def random_similarity(batch: int, max_rotation_deg: float, max_scale: float, max_shift: float,

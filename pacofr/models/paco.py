@@ -3,17 +3,21 @@
 One training forward:
 
 1. sample the masked / replaced / visible sets (:func:`pacofr.masking.sample_masks`);
-2. PaCo-FR only: Belief Predictor on the replaced patches' normalised pixels -> q -> top-M soft
-   token e_soft -> ``code2tok(e_soft)``; in incubation also the nearest-prototype labels k*;
+2. PaCo-FR with the codebook: Belief Predictor on the replaced patches' normalised pixels -> q ->
+   top-M soft token e_soft (+ a straight-through path to q) -> ``code2tok(e_soft)``; the
+   nearest-prototype labels k* (every patch in incubation, the replaced ones afterwards);
 3. encoder (timm ViT) on visible pixel patches (gathered, embedded by the conv weights as a linear
    map) and replaced code tokens, each + its position; masked patches dropped (or a mask token);
 4. MAE decoder (mask tokens by ``scatter_tokens``), prediction head on the scored patches only,
-   ``masked_patch_loss`` (norm-pix target by default);
-5. PaCo-FR only: incubation losses (L_bp, L_code) or end-to-end ones (L_align, optional decayed
-   L_bp, context beliefs), usage-entropy bonus, spatial consistency against the EMA teacher.
+   ``masked_patch_loss`` (norm-pix target by default), weighted per patch (a replaced patch weighs
+   ``alpha_rep`` times a masked one);
+5. PaCo-FR only: incubation losses (L_bp, and L_code for linear prototypes) or end-to-end ones
+   (L_align, optional decayed L_bp, context beliefs), usage-entropy bonus, and spatial
+   consistency (region layout from the encoder, or relation / equivariance against the EMA teacher).
 
-Codebook maintenance that modifies parameters in place (EMA codes, usage, dead-code restarts) and
-the teacher update happen in :meth:`PaCoFR.after_step`, after the optimiser step.
+Codebook maintenance that modifies parameters and buffers in place (usage and prototype EMAs, EMA
+codes, data initialisation, distinct dead-code restarts) and the teacher update happen in
+:meth:`PaCoFR.after_step`, after the optimiser step.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pacofr.masking import MaskSets, sample_masks
-from pacofr.models.belief import PatchCodebook
+from pacofr.models.belief import MaintenanceInput, PatchCodebook
 from pacofr.models.codebook import Codebook
 from pacofr.models.config import ModelConfig
 from pacofr.models.consistency import (
+    LayoutHead,
     ema_update,
     equivariance_loss,
+    layout_loss,
     make_teacher,
     random_similarity,
     relation_loss,
@@ -56,6 +62,8 @@ logger = logging.getLogger(__name__)
 
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
 _MAX_PENDING = 64  # forwards kept for after_step (gradient accumulation steps per optimiser step)
+# patches a forward keeps as seeds for new codes: at most max(4 K, 16384), a random subset
+_SEED_CANDIDATES_PER_CODE, _SEED_CANDIDATES_MIN = 4, 16384
 
 
 @dataclass
@@ -67,8 +75,11 @@ class ModelOutput:
         losses: detached 0-d tensors of the active losses, unweighted (``rec``, ``rec_masked``,
             ``rec_replaced``, ``bp``, ``code``, ``align``, ``ent``, ``ctx``, ``sc``; which are present
             depends on the method and phase, see :meth:`PaCoFR.loss_names`).
-        stats: detached 0-d tensors: codebook ``perplexity``, ``dead_fraction``,
-            ``usage_entropy_norm``, ``bp_accuracy`` (incubation), ``bp_weight``, SC parts.
+        stats: detached 0-d tensors (:meth:`PaCoFR.stat_names`): codebook ``perplexity`` and
+            ``usage_entropy_norm`` of this batch, ``bp_accuracy`` (with L_bp), ``bp_weight``,
+            ``proto_mse`` (patches against their nearest prototype), the soft tokens'
+            ``cand_entropy`` / ``cand_top1_weight`` / ``cand_dup_fraction`` and
+            ``bp_top1_agreement`` (BP's top-1 code is the nearest prototype's), SC parts.
     """
 
     loss: torch.Tensor
@@ -84,30 +95,42 @@ class _CodeBranch:
     x_rep: torch.Tensor  # (B, n_rep, P) norm-pix targets of the replaced patches
     q_rep: torch.Tensor  # (B * n_rep, dc)
     assignment: SoftAssignment | None
-    q_labelled: torch.Tensor | None = None  # (N, dc) beliefs with incubation labels
+    q_labelled: torch.Tensor | None = None  # (N, dc) beliefs with L_bp labels
     x_labelled: torch.Tensor | None = None  # (N, P)
-    labels: torch.Tensor | None = None  # (N,) k*
+    labels: torch.Tensor | None = None  # (N,) k* of the labelled patches (L_bp on)
+    rep_labels: torch.Tensor | None = None  # (B * n_rep,) k* of the replaced patches (training)
+    proto_x: torch.Tensor | None = None  # (N_p, P) patches whose k* update the prototype table (training)
+    proto_labels: torch.Tensor | None = None  # (N_p,) their k*
 
 
 @dataclass
 class _Pending:
-    """Detached assignment of one training forward, consumed by :meth:`PaCoFR.after_step`."""
+    """Detached codebook work of one training forward, consumed by :meth:`PaCoFR.after_step`.
 
+    ``labelled``: usage counted from k* (incubation) rather than the soft candidates; ``q`` /
+    ``indices`` / ``weights`` the usage (and with ``ema_codes`` the EMA-code update); ``proto`` the
+    nearest-prototype statistics (counts, sums) of the table; ``seeds`` (q, x) candidate patches.
+    """
+
+    labelled: bool
     q: torch.Tensor
     indices: torch.Tensor
     weights: torch.Tensor | None
     ema_codes: bool
+    proto: tuple[torch.Tensor, torch.Tensor] | None
+    seeds: tuple[torch.Tensor, torch.Tensor]
 
 
 class PaCoFR(nn.Module):
     """PaCo-FR (``cfg.method="paco"``) or the MAE-face control (``"mae"``).
 
     Submodules: ``encoder`` (timm VisionTransformer, exportable as is), ``decoder``
-    (:class:`MAEDecoder`); PaCo-FR adds ``patch_codebook`` (:class:`PatchCodebook`), and with
-    ``sc != "off"`` ``teacher`` (EMA copy of the encoder) and ``sc_proj`` (Dd -> D); with
-    ``bp_input="context"`` ``context_head`` (Dd -> dc); with ``encoder_mask="mask_token"``
-    ``encoder_mask_token`` (D,). Buffer ``post_incubation_steps`` counts optimiser steps after
-    incubation (for ``bp_after="decay"``).
+    (:class:`MAEDecoder`); PaCo-FR adds ``patch_codebook`` (:class:`PatchCodebook`, unless
+    ``codebook=False``), with ``sc="layout"`` ``layout_head`` (:class:`LayoutHead`), with
+    ``sc="relation"`` or ``"equivariance"`` ``teacher`` (EMA copy of the encoder) and ``sc_proj``
+    (Dd -> D); with ``bp_input="context"`` ``context_head`` (Dd -> dc); with
+    ``encoder_mask="mask_token"`` ``encoder_mask_token`` (D,). Buffer ``post_incubation_steps``
+    counts optimiser steps after incubation (for ``bp_after="decay"``).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -120,9 +143,11 @@ class PaCoFR(nn.Module):
                                    if cfg.encoder_mask == "mask_token" else None)
         if self.encoder_mask_token is not None:
             nn.init.normal_(self.encoder_mask_token, std=0.02)
-        self.patch_codebook = PatchCodebook(cfg) if cfg.is_paco else None
+        self.patch_codebook = PatchCodebook(cfg) if cfg.uses_codebook else None
         self.context_head = (nn.Linear(cfg.decoder_dim, cfg.code_dim)
-                             if cfg.is_paco and cfg.bp_input == "context" else None)
+                             if cfg.uses_codebook and cfg.bp_input == "context" else None)
+        self.layout_head = (LayoutHead(cfg.embed_dim, cfg.num_regions, cfg.embed_dim)
+                            if cfg.uses_layout else None)
         self.teacher = make_teacher(self.encoder) if cfg.uses_teacher else None
         self.sc_proj = nn.Linear(cfg.decoder_dim, cfg.embed_dim) if cfg.uses_teacher else None
         self.register_buffer("post_incubation_steps", torch.zeros((), dtype=torch.long))
@@ -149,7 +174,7 @@ class PaCoFR(nn.Module):
         self._check_inputs(images, region_ids)
         cfg = self.cfg
         masks = sample_masks(region_ids, cfg, generator, validate=False)
-        branch = self._code_branch(images, masks, incubation) if cfg.is_paco else None
+        branch = self._code_branch(images, masks, incubation) if self.patch_codebook is not None else None
         latent = self._encode(images, masks, branch.tokens if branch is not None else None)
         hidden = self.decoder(latent, masks.ids_restore if cfg.encoder_mask == "drop" else None)
 
@@ -161,9 +186,10 @@ class PaCoFR(nn.Module):
             self._codebook_losses(branch, incubation, terms, stats)
             if self.context_head is not None and not incubation:
                 terms["ctx"] = (self._context_loss(images, masks, hidden), cfg.w_ctx)
-            if self.teacher is not None and (cfg.regularise_in_incubation or not incubation):
-                terms["sc"] = (self._consistency_loss(images, region_ids, masks, hidden, generator, stats), cfg.w_sc)
             self._remember(branch, incubation)
+        if cfg.is_paco and cfg.sc != "off" and (cfg.regularise_in_incubation or not incubation):
+            terms["sc"] = (self._consistency_loss(images, region_ids, masks, latent, hidden, generator, stats),
+                           cfg.w_sc)
 
         loss = sum(weight * value for value, weight in terms.values())
         losses.update({name: value.detach() for name, (value, _) in terms.items()})
@@ -172,63 +198,73 @@ class PaCoFR(nn.Module):
     def loss_names(self) -> tuple[str, ...]:
         """Every loss name :meth:`forward` may report for this config (for fixed CSV columns)."""
         names = ["rec", "rec_masked"]
-        if self.cfg.is_paco:
-            names += ["rec_replaced", "bp", "code", "align", "ent"]
+        if self.patch_codebook is not None:
+            names += ["rec_replaced", "bp", "align", "ent"]
+            if not self.patch_codebook.has_table:
+                names.append("code")
             if self.context_head is not None:
                 names.append("ctx")
-            if self.teacher is not None:
-                names.append("sc")
+        if self.cfg.is_paco and self.cfg.sc != "off":
+            names.append("sc")
         return tuple(names)
 
     def stat_names(self) -> tuple[str, ...]:
-        """Every stat name :meth:`forward` may report for this config."""
-        if not self.cfg.is_paco:
-            return ()
-        names = ["perplexity", "dead_fraction", "usage_entropy_norm", "bp_accuracy", "bp_weight"]
-        if self.cfg.sc == "relation":
-            names += ["sc_relation", "sc_cos"]
-        elif self.cfg.sc == "equivariance":
-            names.append("sc_overlap")
+        """Every stat name :meth:`forward` may report for this config (:meth:`after_step` adds its own)."""
+        names: list[str] = []
+        if self.patch_codebook is not None:
+            names += ["perplexity", "usage_entropy_norm", "bp_accuracy", "bp_weight", "proto_mse", "cand_entropy",
+                      "cand_top1_weight", "cand_dup_fraction", "bp_top1_agreement"]
+        if self.cfg.is_paco:
+            names += {"layout": ["sc_layout"], "relation": ["sc_relation", "sc_cos"],
+                      "equivariance": ["sc_overlap"], "off": []}[self.cfg.sc]
         return tuple(names)
 
     @torch.no_grad()
     def after_step(self, teacher_momentum: float | None = None) -> dict[str, float]:
         """Call once after every optimiser step (after ``optimizer.step()``).
 
-        Applies the codebook maintenance of the forwards since the last call (usage EMA, EMA code
-        update with ``code_update="ema"`` in incubation, dead-code restarts from current beliefs),
-        advances the post-incubation step counter, and with ``teacher_momentum`` updates the EMA
-        teacher. Returns {"restarted_codes": n} (PaCo-FR) or {}.
+        Applies the codebook maintenance of the forwards since the last call
+        (:meth:`PatchCodebook.maintain`: usage EMA or EMA codes, prototype EMA, the first step's
+        data initialisation, distinct dead-code restarts), advances the post-incubation step
+        counter, and with ``teacher_momentum`` updates the EMA teacher. Returns (with the codebook)
+        ``restarted_codes`` and the usage measured before the restarts, ``low_usage_fraction`` and
+        ``dead_fraction``; {} otherwise.
         """
         report: dict[str, float] = {}
         if self.patch_codebook is not None and self._pending:
             pending, self._pending = self._pending, []
-            restarted = 0
-            for kind in (True, False):  # labelled (incubation-style) and soft assignments
-                group = [p for p in pending if (p.weights is None) == kind]
+            for labelled in (True, False):  # a step normally holds one kind (the phase is fixed per epoch)
+                group = [p for p in pending if p.labelled == labelled]
                 if group:
-                    restarted += self._maintain_codebook(group)
-            report["restarted_codes"] = float(restarted)
+                    report = self.patch_codebook.maintain(self._maintenance_input(group))
         if self._last_incubation is False:
             self.post_incubation_steps += 1
         if teacher_momentum is not None:
             self.update_teacher(teacher_momentum)
         return report
 
-    def _maintain_codebook(self, group: list[_Pending]) -> int:
-        """Usage EMA (or EMA codes) and dead-code restarts from pending assignments of one kind."""
+    @staticmethod
+    def _maintenance_input(group: list[_Pending]) -> MaintenanceInput:
+        """Concatenate pending forwards of one kind; rows with non-finite beliefs or pixels are dropped
+        (they must not reach the codebook). No early return on empty tensors: every rank must reach
+        the same collectives."""
         q = torch.cat([p.q for p in group])
         indices = torch.cat([p.indices for p in group])
         weights = None if group[0].weights is None else torch.cat([p.weights for p in group])
-        finite = torch.isfinite(q).all(dim=1)  # non-finite rows must not reach the codebook
+        finite = torch.isfinite(q).all(dim=1)
         q, indices = q[finite], indices[finite]
         weights = None if weights is None else weights[finite]
-        # no early return on an empty q: every rank must reach the same collectives
-        if all(p.ema_codes for p in group):
-            self.patch_codebook.ema_codes(q, indices[:, 0])
-        else:
-            self.patch_codebook.track_usage(indices, weights)
-        return self.patch_codebook.restart_dead(q)
+        seeds_q = torch.cat([p.seeds[0] for p in group])
+        seeds_x = torch.cat([p.seeds[1] for p in group])
+        usable = torch.isfinite(seeds_q).all(dim=1) & torch.isfinite(seeds_x).all(dim=1)
+        proto = None
+        if group[0].proto is not None:
+            proto = (sum(p.proto[0] for p in group), sum(p.proto[1] for p in group))
+        ema = all(p.ema_codes for p in group)
+        return MaintenanceInput(usage_indices=indices, usage_weights=weights,
+                                q_labelled=q if ema else None, labels=indices[:, 0] if ema else None,
+                                proto_counts=proto[0] if proto else None, proto_sums=proto[1] if proto else None,
+                                candidates_q=seeds_q[usable], candidates_x=seeds_x[usable])
 
     def discard_pending(self) -> None:
         """Forget the codebook statistics of the forwards since the last :meth:`after_step` (the
@@ -283,7 +319,8 @@ class PaCoFR(nn.Module):
         try:
             cfg = self.cfg
             masks = sample_masks(region_ids, cfg, generator, validate=False)
-            branch = self._code_branch(images, masks, incubation=False) if cfg.is_paco else None
+            branch = (self._code_branch(images, masks, incubation=False)
+                      if self.patch_codebook is not None else None)
             latent = self._encode(images, masks, branch.tokens if branch is not None else None)
             hidden = self.decoder(latent, masks.ids_restore if cfg.encoder_mask == "drop" else None)
             batch, length = region_ids.shape
@@ -298,7 +335,7 @@ class PaCoFR(nn.Module):
             recon = torch.where(membership == 0, raw, pred)
             corrupted = torch.where(membership == 2, torch.full_like(raw, 0.5), raw)
             if branch is not None and branch.assignment is not None:
-                protos = self.patch_codebook.prototypes(branch.assignment.token).view(batch, -1, cfg.patch_dim)
+                protos = self.patch_codebook.token_prototype(branch.assignment).view(batch, -1, cfg.patch_dim)
                 index = masks.ids_replaced.unsqueeze(-1).expand(-1, -1, cfg.patch_dim)
                 shown = protos * torch.gather(scale, 1, index[..., :1]) + torch.gather(mean, 1, index[..., :1])
                 corrupted = corrupted.scatter(1, index, shown)
@@ -342,19 +379,25 @@ class PaCoFR(nn.Module):
         return 0.0
 
     def _code_branch(self, images: torch.Tensor, masks: MaskSets, incubation: bool) -> _CodeBranch:
-        """Beliefs, soft tokens and (when L_bp / L_code are on) nearest-prototype labels."""
+        """Beliefs, soft tokens and nearest-prototype labels: of the L_bp patches, and in training of
+        the replaced patches (which score the Belief Predictor) and of the patches that update the
+        prototype table (``proto_patches``)."""
         cfg, book = self.cfg, self.patch_codebook
         batch = images.shape[0]
         n_rep = masks.ids_replaced.shape[1]
         needs_labels = incubation or (self.training and cfg.bp_after != "off")
         x_rep = self._norm_pix(images, masks.ids_replaced)
         labelled_all = needs_labels and cfg.incubation_patches == "all"
-        if labelled_all:
+        table_all = self.training and book.has_table and cfg.proto_patches == "all"
+        x_all = labels_all = None
+        if labelled_all or table_all:
             all_ids = torch.arange(cfg.num_patches, device=images.device).expand(batch, -1)
-            x_all = self._norm_pix(images, all_ids)
-            q_all = book.belief(x_all)  # (B, L, dc)
-            index = masks.ids_replaced.unsqueeze(-1).expand(-1, -1, q_all.shape[-1])
-            q_rep = torch.gather(q_all, 1, index).reshape(-1, q_all.shape[-1])
+            x_all = self._norm_pix(images, all_ids).reshape(-1, cfg.patch_dim)
+            labels_all = book.nearest_prototype(x_all)
+        if labelled_all:
+            q_all = book.belief(x_all)  # (B * L, dc)
+            index = (masks.ids_replaced + cfg.num_patches * torch.arange(batch, device=images.device)[:, None]).flatten()
+            q_rep = q_all[index]
         else:
             q_rep = book.belief(x_rep).reshape(batch * n_rep, cfg.code_dim)
         ema_incubation = incubation and cfg.code_update == "ema"
@@ -365,9 +408,22 @@ class PaCoFR(nn.Module):
             tokens = book.code2tok(assignment.token).view(batch, n_rep, -1)
         branch = _CodeBranch(tokens=tokens, x_rep=x_rep, q_rep=q_rep, assignment=assignment)
         if needs_labels:
-            branch.q_labelled = q_all.reshape(-1, q_all.shape[-1]) if labelled_all else q_rep
-            branch.x_labelled = x_all.reshape(-1, cfg.patch_dim) if labelled_all else x_rep.reshape(-1, cfg.patch_dim)
-            branch.labels = book.nearest_prototype(branch.x_labelled)
+            branch.q_labelled = q_all if labelled_all else q_rep
+            branch.x_labelled = x_all if labelled_all else x_rep.reshape(-1, cfg.patch_dim)
+            branch.labels = labels_all if labelled_all else book.nearest_prototype(branch.x_labelled)
+        if self.training:
+            if labels_all is not None:
+                branch.rep_labels = torch.gather(labels_all.view(batch, -1), 1, masks.ids_replaced).reshape(-1)
+            elif branch.labels is not None:
+                branch.rep_labels = branch.labels
+            elif n_rep:
+                branch.rep_labels = book.nearest_prototype(x_rep.reshape(-1, cfg.patch_dim))
+            if labels_all is not None:
+                branch.proto_x, branch.proto_labels = x_all, labels_all
+            elif branch.labels is not None:
+                branch.proto_x, branch.proto_labels = branch.x_labelled, branch.labels
+            elif n_rep:
+                branch.proto_x, branch.proto_labels = x_rep.reshape(-1, cfg.patch_dim), branch.rep_labels
         return branch
 
     def _encode(self, images: torch.Tensor, masks: MaskSets, code_tokens: torch.Tensor | None) -> torch.Tensor:
@@ -386,7 +442,8 @@ class PaCoFR(nn.Module):
 
     def _reconstruction_loss(self, images: torch.Tensor, masks: MaskSets, hidden: torch.Tensor,
                              losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """L_rec: masked patches + alpha_rep * replaced patches, or all patches (``rec_on``)."""
+        """L_rec: the weighted mean over the scored patches, weight 1 per masked patch and ``alpha_rep``
+        per replaced one (whose own pixels built its input token); or the mean over all patches."""
         cfg = self.cfg
         norm_pix = cfg.target == "norm_pix"
 
@@ -399,32 +456,40 @@ class PaCoFR(nn.Module):
             return mse(torch.arange(length, device=images.device).expand(batch, length))
         rec_masked = mse(masks.ids_masked)
         losses["rec_masked"] = rec_masked.detach()
-        if masks.ids_replaced.shape[1] == 0:
+        n_masked, n_replaced = masks.ids_masked.shape[1], masks.ids_replaced.shape[1]
+        if n_replaced == 0:
             return rec_masked
         rec_replaced = mse(masks.ids_replaced)
         losses["rec_replaced"] = rec_replaced.detach()
-        return rec_masked + cfg.alpha_rep * rec_replaced
+        share = cfg.alpha_rep * n_replaced / max(n_masked + cfg.alpha_rep * n_replaced, 1e-12)
+        return (1.0 - share) * rec_masked + share * rec_replaced
 
     def _codebook_losses(self, branch: _CodeBranch, incubation: bool,
                          terms: dict[str, tuple[torch.Tensor, float | torch.Tensor]],
                          stats: dict[str, torch.Tensor]) -> None:
-        """L_bp, L_code (incubation), L_align (after), L_ent, and the codebook statistics."""
+        """L_bp, L_code (incubation, linear prototypes), L_align (after), L_ent, and the codebook statistics."""
         cfg, book = self.cfg, self.patch_codebook
         codes = book.codes(detach=incubation and cfg.code_update == "ema")
         bp_weight = self._bp_weight(incubation)
         if branch.labels is not None:
             bp_loss, stats["bp_accuracy"] = book.cross_entropy(branch.q_labelled, codes, branch.labels)
             terms["bp"] = (bp_loss, bp_weight)
-            if incubation:
-                protos = book.prototypes(codes[branch.labels])
-                with full_precision(protos.device):
-                    terms["code"] = (F.mse_loss(protos, branch.x_labelled.float()), cfg.w_code)
+            protos = book.labelled_prototypes(branch.labels)
+            with full_precision(protos.device):
+                code_mse = F.mse_loss(protos, branch.x_labelled.float())
+            stats["proto_mse"] = code_mse.detach()
+            if incubation and not book.has_table:
+                terms["code"] = (code_mse, cfg.w_code)
+        elif branch.rep_labels is not None:
+            with torch.no_grad(), full_precision(branch.x_rep.device):
+                stats["proto_mse"] = F.mse_loss(book.labelled_prototypes(branch.rep_labels),
+                                                branch.x_rep.reshape(-1, cfg.patch_dim).float())
         stats["bp_weight"] = torch.as_tensor(bp_weight, dtype=torch.float32, device=branch.q_rep.device).detach()
         if branch.assignment is None:
             return
         x_rep = branch.x_rep.reshape(-1, cfg.patch_dim)
         if not incubation:
-            protos = book.prototypes(branch.assignment.token)
+            protos = book.token_prototype(branch.assignment)
             with full_precision(protos.device):
                 terms["align"] = (F.mse_loss(protos, x_rep.float()), cfg.w_align)
         if cfg.regularise_in_incubation or not incubation:
@@ -437,6 +502,7 @@ class PaCoFR(nn.Module):
                 counts = torch.zeros(cfg.codebook_size, device=x_rep.device).index_add_(
                     0, branch.assignment.indices.reshape(-1), branch.assignment.weights.reshape(-1))
             stats.update(book.usage_stats(counts))
+            stats.update(book.assignment_stats(branch.assignment, branch.rep_labels, codes))
 
     def _context_loss(self, images: torch.Tensor, masks: MaskSets, hidden: torch.Tensor) -> torch.Tensor:
         """bp_input="context": KL(pixel-BP beliefs || context-head beliefs) at the masked patches."""
@@ -459,10 +525,18 @@ class PaCoFR(nn.Module):
             return self.teacher.forward_features(normalised_images(images, self.cfg))[:, 1:]
 
     def _consistency_loss(self, images: torch.Tensor, region_ids: torch.Tensor, masks: MaskSets,
-                          hidden: torch.Tensor, generator: torch.Generator | None,
+                          latent: torch.Tensor, hidden: torch.Tensor, generator: torch.Generator | None,
                           stats: dict[str, torch.Tensor]) -> torch.Tensor:
-        """L_sc, relation or equivariance (``cfg.sc``)."""
+        """L_sc: region layout from the encoder's kept tokens, relation or equivariance (``cfg.sc``)."""
         cfg = self.cfg
+        if cfg.sc == "layout":
+            kept = latent[:, 1:]
+            if cfg.encoder_mask == "mask_token":
+                kept = torch.gather(kept, 1, masks.ids_keep.unsqueeze(-1).expand(-1, -1, kept.shape[-1]))
+            predicted = self.layout_head(kept.mean(dim=1))
+            loss, parts = layout_loss(predicted, region_ids, self.layout_head.pairs, cfg.grid_size, cfg.num_regions)
+            stats.update(parts)
+            return loss
         student = self.sc_proj(hidden[:, 1:])  # (B, L, D)
         if cfg.sc == "relation":
             loss, parts = relation_loss(student, self._teacher_features(images), region_ids, cfg.num_regions,
@@ -483,7 +557,7 @@ class PaCoFR(nn.Module):
         return loss
 
     def _remember(self, branch: _CodeBranch, incubation: bool) -> None:
-        """Keep the detached assignment of a training forward for :meth:`after_step` (at most
+        """Keep the detached codebook work of a training forward for :meth:`after_step` (at most
         ``_MAX_PENDING`` forwards: without after_step calls the oldest are dropped)."""
         self._last_incubation = incubation
         if not (self.training and torch.is_grad_enabled()):
@@ -492,12 +566,30 @@ class PaCoFR(nn.Module):
             logger.warning("PaCoFR: %d training forwards without after_step(); dropping the oldest "
                            "codebook statistics (call model.after_step() after each optimiser step)", _MAX_PENDING)
             del self._pending[0]
-        if branch.labels is not None and (incubation or branch.assignment is None):
-            self._pending.append(_Pending(q=branch.q_labelled.detach(), indices=branch.labels.unsqueeze(1),
-                                          weights=None, ema_codes=incubation and self.cfg.code_update == "ema"))
-        elif branch.assignment is not None:
-            self._pending.append(_Pending(q=branch.q_rep.detach(), indices=branch.assignment.indices,
-                                          weights=branch.assignment.weights.detach(), ema_codes=False))
+        book = self.patch_codebook
+        if branch.labels is not None:
+            x, q, labels = branch.x_labelled, branch.q_labelled, branch.labels
+        elif branch.rep_labels is not None:
+            x, q, labels = branch.x_rep.reshape(-1, self.cfg.patch_dim), branch.q_rep, branch.rep_labels
+        else:
+            return
+        x, q = x.detach().float(), q.detach()
+        proto = None
+        if book.has_table and branch.proto_x is not None:  # non-finite rows count 0 and add 0 (0 * nan is nan)
+            finite = torch.isfinite(branch.proto_x).all(dim=1)
+            proto = book.prototype_stats(torch.where(finite[:, None], branch.proto_x, torch.zeros_like(branch.proto_x)),
+                                         branch.proto_labels, finite.float())
+        cap = max(_SEED_CANDIDATES_PER_CODE * self.cfg.codebook_size, _SEED_CANDIDATES_MIN)
+        keep = torch.randperm(x.shape[0], device=x.device)[:cap]
+        seeds = (q[keep], x[keep])
+        if incubation or branch.assignment is None:
+            self._pending.append(_Pending(labelled=True, q=q, indices=labels.unsqueeze(1), weights=None,
+                                          ema_codes=incubation and self.cfg.code_update == "ema", proto=proto,
+                                          seeds=seeds))
+        else:
+            self._pending.append(_Pending(labelled=False, q=branch.q_rep.detach(), indices=branch.assignment.indices,
+                                          weights=branch.assignment.weights.detach(), ema_codes=False, proto=proto,
+                                          seeds=seeds))
 
     def _unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, L, P) patches in (p, q, c) order -> (B, 3, S, S)."""
