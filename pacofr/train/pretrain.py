@@ -55,14 +55,14 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, overw
     ``resume``: a checkpoint, checkpoints folder or run folder to continue from exactly.
     ``overwrite``: a fresh run may delete an earlier run's files in ``train.out_dir``.
     """
-    from pacofr.models import PaCoFR
+    from pacofr.models import build_model
 
     owns_group = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(cfg.train.device)
     try:
         dataset = build_dataset(cfg.data, cfg.model.img_size)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
-        model = PaCoFR(cfg.model)
+        model = build_model(cfg.model)
         trainer = Trainer(cfg, model, dataset, dist_info=info, recipe=alignment_recipe_of(dataset))
         return trainer.fit(resume_from=resume, overwrite=overwrite)
     finally:
