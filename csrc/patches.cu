@@ -1,12 +1,14 @@
 // Masked patch gathering for masked image modelling (MAE semantics): CUDA backend of
-// pacofr.ops.patches. Correctness first: one thread per output value for the element-wise ops,
-// one block per patch for the per-patch reductions, fp32 math, int64 offsets, fp32 atomics
-// only where a gradient may receive several contributions (duplicated indices).
+// pacofr.ops.patches. Element-wise ops run one thread per output value on a 2-D grid of
+// (rows, values) tiles (csrc/patch_index.h: no per-element division, 32-bit index math with
+// FastDivmod, 64-bit element offsets); per-patch reductions run one block per patch row. fp32
+// math; fp32 atomics only where a gradient may receive several contributions (duplicated indices).
 //
 // Conventions (see pacofr/ops/patches.py): images (B, C, H, W) with any strides; ids (B, n)
 // int32/int64 row-major patch indices; a patch holds P = p*p*C values in (p, q, c) order,
 // value k = (py * p + px) * C + c; uint8 pixels are divided by 255, then (x - mean[c]) / std[c]
 // when per-channel statistics are given. An index outside [0, L) gives a NaN row and no gradient.
+// Row counts (B * n, B * L), P, L and D must be below 2^31 (checked).
 //
 // Ops (torch.ops.pacofr_cuda.*), called by pacofr/ops/_patches_fused.py:
 //   gather_patches, gather_patches_backward, patch_targets, masked_patch_loss,
@@ -18,6 +20,10 @@
 #include <torch/library.h>
 
 #include "dtype_dispatch.h"
+#include "fast_divmod.h"
+#include "launch_limits.h"
+#include "op_checks.h"
+#include "patch_index.h"
 
 #include <cmath>
 #include <limits>
@@ -28,13 +34,8 @@ namespace pacofr {
 namespace patches {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535LL * 8;
-
-int64_t blocks_for(int64_t work) {
-  int64_t blocks = (work + kThreads - 1) / kThreads;
-  return blocks < kMaxBlocks ? blocks : kMaxBlocks;
-}
+constexpr int kThreads = 256;                 // per-row reduction kernels
+constexpr int64_t kMaxRowBlocks = 65535LL * 8;  // grid-stride cap of the per-row kernels
 
 // ------------------------------------------------------------------------------------------
 // dtype dispatch helpers (generic lambdas receive a value of the element type as a tag)
@@ -61,59 +62,21 @@ void dispatch_index(at::ScalarType type, const char* name, Fn&& fn) {
 }
 
 // ------------------------------------------------------------------------------------------
-// patch geometry
+// per-thread helpers
 // ------------------------------------------------------------------------------------------
 
-struct PatchGeometry {
-  int64_t rows;            // B * n patch rows
-  int64_t rows_per_image;  // n
-  int64_t num_patches;     // L = (H / p) * (W / p)
-  int64_t grid_cols;       // W / p
-  int64_t stride_b, stride_c, stride_h, stride_w;
-  int patch;     // p
-  int channels;  // C
-  int patch_dim; // P = p * p * C
+// (row, value) of this thread in a RowTiling launch.
+struct RowValue {
+  uint32_t row;
+  uint32_t value;
 };
 
-PatchGeometry make_geometry(const at::Tensor& images, const at::Tensor& ids, int64_t patch) {
-  PatchGeometry g;
-  g.rows = ids.numel();
-  g.rows_per_image = ids.size(1);
-  g.grid_cols = images.size(3) / patch;
-  g.num_patches = (images.size(2) / patch) * g.grid_cols;
-  g.stride_b = images.stride(0);
-  g.stride_c = images.stride(1);
-  g.stride_h = images.stride(2);
-  g.stride_w = images.stride(3);
-  g.patch = static_cast<int>(patch);
-  g.channels = static_cast<int>(images.size(1));
-  g.patch_dim = static_cast<int>(patch * patch * images.size(1));
-  return g;
-}
-
-// Element offset of the top-left pixel of the patch of flat row `row`; false for a bad index.
-template <typename index_t>
-__device__ bool patch_base(const index_t* ids, int64_t row, const PatchGeometry& g, int64_t* base) {
-  const int64_t patch = static_cast<int64_t>(ids[row]);
-  if (patch < 0 || patch >= g.num_patches) return false;
-  const int64_t image = row / g.rows_per_image;
-  const int64_t patch_row = patch / g.grid_cols;
-  const int64_t patch_col = patch - patch_row * g.grid_cols;
-  *base = image * g.stride_b + patch_row * g.patch * g.stride_h + patch_col * g.patch * g.stride_w;
-  return true;
-}
-
-// Offset of value k of a patch relative to its top-left pixel.
-__device__ int64_t value_offset(int k, const PatchGeometry& g) {
-  const int c = k % g.channels;
-  const int pixel = k / g.channels;
-  const int py = pixel / g.patch;
-  const int px = pixel - py * g.patch;
-  return c * g.stride_c + py * g.stride_h + px * g.stride_w;
+__device__ __forceinline__ RowValue row_and_value() {
+  return {blockIdx.x * blockDim.y + threadIdx.y, blockIdx.y * blockDim.x + threadIdx.x};
 }
 
 template <typename pixel_t>
-__device__ float normalised_pixel(const pixel_t* images, int64_t offset, int channel, const float* channel_mean,
+__device__ float normalised_pixel(const pixel_t* images, int64_t offset, uint32_t channel, const float* channel_mean,
                                   const float* channel_std) {
   float x = static_cast<float>(images[offset]);
   if constexpr (std::is_same<pixel_t, uint8_t>::value) {
@@ -152,59 +115,52 @@ __device__ float block_sum(float value, float* scratch) {
 template <typename pixel_t, typename out_t, typename index_t>
 __global__ void gather_patches_kernel(const pixel_t* __restrict__ images, const index_t* __restrict__ ids,
                                       const float* channel_mean, const float* channel_std, out_t* __restrict__ out,
-                                      PatchGeometry g) {
-  const int64_t total = g.rows * g.patch_dim;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = e / g.patch_dim;
-    const int k = static_cast<int>(e - row * g.patch_dim);
-    int64_t base = 0;
-    float value = std::numeric_limits<float>::quiet_NaN();
-    if (patch_base(ids, row, g, &base)) {
-      value = normalised_pixel(images, base + value_offset(k, g), k % g.channels, channel_mean, channel_std);
-    }
-    out[e] = static_cast<out_t>(value);
+                                      PatchIndexer g, uint32_t rows) {
+  const RowValue at = row_and_value();
+  if (at.row >= rows || at.value >= g.patch_dim) return;
+  int64_t base = 0;
+  float value = std::numeric_limits<float>::quiet_NaN();
+  if (g.patch_base(static_cast<int64_t>(ids[at.row]), at.row, &base)) {
+    value = normalised_pixel(images, base + g.value_offset(at.value), g.value_channel(at.value), channel_mean,
+                             channel_std);
   }
+  out[static_cast<int64_t>(at.row) * g.patch_dim + at.value] = static_cast<out_t>(value);
 }
 
 template <typename grad_t, typename index_t>
 __global__ void gather_patches_backward_kernel(const grad_t* __restrict__ grad_out,
                                                const index_t* __restrict__ ids, const float* channel_std,
-                                               float* __restrict__ grad_images, PatchGeometry g) {
-  const int64_t total = g.rows * g.patch_dim;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = e / g.patch_dim;
-    const int k = static_cast<int>(e - row * g.patch_dim);
-    int64_t base = 0;
-    if (!patch_base(ids, row, g, &base)) continue;
-    float grad = static_cast<float>(grad_out[e]);
-    if (channel_std != nullptr) grad = grad / channel_std[k % g.channels];
-    atomicAdd(grad_images + base + value_offset(k, g), grad);
-  }
+                                               float* __restrict__ grad_images, PatchIndexer g, uint32_t rows) {
+  const RowValue at = row_and_value();
+  if (at.row >= rows || at.value >= g.patch_dim) return;
+  int64_t base = 0;
+  if (!g.patch_base(static_cast<int64_t>(ids[at.row]), at.row, &base)) return;
+  float grad = static_cast<float>(grad_out[static_cast<int64_t>(at.row) * g.patch_dim + at.value]);
+  if (channel_std != nullptr) grad = grad / channel_std[g.value_channel(at.value)];
+  atomicAdd(grad_images + base + g.value_offset(at.value), grad);
 }
 
-// One block per patch row: per-patch statistics (mean, 1/sqrt(unbiased var + eps)) of the
-// normalised pixels. Returns false (and NaN statistics) for a bad index.
+// Per-patch statistics (mean, 1/sqrt(unbiased var + eps)) of the normalised pixels of one patch
+// row, by the whole block. Returns false (mean 0, rstd 1) for a bad index.
 template <typename pixel_t, typename index_t>
 __device__ bool patch_statistics(const pixel_t* images, const index_t* ids, const float* channel_mean,
-                                 const float* channel_std, const PatchGeometry& g, int64_t row, float eps,
+                                 const float* channel_std, const PatchIndexer& g, uint32_t row, float eps,
                                  bool norm_pix, float* scratch, int64_t* base, float* patch_mean,
                                  float* patch_rstd) {
-  const bool ok = patch_base(ids, row, g, base);
+  const bool ok = g.patch_base(static_cast<int64_t>(ids[row]), row, base);
   *patch_mean = 0.0f;
   *patch_rstd = 1.0f;
   if (!ok) return false;
   if (!norm_pix) return true;
   float sum = 0.0f;
-  for (int k = threadIdx.x; k < g.patch_dim; k += blockDim.x) {
-    sum += normalised_pixel(images, *base + value_offset(k, g), k % g.channels, channel_mean, channel_std);
+  for (uint32_t k = threadIdx.x; k < g.patch_dim; k += blockDim.x) {
+    sum += normalised_pixel(images, *base + g.value_offset(k), g.value_channel(k), channel_mean, channel_std);
   }
   const float mu = block_sum(sum, scratch) / g.patch_dim;
   float squares = 0.0f;
-  for (int k = threadIdx.x; k < g.patch_dim; k += blockDim.x) {
+  for (uint32_t k = threadIdx.x; k < g.patch_dim; k += blockDim.x) {
     const float d =
-        normalised_pixel(images, *base + value_offset(k, g), k % g.channels, channel_mean, channel_std) - mu;
+        normalised_pixel(images, *base + g.value_offset(k), g.value_channel(k), channel_mean, channel_std) - mu;
     squares += d * d;
   }
   const float var = block_sum(squares, scratch) / (g.patch_dim - 1);
@@ -216,20 +172,21 @@ __device__ bool patch_statistics(const pixel_t* images, const index_t* ids, cons
 template <typename pixel_t, typename index_t>
 __global__ void patch_targets_kernel(const pixel_t* __restrict__ images, const index_t* __restrict__ ids,
                                      const float* channel_mean, const float* channel_std, float* __restrict__ out,
-                                     PatchGeometry g, float eps, bool norm_pix) {
+                                     PatchIndexer g, uint32_t rows, float eps, bool norm_pix) {
   __shared__ float scratch[kThreads / 32 + 1];
-  for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {
+  for (uint32_t row = blockIdx.x; row < rows; row += gridDim.x) {
     int64_t base = 0;
     float mu = 0.0f, rstd = 1.0f;
     const bool ok = patch_statistics(images, ids, channel_mean, channel_std, g, row, eps, norm_pix, scratch,
                                      &base, &mu, &rstd);
-    for (int k = threadIdx.x; k < g.patch_dim; k += blockDim.x) {
+    for (uint32_t k = threadIdx.x; k < g.patch_dim; k += blockDim.x) {
       float value = std::numeric_limits<float>::quiet_NaN();
       if (ok) {
-        const float x = normalised_pixel(images, base + value_offset(k, g), k % g.channels, channel_mean, channel_std);
+        const float x =
+            normalised_pixel(images, base + g.value_offset(k), g.value_channel(k), channel_mean, channel_std);
         value = (x - mu) * rstd;
       }
-      out[row * g.patch_dim + k] = value;
+      out[static_cast<int64_t>(row) * g.patch_dim + k] = value;
     }
   }
 }
@@ -239,21 +196,21 @@ __global__ void masked_patch_loss_kernel(const pred_t* __restrict__ pred, const 
                                          const index_t* __restrict__ ids, const float* channel_mean,
                                          const float* channel_std,
                                          float* __restrict__ row_squares, float* __restrict__ patch_mean,
-                                         float* __restrict__ patch_rstd, PatchGeometry g, float eps,
+                                         float* __restrict__ patch_rstd, PatchIndexer g, uint32_t rows, float eps,
                                          bool norm_pix) {
   __shared__ float scratch[kThreads / 32 + 1];
-  for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {
+  for (uint32_t row = blockIdx.x; row < rows; row += gridDim.x) {
     int64_t base = 0;
     float mu = 0.0f, rstd = 1.0f;
     const bool ok = patch_statistics(images, ids, channel_mean, channel_std, g, row, eps, norm_pix, scratch,
                                      &base, &mu, &rstd);
     float squares = 0.0f;
     if (ok) {
-      for (int k = threadIdx.x; k < g.patch_dim; k += blockDim.x) {
+      for (uint32_t k = threadIdx.x; k < g.patch_dim; k += blockDim.x) {
         const float target =
-            (normalised_pixel(images, base + value_offset(k, g), k % g.channels, channel_mean, channel_std) - mu) *
+            (normalised_pixel(images, base + g.value_offset(k), g.value_channel(k), channel_mean, channel_std) - mu) *
             rstd;
-        const float d = static_cast<float>(pred[row * g.patch_dim + k]) - target;
+        const float d = static_cast<float>(pred[static_cast<int64_t>(row) * g.patch_dim + k]) - target;
         squares += d * d;
       }
     }
@@ -274,66 +231,64 @@ __global__ void masked_patch_loss_backward_kernel(const float* __restrict__ grad
                                                   const index_t* __restrict__ ids, const float* channel_mean,
                                                   const float* channel_std, const float* patch_mean,
                                                   const float* patch_rstd, pred_t* __restrict__ grad_pred,
-                                                  PatchGeometry g, float inv_count, bool norm_pix) {
+                                                  PatchIndexer g, uint32_t rows, float inv_count, bool norm_pix) {
+  const RowValue at = row_and_value();
+  if (at.row >= rows || at.value >= g.patch_dim) return;
+  const int64_t e = static_cast<int64_t>(at.row) * g.patch_dim + at.value;
   const float scale = grad_loss[0] * 2.0f * inv_count;
-  const int64_t total = g.rows * g.patch_dim;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = e / g.patch_dim;
-    const int k = static_cast<int>(e - row * g.patch_dim);
-    int64_t base = 0;
-    float grad = 0.0f;
-    if (patch_base(ids, row, g, &base)) {
-      float target = normalised_pixel(images, base + value_offset(k, g), k % g.channels, channel_mean, channel_std);
-      if (norm_pix) target = (target - patch_mean[row]) * patch_rstd[row];
-      grad = (static_cast<float>(pred[e]) - target) * scale;
-    }
-    grad_pred[e] = static_cast<pred_t>(grad);
+  int64_t base = 0;
+  float grad = 0.0f;
+  if (g.patch_base(static_cast<int64_t>(ids[at.row]), at.row, &base)) {
+    float target = normalised_pixel(images, base + g.value_offset(at.value), g.value_channel(at.value), channel_mean,
+                                    channel_std);
+    if (norm_pix) target = (target - patch_mean[at.row]) * patch_rstd[at.row];
+    grad = (static_cast<float>(pred[e]) - target) * scale;
   }
+  grad_pred[e] = static_cast<pred_t>(grad);
 }
+
+// Rows are (image, position) pairs of the (B, L) token grid: row = image * L + position.
+struct TokenGrid {
+  FastDivmod length;  // L
+  uint32_t rows;      // B * L
+  uint32_t dim;       // D
+};
 
 template <typename token_t, typename mask_t, typename pos_t, typename index_t>
 __global__ void scatter_tokens_kernel(const token_t* __restrict__ visible, const index_t* __restrict__ ids,
                                       const mask_t* __restrict__ mask_token, const pos_t* pos,
-                                      token_t* __restrict__ out, int64_t batch, int64_t length,
-                                      int64_t n_visible, int64_t dim, int64_t stride_vb, int64_t stride_vn,
-                                      int64_t stride_vd) {
-  const int64_t total = batch * length * dim;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = e / dim;  // b * L + l
-    const int64_t d = e - row * dim;
-    const int64_t image = row / length;
-    const int64_t position = row - image * length;
-    const int64_t source = static_cast<int64_t>(ids[row]);
-    float value = std::numeric_limits<float>::quiet_NaN();
-    if (source >= 0 && source < length) {
-      if (source < n_visible) {
-        value = static_cast<float>(visible[image * stride_vb + source * stride_vn + d * stride_vd]);
-      } else {
-        // rounded to the tokens' dtype first, as the reference's cat does
-        value = static_cast<float>(static_cast<token_t>(static_cast<float>(mask_token[d])));
-      }
-      if (pos != nullptr) value += static_cast<float>(pos[position * dim + d]);
+                                      token_t* __restrict__ out, TokenGrid grid, int64_t n_visible,
+                                      int64_t stride_vb, int64_t stride_vn, int64_t stride_vd) {
+  const RowValue at = row_and_value();
+  if (at.row >= grid.rows || at.value >= grid.dim) return;
+  const uint32_t image = grid.length.div(at.row);
+  const uint32_t position = grid.length.mod(at.row, image);
+  const int64_t source = static_cast<int64_t>(ids[at.row]);
+  const uint32_t d = at.value;
+  float value = std::numeric_limits<float>::quiet_NaN();
+  if (source >= 0 && source < grid.length.divisor) {
+    if (source < n_visible) {
+      value = static_cast<float>(visible[image * stride_vb + source * stride_vn + d * stride_vd]);
+    } else {
+      // rounded to the tokens' dtype first, as the reference's cat does
+      value = static_cast<float>(static_cast<token_t>(static_cast<float>(mask_token[d])));
     }
-    out[e] = static_cast<token_t>(value);
+    if (pos != nullptr) value += static_cast<float>(pos[static_cast<int64_t>(position) * grid.dim + d]);
   }
+  out[static_cast<int64_t>(at.row) * grid.dim + d] = static_cast<token_t>(value);
 }
 
 template <typename grad_t, typename index_t>
 __global__ void scatter_tokens_visible_grad_kernel(const grad_t* __restrict__ grad_out,
                                                    const index_t* __restrict__ ids, float* __restrict__ grad_visible,
-                                                   int64_t batch, int64_t length, int64_t n_visible, int64_t dim) {
-  const int64_t total = batch * length * dim;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = e / dim;
-    const int64_t d = e - row * dim;
-    const int64_t source = static_cast<int64_t>(ids[row]);
-    if (source < 0 || source >= n_visible) continue;
-    const int64_t image = row / length;
-    atomicAdd(grad_visible + (image * n_visible + source) * dim + d, static_cast<float>(grad_out[e]));
-  }
+                                                   TokenGrid grid, int64_t n_visible) {
+  const RowValue at = row_and_value();
+  if (at.row >= grid.rows || at.value >= grid.dim) return;
+  const int64_t source = static_cast<int64_t>(ids[at.row]);
+  if (source < 0 || source >= n_visible) return;
+  const uint32_t image = grid.length.div(at.row);
+  atomicAdd(grad_visible + (image * n_visible + source) * grid.dim + at.value,
+            static_cast<float>(grad_out[static_cast<int64_t>(at.row) * grid.dim + at.value]));
 }
 
 // One thread per (position l, feature d): sums over the batch, deterministic order.
@@ -341,24 +296,21 @@ __global__ void scatter_tokens_visible_grad_kernel(const grad_t* __restrict__ gr
 template <typename grad_t, typename index_t>
 __global__ void scatter_tokens_column_grad_kernel(const grad_t* __restrict__ grad_out,
                                                   const index_t* __restrict__ ids, float* __restrict__ mask_partial,
-                                                  float* pos_grad, int64_t batch, int64_t length,
-                                                  int64_t n_visible, int64_t dim) {
-  const int64_t total = length * dim;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t position = e / dim;
-    const int64_t d = e - position * dim;
-    float masked = 0.0f, all = 0.0f;
-    for (int64_t b = 0; b < batch; ++b) {
-      const int64_t row = b * length + position;
-      const float g = static_cast<float>(grad_out[row * dim + d]);
-      const int64_t source = static_cast<int64_t>(ids[row]);
-      if (source >= n_visible && source < length) masked += g;
-      all += g;
-    }
-    mask_partial[e] = masked;
-    if (pos_grad != nullptr) pos_grad[e] = all;
+                                                  float* pos_grad, TokenGrid grid, int64_t batch, int64_t n_visible) {
+  const RowValue at = row_and_value();  // row = position
+  const uint32_t length = grid.length.divisor;
+  if (at.row >= length || at.value >= grid.dim) return;
+  float masked = 0.0f, all = 0.0f;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t row = b * length + at.row;
+    const float g = static_cast<float>(grad_out[row * grid.dim + at.value]);
+    const int64_t source = static_cast<int64_t>(ids[row]);
+    if (source >= n_visible && source < length) masked += g;
+    all += g;
   }
+  const int64_t e = static_cast<int64_t>(at.row) * grid.dim + at.value;
+  mask_partial[e] = masked;
+  if (pos_grad != nullptr) pos_grad[e] = all;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -380,6 +332,57 @@ void check_patch_inputs(const at::Tensor& images, const at::Tensor& ids, int64_t
   TORCH_CHECK(images.get_device() == ids.get_device(), "images and ids must be on one device");
 }
 
+// The indexer of `images` (or of a tensor of their shape and its strides) for patch rows `ids`,
+// after checking that every index the kernels keep in 32 bits fits.
+PatchIndexer make_indexer(const char* op, const at::Tensor& images, const at::Tensor& ids, int64_t patch) {
+  const int64_t channels = images.size(1), grid_cols = images.size(3) / patch;
+  const int64_t num_patches = (images.size(2) / patch) * grid_cols;
+  const int64_t patch_dim = patch * patch * channels;
+  checks::fits_int32(op, "B * n (patch rows)", ids.numel());
+  checks::fits_int32(op, "L (patches per image)", num_patches);
+  checks::fits_int32(op, "P (values per patch)", patch_dim);
+  PatchIndexer g;
+  g.stride_b = images.stride(0);
+  g.stride_c = images.stride(1);
+  g.stride_h = images.stride(2);
+  g.stride_w = images.stride(3);
+  g.num_patches = static_cast<uint32_t>(num_patches);
+  g.patch = static_cast<uint32_t>(patch);
+  g.patch_dim = static_cast<uint32_t>(patch_dim);
+  g.channels = FastDivmod(static_cast<uint32_t>(channels > 0 ? channels : 1));
+  g.patch_side = FastDivmod(static_cast<uint32_t>(patch));
+  g.grid_cols = FastDivmod(static_cast<uint32_t>(grid_cols > 0 ? grid_cols : 1));
+  g.rows_per_image = FastDivmod(static_cast<uint32_t>(ids.size(1) > 0 ? ids.size(1) : 1));
+  return g;
+}
+
+// Grid and block of an element-wise kernel over (rows, values per row); see RowTiling.
+struct ElementLaunch {
+  dim3 grid;
+  dim3 block;
+};
+
+ElementLaunch element_launch(const char* op, int64_t rows, int64_t values) {
+  const RowTiling tiling = tile_rows_by_values(rows, values);
+  return {checks::grid(op, tiling.blocks_x, tiling.blocks_y),
+          dim3(static_cast<unsigned int>(tiling.threads_x), static_cast<unsigned int>(tiling.threads_y))};
+}
+
+// Blocks of a per-row reduction kernel (grid-stride over rows beyond the cap).
+unsigned int row_blocks(int64_t rows) {
+  return static_cast<unsigned int>(rows < kMaxRowBlocks ? rows : kMaxRowBlocks);
+}
+
+TokenGrid make_token_grid(const char* op, int64_t batch, int64_t length, int64_t dim) {
+  checks::fits_int32(op, "B * L (token rows)", batch * length);
+  checks::fits_int32(op, "D", dim);
+  TokenGrid grid;
+  grid.length = FastDivmod(static_cast<uint32_t>(length > 0 ? length : 1));
+  grid.rows = static_cast<uint32_t>(batch * length);
+  grid.dim = static_cast<uint32_t>(dim);
+  return grid;
+}
+
 const float* stats_pointer(const std::optional<at::Tensor>& stats, const at::Tensor& images, const char* name) {
   if (!stats.has_value()) return nullptr;
   const at::Tensor& t = *stats;
@@ -395,12 +398,13 @@ at::Tensor gather_patches(const at::Tensor& images, const at::Tensor& ids_in, in
   check_patch_inputs(images, ids_in, patch_size);
   const c10::cuda::CUDAGuard guard(images.device());
   const at::Tensor ids = ids_in.contiguous();
-  const PatchGeometry g = make_geometry(images, ids, patch_size);
+  const PatchIndexer g = make_indexer("gather_patches", images, ids, patch_size);
   at::Tensor out = at::empty({images.size(0), ids.size(1), g.patch_dim}, images.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
   const float* mean_ptr = stats_pointer(channel_mean, images, "mean");
   const float* std_ptr = stats_pointer(channel_std, images, "std");
   TORCH_CHECK((mean_ptr == nullptr) == (std_ptr == nullptr), "mean and std must be given together");
+  const ElementLaunch launch = element_launch("gather_patches", ids.numel(), g.patch_dim);
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_pixels(images.scalar_type(), "images", [&](auto pixel_tag) {
     using pixel_t = decltype(pixel_tag);
@@ -408,8 +412,9 @@ at::Tensor gather_patches(const at::Tensor& images, const at::Tensor& ids_in, in
       using out_t = decltype(out_tag);
       dispatch_index(ids.scalar_type(), "ids", [&](auto index_tag) {
         using index_t = decltype(index_tag);
-        gather_patches_kernel<pixel_t, out_t, index_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
-            images.data_ptr<pixel_t>(), ids.data_ptr<index_t>(), mean_ptr, std_ptr, out.data_ptr<out_t>(), g);
+        gather_patches_kernel<pixel_t, out_t, index_t><<<launch.grid, launch.block, 0, stream>>>(
+            images.data_ptr<pixel_t>(), ids.data_ptr<index_t>(), mean_ptr, std_ptr, out.data_ptr<out_t>(), g,
+            static_cast<uint32_t>(ids.numel()));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -425,17 +430,19 @@ at::Tensor gather_patches_backward(const at::Tensor& grad_out_in, const at::Tens
   at::Tensor grad_images = at::zeros_like(images, images.options().dtype(at::kFloat));
   const at::Tensor ids = ids_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous();
-  const PatchGeometry g = make_geometry(grad_images, ids, patch_size);
-  TORCH_CHECK(grad_out.numel() == g.rows * g.patch_dim, "grad_out must be (B, n, P), got ", grad_out.sizes());
+  const PatchIndexer g = make_indexer("gather_patches_backward", grad_images, ids, patch_size);
+  TORCH_CHECK(grad_out.numel() == ids.numel() * g.patch_dim, "grad_out must be (B, n, P), got ", grad_out.sizes());
   if (grad_out.numel() == 0) return grad_images;
   const float* std_ptr = stats_pointer(channel_std, images, "std");
+  const ElementLaunch launch = element_launch("gather_patches_backward", ids.numel(), g.patch_dim);
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_floats(grad_out.scalar_type(), "grad_out", [&](auto grad_tag) {
     using grad_t = decltype(grad_tag);
     dispatch_index(ids.scalar_type(), "ids", [&](auto index_tag) {
       using index_t = decltype(index_tag);
-      gather_patches_backward_kernel<grad_t, index_t><<<blocks_for(grad_out.numel()), kThreads, 0, stream>>>(
-          grad_out.data_ptr<grad_t>(), ids.data_ptr<index_t>(), std_ptr, grad_images.data_ptr<float>(), g);
+      gather_patches_backward_kernel<grad_t, index_t><<<launch.grid, launch.block, 0, stream>>>(
+          grad_out.data_ptr<grad_t>(), ids.data_ptr<index_t>(), std_ptr, grad_images.data_ptr<float>(), g,
+          static_cast<uint32_t>(ids.numel()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -448,20 +455,20 @@ at::Tensor patch_targets(const at::Tensor& images, const at::Tensor& ids_in, int
   check_patch_inputs(images, ids_in, patch_size);
   const c10::cuda::CUDAGuard guard(images.device());
   const at::Tensor ids = ids_in.contiguous();
-  const PatchGeometry g = make_geometry(images, ids, patch_size);
+  const PatchIndexer g = make_indexer("patch_targets", images, ids, patch_size);
   TORCH_CHECK(!norm_pix || g.patch_dim >= 2, "norm_pix needs at least 2 values per patch");
   at::Tensor out = at::empty({images.size(0), ids.size(1), g.patch_dim}, images.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   const float* mean_ptr = stats_pointer(channel_mean, images, "mean");
   const float* std_ptr = stats_pointer(channel_std, images, "std");
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t blocks = g.rows < kMaxBlocks ? g.rows : kMaxBlocks;
+  const uint32_t rows = static_cast<uint32_t>(ids.numel());
   dispatch_pixels(images.scalar_type(), "images", [&](auto pixel_tag) {
     using pixel_t = decltype(pixel_tag);
     dispatch_index(ids.scalar_type(), "ids", [&](auto index_tag) {
       using index_t = decltype(index_tag);
-      patch_targets_kernel<pixel_t, index_t><<<blocks, kThreads, 0, stream>>>(
-          images.data_ptr<pixel_t>(), ids.data_ptr<index_t>(), mean_ptr, std_ptr, out.data_ptr<float>(), g,
+      patch_targets_kernel<pixel_t, index_t><<<row_blocks(rows), kThreads, 0, stream>>>(
+          images.data_ptr<pixel_t>(), ids.data_ptr<index_t>(), mean_ptr, std_ptr, out.data_ptr<float>(), g, rows,
           static_cast<float>(eps), norm_pix);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -478,33 +485,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_patch_loss(
   const c10::cuda::CUDAGuard guard(images.device());
   const at::Tensor ids = ids_in.contiguous();
   const at::Tensor pred = pred_in.contiguous();
-  const PatchGeometry g = make_geometry(images, ids, patch_size);
-  TORCH_CHECK(pred.numel() == g.rows * g.patch_dim, "pred must be (B, n, P), got ", pred.sizes());
+  const PatchIndexer g = make_indexer("masked_patch_loss", images, ids, patch_size);
+  const int64_t rows = ids.numel();
+  TORCH_CHECK(pred.numel() == rows * g.patch_dim, "pred must be (B, n, P), got ", pred.sizes());
   TORCH_CHECK(!norm_pix || g.patch_dim >= 2, "norm_pix needs at least 2 values per patch");
   const auto f32 = images.options().dtype(at::kFloat);
-  at::Tensor row_squares = at::empty({g.rows}, f32);
-  at::Tensor patch_mean = at::empty({norm_pix ? g.rows : 1}, f32);
-  at::Tensor patch_rstd = at::empty({norm_pix ? g.rows : 1}, f32);
-  if (g.rows == 0) return {row_squares.sum(), patch_mean, patch_rstd};
+  at::Tensor row_squares = at::empty({rows}, f32);
+  at::Tensor patch_mean = at::empty({norm_pix ? rows : 1}, f32);
+  at::Tensor patch_rstd = at::empty({norm_pix ? rows : 1}, f32);
+  if (rows == 0) return {row_squares.sum(), patch_mean, patch_rstd};
   const float* mean_ptr = stats_pointer(channel_mean, images, "mean");
   const float* std_ptr = stats_pointer(channel_std, images, "std");
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t blocks = g.rows < kMaxBlocks ? g.rows : kMaxBlocks;
   dispatch_floats(pred.scalar_type(), "pred", [&](auto pred_tag) {
     using pred_t = decltype(pred_tag);
     dispatch_pixels(images.scalar_type(), "images", [&](auto pixel_tag) {
       using pixel_t = decltype(pixel_tag);
       dispatch_index(ids.scalar_type(), "ids", [&](auto index_tag) {
         using index_t = decltype(index_tag);
-        masked_patch_loss_kernel<pred_t, pixel_t, index_t><<<blocks, kThreads, 0, stream>>>(
+        masked_patch_loss_kernel<pred_t, pixel_t, index_t><<<row_blocks(rows), kThreads, 0, stream>>>(
             pred.data_ptr<pred_t>(), images.data_ptr<pixel_t>(), ids.data_ptr<index_t>(), mean_ptr, std_ptr,
             row_squares.data_ptr<float>(), patch_mean.data_ptr<float>(), patch_rstd.data_ptr<float>(), g,
-            static_cast<float>(eps), norm_pix);
+            static_cast<uint32_t>(rows), static_cast<float>(eps), norm_pix);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
-  at::Tensor loss = row_squares.sum() / static_cast<double>(g.rows * g.patch_dim);
+  at::Tensor loss = row_squares.sum() / static_cast<double>(rows * g.patch_dim);
   return {loss, patch_mean, patch_rstd};
 }
 
@@ -519,16 +526,18 @@ at::Tensor masked_patch_loss_backward(const at::Tensor& grad_loss, const at::Ten
   const at::Tensor ids = ids_in.contiguous();
   const at::Tensor pred = pred_in.contiguous();
   const at::Tensor grad_scalar = grad_loss.to(at::kFloat).contiguous();
-  const PatchGeometry g = make_geometry(images, ids, patch_size);
-  TORCH_CHECK(pred.numel() == g.rows * g.patch_dim, "pred must be (B, n, P), got ", pred.sizes());
+  const PatchIndexer g = make_indexer("masked_patch_loss_backward", images, ids, patch_size);
+  const int64_t rows = ids.numel();
+  TORCH_CHECK(pred.numel() == rows * g.patch_dim, "pred must be (B, n, P), got ", pred.sizes());
   TORCH_CHECK(grad_scalar.numel() == 1, "grad_loss must be a scalar");
   at::Tensor grad_pred = at::empty_like(pred);
   if (pred.numel() == 0) return grad_pred;
-  TORCH_CHECK(!norm_pix || (patch_mean.numel() == g.rows && patch_rstd.numel() == g.rows),
+  TORCH_CHECK(!norm_pix || (patch_mean.numel() == rows && patch_rstd.numel() == rows),
               "patch_mean and patch_rstd must hold one value per patch row");
   const float* mean_ptr = stats_pointer(channel_mean, images, "mean");
   const float* std_ptr = stats_pointer(channel_std, images, "std");
-  const float inv_count = 1.0f / static_cast<float>(g.rows * g.patch_dim);
+  const float inv_count = 1.0f / static_cast<float>(rows * g.patch_dim);
+  const ElementLaunch launch = element_launch("masked_patch_loss_backward", rows, g.patch_dim);
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_floats(pred.scalar_type(), "pred", [&](auto pred_tag) {
     using pred_t = decltype(pred_tag);
@@ -536,10 +545,10 @@ at::Tensor masked_patch_loss_backward(const at::Tensor& grad_loss, const at::Ten
       using pixel_t = decltype(pixel_tag);
       dispatch_index(ids.scalar_type(), "ids", [&](auto index_tag) {
         using index_t = decltype(index_tag);
-        masked_patch_loss_backward_kernel<pred_t, pixel_t, index_t><<<blocks_for(pred.numel()), kThreads, 0, stream>>>(
+        masked_patch_loss_backward_kernel<pred_t, pixel_t, index_t><<<launch.grid, launch.block, 0, stream>>>(
             grad_scalar.data_ptr<float>(), pred.data_ptr<pred_t>(), images.data_ptr<pixel_t>(),
             ids.data_ptr<index_t>(), mean_ptr, std_ptr, patch_mean.data_ptr<float>(), patch_rstd.data_ptr<float>(),
-            grad_pred.data_ptr<pred_t>(), g, inv_count, norm_pix);
+            grad_pred.data_ptr<pred_t>(), g, static_cast<uint32_t>(rows), inv_count, norm_pix);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -569,6 +578,8 @@ at::Tensor scatter_tokens(const at::Tensor& visible, const at::Tensor& ids_in, c
   }
   at::Tensor out = at::empty({batch, length, dim}, visible.options());
   if (out.numel() == 0) return out;
+  const TokenGrid grid = make_token_grid("scatter_tokens", batch, length, dim);
+  const ElementLaunch launch = element_launch("scatter_tokens", batch * length, dim);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const at::ScalarType pos_type = pos.defined() ? pos.scalar_type() : visible.scalar_type();
   dispatch_floats(visible.scalar_type(), "visible_tokens", [&](auto token_tag) {
@@ -580,10 +591,9 @@ at::Tensor scatter_tokens(const at::Tensor& visible, const at::Tensor& ids_in, c
         dispatch_index(ids.scalar_type(), "ids_restore", [&](auto index_tag) {
           using index_t = decltype(index_tag);
           const pos_t* pos_ptr = pos.defined() ? pos.data_ptr<pos_t>() : nullptr;
-          scatter_tokens_kernel<token_t, mask_t, pos_t, index_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
+          scatter_tokens_kernel<token_t, mask_t, pos_t, index_t><<<launch.grid, launch.block, 0, stream>>>(
               visible.data_ptr<token_t>(), ids.data_ptr<index_t>(), mask_token.data_ptr<mask_t>(), pos_ptr,
-              out.data_ptr<token_t>(), batch, length, n_visible, dim, visible.stride(0), visible.stride(1),
-              visible.stride(2));
+              out.data_ptr<token_t>(), grid, n_visible, visible.stride(0), visible.stride(1), visible.stride(2));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
@@ -609,20 +619,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_tokens_backward(const at:
   at::Tensor mask_partial = at::zeros({length, dim}, f32);
   at::Tensor grad_pos = has_pos ? at::zeros({length, dim}, f32) : at::Tensor();
   if (grad_out.numel() > 0) {
+    const TokenGrid grid = make_token_grid("scatter_tokens_backward", batch, length, dim);
+    const ElementLaunch rows_launch = element_launch("scatter_tokens_backward", batch * length, dim);
+    const ElementLaunch columns_launch = element_launch("scatter_tokens_backward", length, dim);
     const auto stream = at::cuda::getCurrentCUDAStream();
     dispatch_floats(grad_out.scalar_type(), "grad_out", [&](auto grad_tag) {
       using grad_t = decltype(grad_tag);
       dispatch_index(ids.scalar_type(), "ids_restore", [&](auto index_tag) {
         using index_t = decltype(index_tag);
         if (n_visible > 0) {
-          scatter_tokens_visible_grad_kernel<grad_t, index_t><<<blocks_for(grad_out.numel()), kThreads, 0, stream>>>(
-              grad_out.data_ptr<grad_t>(), ids.data_ptr<index_t>(), grad_visible.data_ptr<float>(), batch, length,
-              n_visible, dim);
+          scatter_tokens_visible_grad_kernel<grad_t, index_t><<<rows_launch.grid, rows_launch.block, 0, stream>>>(
+              grad_out.data_ptr<grad_t>(), ids.data_ptr<index_t>(), grad_visible.data_ptr<float>(), grid, n_visible);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
-        scatter_tokens_column_grad_kernel<grad_t, index_t><<<blocks_for(length * dim), kThreads, 0, stream>>>(
+        scatter_tokens_column_grad_kernel<grad_t, index_t><<<columns_launch.grid, columns_launch.block, 0, stream>>>(
             grad_out.data_ptr<grad_t>(), ids.data_ptr<index_t>(), mask_partial.data_ptr<float>(),
-            has_pos ? grad_pos.data_ptr<float>() : nullptr, batch, length, n_visible, dim);
+            has_pos ? grad_pos.data_ptr<float>() : nullptr, grid, batch, n_visible);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });

@@ -1,472 +1,635 @@
-// Multi-candidate soft assignment and codebook statistics: CUDA backend of pacofr.ops.soft_assign.
+// Multi-candidate soft assignment and codebook statistics: CUDA backend of pacofr.ops.soft_assign
+// (conventions and semantics in pacofr/ops/soft_assign.py).
 //
-// Correctness first (not tuned): one thread block per query row, fp32 math, int64 offsets.
-//   soft_assign           each thread ranks a strided subset of the codes against the row (held in
-//                         shared memory as fp32) and keeps a sorted top-M list of packed int64 keys
-//                         (order-preserving fp32 bits << 32 | (2^31-1-index): one max gives the best
-//                         value and, on ties, the smaller index); the block merges the lists with M
-//                         max-reductions, recomputes the M scores exactly from the rows, applies the
+//   soft_assign           ranking of the codes by 2 q.e - ||e||^2 (l2) or q.e / max(||e||, eps)
+//                         (cosine) on the shared tensor-core score loop (csrc/code_ranking.h; NaN
+//                         ranks as the lowest value, ties to the smaller index), then one warp per
+//                         row recomputes the m chosen scores exactly from the rows, applies the
 //                         softmax of (c - max c) / tau and writes the weighted sum (or the top-1 row).
-//   soft_assign_backward  per row: g_w = <dtoken, e_j> (+ dweights), softmax backward, gradient of q
-//                         (written once) and of the M chosen rows: fp32 atomicAdd into a K x D buffer,
-//                         or (deterministic) per-pair coefficients reduced per code over a stable sort.
-//   codebook_stats        counts/sums by fp32 atomics, or (deterministic) by sorted segments.
+//   soft_assign_backward  one warp per row: g_w = <dtoken, e_j> (+ dweights), softmax backward,
+//                         the gradient of q (written once) and of the m chosen rows: fp32 atomicAdd
+//                         into a K x D buffer, or (deterministic) per-pair coefficients reduced per
+//                         code by the fixed-order segment reduction (csrc/segment_reduce.h).
+//   codebook_stats        counts/sums by fp32 atomics or by the segment reduction; an index outside
+//                         [0, K) is skipped on both paths.
 //
-// Conventions (see pacofr/ops/soft_assign.py): q (N, D), codebook (K, D) contiguous, same float dtype;
-// code_stat (K,) fp32 = ||e|| (cosine) or ||e||^2 (l2); tau a 0-d fp32 tensor; M <= 16. NaN scores rank
-// as -inf. Ranking drops the per-row constants 1/||q|| (cosine) and ||q||^2 (l2).
+// Conventions: q (N, D), codebook (K, D) of one float dtype; code_stat (K,) fp32 = ||e|| (cosine)
+// or ||e||^2 (l2); tau a one-element fp32 tensor; 1 <= m <= min(16, K). Per-row kernels keep the m
+// candidates in registers (templated on MP, the power of two >= m).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "dtype_dispatch.h"
-
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <type_traits>
+
+#include "code_ranking.h"
+#include "dtype_dispatch.h"
+#include "op_checks.h"
+#include "segment_reduce.h"
+#include "warp_reduce.h"
 
 namespace pacofr {
 namespace soft_assign {
 namespace {
 
-constexpr int kThreads = 128;
 constexpr int kMaxM = 16;
-constexpr int64_t kKeyFloor = -(int64_t{2147483647} * int64_t{4294967296});
-constexpr int32_t kIndexBase = 2147483647;
+constexpr int kRowWarps = 4;  // rows (one per warp) per block of the per-row kernels
+constexpr int kAtomicThreads = 128;
+constexpr int kSegmentColumns = 32;  // blockDim.x of the segment kernels
+constexpr int kSegmentChunks = 4;    // blockDim.y: chunks per block
 
-__device__ __forceinline__ int64_t pack_key(float value, int32_t index) {
-  if (value != value) value = -INFINITY;
-  const int32_t bits = __float_as_int(value);
-  const int32_t ordered = bits >= 0 ? bits : (bits ^ 0x7FFFFFFF);
-  return static_cast<int64_t>(ordered) * int64_t{4294967296} + static_cast<int64_t>(kIndexBase - index);
-}
+// ------------------------------------------------------------------------------------------
+// per-row kernels (one warp per row)
+// ------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ int32_t unpack_index(int64_t key) {
-  const int64_t low = key - (key >> 32) * int64_t{4294967296};
-  return kIndexBase - static_cast<int32_t>(low);
-}
-
-// Block-wide reductions (blockDim.x == kThreads); `scratch` holds kThreads / 32 values. Every thread
-// gets the result.
-__device__ float block_sum(float value, float* scratch) {
-  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_down_sync(0xffffffffu, value, offset);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = value;
-  __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < kThreads / 32; ++w) total += scratch[w];  // fixed order: deterministic
-  return total;
-}
-
-__device__ int64_t block_max(int64_t value, int64_t* scratch) {
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const int64_t other = __shfl_down_sync(0xffffffffu, value, offset);
-    value = other > value ? other : value;
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = value;
-  __syncthreads();
-  int64_t best = scratch[0];
-  for (int w = 1; w < kThreads / 32; ++w) best = scratch[w] > best ? scratch[w] : best;
-  return best;
-}
-
-template <typename scalar_t>
-__global__ void soft_assign_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ codebook,
-                                           const float* __restrict__ code_stat, const float* __restrict__ tau_ptr,
-                                           scalar_t* __restrict__ token, int64_t* __restrict__ indices,
-                                           float* __restrict__ weights, float* __restrict__ raw_out,
-                                           float* __restrict__ q_norm, int64_t K, int64_t D, int M, bool cosine,
-                                           bool hard, float norm_eps) {
-  extern __shared__ float q_row[];  // D floats
-  __shared__ float f_scratch[kThreads / 32];
-  __shared__ int64_t k_scratch[kThreads / 32];
-  __shared__ int64_t top_keys[kMaxM];
-  __shared__ float s_weights[kMaxM];
-  const int64_t row = blockIdx.x;
-  const scalar_t* q_ptr = q + row * D;
-
-  float sq = 0.f;
-  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-    const float v = static_cast<float>(q_ptr[d]);
-    q_row[d] = v;
-    sq += v * v;
-  }
-  const float qq = block_sum(sq, f_scratch);  // also synchronises q_row
-
-  // per-thread sorted (descending) top-M over codes threadIdx.x, threadIdx.x + kThreads, ...
-  int64_t list[kMaxM];
+template <typename scalar_t, int MP>
+__global__ void __launch_bounds__(32 * kRowWarps) soft_assign_finish_kernel(
+    const scalar_t* __restrict__ q, const scalar_t* __restrict__ codebook, const float* __restrict__ code_stat,
+    const float* __restrict__ tau_ptr, const int64_t* __restrict__ indices, scalar_t* __restrict__ token,
+    float* __restrict__ weights, float* __restrict__ raw_out, float* __restrict__ q_norm, int64_t n_rows, int64_t dim,
+    int m, bool cosine, bool hard, float norm_eps) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
+  if (row >= n_rows) return;
+  const int lane = threadIdx.x & 31;
+  const scalar_t* q_row = q + row * dim;
+  int32_t code[MP];  // K < 2^31 (checked): half the registers of row pointers
+  float part[MP];
 #pragma unroll
-  for (int j = 0; j < kMaxM; ++j) list[j] = kKeyFloor;
-  for (int64_t k = threadIdx.x; k < K; k += kThreads) {
-    const scalar_t* e = codebook + k * D;
-    float dot = 0.f;
-    for (int64_t d = 0; d < D; ++d) dot += q_row[d] * static_cast<float>(e[d]);
-    const float value = cosine ? dot / fmaxf(code_stat[k], norm_eps) : 2.f * dot - code_stat[k];
-    const int64_t key = pack_key(value, static_cast<int32_t>(k));
-    if (key > list[M - 1]) {
-      int pos = M - 1;
-      while (pos > 0 && list[pos - 1] < key) {
-        list[pos] = list[pos - 1];
-        --pos;
+  for (int j = 0; j < MP; ++j) {
+    code[j] = j < m ? static_cast<int32_t>(indices[row * m + j]) : 0;
+    part[j] = 0.0f;
+  }
+  float squares = 0.0f;
+  for (int64_t d = lane; d < dim; d += 32) {
+    const float qv = static_cast<float>(q_row[d]);
+    squares += qv * qv;
+#pragma unroll
+    for (int j = 0; j < MP; ++j) {
+      if (j < m) {
+        const float ev = static_cast<float>(codebook[code[j] * dim + d]);
+        part[j] += cosine ? qv * ev : (qv - ev) * (qv - ev);
       }
-      list[pos] = key;
     }
   }
-  // merge: M rounds of "largest head wins"; keys are unique, so exactly one thread advances
-  int head = 0;
-  for (int r = 0; r < M; ++r) {
-    const int64_t mine = head < M ? list[head] : kKeyFloor;
-    const int64_t best = block_max(mine, k_scratch);
-    if (mine == best && best != kKeyFloor) ++head;
-    if (threadIdx.x == 0) top_keys[r] = best;
+  const float q_len = sqrtf(warp_sum(squares));
+  const float tau = *tau_ptr;
+  float raw[MP], top = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < MP; ++j) {
+    const float total = warp_sum(part[j]);
+    if (j < m) {
+      raw[j] = cosine ? total / fmaxf(q_len, norm_eps) / fmaxf(code_stat[code[j]], norm_eps) : -total;
+      top = fmaxf(top, raw[j]);
+    }
   }
-  __syncthreads();
-
-  // exact scores of the M winners, then softmax (thread 0)
-  const float q_len = sqrtf(qq);
-  float raw_j[kMaxM];
-  for (int j = 0; j < M; ++j) {
-    const scalar_t* e = codebook + static_cast<int64_t>(unpack_index(top_keys[j])) * D;
-    float part = 0.f;
-    for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-      const float ev = static_cast<float>(e[d]);
-      part += cosine ? q_row[d] * ev : (q_row[d] - ev) * (q_row[d] - ev);
-    }
-    const float total = block_sum(part, f_scratch);
-    const int32_t idx = unpack_index(top_keys[j]);
-    raw_j[j] = cosine ? total / fmaxf(q_len, norm_eps) / fmaxf(code_stat[idx], norm_eps) : -total;
+  float w[MP], denominator = 0.0f;
+#pragma unroll
+  for (int j = 0; j < MP; ++j) {
+    w[j] = j < m ? expf((raw[j] - top) / tau) : 0.0f;
+    denominator += w[j];
   }
-  if (threadIdx.x == 0) {
-    const float tau = *tau_ptr;
-    float top = -INFINITY;
-    for (int j = 0; j < M; ++j) top = fmaxf(top, raw_j[j]);
-    float denom = 0.f;
-    for (int j = 0; j < M; ++j) {
-      s_weights[j] = expf((raw_j[j] - top) / tau);
-      denom += s_weights[j];
+#pragma unroll
+  for (int j = 0; j < MP; ++j) {
+    w[j] /= denominator;
+    if (lane == 0 && j < m) {
+      weights[row * m + j] = w[j];
+      raw_out[row * m + j] = raw[j];
     }
-    for (int j = 0; j < M; ++j) {
-      s_weights[j] /= denom;
-      indices[row * M + j] = unpack_index(top_keys[j]);
-      weights[row * M + j] = s_weights[j];
-      raw_out[row * M + j] = raw_j[j];
-    }
-    q_norm[row] = q_len;
   }
-  __syncthreads();
-  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-    float acc = 0.f;
-    for (int j = 0; j < (hard ? 1 : M); ++j) {
-      const float ev = static_cast<float>(codebook[static_cast<int64_t>(unpack_index(top_keys[j])) * D + d]);
-      acc += hard ? ev : s_weights[j] * ev;
+  if (lane == 0) q_norm[row] = q_len;
+  for (int64_t d = lane; d < dim; d += 32) {
+    float acc = 0.0f;
+    if (hard) {
+      acc = static_cast<float>(codebook[code[0] * dim + d]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < MP; ++j) {
+        if (j < m) acc += w[j] * static_cast<float>(codebook[code[j] * dim + d]);
+      }
     }
-    token[row * D + d] = static_cast<scalar_t>(acc);
+    token[row * dim + d] = static_cast<scalar_t>(acc);
   }
 }
 
-template <typename scalar_t>
-__global__ void soft_assign_backward_kernel(const scalar_t* __restrict__ g_token, const float* __restrict__ g_weights,
-                                            const scalar_t* __restrict__ q, const scalar_t* __restrict__ codebook,
-                                            const float* __restrict__ code_stat, const float* __restrict__ tau_ptr,
-                                            const int64_t* __restrict__ indices, const float* __restrict__ weights,
-                                            const float* __restrict__ raw, const float* __restrict__ q_norm,
-                                            scalar_t* __restrict__ grad_q, float* __restrict__ grad_acc,
-                                            float* __restrict__ coef, float* __restrict__ tau_parts, int64_t D,
-                                            int M, bool cosine, bool atomic, float norm_eps) {
-  __shared__ float f_scratch[kThreads / 32];
-  __shared__ float s_gc[kMaxM];
-  __shared__ float s_gc_raw_sum, s_gc_sum;
-  const int64_t row = blockIdx.x;
-  const scalar_t* gt = g_token + row * D;
-  const scalar_t* qr = q + row * D;
-  float gw[kMaxM];
-  for (int j = 0; j < M; ++j) {
-    const scalar_t* e = codebook + indices[row * M + j] * D;
-    float part = 0.f;
-    for (int64_t d = threadIdx.x; d < D; d += kThreads) part += static_cast<float>(gt[d]) * static_cast<float>(e[d]);
-    gw[j] = block_sum(part, f_scratch);
+template <typename scalar_t, int MP>
+__global__ void __launch_bounds__(32 * kRowWarps) soft_assign_backward_kernel(
+    const scalar_t* __restrict__ g_token, const float* __restrict__ g_weights, const scalar_t* __restrict__ q,
+    const scalar_t* __restrict__ codebook, const float* __restrict__ code_stat, const float* __restrict__ tau_ptr,
+    const int64_t* __restrict__ indices, const float* __restrict__ weights, const float* __restrict__ raw,
+    const float* __restrict__ q_norm, scalar_t* __restrict__ grad_q, float* __restrict__ grad_acc,
+    float* __restrict__ coef, float* __restrict__ tau_parts, int64_t n_rows, int64_t dim, int m, bool cosine,
+    float norm_eps) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
+  if (row >= n_rows) return;
+  const int lane = threadIdx.x & 31;
+  const scalar_t* gt = g_token + row * dim;
+  const scalar_t* qr = q + row * dim;
+  int64_t code[MP];
+  float gw[MP];
+#pragma unroll
+  for (int j = 0; j < MP; ++j) {
+    code[j] = j < m ? indices[row * m + j] : 0;
+    gw[j] = 0.0f;
   }
-  if (threadIdx.x == 0) {
-    const float tau = *tau_ptr;
-    float dot = 0.f, top = -INFINITY;
-    for (int j = 0; j < M; ++j) {
-      if (g_weights != nullptr) gw[j] += g_weights[row * M + j];
-      dot += weights[row * M + j] * gw[j];
-      top = fmaxf(top, raw[row * M + j]);
+  for (int64_t d = lane; d < dim; d += 32) {
+    const float g = static_cast<float>(gt[d]);
+#pragma unroll
+    for (int j = 0; j < MP; ++j) {
+      if (j < m) gw[j] += g * static_cast<float>(codebook[code[j] * dim + d]);
     }
-    float tau_part = 0.f, gc_raw = 0.f, gc_sum = 0.f;
-    for (int j = 0; j < M; ++j) {
-      const float g_s = weights[row * M + j] * (gw[j] - dot);
-      tau_part += g_s * (raw[row * M + j] - top);
-      s_gc[j] = g_s / tau;
-      gc_raw += s_gc[j] * raw[row * M + j];
-      gc_sum += s_gc[j];
-      if (!atomic) coef[row * M + j] = s_gc[j];
-    }
-    tau_parts[row] = tau_part;
-    s_gc_raw_sum = gc_raw;
-    s_gc_sum = gc_sum;
   }
-  __syncthreads();
-  const float qn_len = cosine ? q_norm[row] : 1.f;
-  const float inv_q = 1.f / fmaxf(qn_len, norm_eps);
+  const float tau = *tau_ptr;
+  float w[MP], c[MP], dot = 0.0f, top = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < MP; ++j) {
+    gw[j] = warp_sum(gw[j]);
+    if (j < m) {
+      if (g_weights != nullptr) gw[j] += g_weights[row * m + j];
+      w[j] = weights[row * m + j];
+      c[j] = raw[row * m + j];
+      dot += w[j] * gw[j];
+      top = fmaxf(top, c[j]);
+    }
+  }
+  float gc[MP], tau_part = 0.0f, gc_raw = 0.0f, gc_sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < MP; ++j) {
+    gc[j] = 0.0f;
+    if (j < m) {
+      const float g_s = w[j] * (gw[j] - dot);
+      tau_part += g_s * (c[j] - top);
+      gc[j] = g_s / tau;
+      gc_raw += gc[j] * c[j];
+      gc_sum += gc[j];
+      if (coef != nullptr && lane == 0) coef[row * m + j] = gc[j];
+    }
+  }
+  if (lane == 0) tau_parts[row] = tau_part;
+  const float qn_len = cosine ? q_norm[row] : 1.0f;
+  const float inv_q = 1.0f / fmaxf(qn_len, norm_eps);
   const bool q_free = qn_len >= norm_eps;
-  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+  for (int64_t d = lane; d < dim; d += 32) {
     const float qv = static_cast<float>(qr[d]);
     const float gtv = static_cast<float>(gt[d]);
-    float gq = 0.f;
-    for (int j = 0; j < M; ++j) {
-      const int64_t k = indices[row * M + j];
-      const float ev = static_cast<float>(codebook[k * D + d]);
-      const float w = weights[row * M + j];
-      float ge = w * gtv;
+    float gq = 0.0f;
+#pragma unroll
+    for (int j = 0; j < MP; ++j) {
+      if (j >= m) continue;
+      const float ev = static_cast<float>(codebook[code[j] * dim + d]);
+      float ge = w[j] * gtv;
       if (cosine) {
-        const float e_len = code_stat[k];
-        const float inv_e = 1.f / fmaxf(e_len, norm_eps);
-        const float c = raw[row * M + j];
-        gq += s_gc[j] * ev * inv_e;
+        const float e_len = code_stat[code[j]];
+        const float inv_e = 1.0f / fmaxf(e_len, norm_eps);
+        gq += gc[j] * ev * inv_e;
         const float qn = qv * inv_q;
-        ge += s_gc[j] * inv_e * (e_len >= norm_eps ? qn - c * ev * inv_e : qn);
+        ge += gc[j] * inv_e * (e_len >= norm_eps ? qn - c[j] * ev * inv_e : qn);
       } else {
-        gq += 2.f * s_gc[j] * ev;
-        ge += 2.f * s_gc[j] * (qv - ev);
+        gq += 2.0f * gc[j] * ev;
+        ge += 2.0f * gc[j] * (qv - ev);
       }
-      if (atomic) atomicAdd(grad_acc + k * D + d, ge);
+      if (grad_acc != nullptr) atomicAdd(grad_acc + code[j] * dim + d, ge);
     }
     if (cosine) {
-      if (q_free) gq -= s_gc_raw_sum * qv * inv_q;
+      if (q_free) gq -= gc_raw * qv * inv_q;
       gq *= inv_q;
     } else {
-      gq -= 2.f * s_gc_sum * qv;
+      gq -= 2.0f * gc_sum * qv;
     }
-    grad_q[row * D + d] = static_cast<scalar_t>(gq);
+    grad_q[row * dim + d] = static_cast<scalar_t>(gq);
   }
 }
 
-// One block per code: sum, in sorted order, the contributions of the (row, slot) pairs assigned to it.
-template <typename scalar_t>
-__global__ void codebook_grad_segment_kernel(const int64_t* __restrict__ order, const int64_t* __restrict__ starts,
-                                             const scalar_t* __restrict__ g_token, const scalar_t* __restrict__ q,
-                                             const scalar_t* __restrict__ codebook,
-                                             const float* __restrict__ code_stat, const float* __restrict__ q_norm,
-                                             const float* __restrict__ weights, const float* __restrict__ raw,
-                                             const float* __restrict__ coef, scalar_t* __restrict__ grad_cb,
-                                             int64_t D, int M, bool cosine, float norm_eps) {
-  const int64_t k = blockIdx.x;
-  const int64_t start = starts[k], end = starts[k + 1];
-  const float e_len = cosine ? code_stat[k] : 1.f;
-  const float inv_e = 1.f / fmaxf(e_len, norm_eps);
-  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-    const float ev = static_cast<float>(codebook[k * D + d]);
-    float acc = 0.f;
-    for (int64_t p = start; p < end; ++p) {
-      const int64_t pair = order[p];
-      const int64_t row = pair / M;
-      const float gtv = static_cast<float>(g_token[row * D + d]);
-      const float qv = static_cast<float>(q[row * D + d]);
-      float contrib = weights[pair] * gtv;
-      if (cosine) {
-        const float qn = qv / fmaxf(q_norm[row], norm_eps);
-        contrib += coef[pair] * inv_e * (e_len >= norm_eps ? qn - raw[pair] * ev * inv_e : qn);
-      } else {
-        contrib += 2.f * coef[pair] * (qv - ev);
-      }
-      acc += contrib;
-    }
-    grad_cb[k * D + d] = static_cast<scalar_t>(acc);
+// fn(std::integral_constant<int, MP>{}) with MP the power of two >= m (m <= 16).
+template <typename Fn>
+void with_list_length(int64_t m, Fn&& fn) {
+  if (m <= 1) {
+    fn(std::integral_constant<int, 1>{});
+  } else if (m <= 2) {
+    fn(std::integral_constant<int, 2>{});
+  } else if (m <= 4) {
+    fn(std::integral_constant<int, 4>{});
+  } else if (m <= 8) {
+    fn(std::integral_constant<int, 8>{});
+  } else {
+    fn(std::integral_constant<int, 16>{});
   }
 }
 
-template <typename index_t, typename weight_t, typename x_t>
-__global__ void stats_atomic_kernel(const index_t* __restrict__ indices, const weight_t* __restrict__ weights,
-                                    const x_t* __restrict__ x, float* __restrict__ counts, float* __restrict__ sums,
-                                    int64_t D, int M) {
-  const int64_t row = blockIdx.x;
-  for (int j = 0; j < M; ++j) {
-    const int64_t k = static_cast<int64_t>(indices[row * M + j]);
-    const float w = weights != nullptr ? static_cast<float>(weights[row * M + j]) : 1.f;
-    if (threadIdx.x == 0) atomicAdd(counts + k, w);
-    if (x != nullptr) {
-      for (int64_t d = threadIdx.x; d < D; d += kThreads) atomicAdd(sums + k * D + d, w * static_cast<float>(x[row * D + d]));
+// ------------------------------------------------------------------------------------------
+// segment reductions (csrc/segment_reduce.h)
+// ------------------------------------------------------------------------------------------
+
+// Where pass 1 and pass 2 put their sums: whole segments and finished tails into the output
+// (out(code, column)), partials into (chunk, head|tail, column) of a scratch buffer.
+template <typename Output>
+struct SegmentStore {
+  Output output;
+  float* partial;
+  int32_t columns;
+
+  __device__ float& slot(segments::Part part, int32_t chunk, int32_t column) const {
+    return partial[(static_cast<int64_t>(chunk) * 2 + (part == segments::Part::kTail ? 1 : 0)) * columns + column];
+  }
+  __device__ void operator()(segments::Part part, int32_t chunk, int64_t code, int32_t column, float sum) const {
+    if (part == segments::Part::kWhole) {
+      output(code, column, sum);
+    } else {
+      slot(part, chunk, column) = sum;
     }
   }
-}
-
-template <typename weight_t, typename x_t>
-__global__ void stats_segment_kernel(const int64_t* __restrict__ order, const int64_t* __restrict__ starts,
-                                     const weight_t* __restrict__ weights, const x_t* __restrict__ x,
-                                     float* __restrict__ counts, float* __restrict__ sums, int64_t D, int M) {
-  const int64_t k = blockIdx.x;
-  const int64_t start = starts[k], end = starts[k + 1];
-  if (threadIdx.x == 0) {
-    float count = 0.f;
-    for (int64_t p = start; p < end; ++p) count += weights != nullptr ? static_cast<float>(weights[order[p]]) : 1.f;
-    counts[k] = count;
+  __device__ void operator()(int64_t code, int32_t column, float total) const { output(code, column, total); }
+  __device__ float operator()(segments::Part part, int32_t chunk, int32_t column) const {
+    return slot(part, chunk, column);
   }
-  if (x == nullptr) return;
-  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-    float acc = 0.f;
-    for (int64_t p = start; p < end; ++p) {
-      const int64_t entry = order[p];
-      const float w = weights != nullptr ? static_cast<float>(weights[entry]) : 1.f;
-      acc += w * static_cast<float>(x[(entry / M) * D + d]);
-    }
-    sums[k * D + d] = acc;
-  }
+};
+
+template <typename Value, typename Output>
+__global__ void __launch_bounds__(kSegmentColumns * kSegmentChunks) segment_reduce_kernel(
+    segments::SortedEntries entries, int32_t n_chunks, int32_t columns, Value value, SegmentStore<Output> store) {
+  const int32_t chunk = blockIdx.x * kSegmentChunks + threadIdx.y;
+  const int32_t column = blockIdx.y * kSegmentColumns + threadIdx.x;
+  if (chunk >= n_chunks || column >= columns) return;
+  segments::reduce_chunk_column(entries, chunk, column, value, store);
 }
 
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+template <typename Output>
+__global__ void __launch_bounds__(kSegmentColumns * kSegmentChunks) segment_finish_kernel(
+    segments::SortedEntries entries, int32_t n_chunks, int32_t columns, SegmentStore<Output> store) {
+  const int32_t chunk = blockIdx.x * kSegmentChunks + threadIdx.y;
+  const int32_t column = blockIdx.y * kSegmentColumns + threadIdx.x;
+  if (chunk >= n_chunks || column >= columns) return;
+  segments::finish_tail_column(entries, chunk, column, store, store);
 }
 
-std::tuple<at::Tensor, at::Tensor> sorted_segments(const at::Tensor& indices, int64_t num_codes) {
+// The (K+1,) segment starts and the stably sorted codes/entry order of flat (N, M) indices.
+struct Sorted {
+  at::Tensor codes, order, starts;
+};
+
+Sorted sort_by_code(const at::Tensor& indices, int64_t num_codes) {
   const at::Tensor flat = indices.reshape({-1}).to(at::kLong);
-  auto [sorted, order] = flat.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+  auto [codes, order] = flat.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor bounds = at::arange(num_codes + 1, flat.options());
-  return {order, at::searchsorted(sorted, bounds)};
+  return {codes, order, at::searchsorted(codes, bounds)};
 }
 
-}  // namespace
+// Both passes over `sorted` for `columns` columns; value(position, code, column) per entry.
+template <typename Value, typename Output>
+void run_segment_reduction(const char* op, const Sorted& sorted, int64_t num_codes, int32_t columns,
+                           const Value& value, const Output& output, cudaStream_t stream) {
+  const int64_t n_entries = sorted.codes.numel();
+  if (n_entries == 0) return;
+  checks::fits_int32(op, "N * m (assignment entries)", n_entries);
+  const int64_t n_chunks = launch::ceil_div(n_entries, segments::kChunkEntries);
+  at::Tensor partial = at::empty({n_chunks, 2, columns}, sorted.codes.options().dtype(at::kFloat));
+  const segments::SortedEntries entries{sorted.codes.data_ptr<int64_t>(), sorted.starts.data_ptr<int64_t>(),
+                                        static_cast<int32_t>(n_entries), num_codes};
+  const SegmentStore<Output> store{output, partial.data_ptr<float>(), columns};
+  const dim3 grid = checks::grid(op, launch::ceil_div(n_chunks, kSegmentChunks), launch::ceil_div(columns, kSegmentColumns));
+  const dim3 block(kSegmentColumns, kSegmentChunks);
+  segment_reduce_kernel<<<grid, block, 0, stream>>>(entries, static_cast<int32_t>(n_chunks), columns, value, store);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  segment_finish_kernel<<<grid, block, 0, stream>>>(entries, static_cast<int32_t>(n_chunks), columns, store);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Contribution of sorted entry p (pair = (row, slot)) to column d of its code's gradient.
+template <typename scalar_t>
+struct CodebookGradValue {
+  const int64_t* order;
+  const scalar_t* g_token;
+  const scalar_t* q;
+  const scalar_t* codebook;
+  const float* code_stat;
+  const float* q_norm;
+  const float* weights;
+  const float* raw;
+  const float* coef;
+  int64_t dim;
+  int32_t m;
+  bool cosine;
+  float norm_eps;
+
+  __device__ float operator()(int32_t p, int64_t code, int32_t d) const {
+    const int32_t pair = static_cast<int32_t>(order[p]);
+    const int64_t row = pair / m;
+    const float gtv = static_cast<float>(g_token[row * dim + d]);
+    const float qv = static_cast<float>(q[row * dim + d]);
+    const float ev = static_cast<float>(codebook[code * dim + d]);
+    float contrib = weights[pair] * gtv;
+    if (cosine) {
+      const float e_len = code_stat[code];
+      const float inv_e = 1.0f / fmaxf(e_len, norm_eps);
+      const float qn = qv / fmaxf(q_norm[row], norm_eps);
+      contrib += coef[pair] * inv_e * (e_len >= norm_eps ? qn - raw[pair] * ev * inv_e : qn);
+    } else {
+      contrib += 2.0f * coef[pair] * (qv - ev);
+    }
+    return contrib;
+  }
+};
+
+template <typename scalar_t>
+struct RowsOutput {
+  scalar_t* out;
+  int64_t dim;
+  __device__ void operator()(int64_t code, int32_t column, float value) const {
+    out[code * dim + column] = static_cast<scalar_t>(value);
+  }
+};
+
+// codebook_stats columns: 0..D-1 weighted sums of x, then the weight (count) itself.
+template <typename x_t>
+struct StatsValue {
+  const int64_t* order;
+  const float* weights;  // or nullptr: every entry weighs 1
+  const x_t* x;          // or nullptr: counts only
+  int64_t dim;
+  int32_t m;
+
+  __device__ float operator()(int32_t p, int64_t, int32_t column) const {
+    const int32_t entry = static_cast<int32_t>(order[p]);
+    const float w = weights != nullptr ? weights[entry] : 1.0f;
+    return column < dim ? w * static_cast<float>(x[(entry / m) * dim + column]) : w;
+  }
+};
+
+struct StatsOutput {
+  float* counts;
+  float* sums;
+  int64_t dim;
+  __device__ void operator()(int64_t code, int32_t column, float value) const {
+    if (column < dim) {
+      sums[code * dim + column] = value;
+    } else {
+      counts[code] = value;
+    }
+  }
+};
+
+template <typename index_t, typename x_t>
+__global__ void __launch_bounds__(kAtomicThreads) stats_atomic_kernel(
+    const index_t* __restrict__ indices, const float* __restrict__ weights, const x_t* __restrict__ x,
+    float* __restrict__ counts, float* __restrict__ sums, int64_t num_codes, int64_t dim, int m) {
+  const int64_t row = blockIdx.x;
+  for (int j = 0; j < m; ++j) {
+    const int64_t code = static_cast<int64_t>(indices[row * m + j]);
+    if (!segments::code_in_range(code, num_codes)) continue;  // the deterministic path's rule too
+    const float w = weights != nullptr ? weights[row * m + j] : 1.0f;
+    if (threadIdx.x == 0) atomicAdd(counts + code, w);
+    if (x == nullptr) continue;
+    for (int64_t d = threadIdx.x; d < dim; d += kAtomicThreads) {
+      atomicAdd(sums + code * dim + d, w * static_cast<float>(x[row * dim + d]));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// validation (device-independent first; see op_checks.h)
+// ------------------------------------------------------------------------------------------
+
+void check_codebook_inputs(const char* op, const at::Tensor& q, const at::Tensor& codebook,
+                           const at::Tensor& code_stat, const at::Tensor& tau, double norm_eps) {
+  TORCH_CHECK_VALUE(q.dim() == 2, op, ": q must be 2-D (N, D), got shape ", q.sizes());
+  TORCH_CHECK_VALUE(codebook.dim() == 2, op, ": codebook must be 2-D (K, D), got shape ", codebook.sizes());
+  checks::float_dtype(op, "q", q);
+  TORCH_CHECK_TYPE(codebook.scalar_type() == q.scalar_type(), op, ": codebook has dtype ", codebook.scalar_type(),
+                   " but q has ", q.scalar_type());
+  TORCH_CHECK_VALUE(q.size(1) >= 1 && codebook.size(1) == q.size(1), op, ": q has D=", q.size(1),
+                    " but codebook has D=", codebook.size(1), " (D >= 1)");
+  TORCH_CHECK_VALUE(codebook.size(0) >= 1, op, ": codebook must have at least one row (K >= 1)");
+  checks::fits_int32(op, "K (codebook rows)", codebook.size(0));
+  checks::fits_int32(op, "D", q.size(1));
+  checks::dtype_is(op, "code_stat", code_stat, at::kFloat);
+  checks::shape_is(op, "code_stat", code_stat, {codebook.size(0)});
+  checks::dtype_is(op, "tau", tau, at::kFloat);
+  TORCH_CHECK_VALUE(tau.numel() == 1 && tau.dim() <= 1, op, ": tau must be a one-element tensor, got shape ",
+                    tau.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(norm_eps) && norm_eps > 0.0, op, ": norm_eps must be a positive finite number, got ",
+                    norm_eps);
+}
+
+void check_pair_tensor(const char* op, const char* name, const at::Tensor& t, int64_t n, int64_t m,
+                       at::ScalarType type) {
+  checks::dtype_is(op, name, t, type);
+  checks::shape_is(op, name, t, {n, m});
+}
+
+// ------------------------------------------------------------------------------------------
+// entry points
+// ------------------------------------------------------------------------------------------
+
+constexpr const char* kForward = "soft_assign";
+constexpr const char* kBackward = "soft_assign_backward";
+constexpr const char* kStats = "codebook_stats";
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_assign_forward(
-    const at::Tensor& q, const at::Tensor& codebook, const at::Tensor& code_stat, const at::Tensor& tau, int64_t m,
-    bool cosine, bool hard, double norm_eps) {
-  check_cuda(q, "q");
-  check_cuda(codebook, "codebook");
-  check_cuda(code_stat, "code_stat");
-  check_cuda(tau, "tau");
-  TORCH_CHECK(q.dim() == 2 && codebook.dim() == 2 && q.size(1) == codebook.size(1),
-              "q (N, D) and codebook (K, D) must share D");
-  TORCH_CHECK(q.scalar_type() == codebook.scalar_type(), "q and codebook must have the same dtype");
-  TORCH_CHECK(code_stat.scalar_type() == at::kFloat && tau.scalar_type() == at::kFloat,
-              "code_stat and tau must be float32");
-  TORCH_CHECK(m >= 1 && m <= kMaxM && m <= codebook.size(0), "m must lie in [1, min(16, K)], got ", m);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t n = q.size(0), num_codes = codebook.size(0), dim = q.size(1);
+    const at::Tensor& q_in, const at::Tensor& codebook_in, const at::Tensor& code_stat_in, const at::Tensor& tau_in,
+    int64_t m, bool cosine, bool hard, double norm_eps, c10::string_view input_precision) {
+  check_codebook_inputs(kForward, q_in, codebook_in, code_stat_in, tau_in, norm_eps);
+  TORCH_CHECK_VALUE(m >= 1 && m <= kMaxM && m <= codebook_in.size(0), kForward, ": m must lie in [1, min(16, K)] = [1, ",
+                    std::min<int64_t>(kMaxM, codebook_in.size(0)), "], got ", m);
+  const std::string precision_name(input_precision);
+  const ranking::Precision precision = checks::precision(kForward, precision_name);
+  checks::same_device(kForward, {{"q", &q_in}, {"codebook", &codebook_in}, {"code_stat", &code_stat_in}, {"tau", &tau_in}});
+  checks::needs_cuda(kForward, "q", q_in);
+
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor codebook = codebook_in.contiguous();
+  const at::Tensor code_stat = code_stat_in.contiguous();
+  const at::Tensor tau = tau_in.reshape({1}).contiguous();
+  const int64_t n = q.size(0), dim = q.size(1);
   at::Tensor token = at::empty_like(q);
   at::Tensor indices = at::empty({n, m}, q.options().dtype(at::kLong));
   at::Tensor weights = at::empty({n, m}, q.options().dtype(at::kFloat));
   at::Tensor raw = at::empty({n, m}, q.options().dtype(at::kFloat));
   at::Tensor q_norm = at::empty({n}, q.options().dtype(at::kFloat));
   if (n == 0) return {token, indices, weights, raw, q_norm};
-  const size_t shared = static_cast<size_t>(dim) * sizeof(float);
-  TORCH_CHECK(shared <= 48 * 1024, "soft_assign (cuda): D must be <= 12288, got ", dim);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+
+  // rank by score = -(value): cosine -q.e / max(||e||, eps), l2 0.5 ||e||^2 - q.e
+  const at::Tensor code_term = cosine ? code_stat.clamp_min(norm_eps).reciprocal() : code_stat * 0.5;
+  const at::Tensor q_padded = checks::padded_rows(q);
+  const at::Tensor codebook_padded = checks::padded_rows(codebook);
+  ranking::Problem problem;
+  problem.queries = q_padded.data_ptr();
+  problem.codes = codebook_padded.data_ptr();
+  problem.code_term = code_term.data_ptr<float>();
+  problem.indices = indices.data_ptr<int64_t>();
+  problem.int64_indices = true;
+  problem.n_rows = n;
+  problem.n_codes = codebook.size(0);
+  problem.dim = q_padded.size(1);
+  problem.k_out = static_cast<int>(m);
+  problem.cosine = cosine;
+  problem.nan_rank = rank::NanRank::kAsInfinity;
+  problem.input = checks::input_type(q.scalar_type());
+  problem.precision = precision;
+  const std::string failure = ranking::rank_codes(problem, stream);
+  TORCH_CHECK(failure.empty(), kForward, ": ", failure);
+
+  const dim3 grid = checks::grid(kForward, launch::ceil_div(n, kRowWarps));
   dispatch_floats(q.scalar_type(), "q", [&](auto tag) {
     using scalar_t = decltype(tag);
-    soft_assign_forward_kernel<scalar_t><<<n, kThreads, shared, stream>>>(
-        q.data_ptr<scalar_t>(), codebook.data_ptr<scalar_t>(), code_stat.data_ptr<float>(), tau.data_ptr<float>(),
-        token.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), weights.data_ptr<float>(), raw.data_ptr<float>(),
-        q_norm.data_ptr<float>(), num_codes, dim, static_cast<int>(m), cosine, hard, static_cast<float>(norm_eps));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_list_length(m, [&](auto list_length) {
+      soft_assign_finish_kernel<scalar_t, decltype(list_length)::value><<<grid, 32 * kRowWarps, 0, stream>>>(
+          q.data_ptr<scalar_t>(), codebook.data_ptr<scalar_t>(), code_stat.data_ptr<float>(), tau.data_ptr<float>(),
+          indices.data_ptr<int64_t>(), token.data_ptr<scalar_t>(), weights.data_ptr<float>(), raw.data_ptr<float>(),
+          q_norm.data_ptr<float>(), n, dim, static_cast<int>(m), cosine, hard, static_cast<float>(norm_eps));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {token, indices, weights, raw, q_norm};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_assign_backward(
-    const at::Tensor& g_token, const std::optional<at::Tensor>& g_weights, const at::Tensor& q,
-    const at::Tensor& codebook, const at::Tensor& code_stat, const at::Tensor& tau, const at::Tensor& indices,
-    const at::Tensor& weights, const at::Tensor& raw, const at::Tensor& q_norm, bool cosine, bool deterministic,
-    double norm_eps) {
-  check_cuda(g_token, "g_token");
-  check_cuda(q, "q");
-  check_cuda(codebook, "codebook");
-  check_cuda(indices, "indices");
-  check_cuda(weights, "weights");
-  check_cuda(raw, "raw");
-  check_cuda(q_norm, "q_norm");
-  if (g_weights.has_value()) check_cuda(*g_weights, "g_weights");
-  TORCH_CHECK(g_token.scalar_type() == q.scalar_type(), "g_token must have q's dtype");
-  const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t n = q.size(0), num_codes = codebook.size(0), dim = q.size(1), m = indices.size(1);
+    const at::Tensor& g_token_in, const std::optional<at::Tensor>& g_weights_in, const at::Tensor& q_in,
+    const at::Tensor& codebook_in, const at::Tensor& code_stat_in, const at::Tensor& tau_in,
+    const at::Tensor& indices_in, const at::Tensor& weights_in, const at::Tensor& raw_in, const at::Tensor& q_norm_in,
+    bool cosine, bool deterministic, double norm_eps) {
+  check_codebook_inputs(kBackward, q_in, codebook_in, code_stat_in, tau_in, norm_eps);
+  const int64_t n = q_in.size(0), dim = q_in.size(1), num_codes = codebook_in.size(0);
+  TORCH_CHECK_TYPE(g_token_in.scalar_type() == q_in.scalar_type(), kBackward, ": g_token has dtype ",
+                   g_token_in.scalar_type(), " but q has ", q_in.scalar_type());
+  checks::shape_is(kBackward, "g_token", g_token_in, q_in.sizes());
+  TORCH_CHECK_VALUE(indices_in.dim() == 2 && indices_in.size(0) == n, kBackward,
+                    ": indices must be (N, m) with N = ", n, ", got shape ", indices_in.sizes());
+  const int64_t m = indices_in.size(1);
+  TORCH_CHECK_VALUE(m >= 1 && m <= kMaxM && m <= num_codes, kBackward, ": m (indices.size(1)) must lie in [1, min(16, K)], got ", m);
+  checks::dtype_is(kBackward, "indices", indices_in, at::kLong);
+  check_pair_tensor(kBackward, "weights", weights_in, n, m, at::kFloat);
+  check_pair_tensor(kBackward, "raw", raw_in, n, m, at::kFloat);
+  if (g_weights_in.has_value()) check_pair_tensor(kBackward, "g_weights", *g_weights_in, n, m, at::kFloat);
+  checks::dtype_is(kBackward, "q_norm", q_norm_in, at::kFloat);
+  checks::shape_is(kBackward, "q_norm", q_norm_in, {n});
+  const at::Tensor no_tensor;
+  checks::same_device(kBackward, {{"q", &q_in}, {"g_token", &g_token_in},
+                                  {"g_weights", g_weights_in.has_value() ? &*g_weights_in : &no_tensor},
+                                  {"codebook", &codebook_in}, {"code_stat", &code_stat_in}, {"tau", &tau_in},
+                                  {"indices", &indices_in}, {"weights", &weights_in}, {"raw", &raw_in},
+                                  {"q_norm", &q_norm_in}});
+  checks::needs_cuda(kBackward, "q", q_in);
+
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor g_token = g_token_in.contiguous(), q = q_in.contiguous(), codebook = codebook_in.contiguous();
+  const at::Tensor code_stat = code_stat_in.contiguous(), tau = tau_in.reshape({1}).contiguous();
+  const at::Tensor indices = indices_in.contiguous(), weights = weights_in.contiguous(), raw = raw_in.contiguous();
+  const at::Tensor q_norm = q_norm_in.contiguous();
+  const at::Tensor g_weights = g_weights_in.has_value() ? g_weights_in->contiguous() : at::Tensor();
+  const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor grad_q = at::empty_like(q);
-  at::Tensor tau_parts = at::empty({n}, q.options().dtype(at::kFloat));
-  at::Tensor grad_acc = deterministic ? at::Tensor() : at::zeros({num_codes, dim}, q.options().dtype(at::kFloat));
-  at::Tensor coef = deterministic ? at::empty({n, m}, q.options().dtype(at::kFloat)) : at::Tensor();
-  at::Tensor grad_cb = deterministic ? at::empty_like(codebook) : at::Tensor();
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor tau_parts = at::empty({n}, f32);
+  at::Tensor grad_acc = deterministic ? at::Tensor() : at::zeros({num_codes, dim}, f32);
+  at::Tensor coef = deterministic ? at::empty({n, m}, f32) : at::Tensor();
+  at::Tensor grad_cb = deterministic ? at::zeros_like(codebook) : at::Tensor();
   dispatch_floats(q.scalar_type(), "q", [&](auto tag) {
     using scalar_t = decltype(tag);
     if (n > 0) {
-      soft_assign_backward_kernel<scalar_t><<<n, kThreads, 0, stream>>>(
-          g_token.data_ptr<scalar_t>(), g_weights.has_value() ? g_weights->data_ptr<float>() : nullptr,
-          q.data_ptr<scalar_t>(), codebook.data_ptr<scalar_t>(), code_stat.data_ptr<float>(), tau.data_ptr<float>(),
-          indices.data_ptr<int64_t>(), weights.data_ptr<float>(), raw.data_ptr<float>(), q_norm.data_ptr<float>(),
-          grad_q.data_ptr<scalar_t>(), deterministic ? nullptr : grad_acc.data_ptr<float>(),
-          deterministic ? coef.data_ptr<float>() : nullptr, tau_parts.data_ptr<float>(), dim, static_cast<int>(m),
-          cosine, !deterministic, static_cast<float>(norm_eps));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const dim3 grid = checks::grid(kBackward, launch::ceil_div(n, kRowWarps));
+      with_list_length(m, [&](auto list_length) {
+        soft_assign_backward_kernel<scalar_t, decltype(list_length)::value><<<grid, 32 * kRowWarps, 0, stream>>>(
+            g_token.data_ptr<scalar_t>(), g_weights.defined() ? g_weights.data_ptr<float>() : nullptr,
+            q.data_ptr<scalar_t>(), codebook.data_ptr<scalar_t>(), code_stat.data_ptr<float>(), tau.data_ptr<float>(),
+            indices.data_ptr<int64_t>(), weights.data_ptr<float>(), raw.data_ptr<float>(), q_norm.data_ptr<float>(),
+            grad_q.data_ptr<scalar_t>(), deterministic ? nullptr : grad_acc.data_ptr<float>(),
+            deterministic ? coef.data_ptr<float>() : nullptr, tau_parts.data_ptr<float>(), n, dim,
+            static_cast<int>(m), cosine, static_cast<float>(norm_eps));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     }
     if (deterministic) {
-      auto [order, starts] = sorted_segments(indices, num_codes);
-      codebook_grad_segment_kernel<scalar_t><<<num_codes, kThreads, 0, stream>>>(
-          order.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), g_token.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
-          codebook.data_ptr<scalar_t>(), code_stat.data_ptr<float>(), q_norm.data_ptr<float>(),
-          weights.data_ptr<float>(), raw.data_ptr<float>(), coef.data_ptr<float>(), grad_cb.data_ptr<scalar_t>(), dim,
-          static_cast<int>(m), cosine, static_cast<float>(norm_eps));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const Sorted sorted = sort_by_code(indices, num_codes);
+      const CodebookGradValue<scalar_t> value{sorted.order.data_ptr<int64_t>(), g_token.data_ptr<scalar_t>(),
+                                              q.data_ptr<scalar_t>(), codebook.data_ptr<scalar_t>(),
+                                              code_stat.data_ptr<float>(), q_norm.data_ptr<float>(),
+                                              weights.data_ptr<float>(), raw.data_ptr<float>(), coef.data_ptr<float>(),
+                                              dim, static_cast<int32_t>(m), cosine, static_cast<float>(norm_eps)};
+      run_segment_reduction(kBackward, sorted, num_codes, static_cast<int32_t>(dim), value,
+                            RowsOutput<scalar_t>{grad_cb.data_ptr<scalar_t>(), dim}, stream);
     }
   });
   if (!deterministic) grad_cb = grad_acc.to(codebook.scalar_type());
   return {grad_q, grad_cb, tau_parts};
 }
 
-std::tuple<at::Tensor, at::Tensor> codebook_stats(const at::Tensor& indices, int64_t num_codes,
-                                                  const std::optional<at::Tensor>& weights,
-                                                  const std::optional<at::Tensor>& x, bool deterministic) {
-  check_cuda(indices, "indices");
-  if (weights.has_value()) check_cuda(*weights, "weights");
-  if (x.has_value()) check_cuda(*x, "x");
-  TORCH_CHECK(indices.dim() == 2, "indices must be (N, M)");
-  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
-              "indices must be int64 or int32");
-  const c10::cuda::CUDAGuard guard(indices.device());
-  const int64_t n = indices.size(0), m = indices.size(1);
-  const int64_t dim = x.has_value() ? x->size(1) : 0;
+std::tuple<at::Tensor, at::Tensor> codebook_stats(const at::Tensor& indices_in, int64_t num_codes,
+                                                  const std::optional<at::Tensor>& weights_in,
+                                                  const std::optional<at::Tensor>& x_in, bool deterministic) {
+  TORCH_CHECK_VALUE(indices_in.dim() == 2, kStats, ": indices must be 2-D (N, m), got shape ", indices_in.sizes());
+  TORCH_CHECK_TYPE(indices_in.scalar_type() == at::kLong || indices_in.scalar_type() == at::kInt, kStats,
+                   ": indices must be int64 or int32, got ", indices_in.scalar_type());
+  TORCH_CHECK_VALUE(num_codes >= 1, kStats, ": K must be >= 1, got ", num_codes);
+  checks::fits_int32(kStats, "K", num_codes);
+  const int64_t n = indices_in.size(0), m = indices_in.size(1);
+  if (weights_in.has_value()) check_pair_tensor(kStats, "weights", *weights_in, n, m, at::kFloat);
+  if (x_in.has_value()) {
+    checks::float_dtype(kStats, "x", *x_in);
+    TORCH_CHECK_VALUE(x_in->dim() == 2 && x_in->size(0) == n && x_in->size(1) >= 1, kStats,
+                      ": x must be (N, D) with N = ", n, " and D >= 1, got shape ", x_in->sizes());
+    checks::fits_int32(kStats, "D", x_in->size(1));
+  }
+  const at::Tensor no_tensor;
+  checks::same_device(kStats, {{"indices", &indices_in},
+                               {"weights", weights_in.has_value() ? &*weights_in : &no_tensor},
+                               {"x", x_in.has_value() ? &*x_in : &no_tensor}});
+  checks::needs_cuda(kStats, "indices", indices_in);
+
+  const c10::cuda::CUDAGuard guard(indices_in.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor indices = indices_in.contiguous();
+  const at::Tensor w = weights_in.has_value() ? weights_in->contiguous() : at::Tensor();
+  const at::Tensor x = x_in.has_value() ? x_in->contiguous() : at::Tensor();
+  const int64_t dim = x.defined() ? x.size(1) : 0;
   const auto f32 = indices.options().dtype(at::kFloat);
-  at::Tensor counts = deterministic ? at::empty({num_codes}, f32) : at::zeros({num_codes}, f32);
-  at::Tensor sums = deterministic ? at::empty({num_codes, dim}, f32) : at::zeros({num_codes, dim}, f32);
-  const at::Tensor w = weights.has_value() ? weights->to(at::kFloat).contiguous() : at::Tensor();
-  const at::ScalarType x_type = x.has_value() ? x->scalar_type() : at::kFloat;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_floats(x_type, "x", [&](auto tag) {
+  at::Tensor counts = at::zeros({num_codes}, f32);
+  at::Tensor sums = at::zeros({num_codes, dim}, f32);
+  if (indices.numel() == 0) return {counts, sums};
+  const float* w_ptr = w.defined() ? w.data_ptr<float>() : nullptr;
+  dispatch_floats(x.defined() ? x.scalar_type() : at::kFloat, "x", [&](auto tag) {
     using x_t = decltype(tag);
-    const x_t* x_ptr = x.has_value() ? x->data_ptr<x_t>() : nullptr;
-    const float* w_ptr = w.defined() ? w.data_ptr<float>() : nullptr;
-    float* sums_ptr = x.has_value() ? sums.data_ptr<float>() : nullptr;
+    const x_t* x_ptr = x.defined() ? x.data_ptr<x_t>() : nullptr;
     if (deterministic) {
-      auto [order, starts] = sorted_segments(indices, num_codes);
-      stats_segment_kernel<float, x_t><<<num_codes, kThreads, 0, stream>>>(
-          order.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), w_ptr, x_ptr, counts.data_ptr<float>(), sums_ptr,
-          dim, static_cast<int>(m));
+      const Sorted sorted = sort_by_code(indices, num_codes);
+      checks::fits_int32(kStats, "D + 1 (columns)", dim + 1);
+      run_segment_reduction(kStats, sorted, num_codes, static_cast<int32_t>(dim + 1),
+                            StatsValue<x_t>{sorted.order.data_ptr<int64_t>(), w_ptr, x_ptr, dim, static_cast<int32_t>(m)},
+                            StatsOutput{counts.data_ptr<float>(), sums.data_ptr<float>(), dim}, stream);
+      return;
+    }
+    const dim3 grid = checks::grid(kStats, n);
+    const auto launch = [&](auto index_tag) {
+      using index_t = decltype(index_tag);
+      stats_atomic_kernel<index_t, x_t><<<grid, kAtomicThreads, 0, stream>>>(
+          indices.data_ptr<index_t>(), w_ptr, x_ptr, counts.data_ptr<float>(),
+          x.defined() ? sums.data_ptr<float>() : nullptr, num_codes, dim, static_cast<int>(m));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else if (n > 0) {
-      if (indices.scalar_type() == at::kLong) {
-        stats_atomic_kernel<int64_t, float, x_t><<<n, kThreads, 0, stream>>>(
-            indices.data_ptr<int64_t>(), w_ptr, x_ptr, counts.data_ptr<float>(), sums_ptr, dim, static_cast<int>(m));
-      } else {
-        stats_atomic_kernel<int32_t, float, x_t><<<n, kThreads, 0, stream>>>(
-            indices.data_ptr<int32_t>(), w_ptr, x_ptr, counts.data_ptr<float>(), sums_ptr, dim, static_cast<int>(m));
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (indices.scalar_type() == at::kLong) {
+      launch(int64_t{});
+    } else {
+      launch(int32_t{});
     }
   });
   return {counts, sums};
 }
 
+}  // namespace
 }  // namespace soft_assign
 }  // namespace pacofr
 
 TORCH_LIBRARY_FRAGMENT(pacofr_cuda, m) {
   m.def("soft_assign(Tensor q, Tensor codebook, Tensor code_stat, Tensor tau, int m, bool cosine, bool hard, "
-        "float norm_eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "float norm_eps, str input_precision) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("soft_assign_backward(Tensor g_token, Tensor? g_weights, Tensor q, Tensor codebook, Tensor code_stat, "
         "Tensor tau, Tensor indices, Tensor weights, Tensor raw, Tensor q_norm, bool cosine, bool deterministic, "
         "float norm_eps) -> (Tensor, Tensor, Tensor)");
@@ -474,6 +637,13 @@ TORCH_LIBRARY_FRAGMENT(pacofr_cuda, m) {
 }
 
 TORCH_LIBRARY_IMPL(pacofr_cuda, CUDA, m) {
+  m.impl("soft_assign", &pacofr::soft_assign::soft_assign_forward);
+  m.impl("soft_assign_backward", &pacofr::soft_assign::soft_assign_backward);
+  m.impl("codebook_stats", &pacofr::soft_assign::codebook_stats);
+}
+
+// CPU tensors get the same validation and then "needs CUDA tensors" (testable without a GPU).
+TORCH_LIBRARY_IMPL(pacofr_cuda, CPU, m) {
   m.impl("soft_assign", &pacofr::soft_assign::soft_assign_forward);
   m.impl("soft_assign_backward", &pacofr::soft_assign::soft_assign_backward);
   m.impl("codebook_stats", &pacofr::soft_assign::codebook_stats);

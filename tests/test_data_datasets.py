@@ -5,19 +5,25 @@ from __future__ import annotations
 import logging
 import pickle
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 from test_data_support import StubDetector, demo_records, jpeg_bytes, stub_photo, write_bytes
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from pacofr.data.alignment import TEMPLATE_224, resize_points
 from pacofr.data.augment import Augment
-from pacofr.data.datasets import AlignedFaceDataset, RawFolderDataset, ShardFaceDataset
+from pacofr.data.datasets import AlignedFaceDataset, CroppedFaceDataset, RawFolderDataset, ShardFaceDataset
+from pacofr.data.image_sets import ArrayImages, open_image_set
 from pacofr.data.demo import demo_dataset, demo_root
 from pacofr.data.prepare import PrepareConfig, prepare_faces
 from pacofr.data.storage import INDEX_NAME, read_jsonl
+from pacofr.train.config import load_config
+from pacofr.train.fields import ConfigError
+from pacofr.train.pretrain import build_dataset, run_pretraining
 
 
 def check_item(item: dict, size: int) -> None:
@@ -207,3 +213,65 @@ def test_colour_jitter_stays_in_range_and_is_seeded():
         Augment(flip_prob=2.0)
     with pytest.raises(ValueError, match="landmarks"):
         strong(image, landmarks[:4])
+
+
+def _crops(folder, count: int, size: tuple[int, int]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        pixels = np.random.default_rng(i).integers(0, 256, (size[1], size[0]), dtype=np.uint8)
+        write_bytes(folder, f"{i}.jpg", jpeg_bytes(Image.fromarray(pixels).convert("RGB")))
+
+
+def test_cropped_faces_are_resized_and_given_the_template_points(tmp_path):
+    grey = np.random.default_rng(0).integers(0, 256, (4, 30, 20), dtype=np.uint8)  # not square, grey
+    dataset = CroppedFaceDataset(ArrayImages(grey), image_size=16)
+    item = dataset[2]
+    check_item(item, 16)
+    assert item["index"] == 2
+    np.testing.assert_allclose(item["landmarks"].numpy(), resize_points(TEMPLATE_224, 224, 16), atol=1e-5)
+    assert torch.equal(item["image"][0], item["image"][2])  # grey replicated
+    expected = np.asarray(Image.fromarray(grey[2]).resize((16, 16), Image.BILINEAR), dtype=np.float32) / 255
+    np.testing.assert_allclose(item["image"][1].numpy(), expected, atol=1e-6)
+    assert dataset.recipe.detector == "none" and dataset.recipe.size == 16
+    with pytest.raises(ValueError, match="at least one image"):
+        CroppedFaceDataset(ArrayImages(grey[:0]))
+
+
+def test_unreadable_crops_in_a_zip_are_skipped_and_the_set_pickles(tmp_path):
+    _crops(tmp_path / "src", 3, (12, 12))
+    with zipfile.ZipFile(tmp_path / "faces.zip", "w") as archive:
+        for i in range(3):
+            archive.write(tmp_path / "src" / f"{i}.jpg", f"f/{i}.jpg")
+        archive.writestr("f/3.jpg", b"broken")
+    dataset = CroppedFaceDataset(open_image_set(tmp_path / "faces.zip"), image_size=8)
+    assert dataset[3]["index"] == 0 and dataset.skipped == 1  # wrapped round to the first readable crop
+    copy = pickle.loads(pickle.dumps(dataset))  # what a DataLoader worker receives
+    assert torch.equal(copy[1]["image"], dataset[1]["image"])
+
+
+def test_build_dataset_reads_crops_where_they_are(tmp_path):
+    _crops(tmp_path / "crops" / "a", 5, (20, 24))
+    cfg = load_config("demo", ["data.layout=crops", f"data.root={tmp_path / 'crops'}"])
+    dataset = build_dataset(cfg.data, 32)
+    assert isinstance(dataset, CroppedFaceDataset) and len(dataset) == 5
+    check_item(dataset[0], 32)
+    np.savez(tmp_path / "faces.npz", images=np.zeros((3, 9, 9), dtype=np.uint8))
+    assert len(build_dataset(load_config("demo", ["data.layout=crops", f"data.root={tmp_path / 'faces.npz'}"]).data,
+                             16)) == 3
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ConfigError, match="data.layout=crops"):  # a folder of crops read as a prepared folder
+        build_dataset(load_config("demo", [f"data.root={tmp_path / 'crops'}"]).data, 32)
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_dataset(load_config("demo", ["data.layout=crops", f"data.root={tmp_path / 'none'}"]).data, 32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing copied or written beside the data
+
+
+def test_pretraining_runs_on_a_folder_of_crops(tmp_path):
+    _crops(tmp_path / "crops", 8, (40, 40))
+    cfg = load_config("demo", ["model.preset=tiny", "model.backend=torch", "data.layout=crops",
+                               f"data.root={tmp_path / 'crops'}", "train.batch_size=4", "train.total_steps=2",
+                               "train.progress=false", "train.viz_every=0", "train.num_viz=2", "train.device=cpu",
+                               f"train.out_dir={tmp_path / 'run'}"])
+    result = run_pretraining(cfg)
+    assert result.step == 2 and result.checkpoint is not None and result.checkpoint.is_dir()
+    assert sorted(p.name for p in (tmp_path / "crops").iterdir()) == [f"{i}.jpg" for i in range(8)]

@@ -13,11 +13,12 @@ from pacofr.train.fields import ConfigError
 
 
 def test_every_packaged_preset_loads() -> None:
-    assert preset_names() == ["demo", "vit_base", "vit_small", "vit_tiny"]
+    assert {"demo", "vit_base", "vit_small", "vit_tiny"} <= set(preset_names())
     for name in preset_names():
         cfg = load_config(name)
         assert cfg.train.betas == (0.9, 0.95)
-        assert cfg.model.embed_dim == ModelConfig.preset(name).embed_dim
+        if name in ModelConfig.preset_names():  # a run preset (e.g. study_cpu) may name any model
+            assert cfg.model.embed_dim == ModelConfig.preset(name).embed_dim
     demo = load_config("demo")
     assert demo.model.img_size == 64 and demo.data.root == "demo" and demo.train.out_dir == "runs/demo"
     assert load_config("vit_base").model.embed_dim == 768

@@ -1,14 +1,21 @@
-"""``pacofr eval``: evaluate encoders (linear probe, fine-tune) and compare pre-training methods.
+"""``pacofr eval``: evaluate encoders and classic baselines on labelled faces; the pre-training study.
 
 Examples::
 
-    pacofr eval linear-probe --checkpoint runs/demo --data proxy:lfw-face-vs-nonface --out runs/demo/eval
-    pacofr eval finetune --checkpoint runs/demo/export --data faces.csv --epochs 10 --out eval/ft
-    pacofr eval linear-probe --checkpoint random:demo --data my_faces/ --out eval/random
-    pacofr eval compare --config demo --epochs 30 --out docs/eval
+    pacofr eval linear-probe --checkpoint runs/demo --data my_faces/ --out eval/probe
+    pacofr eval linear-probe --checkpoint runs/demo --data utk/labels.csv --images utk/images.zip \\
+        --label age --regression --unit years --out eval/age
+    pacofr eval knn --checkpoint baseline:hog --data faces.npz --out eval/hog
+    pacofr eval finetune --checkpoint runs/demo/export --data faces.csv --out eval/ft
+    pacofr eval fer2013 --checkpoint runs/demo --data-root /work/shared/data --out eval/fer
+    pacofr eval faces --checkpoint runs/a --checkpoint random:demo --baselines hog,raw \\
+        --data-root /work/shared/data --out eval/faces
+    pacofr eval study --config study_cpu --variant paco --variant mae --data-root /work/shared/data \\
+        --work runs/study --out docs/eval
 
-Every task writes ``OUT/<task>.json``: the final-epoch test accuracy (mean and std over seeds),
-the best-validation epoch as an extra, the split, the encoder source, versions and date.
+Every task writes ``OUT/<task>.json``: final-epoch test scores (mean and std over seeds), the
+hyper-parameters picked on val, the split, the row's source, versions and date. ``faces`` and
+``study`` also write a markdown table.
 """
 
 from __future__ import annotations
@@ -17,65 +24,86 @@ import argparse
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from pacofr.eval.classification import DATA_HELP, POOL_CHOICES, positive_int
-
-if TYPE_CHECKING:
-    from pacofr.eval.compare import CompareConfig
+from pacofr.eval.face_task_commands import add_plan_arguments, data_root, plan_from_args
+from pacofr.eval.user_tasks import positive_int
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_HELP = ("the encoder: a pacofr training checkpoint (step_* folder, checkpoints folder or run "
-                   "folder: its newest), a folder written by `pacofr export`, or random:PRESET (a freshly "
-                   "initialised encoder of a model preset: tiny, demo, vit_tiny, vit_small, vit_base)")
+CHECKPOINT_HELP = ("what to evaluate: a pacofr training checkpoint (step_* folder, checkpoints folder or run "
+                   "folder: its newest), a folder written by `pacofr export`, random:PRESET (a freshly "
+                   "initialised encoder of a model preset: tiny, demo, vit_tiny, vit_small, vit_base), or "
+                   "baseline:raw|pca|hog|lbp (a classic descriptor)")
+
+
+def _common_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--seeds", type=positive_int, default=3, help="number of seeds (0, 1, ...) to average over")
+    sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    sub.add_argument("--batch-size-features", type=positive_int, default=64, dest="feature_batch",
+                     help="images per feature-extraction batch (memory is bounded by it)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from pacofr.eval.tasks import all_tasks
 
     parser = subparsers.add_parser(
-        "eval", help="evaluate encoders: linear probe, fine-tune, method comparison",
-        description="Evaluate pre-trained encoders on labelled images. Reported numbers are final-epoch test "
-                    "accuracies (mean and std over seeds); the best validation epoch is an extra.")
+        "eval", help="evaluate encoders and baselines: probes, k-NN, fine-tune, face tasks, pre-training study",
+        description="Evaluate encoders (and classic baselines) on labelled faces. Reported numbers are final-epoch "
+                    "test scores (mean and std over seeds); hyper-parameters are picked on a validation split.")
     tasks = parser.add_subparsers(dest="eval_task", metavar="TASK", required=True)
     for task in all_tasks().values():
         sub = tasks.add_parser(task.name, help=task.help, description=task.help)
         sub.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
         sub.add_argument("--out", required=True, help=f"output folder (writes {task.name.replace('-', '_')}.json)")
-        sub.add_argument("--seeds", type=positive_int, default=3, help="number of seeds (0, 1, ...) to average over")
-        sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
         sub.add_argument("--teacher", action="store_true",
                          help="evaluate the EMA teacher of a training checkpoint instead of the student")
         sub.add_argument("--init-seed", type=int, default=0, help="seed of random:PRESET initialisation")
+        _common_arguments(sub)
         task.add_arguments(sub)
         sub.set_defaults(func=run_task, eval_task=task.name)
-    _add_compare_parser(tasks)
+    _add_faces_parser(tasks)
+    _add_study_parser(tasks)
 
 
-def _add_compare_parser(tasks: argparse._SubParsersAction) -> None:
+def _add_faces_parser(tasks: argparse._SubParsersAction) -> None:
+    sub = tasks.add_parser("faces", help="several encoders and baselines on the face tasks: one table",
+                           description="Evaluates every --checkpoint and every baseline on the face tasks with "
+                                       "fixed protocols; writes faces.json and faces.md into --out.")
+    sub.add_argument("--checkpoint", action="append", default=[], help=CHECKPOINT_HELP + " (repeatable)")
+    sub.add_argument("--baselines", default="raw,pca,hog,lbp", help="comma-separated baselines ('' for none)")
+    sub.add_argument("--tasks", default="all", help="'all' or comma-separated face tasks")
+    sub.add_argument("--out", required=True, help="output folder for faces.json and faces.md")
+    _common_arguments(sub)
+    add_plan_arguments(sub)
+    sub.set_defaults(func=run_faces, eval_task="faces")
+
+
+def _add_study_parser(tasks: argparse._SubParsersAction) -> None:
     sub = tasks.add_parser(
-        "compare", help="pre-train PaCo-FR and the MAE-face control at equal budget, probe both and random init",
-        description="Pre-trains every method with the same config (data, epochs, steps, batch, resolution, "
-                    "encoder, seed), then runs the same linear probe (and optional fine-tune) on each encoder and "
-                    "on the random initialisation; writes compare.json, compare.md and compare.png into --out.")
-    sub.add_argument("--config", "--preset", dest="config", default="demo",
-                     help="pre-training config: a packaged preset (demo, ...) or a YAML file")
+        "study", help="pre-train named variants at equal steps and equal compute; evaluate them, random init and "
+                      "baselines on every face task",
+        description="Pre-trains every --variant on the unlabelled train images of UTKFace and FER-2013 (under "
+                    "--data-root) at equal steps and, after the first, at the first one's CPU seconds; evaluates "
+                    "them, random init and the baselines on the face tasks; writes study.json, study.md and "
+                    "study.png into --out.")
+    sub.add_argument("--config", default="study_cpu", help="pre-training config: a packaged preset or a YAML file")
     sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="pre-training config override shared by every method (repeatable)")
-    sub.add_argument("--epochs", type=positive_int, default=None, help="pre-training epochs (the budget)")
-    sub.add_argument("--max-steps", type=positive_int, default=None, help="stop pre-training after this many steps")
-    sub.add_argument("--methods", default="paco,mae", help="comma-separated methods to pre-train (paco, mae)")
-    sub.add_argument("--data", default="proxy:lfw-face-vs-nonface", help=DATA_HELP)
-    sub.add_argument("--pool", choices=POOL_CHOICES, default="cls", help="probe features")
-    sub.add_argument("--seeds", type=positive_int, default=3, help="probe / fine-tune seeds")
-    sub.add_argument("--probe-epochs", type=positive_int, default=100, help="linear-probe epochs")
-    sub.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune epochs (0: no fine-tune)")
-    sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device of the evaluation")
-    sub.add_argument("--work", default=None,
-                     help="folder for the pre-training runs (kept); default: a temporary folder, deleted")
-    sub.add_argument("--out", required=True, help="output folder for compare.json, compare.md, compare.png")
-    sub.set_defaults(func=run_compare, eval_task="compare")
+                     help="pre-training config override shared by every variant (repeatable)")
+    sub.add_argument("--variant", action="append", default=[], metavar="[NAME=]METHOD[:KEY=VALUE,...]",
+                     help="a pre-training variant, e.g. paco, mae, 'M1=paco:model.num_candidates=1' (repeatable; "
+                          "default: paco and mae)")
+    sub.add_argument("--steps", type=positive_int, default=None,
+                     help="equal-steps budget (default: the config's train.total_steps)")
+    sub.add_argument("--no-equal-compute", action="store_true", help="skip the equal-compute runs")
+    sub.add_argument("--baselines", default="raw,pca,hog,lbp", help="comma-separated baselines ('' for none)")
+    sub.add_argument("--tasks", default="all", help="'all' or comma-separated face tasks")
+    sub.add_argument("--work", required=True, help="folder for the pre-training runs and finished rows (reused when "
+                                                   "the study is run again)")
+    sub.add_argument("--out", required=True, help="output folder for study.json, study.md, study.png")
+    _common_arguments(sub)
+    add_plan_arguments(sub)
+    sub.set_defaults(func=run_study, eval_task="study")
 
 
 def _device(choice: str) -> str:
@@ -88,79 +116,107 @@ def _device(choice: str) -> str:
     return choice
 
 
+def _open(spec: str, **kwargs: Any) -> Any:
+    from pacofr.eval.extractors import open_extractor
+
+    try:
+        return open_extractor(spec, **kwargs)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        raise ValueError(f"--checkpoint {spec}: {err}") from err
+
+
 def run_task(args: argparse.Namespace) -> int:
-    from pacofr.eval.encoders import load_encoder
     from pacofr.eval.report import environment, write_json
     from pacofr.eval.tasks import TaskContext, get_task
 
     task = get_task(args.eval_task)
     try:
         device = _device(args.device)
-        try:
-            encoder = load_encoder(args.checkpoint, teacher=args.teacher, seed=args.init_seed)
-        except (ValueError, FileNotFoundError) as err:
-            raise ValueError(f"--checkpoint {args.checkpoint}: {err}") from err
+        extractor = _open(args.checkpoint, teacher=args.teacher, init_seed=args.init_seed)
         with tempfile.TemporaryDirectory(prefix="pacofr-eval-") as scratch:
-            context = TaskContext(seeds=tuple(range(args.seeds)), device=device, scratch=Path(scratch))
-            result = task.run(encoder, args, context)
-    except ValueError as err:
+            context = TaskContext(seeds=tuple(range(args.seeds)), device=device, scratch=Path(scratch),
+                                  batch_size=args.feature_batch)
+            result = task.run(extractor, args, context)
+    except (ValueError, FileNotFoundError) as err:
         logger.error("%s", err)
         return 2
-    payload = {"task": task.name, "encoder": {**encoder.source, "img_size": encoder.img_size,
-                                              "mean": list(encoder.mean), "std": list(encoder.std)},
-               "environment": environment(device), **result}
+    payload = {"task": task.name, "row": extractor.describe(), "environment": environment(device), **result}
     path = write_json(Path(args.out) / f"{task.name.replace('-', '_')}.json", payload)
     print(result["headline"])
     print(f"written {path}")
     return 0
 
 
-def _check_compare_inputs(cfg: CompareConfig, scratch: Path) -> None:
-    """Fail before any pre-training on a bad config, override or data source, naming the argument."""
-    from pacofr.eval.compare import pretrain_config
-    from pacofr.eval.evaluate import check_labelled
-    from pacofr.eval.proxy import open_labelled
+def _names(text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--{what}: unknown {unknown}; known: {list(known)}")
+    return names
+
+
+def run_faces(args: argparse.Namespace) -> int:
+    from pacofr.eval.baselines import BASELINE_TITLES, BASELINES
+    from pacofr.eval.extractors import BaselineExtractor
+    from pacofr.eval.face_tasks import FACE_TASKS, load_tasks, parse_task_list
+    from pacofr.eval.grid import Row, evaluate_grid, plan_dict
+    from pacofr.eval.report import environment, grid_tables, metric_line, write_json
 
     try:
-        for method in cfg.methods:
-            pretrain_config(cfg, method, scratch / method)
-    except ValueError as err:
-        raise ValueError(f"--config {cfg.config} / --set / --epochs / --max-steps: {err}") from err
-    try:
-        check_labelled(open_labelled(cfg.data, scratch / "data"))
-    except (ValueError, FileNotFoundError) as err:
-        raise ValueError(f"--data {cfg.data}: {err}") from err
-
-
-def run_compare(args: argparse.Namespace) -> int:
-    from pacofr.eval.compare import METHOD_NAMES, CompareConfig
-    from pacofr.eval.compare import run_compare as compare
-    from pacofr.eval.finetune import FinetuneConfig
-    from pacofr.eval.linear_probe import ProbeConfig
-
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    try:
-        if not methods or any(m not in METHOD_NAMES for m in methods):
-            raise ValueError(f"--methods must list some of {tuple(METHOD_NAMES)} separated by commas, got {args.methods!r}")
-        if args.finetune_epochs < 0:
-            raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
-        seeds = tuple(range(args.seeds))
-        cfg = CompareConfig(config=args.config, overrides=tuple(args.overrides), epochs=args.epochs,
-                            max_steps=args.max_steps, methods=methods, data=args.data, pool=args.pool,
-                            probe=ProbeConfig(epochs=args.probe_epochs, seeds=seeds),
-                            finetune=FinetuneConfig(epochs=args.finetune_epochs, seeds=seeds) if args.finetune_epochs else None,
-                            device=_device(args.device))
-        with tempfile.TemporaryDirectory(prefix="pacofr-compare-") as scratch:
-            _check_compare_inputs(cfg, Path(scratch))
-            result = compare(cfg, args.out, args.work or Path(scratch) / "runs")
+        device = _device(args.device)
+        baselines = _names(args.baselines, BASELINES, "baselines")
+        names = parse_task_list(args.tasks)
+        if not args.checkpoint and not baselines:
+            raise ValueError("--checkpoint / --baselines: nothing to evaluate")
+        plan = plan_from_args(args, tuple(range(args.seeds)), device, args.feature_batch)
+        rows = [Row(BASELINE_TITLES[b], lambda b=b: BaselineExtractor(b), kind="baseline") for b in baselines]
+        for spec in args.checkpoint:
+            extractor = _open(spec)  # fails early on a bad spec; opened again when its row runs
+            name = extractor.name if all(extractor.name != row.name for row in rows) else spec
+            rows.append(Row(name, lambda s=spec: _open(s), kind="encoder" if extractor.encoder is not None
+                            else "baseline", info={"spec": spec}))
+            del extractor
+        try:
+            sets = load_tasks(names, data_root(args))
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"--data-root {args.data_root}: {err}") from err
+        grid = evaluate_grid(rows, sets, plan)
     except (ValueError, FileNotFoundError) as err:
         logger.error("%s", err)
         return 2
-    for enc in result["encoders"]:
-        probe = enc["linear_probe"]
-        line = f"{enc['name']:<12} linear probe {probe['final_test_mean']:.4f} +- {probe['final_test_std']:.4f}"
-        if enc.get("finetune"):
-            line += f"   fine-tune {enc['finetune']['final_test_mean']:.4f} +- {enc['finetune']['final_test_std']:.4f}"
-        print(line)
-    print(f"written {Path(args.out) / 'compare.json'}, compare.md, compare.png")
+    titles = {name: FACE_TASKS[name].title for name in names}
+    payload = {"environment": environment(device), "plan": plan_dict(plan), "tasks": list(names),
+               "task_protocols": {n: d.protocol for n, d in sets}, "rows": grid}
+    out = Path(args.out)
+    write_json(out / "faces.json", payload)
+    (out / "faces.md").write_text("\n".join([metric_line(grid, names, titles), "", *grid_tables(grid, names, titles)]))
+    print(f"written {out / 'faces.json'}, faces.md")
+    return 0
+
+
+def run_study(args: argparse.Namespace) -> int:
+    from pacofr.eval.baselines import BASELINES
+    from pacofr.eval.face_tasks import parse_task_list
+    from pacofr.eval.study import StudyConfig, parse_variant, pretrain_config
+    from pacofr.eval.study import run_study as study
+
+    try:
+        device = _device(args.device)
+        variants = tuple(parse_variant(v) for v in (args.variant or ["paco", "mae"]))
+        cfg = StudyConfig(data_root=data_root(args), config=args.config, overrides=tuple(args.overrides),
+                          variants=variants, steps=args.steps, equal_compute=not args.no_equal_compute,
+                          tasks=tuple(parse_task_list(args.tasks)), baselines=_names(args.baselines, BASELINES,
+                                                                                       "baselines"),
+                          plan=plan_from_args(args, tuple(range(args.seeds)), device, args.feature_batch))
+        for variant in variants:  # a bad config or override fails before any pre-training
+            try:
+                pretrain_config(cfg, variant, cfg.steps, Path(args.work) / "check")
+            except ValueError as err:
+                raise ValueError(f"--config {args.config} / --set / --variant {variant.name}: {err}") from err
+        result = study(cfg, args.out, args.work)
+    except (ValueError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        return 2
+    print(f"written {Path(args.out) / 'study.json'}, study.md, study.png "
+          f"({len(result['rows'])} rows, {len(result['tasks'])} tasks)")
     return 0

@@ -1,5 +1,9 @@
 """Map-style datasets of aligned faces for training.
 
+Faces come from a folder written by ``pacofr prepare`` (:class:`AlignedFaceDataset`,
+:class:`ShardFaceDataset`), from photos aligned on the fly (:class:`RawFolderDataset`), or from
+images that are already face crops, used as they are (:class:`CroppedFaceDataset`).
+
 Every item is ``{"image": float32 (3, S, S) in [0, 1], "landmarks": float32 (5, 2) pixel
 coordinates in that (augmented) image, "index": int}``. An image that cannot be read is skipped:
 the next readable item is returned instead (its own ``index``), a warning is logged and the
@@ -20,10 +24,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pacofr.data.alignment import AlignmentRecipe, resize_points
+from pacofr.data.alignment import AlignmentRecipe, resize_points, template_for_size
 from pacofr.data.augment import Augment
 from pacofr.data.detection import FaceDetector, create_detector, select_faces
 from pacofr.data.image_io import DEFAULT_MAX_PIXELS, UnreadableImageError, load_image, scan_folder
+from pacofr.data.image_sets import ImageSet
 from pacofr.data.storage import SHARDS_DIR, read_index, read_recipe_dict
 
 logger = logging.getLogger(__name__)
@@ -237,3 +242,38 @@ class RawFolderDataset(_SkippingDataset):
         aligned, matrix = self.recipe.align(image, faces[0].landmarks5)
         landmarks = faces[0].landmarks5 @ matrix[:, :2].T + matrix[:, 2]
         return aligned, landmarks
+
+
+class CroppedFaceDataset(_SkippingDataset):
+    """Images that are already face crops (no detector, no landmarks), e.g. a folder, zip or npz
+    of cropped faces: each is resized to ``image_size`` x ``image_size`` (bilinear; the aspect
+    ratio of a non-square crop is not kept) and given the alignment template's five points, so the
+    template facial-region map applies.
+
+    Args:
+        images: the crops (:func:`pacofr.data.image_sets.open_image_set` opens a folder, .zip or .npz).
+        image_size: side of the returned images.
+        augment: optional ``Augment``.
+    """
+
+    def __init__(self, images: ImageSet, *, image_size: int = 224, augment: Augment | None = None) -> None:
+        super().__init__()
+        if not isinstance(image_size, int) or image_size < 8:
+            raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+        if len(images) == 0:
+            raise ValueError("CroppedFaceDataset needs at least one image")
+        self.images = images
+        self.image_size = image_size
+        self.augment = augment
+        self.recipe = AlignmentRecipe.for_size(image_size, detector="none",
+                                               reference="assumed: already-cropped faces, not aligned by pacofr")
+        self._template = template_for_size(image_size).astype(np.float64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image = self.images.read(index)
+        if image.shape[:2] != (self.image_size, self.image_size):
+            image = np.asarray(Image.fromarray(image).resize((self.image_size, self.image_size), Image.BILINEAR))
+        return image, self._template

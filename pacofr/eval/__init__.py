@@ -1,16 +1,20 @@
-"""Evaluation of pre-trained encoders (``pacofr eval``).
+"""Evaluation of pre-trained encoders and classic baselines (``pacofr eval``).
 
 Modules, one job each:
 
-- :mod:`~pacofr.eval.labelled`: labelled sets (class folders, CSV) and the fixed hash split;
-- :mod:`~pacofr.eval.proxy`: offline proxy sets (``proxy:lfw-face-vs-nonface``);
+- :mod:`~pacofr.eval.splits`: hash splits, split columns, the validation split carved from train;
+- :mod:`~pacofr.eval.labelled`: labelled sets (images, targets of one kind, split) and their checks;
+- :mod:`~pacofr.eval.readers`: a user's folder, CSV (+ zip) or npz; :mod:`~pacofr.eval.proxy`: offline proxy sets;
+- :mod:`~pacofr.eval.face_tasks`: face sets with fixed protocols (FER-2013, UTKFace, Olivetti, Yale B, landmarks);
 - :mod:`~pacofr.eval.encoders`: encoders from a checkpoint, an export folder or ``random:PRESET``;
-- :mod:`~pacofr.eval.features`: images, normalisation, pooled features;
-- :mod:`~pacofr.eval.metrics`: accuracy, losses, the final-epoch summary over seeds;
-- :mod:`~pacofr.eval.linear_probe`, :mod:`~pacofr.eval.finetune`: the two classifiers;
-- :mod:`~pacofr.eval.evaluate`: both applied to a loaded encoder and a labelled set;
-- :mod:`~pacofr.eval.tasks`: the registry behind ``pacofr eval <task>``
-  (:mod:`~pacofr.eval.classification` registers ``linear-probe`` and ``finetune``);
-- :mod:`~pacofr.eval.compare`, :mod:`~pacofr.eval.report`: PaCo-FR vs MAE-face vs random init,
-  written as JSON, a markdown table and a bar plot.
+- :mod:`~pacofr.eval.baselines`: raw pixels, PCA, HOG, LBP;
+- :mod:`~pacofr.eval.features`, :mod:`~pacofr.eval.extractors`: streamed images to features, for any row;
+- :mod:`~pacofr.eval.heads`, :mod:`~pacofr.eval.protocols`, :mod:`~pacofr.eval.finetune`: linear probe,
+  ridge, MLP head, k-NN and fine-tune, hyper-parameters picked on val;
+- :mod:`~pacofr.eval.metrics`: scores per target kind and the final-epoch summary over seeds;
+- :mod:`~pacofr.eval.evaluate`: the one code path of a row on labelled sets; :mod:`~pacofr.eval.grid`: many rows;
+- :mod:`~pacofr.eval.study`: pre-training variants at equal steps and equal compute, then the grid;
+- :mod:`~pacofr.eval.report`: JSON, markdown tables and the plot;
+- :mod:`~pacofr.eval.tasks`: the registry behind ``pacofr eval <task>`` (:mod:`~pacofr.eval.user_tasks`,
+  :mod:`~pacofr.eval.face_task_commands` register the tasks).
 """

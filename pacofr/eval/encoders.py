@@ -61,7 +61,8 @@ def random_encoder(model_cfg: ModelConfig, seed: int = 0, preset: str | None = N
         seed_everything(seed)
         model = build_encoder(model_cfg)
     return LoadedEncoder(model, model_cfg.img_size, model_cfg.pixel_mean, model_cfg.pixel_std,
-                         {"kind": "random", "preset": preset, "seed": seed, "architecture": model_cfg.timm_name})
+                         {"kind": "random", "preset": preset, "seed": seed, "architecture": model_cfg.timm_name,
+                          "model_args": model_cfg.timm_kwargs()})
 
 
 def checkpoint_encoder(path: str | Path, teacher: bool = False) -> LoadedEncoder:
@@ -82,7 +83,8 @@ def checkpoint_encoder(path: str | Path, teacher: bool = False) -> LoadedEncoder
     model.load_state_dict(state, strict=True)
     return LoadedEncoder(model, cfg.img_size, cfg.pixel_mean, cfg.pixel_std,
                          {"kind": "checkpoint", "path": str(loaded.path), "step": loaded.step,
-                          "epoch": loaded.epoch, "method": cfg.method, "preset_architecture": cfg.timm_name,
+                          "epoch": loaded.epoch, "method": cfg.method, "architecture": cfg.timm_name,
+                          "model_args": cfg.timm_kwargs(),
                           "encoder": "teacher" if teacher else "student"})
 
 

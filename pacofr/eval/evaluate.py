@@ -1,80 +1,117 @@
-"""Classification evaluations of a loaded encoder on a labelled set: linear probe and fine-tune.
+"""The one evaluation code path: a row (encoder or baseline) on labelled sets, every protocol.
 
-Both read the images once at the encoder's input size, split them by the fixed rule of
-:mod:`pacofr.eval.labelled`, and report final-epoch test accuracy over seeds
-(:mod:`pacofr.eval.metrics`).
+:func:`evaluate_sets` extracts each image set's features once per row (streamed, see
+:func:`pacofr.eval.extractors.extract_features`; sets sharing their images share them), then
+for every set and feature pool runs the frozen protocols (:mod:`pacofr.eval.protocols`) and, for
+encoders, the fine-tune (:mod:`pacofr.eval.finetune`). Global targets (classes, attributes,
+numbers) use the row's global pools (an encoder's ``cls`` and ``mean``), landmarks its spatial
+pool (``tokens``).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from pacofr.eval.encoders import LoadedEncoder
-from pacofr.eval.features import encode_images, load_images
+from pacofr.eval.extractors import Extractor, extract_features
 from pacofr.eval.finetune import FinetuneConfig, run_finetune
-from pacofr.eval.labelled import SPLIT_FRACTIONS, SPLIT_SALT, LabelledSet
-from pacofr.eval.linear_probe import ProbeConfig, run_probe
-from pacofr.eval.metrics import SPLITS
+from pacofr.eval.labelled import LabelledSet, check_labelled, describe_data
+from pacofr.eval.protocols import FROZEN_PROTOCOLS, ProbeConfig, applies, run_frozen
+from pacofr.eval.splits import SPLITS
+from pacofr.eval.tasks import PROTOCOLS
 
 logger = logging.getLogger(__name__)
 
 
-def check_labelled(data: LabelledSet) -> None:
-    """Raise ValueError when ``data`` cannot give honest numbers: fewer than 2 classes, or an empty
-    train or test split."""
-    if len(data.class_names) < 2:
-        raise ValueError(f"the labelled set has {len(data.class_names)} class(es) {data.class_names}; need at least 2")
-    for split in ("train", "test"):
-        if not data.indices(split):
-            raise ValueError(f"the {split} split of the {len(data.paths)} labelled images is empty (splits take about "
-                             f"{SPLIT_FRACTIONS} by a hash of each path); use more images")
+@dataclass
+class EvalPlan:
+    """Which protocols run, with which settings.
+
+    ``pools``: the feature pools of encoder rows (None: ``cls`` and ``mean`` for global targets,
+    ``tokens`` for landmarks); ``finetune_pool``: the pooled features the fine-tune head reads
+    on global targets (landmarks: ``tokens``); ``finetune`` None skips fine-tuning.
+    """
+
+    protocols: tuple[str, ...] = PROTOCOLS
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    finetune: FinetuneConfig | None = field(default_factory=FinetuneConfig)
+    pools: tuple[str, ...] | None = None
+    finetune_pool: str = "mean"
+    batch_size: int = 64
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.protocols if p not in PROTOCOLS]
+        if unknown or not self.protocols:
+            raise ValueError(f"protocols must be a non-empty subset of {PROTOCOLS}, got {self.protocols}")
 
 
-def describe_data(data: LabelledSet, source: str) -> dict[str, Any]:
-    """JSON-friendly description of a labelled set and its split."""
-    sizes = {s: len(data.indices(s)) for s in SPLITS}
-    per_class: dict[str, dict[str, int]] = {}
-    if not data.multi_label:
-        for split in SPLITS:
-            counts = torch.bincount(data.labels[data.indices(split)], minlength=len(data.class_names))
-            per_class[split] = {name: int(c) for name, c in zip(data.class_names, counts.tolist(), strict=True)}
-    return {"source": str(source), "num_images": len(data.paths), "classes": list(data.class_names),
-            "multi_label": data.multi_label, "split_sizes": sizes, "per_class": per_class,
-            "split_rule": f"sha1('{SPLIT_SALT}:' + relative path) -> {SPLIT_FRACTIONS}"}
+def pools_for(extractor: Extractor, data: LabelledSet, plan: EvalPlan) -> tuple[str, ...]:
+    """The feature pools a row is evaluated with on ``data``."""
+    if extractor.encoder is not None and plan.pools is not None:
+        return plan.pools
+    return (extractor.spatial_pool,) if data.targets.kind == "landmarks" else extractor.global_pools
 
 
-def split_images(encoder: LoadedEncoder, data: LabelledSet) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Images float32 (N, 3, S, S) in [0, 1] at the encoder's input size and labels, per split."""
-    images = load_images(data.paths, encoder.img_size)
-    by_split = {s: torch.tensor(data.indices(s), dtype=torch.long) for s in SPLITS}
-    return ({s: images[i] for s, i in by_split.items()}, {s: data.labels[i] for s, i in by_split.items()})
+def _frozen_results(extractor: Extractor, data: LabelledSet, features: dict[str, torch.Tensor],
+                    plan: EvalPlan) -> list[dict[str, Any]]:
+    rows = {s: torch.as_tensor(data.indices(s), dtype=torch.long) for s in SPLITS}
+    targets = {s: data.targets.select(rows[s].tolist()) for s in SPLITS}
+    results = []
+    for pool in pools_for(extractor, data, plan):
+        transformed = extractor.fit_transform(pool, features[pool], rows["train"])
+        split_features = {s: transformed[rows[s]] for s in SPLITS}
+        for protocol in plan.protocols:
+            if protocol == "finetune" or not applies(protocol, data.targets.kind):
+                continue
+            start = time.perf_counter()
+            result = run_frozen(protocol, split_features, targets, plan.probe)
+            results.append({"protocol": protocol, "pool": pool, "feature_dim": int(transformed.shape[1]),
+                            "seconds": round(time.perf_counter() - start, 2), **result})
+            logger.info("%s / %s / %s (%s): %.4g +- %.4g %s", extractor.name, data.source, protocol, pool,
+                        result["mean"], result["std"], result["unit"])
+    return results
 
 
-def linear_probe_encoder(encoder: LoadedEncoder, data: LabelledSet, *, pool: str = "cls",
-                         cfg: ProbeConfig | None = None, device: str = "cpu",
-                         batch_size: int = 64) -> dict[str, Any]:
-    """Frozen features of ``encoder`` -> standardised -> linear probe per seed (see ``run_probe``)."""
-    cfg = cfg or ProbeConfig()
-    check_labelled(data)
-    images, labels = split_images(encoder, data)
-    features = {s: encode_images(encoder.model, images[s], mean=encoder.mean, std=encoder.std, pool=pool,
-                                 batch_size=batch_size, device=device) for s in SPLITS}
-    logger.info("linear probe on %s features (dim %d) of %s", pool, features["train"].shape[1],
-                {s: int(f.shape[0]) for s, f in features.items()})
-    result = run_probe(features, labels, len(data.class_names), data.multi_label, cfg)
-    result["feature_dim"] = int(features["train"].shape[1])
-    return result
+def _finetune_result(extractor: Extractor, data: LabelledSet, plan: EvalPlan) -> dict[str, Any] | None:
+    if "finetune" not in plan.protocols or plan.finetune is None or extractor.encoder is None:
+        return None
+    pool = "tokens" if data.targets.kind == "landmarks" else plan.finetune_pool
+    start = time.perf_counter()
+    result = run_finetune(extractor.encoder, data, pool=pool, cfg=plan.finetune, device=plan.device)
+    logger.info("%s / %s / finetune (%s): %.4g +- %.4g %s", extractor.name, data.source, pool, result["mean"],
+                result["std"], result["unit"])
+    return {"protocol": "finetune", "pool": pool, "seconds": round(time.perf_counter() - start, 2), **result}
 
 
-def finetune_encoder(encoder: LoadedEncoder, data: LabelledSet, *, pool: str = "cls",
-                     cfg: FinetuneConfig | None = None, device: str = "cpu") -> dict[str, Any]:
-    """A short full fine-tune of a copy of ``encoder`` per seed (see ``run_finetune``)."""
-    cfg = cfg or FinetuneConfig()
-    check_labelled(data)
-    images, labels = split_images(encoder, data)
-    logger.info("fine-tuning (%s pool) for %d epochs x %d seeds", pool, cfg.epochs, len(cfg.seeds))
-    return run_finetune(encoder.model, images, labels, len(data.class_names), data.multi_label,
-                        mean=encoder.mean, std=encoder.std, pool=pool, cfg=cfg, device=device)
+def evaluate_sets(extractor: Extractor, sets: Sequence[tuple[str, LabelledSet]], plan: EvalPlan) -> dict[str, Any]:
+    """Every protocol of ``plan`` for one row on every ``(task name, labelled set)``.
+
+    Returns ``{task name: {"data": ..., "warnings": [...], "results": [...]}}``; every result holds
+    the protocol, the pool and the summary of :func:`pacofr.eval.metrics.summarise`.
+    """
+    warnings = {name: check_labelled(data) for name, data in sets}
+    by_images: dict[int, list[tuple[str, LabelledSet]]] = {}
+    for name, data in sets:
+        by_images.setdefault(id(data.images), []).append((name, data))
+    out: dict[str, Any] = {}
+    for group in by_images.values():
+        images = group[0][1].images
+        frozen = any(p in plan.protocols for p in FROZEN_PROTOCOLS)
+        pools = sorted({p for _, data in group for p in pools_for(extractor, data, plan)}) if frozen else []
+        start = time.perf_counter()
+        features = extract_features(extractor, images, pools, batch_size=plan.batch_size,
+                                    device=plan.device) if pools else {}
+        seconds = round(time.perf_counter() - start, 1)
+        logger.info("%s: %s features of %d images in %.0f s", extractor.name, pools, len(images), seconds)
+        for name, data in group:
+            results = _frozen_results(extractor, data, features, plan) if pools else []
+            tuned = _finetune_result(extractor, data, plan)
+            out[name] = {"data": describe_data(data), "warnings": warnings[name], "feature_seconds": seconds,
+                         "results": results + ([tuned] if tuned else [])}
+    return {name: out[name] for name, _ in sets}

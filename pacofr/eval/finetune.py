@@ -1,8 +1,12 @@
-"""Short full fine-tuning: the whole encoder plus a linear head, AdamW with a cosine schedule.
+"""A short full fine-tune: the whole encoder plus a linear head, AdamW with warm-up and cosine decay.
 
-Every seed starts again from the given encoder weights (a deep copy), draws its own head
-initialisation, batch order and flips, trains on the train split, is evaluated on val after every
-epoch and on test after the **final** epoch only (:mod:`pacofr.eval.metrics`).
+Every run starts again from the given encoder weights (a deep copy), draws its own head
+initialisation, batch order and flips, trains ``steps`` optimiser steps on the train split
+(images decoded and resized one batch at a time), and is scored on val and test after the
+**final** step. The encoder learning rate is picked on val from ``lrs`` with the first seed; the
+other seeds train with the pick (the first seed's run is reused). Class and attribute targets
+use (binary) cross-entropy; regression and landmark targets MSE on train-standardised values.
+Horizontal flips are used for global targets only (a flip would mirror landmarks).
 """
 
 from __future__ import annotations
@@ -17,16 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from pacofr.eval.features import pooled_features
-from pacofr.eval.metrics import (
-    SPLITS,
-    SeedRun,
-    accuracy,
-    best_of,
-    loss_value,
-    summarise,
-    task_loss,
-)
+from pacofr.eval.encoders import LoadedEncoder
+from pacofr.eval.features import image_batches, pooled_features, to_input
+from pacofr.eval.heads import Standardiser, regression_matrix
+from pacofr.eval.labelled import LabelledSet, Targets
+from pacofr.eval.metrics import SeedRun, classification_loss, metric_of, score, summarise
+from pacofr.eval.protocols import CLASSIFICATION_KINDS, pick_on_val
 from pacofr.models.vit import normalise_pixels
 from pacofr.train.schedule import warmup_cosine
 
@@ -37,131 +37,163 @@ _NO_DECAY = ("pos_embed", "cls_token")
 
 @dataclass
 class FinetuneConfig:
-    """Optimisation of a fine-tune: ``lr`` for the encoder, ``head_lr`` for the new linear head."""
+    """A fine-tune: ``steps`` optimiser steps of ``batch_size`` images (``epochs``, when set,
+    replaces ``steps`` by that many passes over train); encoder lr from ``lrs`` (picked on val),
+    head lr = ``head_lr_scale`` x encoder lr."""
 
-    epochs: int = 10
-    lr: float = 1e-4
-    head_lr: float = 1e-3
+    steps: int = 100
+    epochs: int | None = None
+    lrs: tuple[float, ...] = (2e-4, 1e-3)
+    head_lr_scale: float = 10.0
     weight_decay: float = 0.05
     batch_size: int = 32
-    warmup_epochs: float = 1.0
-    flip: bool = True  # random horizontal flips of training images
+    warmup_fraction: float = 0.1
+    flip: bool = True
     seeds: tuple[int, ...] = (0, 1, 2)
 
     def __post_init__(self) -> None:
         self.seeds = tuple(int(s) for s in self.seeds)
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "head_lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"FinetuneConfig.{name} must be > 0, got {getattr(self, name)}")
-        if self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise ValueError("FinetuneConfig.weight_decay and warmup_epochs must be >= 0")
+        self.lrs = tuple(float(v) for v in self.lrs)
+        if self.steps < 1 or self.batch_size < 1 or (self.epochs is not None and self.epochs < 1):
+            raise ValueError(f"FinetuneConfig needs steps, batch_size and epochs >= 1, got {self.steps}, "
+                             f"{self.batch_size}, {self.epochs}")
+        if not self.lrs or min(self.lrs) <= 0 or self.head_lr_scale <= 0:
+            raise ValueError(f"FinetuneConfig needs lrs > 0 and head_lr_scale > 0, got {self.lrs}, {self.head_lr_scale}")
+        if self.weight_decay < 0 or not 0 <= self.warmup_fraction <= 1:
+            raise ValueError("FinetuneConfig needs weight_decay >= 0 and warmup_fraction in [0, 1]")
         if not self.seeds:
             raise ValueError("FinetuneConfig.seeds must name at least one seed")
 
+    def total_steps(self, train_images: int) -> int:
+        """Optimiser steps of a run on ``train_images`` images."""
+        if self.epochs is None:
+            return self.steps
+        return self.epochs * math.ceil(train_images / self.batch_size)
 
-class _Classifier(nn.Module):
+
+class TunedModel(nn.Module):
     """Encoder -> pooled features -> linear head."""
 
-    def __init__(self, encoder: nn.Module, pool: str, num_classes: int, feature_dim: int) -> None:
+    def __init__(self, encoder: nn.Module, pool: str, width: int, feature_dim: int) -> None:
         super().__init__()
         self.encoder = encoder
         self.pool = pool
-        self.head = nn.Linear(feature_dim, num_classes)
+        self.head = nn.Linear(feature_dim, width)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.head(pooled_features(self.encoder, inputs, self.pool))
 
 
-def _param_groups(model: _Classifier, cfg: FinetuneConfig) -> list[dict[str, Any]]:
+def param_groups(model: TunedModel, lr: float, cfg: FinetuneConfig) -> list[dict[str, Any]]:
     """Encoder / head groups; no weight decay on biases, norms, positions and the class token."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         is_head = name.startswith("head.")
         decay = param.ndim >= 2 and not any(key in name for key in _NO_DECAY)
         groups.setdefault((is_head, decay), []).append(param)
-    return [{"params": params, "lr": cfg.head_lr if is_head else cfg.lr,
+    return [{"params": params, "lr": lr * cfg.head_lr_scale if is_head else lr,
              "weight_decay": cfg.weight_decay if decay else 0.0}
             for (is_head, decay), params in groups.items()]
 
 
+class _Loss:
+    """Training loss and output scaling of a target kind."""
+
+    def __init__(self, train: Targets) -> None:
+        self.kind = train.kind
+        self.scale = None if train.kind in CLASSIFICATION_KINDS else Standardiser.fit(regression_matrix(train))
+
+    def __call__(self, outputs: torch.Tensor, targets: Targets) -> torch.Tensor:
+        if self.scale is None:
+            return classification_loss(outputs, targets.values.to(outputs.device), self.kind)
+        wanted = self.scale(regression_matrix(targets)).to(outputs.device)
+        return nn.functional.mse_loss(outputs, wanted)
+
+    def unscale(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs if self.scale is None else outputs * self.scale.std + self.scale.mean
+
+
 @torch.no_grad()
-def _predict(model: _Classifier, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-             batch_size: int, device: torch.device) -> torch.Tensor:
+def predict(model: TunedModel, data: LabelledSet, indices: Sequence[int], encoder: LoadedEncoder,
+            batch_size: int, device: torch.device) -> torch.Tensor:
+    """Head outputs (CPU, float32) for the images ``indices`` of ``data``, streamed."""
     model.eval()
-    outs = [model(normalise_pixels(images[i:i + batch_size].to(device), mean, std)).float().cpu()
-            for i in range(0, images.shape[0], batch_size)]
+    outs = [model(normalise_pixels(to_input(batch, encoder.img_size).to(device), encoder.mean, encoder.std)).float().cpu()
+            for batch in image_batches(data.images, indices, batch_size)]
     return torch.cat(outs) if outs else torch.empty(0, model.head.out_features)
 
 
-def finetune_once(encoder: nn.Module, images: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
-                  num_classes: int, multi_label: bool, *, mean: Sequence[float], std: Sequence[float],
-                  pool: str, cfg: FinetuneConfig, seed: int, device: torch.device | str = "cpu") -> SeedRun:
-    """Fine-tune a copy of ``encoder`` (left untouched) for one seed.
-
-    ``images``: split -> float32 (N, 3, S, S) in [0, 1] at the encoder's input size; ``labels``:
-    split -> int64 (N,) or float32 (N, C) multi-hot.
-    """
+def finetune_once(encoder: LoadedEncoder, data: LabelledSet, *, pool: str, lr: float, cfg: FinetuneConfig,
+                  seed: int, device: torch.device | str = "cpu") -> SeedRun:
+    """Fine-tune a copy of ``encoder`` (left untouched) for one seed; the final val and test scores."""
     device = torch.device(device)
-    x, y = images["train"], labels["train"]
-    if x.shape[0] == 0:
+    train_rows = data.indices("train")
+    if not train_rows:
         raise ValueError("the train split is empty: fine-tuning needs labelled training images")
+    targets = data.targets
+    loss_fn = _Loss(targets.select(train_rows))
+    flip = cfg.flip and targets.kind != "landmarks"
     gen = torch.Generator().manual_seed(seed)
-    backbone = copy.deepcopy(encoder).requires_grad_(True)
+    backbone = copy.deepcopy(encoder.model).requires_grad_(True).to(device)
     with torch.no_grad():
-        probe = x[:1].to(next(backbone.parameters()).device)
-        dim = pooled_features(backbone.eval(), normalise_pixels(probe, mean, std), pool).shape[1]
-    model = _Classifier(backbone, pool, num_classes, dim)
+        probe = to_input([data.images.read(train_rows[0])], encoder.img_size).to(device)
+        dim = pooled_features(backbone.eval(), normalise_pixels(probe, encoder.mean, encoder.std), pool).shape[1]
+    model = TunedModel(backbone, pool, targets.width, dim)
     with torch.no_grad():
         model.head.weight.normal_(0.0, 0.01, generator=gen)
         model.head.bias.zero_()
     model.to(device)
-    opt = torch.optim.AdamW(_param_groups(model, cfg))
+    opt = torch.optim.AdamW(param_groups(model, lr, cfg))
     base_lrs = [group["lr"] for group in opt.param_groups]
-    steps_per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
-    step = 0
-    val_curve: list[float] = []
-    loss_curve: list[float] = []
-    for epoch in range(cfg.epochs):
-        model.train()
-        order = torch.randperm(x.shape[0], generator=gen)
-        seen = 0.0
-        for start in range(0, x.shape[0], cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            batch = x[idx]
-            if cfg.flip:
-                flip = torch.rand(idx.numel(), generator=gen) < 0.5
-                batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
-            for group, base in zip(opt.param_groups, base_lrs, strict=True):
-                group["lr"] = base * warmup_cosine(step, total, warmup, 1.0)
-            opt.zero_grad(set_to_none=True)
-            loss = task_loss(model(normalise_pixels(batch.to(device), mean, std)), y[idx].to(device), multi_label)
-            loss.backward()
-            opt.step()
-            step += 1
-            seen += loss.item() * idx.numel()
-        loss_curve.append(seen / x.shape[0])
-        val_curve.append(accuracy(_predict(model, images["val"], mean, std, cfg.batch_size, device),
-                                  labels["val"], multi_label))
-        logger.debug("fine-tune seed %d epoch %d: loss %.4f val %.4f", seed, epoch + 1, loss_curve[-1], val_curve[-1])
-    logits = _predict(model, images["test"], mean, std, cfg.batch_size, device)
-    best_val, best_epoch = best_of(val_curve)
-    return SeedRun(seed=seed, final_test=accuracy(logits, labels["test"], multi_label),
-                   final_test_loss=loss_value(logits, labels["test"], multi_label), final_val=val_curve[-1],
-                   best_val=best_val, best_val_epoch=best_epoch, val_curve=val_curve, train_loss_curve=loss_curve)
+    total = cfg.total_steps(len(train_rows))
+    warmup = min(total, round(cfg.warmup_fraction * total))
+    losses: list[float] = []
+    order: list[int] = []
+    model.train()
+    for step in range(total):
+        if len(order) < cfg.batch_size:
+            order += [train_rows[i] for i in torch.randperm(len(train_rows), generator=gen).tolist()]
+        rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        batch = to_input([data.images.read(r) for r in rows], encoder.img_size)
+        if flip:
+            flips = torch.rand(len(rows), generator=gen) < 0.5
+            batch = torch.where(flips.view(-1, 1, 1, 1), batch.flip(-1), batch)
+        for group, base in zip(opt.param_groups, base_lrs, strict=True):
+            group["lr"] = base * warmup_cosine(step, total, warmup, 1.0)
+        opt.zero_grad(set_to_none=True)
+        outputs = model(normalise_pixels(batch.to(device), encoder.mean, encoder.std))
+        loss = loss_fn(outputs, targets.select(rows))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 50 == 0:
+            logger.debug("fine-tune seed %d step %d/%d: loss %.4f", seed, step + 1, total, losses[-1])
+    val_rows, test_rows = data.indices("val"), data.indices("test")
+    val = score(loss_fn.unscale(predict(model, data, val_rows, encoder, cfg.batch_size * 2, device)),
+                targets.select(val_rows))
+    test = score(loss_fn.unscale(predict(model, data, test_rows, encoder, cfg.batch_size * 2, device)),
+                 targets.select(test_rows))
+    return SeedRun(seed=seed, test=test, val=val, train_loss_curve=losses)
 
 
-def run_finetune(encoder: nn.Module, images: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
-                 num_classes: int, multi_label: bool, *, mean: Sequence[float], std: Sequence[float],
-                 pool: str, cfg: FinetuneConfig, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """One :func:`finetune_once` per seed of ``cfg``, summarised like the linear probe."""
-    missing = [s for s in SPLITS if s not in images or s not in labels]
-    if missing:
-        raise ValueError(f"images and labels need the splits {SPLITS}; missing {missing}")
-    runs = [finetune_once(encoder, images, labels, num_classes, multi_label, mean=mean, std=std, pool=pool,
-                          cfg=cfg, seed=seed, device=device) for seed in cfg.seeds]
-    return summarise(runs, {s: int(images[s].shape[0]) for s in SPLITS}, asdict(cfg))
+def run_finetune(encoder: LoadedEncoder, data: LabelledSet, *, pool: str, cfg: FinetuneConfig,
+                 device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Pick the lr on val with the first seed, then fine-tune every seed with it; summarised."""
+    metric = metric_of(data.targets)
+    runs: dict[tuple[float, int], SeedRun] = {}
+
+    def run(lr: float, seed: int) -> SeedRun:
+        if (lr, seed) not in runs:
+            runs[(lr, seed)] = finetune_once(encoder, data, pool=pool, lr=lr, cfg=cfg, seed=seed, device=device)
+            logger.info("fine-tune lr %.3g seed %d: val %.4g test %.4g", lr, seed, runs[(lr, seed)].val,
+                        runs[(lr, seed)].test)
+        return runs[(lr, seed)]
+
+    grid = list(cfg.lrs)
+    picked, scores = pick_on_val(grid, lambda lr: run(lr, cfg.seeds[0]).val, metric)
+    result = [run(picked, seed) for seed in cfg.seeds]
+    steps = cfg.total_steps(len(data.indices("train")))
+    return summarise(result, metric, {
+        "head": f"full fine-tune + linear head on {pool} features, {steps} steps of {cfg.batch_size}",
+        "selection": {"grid": [{"lr": lr} for lr in grid], "val_scores": scores, "picked": {"lr": picked}},
+        "config": asdict(cfg)})

@@ -1,8 +1,15 @@
-"""Losses, accuracies and the seed summary shared by every classification evaluation.
+"""Scores of predictions per target kind, and the summary over seeds.
 
-Reporting rule (issue 8): the number that counts is the **final-epoch** test accuracy, given as
-mean and population standard deviation over seeds. The validation split may pick a "best epoch",
-reported as an extra only; the test split never selects anything.
+Reporting rule: the number that counts is the score on test **after the final epoch** of a head
+trained with hyper-parameters picked on the validation split, given as mean and population
+standard deviation over seeds. The test split never selects anything.
+
+| kind | score | unit | better |
+|---|---|---|---|
+| ``class`` | top-1 accuracy (ties: the smaller class index) | % | higher |
+| ``multi`` | mean per-attribute accuracy (logit > 0) | % | higher |
+| ``regression`` | mean absolute error | the label's unit | lower |
+| ``landmarks`` | NME: mean point error / distance of ``iod_points`` | % | lower |
 """
 
 from __future__ import annotations
@@ -15,78 +22,83 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-SPLITS = ("train", "val", "test")
+from pacofr.eval.labelled import Targets
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How a kind of target is scored: ``name``, ``unit``, and whether higher is better."""
+
+    name: str
+    unit: str
+    higher_is_better: bool
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether score ``a`` is strictly better than ``b`` (NaN is never better)."""
+        if math.isnan(a):
+            return False
+        if math.isnan(b):
+            return True
+        return a > b if self.higher_is_better else a < b
+
+
+def metric_of(targets: Targets) -> Metric:
+    """The :class:`Metric` of ``targets``' kind."""
+    if targets.kind == "class":
+        return Metric("accuracy", "%", True)
+    if targets.kind == "multi":
+        return Metric("attribute accuracy", "%", True)
+    if targets.kind == "regression":
+        return Metric("MAE", targets.unit, False)
+    return Metric("NME", f"% of the distance between points {targets.iod_points[0]} and {targets.iod_points[1]}", False)
+
+
+def score(outputs: torch.Tensor, targets: Targets) -> float:
+    """The score of head outputs (N, width) against ``targets``: class / attribute logits, or
+    predicted values in the targets' own units (regression values, landmark fractions flattened
+    x, y per point). NaN for no samples."""
+    if len(targets) == 0:
+        return float("nan")
+    y = targets.values
+    outputs = outputs.float()
+    if targets.kind == "class":
+        return 100.0 * (outputs.argmax(1) == y).double().mean().item()
+    if targets.kind == "multi":
+        return 100.0 * ((outputs > 0).float() == y).double().mean().item()
+    if targets.kind == "regression":
+        return (outputs.double() - y.double()).abs().mean().item()
+    points = outputs.double().reshape(y.shape)
+    a, b = targets.iod_points  # type: ignore[misc]
+    iod = (y[:, a].double() - y[:, b].double()).norm(dim=-1).clamp_min(1e-12)
+    return 100.0 * ((points - y.double()).norm(dim=-1).mean(1) / iod).mean().item()
+
+
+def classification_loss(logits: torch.Tensor, values: torch.Tensor, kind: str) -> torch.Tensor:
+    """Cross-entropy (class) or binary cross-entropy with logits (multi)."""
+    if kind == "multi":
+        return F.binary_cross_entropy_with_logits(logits, values)
+    return F.cross_entropy(logits, values)
 
 
 @dataclass
 class SeedRun:
-    """One seed's outcome; metrics are accuracies in [0, 1] (mean per attribute for multi-label).
-
-    ``final_test_loss`` is the task loss (cross-entropy) on test after the final epoch: finer-grained
-    than accuracy on small test splits. ``best_val`` / ``best_val_epoch`` (1-based) come from the
-    validation curve only.
-    """
+    """One seed's outcome: the final-epoch test score (and val score, an extra) plus curves."""
 
     seed: int
-    final_test: float
-    final_test_loss: float
-    final_val: float
-    best_val: float
-    best_val_epoch: int
-    val_curve: list[float] = field(default_factory=list)
+    test: float
+    val: float = float("nan")
     train_loss_curve: list[float] = field(default_factory=list)
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> float:
-    """Top-1 accuracy (single-label, labels int64 (N,)) or mean per-attribute accuracy
-    (multi-label, labels float32 (N, C) multi-hot, threshold at logit 0). NaN for no samples."""
-    if labels.shape[0] == 0:
-        return float("nan")
-    if multi_label:
-        return ((logits > 0).float() == labels).float().mean().item()
-    return (logits.argmax(1) == labels).float().mean().item()
-
-
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """Cross-entropy (single-label) or binary cross-entropy with logits (multi-label)."""
-    if multi_label:
-        return F.binary_cross_entropy_with_logits(logits, labels)
-    return F.cross_entropy(logits, labels)
-
-
-def loss_value(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> float:
-    """:func:`task_loss` as a float, NaN for no samples."""
-    if labels.shape[0] == 0:
-        return float("nan")
-    return task_loss(logits.float(), labels, multi_label).item()
-
-
-def best_of(val_curve: list[float]) -> tuple[float, int]:
-    """(best validation accuracy, its 1-based epoch); the earliest epoch wins ties; (nan, 0) when
-    every value is NaN (an empty validation split)."""
-    scored = [(v, i) for i, v in enumerate(val_curve) if not math.isnan(v)]
-    if not scored:
-        return float("nan"), 0
-    value, index = max(scored, key=lambda t: (t[0], -t[1]))
-    return value, index + 1
-
-
-def summarise(runs: list[SeedRun], split_sizes: dict[str, int], config: dict[str, Any]) -> dict[str, Any]:
-    """The reported numbers of ``runs`` (one per seed): final-epoch test mean and std, extras, runs."""
+def summarise(runs: list[SeedRun], metric: Metric, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Mean and population std of the final test scores of ``runs`` (one per seed), with the runs."""
     if not runs:
         raise ValueError("summarise needs at least one seed run")
-    finals = [r.final_test for r in runs]
+    tests = [r.test for r in runs]
     return {
-        "final_test_mean": statistics.fmean(finals),
-        "final_test_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
-        "final_test_min": min(finals),
-        "final_test_max": max(finals),
-        "final_test_loss_mean": statistics.fmean(r.final_test_loss for r in runs),
-        "final_test_loss_std": statistics.pstdev(r.final_test_loss for r in runs) if len(runs) > 1 else 0.0,
-        "final_val_mean": statistics.fmean(r.final_val for r in runs),
-        "best_val_mean": statistics.fmean(r.best_val for r in runs),
-        "seeds": [r.seed for r in runs],
-        "split_sizes": dict(split_sizes),
-        "config": config,
-        "runs": [asdict(r) for r in runs],
+        "metric": metric.name, "unit": metric.unit, "higher_is_better": metric.higher_is_better,
+        "mean": statistics.fmean(tests), "std": statistics.pstdev(tests) if len(tests) > 1 else 0.0,
+        "min": min(tests), "max": max(tests), "seeds": [r.seed for r in runs],
+        "val_mean": statistics.fmean(r.val for r in runs),
+        "runs": [asdict(r) for r in runs], **(extra or {}),
     }

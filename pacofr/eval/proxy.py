@@ -12,7 +12,7 @@ No labelled face set (identities, expressions, attributes) installs offline (see
     pre-training; :func:`demo_overlap` counts it.
 
 A proxy is written once as a class-per-folder tree of PNG files (``face/lfw_000.png``...) and then
-read like any user folder, so it takes the same split rule (:mod:`pacofr.eval.labelled`).
+read like any user folder, so it takes the same split rule (:mod:`pacofr.eval.splits`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pacofr.eval.labelled import LabelledSet, load_labelled
+from pacofr.eval.labelled import LabelledSet
+from pacofr.eval.readers import read_folder
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +82,16 @@ def proxy_set(source: str) -> ProxySet:
     return PROXIES[name]
 
 
-def open_labelled(source: str | Path, scratch: Path) -> LabelledSet:
-    """A labelled set from a folder, a CSV file, or ``proxy:NAME`` (written under ``scratch``)."""
-    if not is_proxy(str(source)):
-        return load_labelled(source)
-    proxy = proxy_set(str(source))
+def open_proxy(source: str, scratch: Path) -> LabelledSet:
+    """The labelled set of ``proxy:NAME``, written under ``scratch`` on first use."""
+    proxy = proxy_set(source)
     root = Path(scratch) / proxy.name
     if not root.is_dir():
         proxy.write(root)
         logger.info("wrote proxy set %s to %s", proxy.name, root)
-    return load_labelled(root)
+    data = read_folder(root)
+    data.source = PROXY_PREFIX + proxy.name
+    return data
 
 
 def demo_overlap() -> int:

@@ -1,4 +1,10 @@
-"""Writing evaluation results: the environment stamp, JSON, a markdown table and a bar plot."""
+"""Writing evaluation results: the environment stamp, JSON, markdown tables of a grid, and a plot.
+
+A grid (:func:`pacofr.eval.grid.evaluate_grid`) becomes one table per protocol: a row per
+(row, feature pool), a column per task, cells ``mean ± std`` over seeds in the task's unit. An
+encoder cell that does not beat HOG under the same protocol (HOG's linear probe for fine-tunes)
+is marked :data:`BELOW_HOG`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import json
 import math
 import platform
 import sys
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -15,8 +22,13 @@ import torch
 
 from pacofr.version import __version__
 
-_KIND_LABELS = {"linear_probe": "linear probe (frozen)", "finetune": "fine-tune"}
 _PACKAGES = ("timm", "numpy", "scikit-image", "safetensors", "triton")
+BELOW_HOG = "†"
+HOG_ROW = "HOG"
+PROTOCOL_TITLES = {"linear": "Linear probe (frozen features; ridge for age and landmarks)",
+                   "knn": "k-NN (cosine, k = 20, frozen features)",
+                   "mlp": "Small trained head (MLP on frozen features; age and landmarks)",
+                   "finetune": "Short full fine-tune"}
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -36,112 +48,150 @@ def environment(device: str) -> dict[str, Any]:
             "platform": platform.platform(), "device": where}
 
 
+def clean_json(value: Any) -> Any:
+    """``value`` with non-finite floats as None and tuples as lists (what :func:`write_json` writes)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
     """``payload`` as indented JSON (NaN written as null) at ``path``."""
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {str(k): clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(payload), indent=2) + "\n")
+    path.write_text(json.dumps(clean_json(payload), indent=2) + "\n")
     return path
 
 
-def _pm(result: dict[str, Any] | None) -> str:
-    if not result:
-        return "-"
-    return f"{result['final_test_mean']:.3f} ± {result['final_test_std']:.3f}"
+def _results(row: dict[str, Any], task: str, protocol: str) -> list[dict[str, Any]]:
+    return [r for r in row["tasks"].get(task, {}).get("results", []) if r["protocol"] == protocol]
 
 
-def _loss(result: dict[str, Any] | None) -> str:
-    if not result:
-        return "-"
-    return f"{result['final_test_loss_mean']:.3f} ± {result['final_test_loss_std']:.3f}"
+def _fmt(value: float | None, like: float | None = None) -> str:
+    """``value`` with 1 decimal when ``like`` (default: itself) is at least 10 in size, else 2."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    like = value if like is None or (isinstance(like, float) and math.isnan(like)) else like
+    return f"{value:.1f}" if abs(like) >= 10 else f"{value:.2f}"
 
 
-def _extra(result: dict[str, Any] | None) -> str:
-    return "-" if not result else f"{result['best_val_mean']:.3f}"
+def _anchor(rows: Sequence[dict[str, Any]], task: str, protocol: str) -> dict[str, Any] | None:
+    hog = next((r for r in rows if r["name"] == HOG_ROW), None)
+    if hog is None:
+        return None
+    found = _results(hog, task, protocol if protocol != "finetune" else "linear")
+    return found[0] if found else None
 
 
-def markdown_table(compare: dict[str, Any]) -> str:
-    """The results of :func:`pacofr.eval.compare.run_compare` as a markdown section."""
-    budget, data = compare["budget"], compare["data"]
-    has_ft = any(e.get("finetune") for e in compare["encoders"])
-    head = ["encoder", "pre-training", "linear probe: test acc", "probe: test cross-entropy", "probe best-val (extra)"]
-    if has_ft:
-        head += ["fine-tune: test acc", "fine-tune: test cross-entropy", "fine-tune best-val (extra)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for enc in compare["encoders"]:
-        pre = enc.get("pretraining")
-        pre_text = (f"{pre['method']}, {pre['steps']} steps, {pre['epochs']} epochs" if pre else "none (initial weights)")
-        row = [enc["name"], pre_text, _pm(enc["linear_probe"]), _loss(enc["linear_probe"]), _extra(enc["linear_probe"])]
-        if has_ft:
-            row += [_pm(enc.get("finetune")), _loss(enc.get("finetune")), _extra(enc.get("finetune"))]
-        lines.append("| " + " | ".join(row) + " |")
-    sizes, env = data["split_sizes"], compare["environment"]
-    probe = compare["probe"]
-    seeds = len(probe["config"]["seeds"])
-    text = [
-        f"### {compare['title']}",
-        "",
-        (f"Measured {env['date']} on {env['device']} (pacofr {env['versions']['pacofr']}, "
-         f"torch {env['versions']['torch']}, timm {env['versions']['timm']})."),
-        "",
-        (f"Budget, equal for every pre-training: config `{budget['config']}`, {budget['images']} training images, "
-         f"{budget['steps']} optimiser steps ({budget['epochs']} epochs x {budget['steps_per_epoch']} steps, batch "
-         f"{budget['batch_size']}), {budget['img_size']} px, patch {budget['patch_size']}, encoder {budget['encoder']}, "
-         f"seed {budget['seed']}. Random init = the common starting weights of the runs."),
-        "",
-        (f"Probe data: `{data['source']}`, {data['num_images']} images, split train/val/test = "
-         f"{sizes['train']}/{sizes['val']}/{sizes['test']}. {probe['pool']} features, standardised; "
-         f"{probe['config']['epochs']} probe epochs; ± = std over {seeds} probe seeds (one pre-training seed)."),
-        "",
-        ("Test numbers are those after the final epoch (mean ± std over seeds); the best validation epoch is an "
-         "extra and never selects a test number."),
-        "",
-        *lines,
-        "",
-        "Caveats:",
-        *[f"- {c}" for c in compare["caveats"]],
-        "",
-    ]
-    return "\n".join(text)
+def _cell(result: dict[str, Any], anchor: dict[str, Any] | None, is_encoder: bool) -> str:
+    text = f"{_fmt(result['mean'])} ± {_fmt(result['std'], result['mean'])}"
+    if is_encoder and anchor is not None:
+        mean, ref = result["mean"], anchor["mean"]
+        if mean is None or ref is None or not (mean > ref if result["higher_is_better"] else mean < ref):
+            text += f" {BELOW_HOG}"
+    return text
 
 
-def bar_plot(compare: dict[str, Any], path: Path) -> Path:
-    """Bars of final-epoch test accuracy (mean, std error bars) per encoder, probe and fine-tune."""
+def protocol_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str], protocol: str,
+                   titles: dict[str, str]) -> list[str]:
+    """Markdown lines of one protocol's table (empty when no row ran it)."""
+    lines = []
+    for row in rows:
+        pools = []
+        for task in tasks:
+            pools += [r["pool"] for r in _results(row, task, protocol) if r["pool"] not in pools]
+        for pool in pools:
+            label = row["name"] if row["kind"] == "baseline" else f"{row['name']} ({pool})"
+            cells = []
+            for task in tasks:
+                found = [r for r in _results(row, task, protocol) if r["pool"] == pool]
+                cells.append(_cell(found[0], _anchor(rows, task, protocol), row["kind"] == "encoder") if found else "-")
+            lines.append("| " + " | ".join([label, *cells]) + " |")
+    if not lines:
+        return []
+    head = ["row (features)", *[titles.get(t, t) for t in tasks]]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines]
+
+
+def grid_tables(rows: Sequence[dict[str, Any]], tasks: Sequence[str], titles: dict[str, str]) -> list[str]:
+    """Markdown sections, one table per protocol, with the HOG legend."""
+    out = []
+    for protocol, title in PROTOCOL_TITLES.items():
+        table = protocol_table(rows, tasks, protocol, titles)
+        if table:
+            out += [f"#### {title}", "", *table, ""]
+    if any(r["name"] == HOG_ROW for r in rows):
+        out += [f"{BELOW_HOG}: does not beat HOG on that task (HOG under the same protocol; for fine-tunes, HOG's "
+                "linear probe).", ""]
+    return out
+
+
+def metric_line(rows: Sequence[dict[str, Any]], tasks: Sequence[str], titles: dict[str, str]) -> str:
+    """One sentence naming each task's metric and whether higher or lower is better."""
+    parts = []
+    for task in tasks:
+        for row in rows:
+            results = row["tasks"].get(task, {}).get("results", [])
+            if results:
+                r = results[0]
+                parts.append(f"{titles.get(task, task)}: {r['metric']} in {r['unit']}, "
+                             f"{'higher' if r['higher_is_better'] else 'lower'} is better")
+                break
+    return "; ".join(parts) + "."
+
+
+def score_vs_time_plot(rows: Sequence[dict[str, Any]], tasks: Sequence[str], titles: dict[str, str],
+                       path: Path, title: str) -> Path:
+    """One figure, a panel per task: the linear probe score (mean pool; tokens for landmarks) of every
+    encoder row against its pre-training CPU seconds (``info["cpu_s"]``, 0 for random init), rows of
+    one method joined by a line; baselines as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    encoders = compare["encoders"]
-    kinds = [k for k in ("linear_probe", "finetune") if any(e.get(k) for e in encoders)]
-    width = 0.8 / len(kinds)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(encoders), 3.6), dpi=120)
-    for j, kind in enumerate(kinds):
-        means = [e[kind]["final_test_mean"] if e.get(kind) else float("nan") for e in encoders]
-        stds = [e[kind]["final_test_std"] if e.get(kind) else 0.0 for e in encoders]
-        xs = [i + (j - (len(kinds) - 1) / 2) * width for i in range(len(encoders))]
-        bars = ax.bar(xs, means, width=width, yerr=stds, capsize=4, label=_KIND_LABELS[kind])
-        for bar, mean, std in zip(bars, means, stds, strict=True):
-            if not math.isnan(mean):
-                ax.annotate(f"{mean:.3f}", (bar.get_x() + bar.get_width() / 2, mean + std), ha="center",
-                            va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
-    chance = compare["data"].get("chance")
-    if chance is not None:
-        ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"majority-class baseline ({chance:.2f})")
-    ax.set_xticks(range(len(encoders)), [e["name"] for e in encoders])
-    ax.set_ylim(0.0, 1.05)
-    ax.set_ylabel("test accuracy, final epoch\n(mean ± std over seeds)")
-    ax.set_title(compare["plot_title"], fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    columns = min(3, len(tasks))
+    lines_of = math.ceil(len(tasks) / columns)
+    fig, axes = plt.subplots(lines_of, columns, figsize=(4.2 * columns, 3.3 * lines_of), dpi=110, squeeze=False)
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        methods: dict[str, list[tuple[float, float, float]]] = {}
+        unit = ""
+        for row in rows:
+            found = [r for r in _results(row, task, "linear") if r["pool"] in ("mean", "tokens", row["name"])] or \
+                _results(row, task, "linear")
+            if not found:
+                continue
+            result = found[0]
+            unit = result["metric"] + (f" ({result['unit']})" if len(result["unit"]) <= 8 else "")
+            if row["kind"] == "baseline":
+                ax.axhline(result["mean"], linestyle="--", linewidth=1, color="grey")
+                ax.annotate(row["name"], (0, result["mean"]), fontsize=7, color="grey", xytext=(2, 2),
+                            textcoords="offset points")
+                continue
+            for method in row["info"].get("curves", [row["name"]]):
+                methods.setdefault(method, []).append((float(row["info"].get("cpu_s", 0.0)), result["mean"],
+                                                       result["std"]))
+        for method, points in methods.items():
+            points.sort()
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                        capsize=3, label=method)
+        ax.set_title(titles.get(task, task), fontsize=9)
+        ax.set_xlabel("pre-training CPU seconds", fontsize=8)
+        ax.set_ylabel(unit, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

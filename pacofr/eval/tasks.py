@@ -1,13 +1,13 @@
 """Registry of evaluation tasks: each becomes ``pacofr eval <name>``.
 
 A task is an :class:`EvalTask`: its own command-line arguments and a function that evaluates an
-already loaded encoder (:class:`pacofr.eval.encoders.LoadedEncoder`) and returns a JSON-friendly
-result with a one-line ``headline``. The ``eval`` command supplies what every task shares (the
-encoder source ``--checkpoint``, ``--out``, ``--seeds``, ``--device``), loads the encoder and
+already opened row (:class:`pacofr.eval.extractors.Extractor`: an encoder or a baseline) and
+returns a JSON-friendly result with a one-line ``headline``. The ``eval`` command supplies what
+every task shares (``--checkpoint``, ``--out``, ``--seeds``, ``--device``), opens the row and
 writes ``OUT/<name>.json``.
 
-Adding a task (a face-parsing or landmark head, say) is one new module that calls
-:func:`register` at import time, plus its name in :data:`TASK_MODULES`; nothing else changes.
+Adding a task (a face-parsing head, say) is one new module that calls :func:`register` at import
+time, plus its name in :data:`TASK_MODULES`; nothing else changes.
 """
 
 from __future__ import annotations
@@ -20,9 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pacofr.eval.encoders import LoadedEncoder
+    from pacofr.eval.extractors import Extractor
 
-TASK_MODULES: tuple[str, ...] = ("pacofr.eval.classification",)
+TASK_MODULES: tuple[str, ...] = ("pacofr.eval.user_tasks", "pacofr.eval.face_task_commands")
+#: protocols of :mod:`pacofr.eval.evaluate` (frozen-feature ones first) and encoder feature pools
+#: of :mod:`pacofr.eval.features`, named here so the command line is built without importing torch
+PROTOCOLS: tuple[str, ...] = ("linear", "knn", "mlp", "finetune")
+POOLS: tuple[str, ...] = ("cls", "mean", "cls+mean", "tokens")
 
 
 @dataclass(frozen=True)
@@ -32,18 +36,19 @@ class TaskContext:
     seeds: tuple[int, ...]
     device: str
     scratch: Path  # a temporary folder the task may write (e.g. a materialised proxy set)
+    batch_size: int = 64  # images per feature-extraction batch
 
 
 @dataclass(frozen=True)
 class EvalTask:
-    """One evaluation: ``add_arguments(parser)`` adds its options; ``run(encoder, args, context)``
+    """One evaluation: ``add_arguments(parser)`` adds its options; ``run(extractor, args, context)``
     returns a JSON-friendly dict holding at least ``headline`` (one line for the terminal).
     ``run`` raises ValueError naming the offending argument on bad input."""
 
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[LoadedEncoder, argparse.Namespace, TaskContext], dict[str, Any]]
+    run: Callable[[Extractor, argparse.Namespace, TaskContext], dict[str, Any]]
 
 
 _TASKS: dict[str, EvalTask] = {}

@@ -2,7 +2,8 @@
 
 Public op: :func:`nearest_token`. Backends: ``torch`` (the chunked reference below, any device),
 ``triton`` (:mod:`pacofr.kernels.nearest_token`; tile sizes not tuned on a GPU yet) and ``cuda``
-(``csrc/nearest_token.cu``; a SIMT fp32 kernel without tensor cores, compile-checked only so far).
+(``csrc/nearest_token.cu`` on the tensor-core ranking of ``csrc/code_ranking.h``: fp16/bf16 MMAs,
+exact fp32 on FMAs; compile-checked only so far, not yet run on a GPU).
 
 Every backend ranks codes by the same fp32 *score* and breaks ties the same way:
 
@@ -292,10 +293,14 @@ def _nearest_token_triton(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
 @register(OP_NAME, "cuda", auto_order=AUTO_ORDER)
 def _nearest_token_cuda(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
                         index_dtype: torch.dtype, allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    del allow_tf32  # the SIMT kernel multiplies in exact fp32 FMAs: it never uses TF32
+    """``csrc/nearest_token.cu``: fp16/bf16 on 16-bit tensor-core MMAs, fp32 by the precision given.
+
+    The kernel takes ``input_precision`` ``"ieee"`` (exact fp32 FMAs), ``"tf32"`` or ``"tf32x3"``;
+    until the public op passes one, fp32 stays exact (``allow_tf32`` is documented as ignored here).
+    """
+    del allow_tf32
     _check_code_count(codebook.shape[0])
     terms = code_terms(codebook, metric)
     distances, indices = new_outputs(x.shape[0], k, index_dtype, x.device)
-    torch.ops.pacofr_cuda.nearest_token(x.contiguous(), codebook.contiguous(), terms, metric == "cosine",
-                                        distances, indices)
+    torch.ops.pacofr_cuda.nearest_token(x, codebook, terms, metric == "cosine", "ieee", distances, indices)
     return distances, indices

@@ -440,8 +440,8 @@ class _CudaLaunchers:
                 straight_through: bool) -> tuple[torch.Tensor, _Saved]:
         code_stat = _code_stat(codebook, metric)
         token, indices, weights, raw, q_norm = torch.ops.pacofr_cuda.soft_assign(
-            q.contiguous(), codebook.contiguous(), code_stat, tau.contiguous(), m, metric == "cosine",
-            straight_through, NORM_EPS)
+            q, codebook, code_stat, tau, m, metric == "cosine", straight_through, NORM_EPS,
+            "ieee")  # fp32 ranking in exact fp32, as the triton backend's
         return token, _Saved(indices, weights, raw, q_norm, code_stat)
 
     @staticmethod

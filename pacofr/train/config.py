@@ -22,6 +22,7 @@ from pacofr.models.config import ModelConfig
 from pacofr.train.fields import ConfigError, from_dict, merge_into, set_by_path, to_dict
 
 Precision = Literal["bf16", "fp16", "fp32"]
+DataLayout = Literal["prepared", "crops"]
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -31,9 +32,13 @@ class DataConfig:
 
     ``root``: ``"demo"`` for the embedded real-face demo set, else a folder of aligned crops
     (``pacofr.data.datasets.AlignedFaceDataset``). Images are resized to ``model.img_size``.
+    ``layout``: ``"prepared"``, a folder written by ``pacofr prepare``; ``"crops"``, images that
+    are already face crops (a folder, ``.zip`` or ``.npz``), used as they are with the template
+    region map (``pacofr.data.datasets.CroppedFaceDataset``).
     """
 
     root: str = "demo"
+    layout: DataLayout = "prepared"
     augment: bool = True  # flip (with left/right landmark swap), small similarity and colour jitter
     num_workers: int = 0
     pin_memory: bool = True  # only takes effect on CUDA
@@ -57,6 +62,8 @@ class TrainConfig:
     epochs: int = 100
     max_steps: int = 0  # stop after this many optimiser steps (0: run all epochs); the schedule
     #                     still spans all epochs, so a run can be cut short and resumed exactly
+    total_steps: int = 0  # length of the run and of its lr schedule in optimiser steps, whatever
+    #                       the epochs (0: epochs x steps per epoch); e.g. a compute budget in steps
     batch_size: int = 64
     accum_steps: int = 1
     base_lr: float = 1.5e-4
@@ -85,7 +92,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "incubation_epochs", "skip_nonfinite", "log_every", "viz_every",
+        for name in ("max_steps", "total_steps", "incubation_epochs", "skip_nonfinite", "log_every", "viz_every",
                      "num_viz", "ckpt_every", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -22,19 +22,32 @@ UNSET_ROOT = "???"
 
 def build_dataset(data: DataConfig, image_size: int) -> Dataset:
     """The training set of ``data`` at ``image_size`` px: the packaged demo faces (``root="demo"``),
-    a folder prepared as image files, or one prepared as tar shards."""
+    a folder prepared as image files or as tar shards (``layout="prepared"``), or already-cropped
+    faces in a folder, ``.zip`` or ``.npz`` (``layout="crops"``), read where they are."""
     from pacofr.data import AlignedFaceDataset, Augment, ShardFaceDataset, demo_dataset
-    from pacofr.data.storage import SHARDS_DIR
+    from pacofr.data.datasets import CroppedFaceDataset
+    from pacofr.data.image_sets import open_image_set
+    from pacofr.data.storage import INDEX_NAME, SHARDS_DIR
 
     augment = Augment() if data.augment else None
     if data.root == "demo":
         return demo_dataset(image_size=image_size, augment=augment)
     if data.root in ("", UNSET_ROOT):
         raise ConfigError("data.root is not set: pass --set data.root=DIR with a folder written by "
-                          "`pacofr prepare`, or data.root=demo for the packaged demo faces")
+                          "`pacofr prepare` (or of face crops with data.layout=crops), or data.root=demo "
+                          "for the packaged demo faces")
     root = Path(data.root).expanduser()
+    if data.layout == "crops":
+        try:
+            return CroppedFaceDataset(open_image_set(root), image_size=image_size, augment=augment)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"data.root={data.root!r} (data.layout=crops): {err}") from err
     if not root.is_dir():
         raise ConfigError(f"data.root={data.root!r} is not a folder")
+    if not (root / INDEX_NAME).is_file():
+        raise ConfigError(f"data.root={data.root!r} has no {INDEX_NAME}, so it was not written by `pacofr prepare`; "
+                          "for a folder (or .zip / .npz) of images that are already face crops, pass "
+                          "--set data.layout=crops")
     cls = ShardFaceDataset if (root / SHARDS_DIR).is_dir() else AlignedFaceDataset
     return cls(root, image_size=image_size, augment=augment)
 
@@ -49,18 +62,22 @@ def alignment_recipe_of(dataset: Dataset) -> dict[str, Any]:
     return recipe.to_dict()
 
 
-def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, overwrite: bool = False) -> TrainResult:
+def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, overwrite: bool = False,
+                    dataset: Dataset | None = None) -> TrainResult:
     """Build the data set and model of ``cfg`` and train (under ``torchrun`` on every rank).
 
     ``resume``: a checkpoint, checkpoints folder or run folder to continue from exactly.
     ``overwrite``: a fresh run may delete an earlier run's files in ``train.out_dir``.
+    ``dataset``: train on this data set instead of the one ``cfg.data`` describes (items as
+    :mod:`pacofr.data.datasets` gives them; e.g. the train splits of evaluation sets).
     """
     from pacofr.models import build_model
 
     owns_group = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(cfg.train.device)
     try:
-        dataset = build_dataset(cfg.data, cfg.model.img_size)
+        if dataset is None:
+            dataset = build_dataset(cfg.data, cfg.model.img_size)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
         trainer = Trainer(cfg, model, dataset, dist_info=info, recipe=alignment_recipe_of(dataset))

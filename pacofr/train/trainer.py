@@ -149,7 +149,7 @@ class Trainer:
                               f"train.batch_size={self.tc.batch_size} x train.accum_steps={self.tc.accum_steps} "
                               f"x {self.dist.world_size} process(es); lower train.batch_size")
         self.steps_per_epoch = self.batches_per_epoch // self.tc.accum_steps
-        self.total_steps = self.steps_per_epoch * self.tc.epochs
+        self.total_steps = self.tc.total_steps or self.steps_per_epoch * self.tc.epochs
         self.effective_batch = self.tc.batch_size * self.tc.accum_steps * self.dist.world_size
         self.schedule = LRSchedule(peak_lr=scaled_lr(self.tc.base_lr, self.effective_batch),
                                    total_steps=self.total_steps,

@@ -1,0 +1,50 @@
+// Tile shapes and shared-memory layout of the code-ranking kernel (csrc/code_ranking_kernel.h),
+// host-testable arithmetic shared by the kernel and its launcher.
+//
+// A block of 8 warps (4 along rows x 2 along codes) owns kRows query rows and walks the codebook
+// in tiles of kCodes = 128 codes. A warp computes M_TILES x 16 rows by 64 codes (8 MMA n-tiles);
+// M_TILES is 2 for k <= 4 and 1 above (the top-k lists live in registers: 2 * M_TILES rows of KP
+// keys per lane). D is consumed in chunks of 64 bytes (two 32-byte MMA k-slabs) through a
+// kStages-deep cp.async ring of code chunks. The query tile stays in shared memory for the whole
+// codebook ("resident") when it fits next to the ring; otherwise each ring stage also carries the
+// query chunk ("streaming", every code tile re-reads the query tile from L2).
+// Row pitches are 16 bytes more than a multiple of 64 so that ldmatrix's eight 16-byte row reads
+// fall in distinct banks.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "host_device.h"
+
+namespace pacofr {
+namespace ranking {
+
+constexpr int kWarpsM = 4;
+constexpr int kWarpsN = 2;
+constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+constexpr int kNTiles = 8;                     // n8 MMA tiles per warp
+constexpr int kWarpCodes = 8 * kNTiles;        // 64
+constexpr int kCodes = kWarpsN * kWarpCodes;   // 128 codes per block tile
+constexpr int kChunkBytes = 64;                // D bytes per ring stage
+constexpr int kStagePitch = kChunkBytes + 16;  // bytes per row in a ring stage
+constexpr int kStages = 3;
+
+PACOFR_HD constexpr int m_tiles_for(int kp) { return kp <= 4 ? 2 : 1; }
+PACOFR_HD constexpr int block_rows_for(int kp) { return kWarpsM * 16 * m_tiles_for(kp); }
+
+PACOFR_HD int64_t chunks_for(int64_t dim_bytes) { return (dim_bytes + kChunkBytes - 1) / kChunkBytes; }
+
+// Row pitch of the resident query tile.
+PACOFR_HD int64_t resident_pitch(int64_t dim_bytes) { return chunks_for(dim_bytes) * kChunkBytes + 16; }
+
+PACOFR_HD int64_t resident_shared_bytes(int rows, int64_t dim_bytes) {
+  return rows * resident_pitch(dim_bytes) + static_cast<int64_t>(kStages) * kCodes * kStagePitch;
+}
+
+PACOFR_HD int64_t streaming_shared_bytes(int rows) {
+  return static_cast<int64_t>(kStages) * (kCodes + rows) * kStagePitch;
+}
+
+}  // namespace ranking
+}  // namespace pacofr
