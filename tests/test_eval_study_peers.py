@@ -3,9 +3,12 @@ runs recorded before their config fields existed are still reused."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
+from _eval_helpers import run_eval, write_face_root
 
 from pacofr.eval.study import StudyConfig, Variant, _same_config, flops_per_image, parse_variant, pretrain_config
 from pacofr.models import ModelConfig
@@ -43,3 +46,28 @@ def test_a_run_recorded_before_new_config_fields_is_reused(tmp_path: Path) -> No
     unknown = {**stored, "model": {**stored["model"], "gone": 1}}
     for other in (changed, unknown, None, "config"):
         assert not _same_config(other, run_cfg)
+
+
+def test_a_tiny_study_pretrains_and_evaluates_the_peers(tmp_path: Path) -> None:
+    root = write_face_root(tmp_path / "data")
+    config = tmp_path / "tiny_study.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"preset": "tiny", "backend": "torch", "peer_hidden_dim": 64, "peer_proj_dim": 32},
+        "data": {"layout": "crops", "augment": True},
+        "train": {"total_steps": 3, "batch_size": 16, "base_lr": 0.016, "warmup_epochs": 0.2, "log_every": 1},
+    }))
+    argv = ["study", "--config", str(config), "--variant", "mcf", "--variant", "fra", "--tasks", "olivetti",
+            "--baselines", "", "--protocols", "knn", "--seeds", "1", "--data-root", str(root),
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert run_eval(argv) == 0
+    result = json.loads((tmp_path / "out" / "study.json").read_text())
+    runs = {(r["variant"]["name"], r["budget"]): r for r in result["pretraining"]}
+    assert set(runs) == {("MCF-style", "equal-steps"), ("FRA-style", "equal-steps"), ("FRA-style", "equal-compute")}
+    assert runs[("MCF-style", "equal-steps")]["config"]["model"]["method"] == "mcf"
+    assert {"loss/con", "loss/feat", "loss/rec"} <= set(runs[("MCF-style", "equal-steps")]["final_epoch_losses"])
+    assert {"loss/global", "loss/local", "loss/cluster"} <= set(runs[("FRA-style", "equal-steps")]["final_epoch_losses"])
+    names = [row["name"] for row in result["rows"]]
+    assert names[0] == "random init" and any(n.startswith("MCF-style") for n in names) and \
+        any(n.startswith("FRA-style, equal-compute") for n in names)
+    for row in result["rows"]:
+        assert {r["protocol"] for r in row["tasks"]["olivetti"]["results"]} == {"knn"}
