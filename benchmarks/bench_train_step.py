@@ -14,6 +14,7 @@ Rows, per encoder (ViT-S/16, ViT-B/16 at 224 px), batch (64, 256) and step kind:
 - ``paco_incubation``: PaCo-FR in the incubation phase (nearest-prototype labels k*, L_bp, L_code);
 - ``paco_end_to_end``: PaCo-FR after incubation (L_align);
 - ``mae``: the MAE-face control (``method="mae"``);
+- ``mcf``, ``fra``: the MCF-style and FRA-style peers (``method="mcf"`` / ``"fra"``);
 
 each with ``cfg.backend="torch"`` and ``"auto"`` (the fused kernels where available; the row
 records which backend every op resolved to). Before any time is recorded, the ``auto`` model,
@@ -41,7 +42,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.harness import SMOKE_TIER, Bench, time_steps_ms
-from pacofr.models import ModelConfig, PaCoFR
+from pacofr.models import ModelConfig, build_model
 from pacofr.ops._dispatch import backend_status, registered_ops
 from pacofr.train.config import TrainConfig
 from pacofr.train.regions import RegionAssigner
@@ -50,7 +51,7 @@ FAMILY = "train_step"
 #: step kind -> (ModelConfig.method, incubation)
 STEP_KINDS: dict[str, tuple[str, bool]] = {"paco_incubation": ("paco", True),
                                            "paco_end_to_end": ("paco", False),
-                                           "mae": ("mae", False)}
+                                           "mae": ("mae", False), "mcf": ("mcf", False), "fra": ("fra", False)}
 #: tier -> (warm-up steps, timed steps)
 STEP_COUNTS = {"quick": (3, 10), "full": (5, 30), SMOKE_TIER: (0, 1)}
 #: loss terms of the checked backend vs the torch backend: |a - b| <= RTOL * |b| + ATOL
@@ -123,7 +124,7 @@ def _autocast(shape: Shape, device: torch.device) -> contextlib.AbstractContextM
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def gate_step(model: PaCoFR, shape: Shape, inputs: StepInputs, device: torch.device
+def gate_step(model: torch.nn.Module, shape: Shape, inputs: StepInputs, device: torch.device
               ) -> tuple[dict[str, float], torch.Tensor]:
     """Loss terms and the flat fp32 gradient (all parameters, zeros where none) of one forward and
     backward, masks from a generator seeded with 0. Leaves no gradient and no codebook work behind."""
@@ -166,7 +167,7 @@ def check_losses(backend: str, shape: Shape, got: dict[str, float], want: dict[s
     return worst
 
 
-def make_step(model: PaCoFR, shape: Shape, inputs: StepInputs, device: torch.device) -> Callable[[], torch.Tensor]:
+def make_step(model: torch.nn.Module, shape: Shape, inputs: StepInputs, device: torch.device) -> Callable[[], torch.Tensor]:
     """One optimiser step as the trainer does it (see the module docstring); returns the detached loss."""
     train = TrainConfig()
     optimizer = torch.optim.AdamW(model.param_groups(train.weight_decay), lr=train.base_lr, betas=train.betas)
@@ -223,7 +224,7 @@ def bench_shape(bench: Bench, tier: str, shape: Shape) -> None:
     """Build the torch model, then check, time and record every backend of ``tier`` on ``shape``."""
     device = bench.device
     torch.manual_seed(0)
-    reference = PaCoFR(model_config(shape, "torch")).to(device)
+    reference = build_model(model_config(shape, "torch")).to(device)
     state = copy.deepcopy(reference.state_dict())
     del reference
     inputs = make_inputs(shape, model_config(shape, "torch"), device)
@@ -235,7 +236,7 @@ def bench_shape(bench: Bench, tier: str, shape: Shape) -> None:
             if not ok:
                 bench.skip(FAMILY, backend, why)
                 continue
-        model = PaCoFR(model_config(shape, backend)).to(device)
+        model = build_model(model_config(shape, backend)).to(device)
         model.load_state_dict(state)
         model.train()
         losses, grads = gate_step(model, shape, inputs, device)

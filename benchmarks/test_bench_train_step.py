@@ -21,7 +21,7 @@ from benchmarks.bench_train_step import (
     model_config,
 )
 from benchmarks.conftest import ON_GPU
-from pacofr.models import PaCoFR
+from pacofr.models import build_model
 
 pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed (pip install pytest-benchmark)")
 
@@ -29,14 +29,14 @@ PRESET, SIZE, BATCH = ("vit_small", 224, 64) if ON_GPU else ("tiny", 32, 2)
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
-@pytest.mark.parametrize("step_kind", ["paco_incubation", "paco_end_to_end", "mae"])
+@pytest.mark.parametrize("step_kind", ["paco_incubation", "paco_end_to_end", "mae", "mcf", "fra"])
 def test_train_step(benchmark, bench_device: torch.device, step_kind: str, backend: str) -> None:
     shape = Shape(PRESET, SIZE, BATCH, step_kind)
     torch.manual_seed(0)
-    reference = PaCoFR(model_config(shape, "torch")).to(bench_device)
+    reference = build_model(model_config(shape, "torch")).to(bench_device)
     inputs = make_inputs(shape, reference.cfg, bench_device)
     want_losses, want_grads = gate_step(reference, shape, inputs, bench_device)
-    model = PaCoFR(model_config(shape, backend)).to(bench_device)
+    model = build_model(model_config(shape, backend)).to(bench_device)
     model.load_state_dict(copy.deepcopy(reference.state_dict()))
     del reference
     got_losses, got_grads = gate_step(model, shape, inputs, bench_device)

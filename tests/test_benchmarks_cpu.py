@@ -73,7 +73,7 @@ def test_cpu_smoke_runs_the_compiled_and_eager_baselines(smoke_dir: Path) -> Non
     assert {("nearest_token", "dense_compiled"), ("soft_assign", "reference_compiled"), ("soft_assign", "dense"),
             ("soft_assign", "onehot"), ("patches", "mae_compiled")} <= impls
     steps = {row["shape"]["step"] for row in _load(smoke_dir, "train_step")["rows"]}
-    assert steps == {"paco_incubation", "paco_end_to_end", "mae"}
+    assert steps == {"paco_incubation", "paco_end_to_end", "mae", "mcf", "fra"}
 
 
 def test_a_wrong_implementation_fails_the_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -43,7 +43,7 @@ def test_overrides_are_typed() -> None:
     ("train.epochs=1.5", r"train.epochs: expected an integer, got 1.5"),
     ("train.epochs=many", r"train.epochs: expected an integer, got 'many'"),
     ("train.compile=maybe", r"train.compile: expected a boolean"),
-    ("model.method=vae", r"model.method: expected one of \['paco', 'mae'\]"),
+    ("model.method=vae", r"model.method: expected one of \['paco', 'mae', 'mcf', 'fra'\]"),
     ("train.betas=[0.9]", r"train.betas: expected 2 values"),
     ("train.precision=fp8", r"train.precision: expected one of"),
     ("train.batch_size=0", r"train.*batch_size must be >= 1"),

@@ -1,4 +1,4 @@
-"""``pacofr pretrain``: PaCo-FR (or MAE-face) pre-training from a preset or YAML config.
+"""``pacofr pretrain``: PaCo-FR (or MAE-face, MCF-style, FRA-style) pre-training from a preset or YAML config.
 
 Examples::
 
@@ -37,8 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="a fresh run into a folder that holds an earlier run deletes that run's "
                              "checkpoints, scalars and pictures (without it the run refuses to start)")
-    parser.add_argument("--method", choices=("paco", "mae"), default=None,
-                        help="shorthand for --set model.method=...: PaCo-FR or the MAE-face control")
+    parser.add_argument("--method", default=None, metavar="METHOD",
+                        help="shorthand for --set model.method=METHOD: paco (PaCo-FR), mae (the MAE-face "
+                             "control), mcf or fra (the MCF-style / FRA-style peers)")
     parser.set_defaults(func=run)
 
 

@@ -43,7 +43,7 @@ from pacofr.eval.report import environment, grid_tables, metric_line, score_vs_t
 
 logger = logging.getLogger(__name__)
 
-METHOD_NAMES = {"paco": "PaCo-FR", "mae": "MAE-face"}
+METHOD_NAMES = {"paco": "PaCo-FR", "mae": "MAE-face", "mcf": "MCF-style", "fra": "FRA-style"}
 PRETRAIN_TASKS = ("utkface-gender", "fer2013")
 RESULT_FILES = ("study.json", "study.md", "study.png")
 RUN_RECORD = "study_run.json"
@@ -162,13 +162,13 @@ def flops_per_image(model_cfg: Any, batch: int = 4) -> dict[str, float]:
     forward pass, counted by ``torch.utils.flop_counter`` on the torch backend (CPU)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pacofr.models import PaCoFR
+    from pacofr.models import build_model
     from pacofr.train.regions import RegionAssigner
     from pacofr.train.seeding import isolated_rng
 
     cfg = model_cfg.replace(backend="torch")
     with isolated_rng(0):
-        model = PaCoFR(cfg).train()
+        model = build_model(cfg).train()
         images = torch.rand(batch, 3, cfg.img_size, cfg.img_size)
         regions = RegionAssigner(cfg)({"image": images, "landmarks": torch.zeros(batch, 5, 2)})
         out: dict[str, float] = {}
@@ -186,6 +186,19 @@ def flops_per_image(model_cfg: Any, batch: int = 4) -> dict[str, float]:
     return out
 
 
+def _same_config(stored: Any, run_cfg: Any) -> bool:
+    """Whether a finished run's recorded config is ``run_cfg``; fields added to the config since the
+    run was recorded count at their defaults (the run trained with them)."""
+    from pacofr.train.config import PretrainConfig
+
+    if not isinstance(stored, dict):
+        return False
+    try:
+        return PretrainConfig.from_dict(stored).to_dict() == run_cfg.to_dict()
+    except (ValueError, TypeError):  # a field that no longer exists, or a value it no longer takes
+        return False
+
+
 def _pretrain(cfg: StudyConfig, variant: Variant, steps: int | None, budget: str, work: Path,
               dataset: Any) -> dict[str, Any]:
     """Pre-train one variant (or reuse a finished identical run in ``work``); its record."""
@@ -196,7 +209,7 @@ def _pretrain(cfg: StudyConfig, variant: Variant, steps: int | None, budget: str
     record_path = out_dir / RUN_RECORD
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        if record.get("config") == run_cfg.to_dict() and Path(record["checkpoint"]).is_dir():
+        if _same_config(record.get("config"), run_cfg) and Path(record["checkpoint"]).is_dir():
             logger.info("%s (%s): reusing the finished run in %s", variant.name, budget, out_dir)
             return record
     load_before = os.getloadavg()

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Method = Literal["paco", "mae"]
+Method = Literal["paco", "mae", "mcf", "fra"]
 MaskMode = Literal["region", "random", "block"]
 RegionSource = Literal["template", "landmarks"]
 ReplaceFrom = Literal["visible", "masked", "all"]
@@ -60,7 +60,8 @@ class ModelConfig:
     """
 
     # --- method: "paco" = PaCo-FR; "mae" = MAE-face control (random mae_mask_ratio mask, no
-    #     codebook, no spatial consistency; the masking / codebook / sc flags are then ignored)
+    #     codebook, no spatial consistency; the masking / codebook / sc flags are then ignored);
+    #     "mcf" / "fra": the MCF-style and FRA-style peers (their block at the end of this class)
     method: Method = "paco"
 
     # --- encoder: a plain timm VisionTransformer (class token, no classifier head)
@@ -90,7 +91,7 @@ class ModelConfig:
     r_mask: float = 0.75  # masked fraction of the patches (MAE-face's mae_mask_ratio by default)
     r_rep: float = 0.1
     replace_from: ReplaceFrom = "visible"
-    mae_mask_ratio: float = 0.75  # method="mae" only
+    mae_mask_ratio: float = 0.75  # method="mae" and "mcf" only
 
     # --- patch codebook and Belief Predictor
     codebook_size: int = 4096  # K
@@ -310,3 +311,48 @@ class ModelConfig:
         need(self.eq_max_scale < 1, f"eq_max_scale must be < 1, got {self.eq_max_scale}")
         need(self.alpha_rep <= 1, f"alpha_rep must be <= 1 (a replaced patch never outweighs a masked one), "
                                   f"got {self.alpha_rep}")
+        self._validate_peer_methods(need)
+
+    # ==========================================================================================
+    # MCF-style and FRA-style pre-training (method="mcf" | "fra"; docs/method.md "Peer methods").
+    # Both keep a momentum (EMA) branch whose momentum follows teacher_momentum ->
+    # teacher_momentum_end like PaCo-FR's teacher; MCF masks each view with mae_mask_ratio;
+    # FRA's second view is a known similarity transform bounded by eq_max_rotation / eq_max_scale /
+    # eq_max_shift, matched where it covers the first by eq_min_overlap.
+    # ==========================================================================================
+    peer_hidden_dim: int = 2048  # hidden width of the projector / predictor MLPs of MCF and FRA
+    peer_proj_dim: int = 256  # output width of the projectors and predictors
+    # --- MCF: L = w_mcf_rec L_rec + w_mcf_feat L_feat + w_mcf_con L_con
+    mcf_temperature: float = 0.2  # InfoNCE temperature of the class-token contrast
+    # feature-reconstruction target: "ema" = the EMA teacher's patch features of the full image;
+    # otherwise the frozen target network: a timm model folder (or pacofr export), a pacofr training
+    # run / checkpoint, or "timm:NAME" (timm.create_model(NAME, pretrained=True)); "" = no L_feat
+    mcf_target: str = "ema"
+    w_mcf_rec: float = 1.0
+    w_mcf_feat: float = 1.0
+    w_mcf_con: float = 1.0
+    # --- FRA: L = w_fra_global L_global + w_fra_local L_local + w_fra_cluster L_cluster
+    fra_regions: int = 8  # learned facial regions (mask embeddings); <= 16 keeps soft_assign fused
+    fra_region_dim: int = 128  # width of the per-patch projection and of the region embeddings
+    fra_tau: float = 0.1  # temperature of the student's region heatmaps (cosine / tau)
+    fra_sinkhorn_eps: float = 0.05  # temperature of the teacher scores the balanced targets start from
+    fra_sinkhorn_iters: int = 3
+    w_fra_global: float = 1.0
+    w_fra_local: float = 1.0
+    w_fra_cluster: float = 1.0
+
+    def _validate_peer_methods(self, need: Any) -> None:
+        """The MCF / FRA flags (called by :meth:`validate`)."""
+        for name in ("peer_hidden_dim", "peer_proj_dim", "fra_regions", "fra_region_dim", "fra_sinkhorn_iters"):
+            need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("mcf_temperature", "fra_tau", "fra_sinkhorn_eps"):
+            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("w_mcf_rec", "w_mcf_feat", "w_mcf_con", "w_fra_global", "w_fra_local", "w_fra_cluster"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.fra_regions >= 2, f"fra_regions must be >= 2 (a partition into regions), got {self.fra_regions}")
+        if self.method == "mcf":
+            need(self.encoder_mask == "drop", "method='mcf' encodes the visible patches of each masked view: it "
+                 f"needs encoder_mask='drop', got {self.encoder_mask!r}")
+            need(round(self.mae_mask_ratio * self.num_patches) >= 1,
+                 f"method='mcf' needs masked patches: round(mae_mask_ratio * L) = 0 (mae_mask_ratio="
+                 f"{self.mae_mask_ratio}, L={self.num_patches})")

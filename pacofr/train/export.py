@@ -117,13 +117,13 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, teacher: bool = 
     file (each written to a temporary name, then renamed). The checkpoint is verified first
     (:class:`~pacofr.checkpoint.CorruptCheckpointError` when it is corrupted).
     """
-    from pacofr.models import PaCoFR
+    from pacofr.models import build_model
     from pacofr.train.config import PretrainConfig
 
     check_export_target(out_dir)
     loaded = ckpt.load_checkpoint(checkpoint)
     cfg = PretrainConfig.from_dict(loaded.meta["config"])
-    model = PaCoFR(cfg.model)
+    model = build_model(cfg.model)
     ckpt.load_weights(model, loaded)
     encoder = model.teacher if teacher else model.encoder
     if encoder is None:

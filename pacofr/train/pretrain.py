@@ -71,7 +71,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, overw
     ``dataset``: train on this data set instead of the one ``cfg.data`` describes (items as
     :mod:`pacofr.data.datasets` gives them; e.g. the train splits of evaluation sets).
     """
-    from pacofr.models import PaCoFR
+    from pacofr.models import build_model
 
     owns_group = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(cfg.train.device)
@@ -79,7 +79,7 @@ def run_pretraining(cfg: PretrainConfig, resume: str | Path | None = None, overw
         if dataset is None:
             dataset = build_dataset(cfg.data, cfg.model.img_size)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
-        model = PaCoFR(cfg.model)
+        model = build_model(cfg.model)
         trainer = Trainer(cfg, model, dataset, dist_info=info, recipe=alignment_recipe_of(dataset))
         return trainer.fit(resume_from=resume, overwrite=overwrite)
     finally:

@@ -408,7 +408,7 @@ class Trainer:
         as ``reconstructions.png`` (rank 0; the training RNG streams are not touched)."""
         if not self.dist.is_main or self.tc.num_viz == 0:
             return None
-        from pacofr.viz import save_reconstruction_grid
+        from pacofr.viz import GRID_ROWS, save_reconstruction_grid
 
         batch = self._viz_inputs()
         images = batch["image"].to(self.device)
@@ -420,7 +420,8 @@ class Trainer:
             panels = self.model.reconstruct(images, region_ids, generator=generator)
         self.model.train(was_training)
         panels = {k: v.float().cpu() for k, v in panels.items()}
-        step_png = save_reconstruction_grid(panels, self.out_dir / VIZ_DIR / f"step_{self.state.step:08d}.png")
+        step_png = save_reconstruction_grid(panels, self.out_dir / VIZ_DIR / f"step_{self.state.step:08d}.png",
+                                            rows=getattr(self.model, "panel_rows", GRID_ROWS))
         latest = self.out_dir / RECONSTRUCTIONS_FILE
         latest.write_bytes(step_png.read_bytes())
         return latest
