@@ -102,11 +102,16 @@ def test_landmark_map_turns_with_the_face(grid):
     assert torch.equal(ids, expected)
 
 
-def test_landmark_map_is_mirror_symmetric(generator):
+def _mirror_relabel() -> torch.Tensor:
+    """(NUM_REGIONS,) int64: the region id of each region's mirror image (left and right swapped)."""
     swap = {}
     for left, right in MIRROR_PAIRS:
         swap[ID[left]], swap[ID[right]] = ID[right], ID[left]
-    relabel = torch.tensor([swap.get(k, k) for k in range(NUM_REGIONS)])
+    return torch.tensor([swap.get(k, k) for k in range(NUM_REGIONS)])
+
+
+def test_landmark_map_is_mirror_symmetric(generator):
+    relabel = _mirror_relabel()
     for grid in (14, 7):
         for _ in range(10):
             noise = torch.randn(5, 2, generator=generator, dtype=torch.float64) * 4
@@ -116,6 +121,21 @@ def test_landmark_map_is_mirror_symmetric(generator):
             ids = landmark_region_ids(landmarks, grid).view(grid, grid)
             ids_mirrored = landmark_region_ids(mirrored, grid).view(grid, grid)
             assert torch.equal(relabel[torch.flip(ids, dims=(1,))], ids_mirrored)
+
+
+def test_landmarks_sharing_a_patch_keep_mirror_symmetry():
+    # both eyes in the centre cell of a 7 x 7 grid (32 px): the eye nearer the cell centre owns it,
+    # whatever the landmark order, so the mirrored face gets the mirrored map (the order decided before)
+    relabel = _mirror_relabel()
+    landmarks = torch.from_numpy(template_for_size(224)).double()
+    landmarks[0] = torch.tensor([99.0, 105.0])  # cell (3, 3), 12.5 px from its centre (111.5, 111.5)
+    landmarks[1] = torch.tensor([120.0, 105.0])  # the same cell, 8.5 px from it
+    mirrored = landmarks[list(FLIP_PERMUTATION)].clone()
+    mirrored[:, 0] = 223 - mirrored[:, 0]
+    ids = landmark_region_ids(landmarks, 7).view(7, 7)
+    ids_mirrored = landmark_region_ids(mirrored, 7).view(7, 7)
+    assert int(ids[3, 3]) == ID["eye_right"] and int(ids_mirrored[3, 3]) == ID["eye_left"]
+    assert torch.equal(relabel[torch.flip(ids, dims=(1,))], ids_mirrored)
 
 
 def test_landmark_map_of_a_real_turned_face_keeps_its_parts():

@@ -12,7 +12,8 @@ else one of the six periphery regions around the face (``hair`` above the forehe
 the chin, and on each side ``temple_*`` above ``PERIPHERY_SPLIT_T`` and ``jaw_*`` below it), so
 every patch belongs to a region of comparable size and structured masking can cover the whole
 budget with whole regions. Then the patch that contains each landmark is given that landmark's
-region, so the eyes, the nose and the mouth own their patches on every grid, however coarse. The
+region (the landmark nearest the patch centre where several share one), so the eyes, the nose and
+the mouth own their patches on every grid, however coarse. The
 template map is the same rule applied to the template landmarks.
 """
 
@@ -166,8 +167,14 @@ def landmark_region_ids(landmarks: torch.Tensor | np.ndarray, grid: int = 14, im
     patch = image_size / grid
     cells = torch.clamp(torch.floor((points + 0.5) / patch), 0, grid - 1).to(torch.int64)
     cell_index = cells[..., 1] * grid + cells[..., 0]  # (..., 5)
-    for landmark, region in enumerate(LANDMARK_REGIONS):
-        ids.scatter_(-1, cell_index[..., landmark:landmark + 1], region)
+    # landmarks sharing a cell: the one nearest the cell centre is written last and wins, so the rule
+    # does not depend on the landmark order (a mirrored face gets the mirrored map)
+    offset = (points + 0.5) - (cells.to(points.dtype) + 0.5) * patch  # (..., 5, 2)
+    order = offset.square().sum(dim=-1).argsort(dim=-1, descending=True, stable=True)  # (..., 5)
+    regions = torch.tensor(LANDMARK_REGIONS, device=device).expand_as(cell_index)
+    for rank in range(order.shape[-1]):
+        landmark = order[..., rank:rank + 1]
+        ids.scatter_(-1, cell_index.gather(-1, landmark), regions.gather(-1, landmark))
     return ids
 
 
