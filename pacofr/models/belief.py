@@ -203,9 +203,11 @@ class PatchCodebook(nn.Module):
     @torch.no_grad()
     def nearest_prototype(self, patches: torch.Tensor) -> torch.Tensor:
         """Labels k* = argmin_k ||x - prototype_k||^2: patches (N, P) -> (N,) int64 (a row holding NaN,
-        which nearest_token leaves without a code, gets 0: its losses are NaN and the step is skipped)."""
-        _, idx = nearest_token(patches.float().contiguous(), self.prototype_table().contiguous(), k=1, metric="l2",
-                               precision=self.precision, backend=self.backend)
+        which nearest_token leaves without a code, gets 0: its losses are NaN and the step is skipped).
+        Autocast is off: under it the torch backend's score GEMM would run in bf16."""
+        with full_precision(patches.device):
+            _, idx = nearest_token(patches.float().contiguous(), self.prototype_table().contiguous(), k=1,
+                                   metric="l2", precision=self.precision, backend=self.backend)
         return idx[:, 0].clamp_min(0)
 
     @torch.no_grad()
@@ -226,8 +228,9 @@ class PatchCodebook(nn.Module):
         weights = assignment.weights.float()
         entropy = -(torch.special.xlogy(weights, weights)).sum(dim=-1)
         stats = {"cand_entropy": entropy.mean(), "cand_top1_weight": weights[:, 0].mean()}
-        chosen = codes.detach()[assignment.indices]  # (N, M, dc) unit rows
-        cosine = torch.einsum("nd,nmd->nm", chosen[:, 0], chosen[:, 1:])
+        chosen = codes.detach().float()[assignment.indices]  # (N, M, dc) unit rows
+        with full_precision(chosen.device):
+            cosine = torch.einsum("nd,nmd->nm", chosen[:, 0], chosen[:, 1:])
         stats["cand_dup_fraction"] = ((cosine > DUPLICATE_COSINE).any(dim=-1).float().mean() if cosine.shape[1]
                                       else torch.zeros((), device=weights.device))
         if labels is not None:
