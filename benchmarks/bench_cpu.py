@@ -139,7 +139,7 @@ def bench_nearest(bench: Bench, shape: bench_nearest_token.Shape, oracles: Modul
             impls[name] = peer
     reference = impls[OURS]()
     checks = {name: bench_nearest_token.check(name, shape, x, codebook, fn(), reference,
-                                              bench_nearest_token.CHECK_REL_TOL["exact"])
+                                              bench_nearest_token.CHECK_REL_TOL["ieee"])
               for name, fn in impls.items()}
     record_shape(bench, {"op": "nearest_token", **asdict(shape)}, impls, checks)
 
