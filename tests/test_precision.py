@@ -213,3 +213,16 @@ def test_patch_codebook_passes_its_precision(monkeypatch: pytest.MonkeyPatch) ->
     book.soft_token(q, book.codes())
     book.nearest_prototype(torch.randn(10, cfg.patch_dim))
     assert seen == ["bf16", "bf16"]
+
+
+def test_torch_backends_ignore_autocast(generator: torch.Generator) -> None:
+    """Autocast must not round the reference's products (the fused kernels ignore it too)."""
+    x, codebook = clustered(generator)
+    want_d, want_i = nearest_token(x, codebook, 3, backend="torch")
+    want = soft_assign(x, codebook, 4, 0.1, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_d, got_i = nearest_token(x, codebook, 3, backend="torch")
+        got = soft_assign(x, codebook, 4, 0.1, backend="torch")
+    assert torch.equal(got_i, want_i) and torch.equal(got_d, want_d)
+    assert torch.equal(got.indices, want.indices) and got.token.dtype == torch.float32
+    torch.testing.assert_close(got.token, want.token, atol=0, rtol=0)
