@@ -195,7 +195,7 @@ def select_top_m(q: torch.Tensor, codebook: torch.Tensor, m: int, metric: str, p
     """
     compute = _compute_dtype(q.dtype)
     cb = codebook.to(compute)
-    codes_t = round_operands(cb, precision).t()
+    codes_t = round_operands(cb, precision).t().contiguous()  # (D, K): a transposed view halves the GEMM rate
 
     def prepare_rows(rows: torch.Tensor) -> torch.Tensor:
         return round_operands(rows.to(compute), precision)
