@@ -175,18 +175,29 @@ def training_runs(out: Path, seed: int) -> dict[str, list[dict[str, float]]]:
 
 
 def plot_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
+    """Loss per step of every setting, and each one's difference from ``ieee`` (the exact run)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for precision, rows in curves.items():
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=precision, linewidth=1.2)
-    ax.set_xlabel("optimiser step")
+    fig, (ax, diff) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    exact = {r["step"]: r["loss"] for r in curves.get("ieee", [])}
+    for number, (precision, rows) in enumerate(curves.items()):
+        colour = f"C{number}"
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=precision, linewidth=1.2, color=colour)
+        if exact and precision != "ieee":
+            shared = [r for r in rows if r["step"] in exact]
+            diff.plot([r["step"] for r in shared], [r["loss"] - exact[r["step"]] for r in shared], label=precision,
+                      linewidth=1.0, color=colour)
+    ax.set_yscale("log")
     ax.set_ylabel("total loss")
-    ax.set_title("demo pre-training per codebook precision (CPU, torch backend, same seed)")
+    ax.set_title("demo pre-training per codebook precision (CPU, same seed)")
     ax.legend()
+    diff.axhline(0.0, color="grey", linewidth=0.6)
+    diff.set_xlabel("optimiser step")
+    diff.set_ylabel("loss - loss at ieee")  # tf32x3 is exact fp32 on the CPU: its line is the run-to-run noise
+    diff.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

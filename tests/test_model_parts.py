@@ -54,7 +54,7 @@ def test_nearest_prototype_is_the_pixel_argmin(prototypes: str, generator: torch
 
 
 def test_belief_losses_and_soft_token(generator: torch.Generator) -> None:
-    cfg = ModelConfig.preset("tiny", num_candidates=3, tau_b=0.2)
+    cfg = ModelConfig.preset("tiny", num_candidates=3, tau_b=0.2, codebook_precision="ieee")  # exact math
     book = PatchCodebook(cfg)
     q = F.normalize(torch.randn(6, cfg.code_dim, generator=generator), dim=1)
     codes = book.codes()

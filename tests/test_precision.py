@@ -221,7 +221,7 @@ def test_patch_codebook_labels_ignore_autocast(generator: torch.Generator) -> No
     from pacofr.models import belief
     from pacofr.models.config import ModelConfig
 
-    cfg = ModelConfig.preset("tiny", backend="torch")
+    cfg = ModelConfig.preset("tiny", backend="torch", codebook_precision="ieee")
     book = belief.PatchCodebook(cfg)
     patches = torch.randn(8192, cfg.patch_dim, generator=generator)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -232,3 +232,16 @@ def test_patch_codebook_labels_ignore_autocast(generator: torch.Generator) -> No
     clear = (best[:, 1] - best[:, 0]) > 1e-5 * best[:, 0]
     assert clear.sum() > 8000
     assert torch.equal(labels[clear], distance.argmin(dim=1)[clear])
+
+
+def test_torch_backends_ignore_autocast(generator: torch.Generator) -> None:
+    """Autocast must not round the reference's products (the fused kernels ignore it too)."""
+    x, codebook = clustered(generator)
+    want_d, want_i = nearest_token(x, codebook, 3, backend="torch")
+    want = soft_assign(x, codebook, 4, 0.1, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_d, got_i = nearest_token(x, codebook, 3, backend="torch")
+        got = soft_assign(x, codebook, 4, 0.1, backend="torch")
+    assert torch.equal(got_i, want_i) and torch.equal(got_d, want_d)
+    assert torch.equal(got.indices, want.indices) and got.token.dtype == torch.float32
+    torch.testing.assert_close(got.token, want.token, atol=0, rtol=0)

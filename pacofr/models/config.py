@@ -172,9 +172,13 @@ class ModelConfig:
     pixel_std: tuple[float, float, float] = IMAGENET_STD
 
     # --- backend of the pacofr.ops calls, and the precision of the codebook score products (the
-    #     rankings of nearest_token / soft_assign and the belief softmaxes; pacofr.ops.precision)
+    #     rankings of nearest_token / soft_assign and the belief softmaxes; pacofr.ops.precision).
+    #     tf32: TF32 tensor cores on a GPU; on real face patches 99.98 % of the lookups and 99.2-99.9 %
+    #     of the candidate sets equal float64's, and the demo loss curve is that of exact fp32
+    #     (docs/precision). "ieee" is exact fp32; "bf16" is faster on paper but changes up to 6 % of
+    #     the candidate sets and has no cuda-backend path for fp32 inputs.
     backend: Backend = "auto"
-    codebook_precision: CodebookPrecision = "ieee"
+    codebook_precision: CodebookPrecision = "tf32"
 
     def __post_init__(self) -> None:
         self.pixel_mean = tuple(float(v) for v in self.pixel_mean)  # type: ignore[assignment]

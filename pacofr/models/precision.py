@@ -1,15 +1,11 @@
-"""Full-precision regions inside bf16 autocast (lookups, norms and softmax run in fp32)."""
+"""Full-precision regions inside bf16 autocast (lookups, norms and softmax run in fp32).
+
+:func:`full_precision` lives in :mod:`pacofr.ops.precision` (the ops' torch backends use it too);
+the model code imports it from here.
+"""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from pacofr.ops.precision import full_precision
 
-import torch
-
-
-@contextlib.contextmanager
-def full_precision(device: torch.device) -> Iterator[None]:
-    """Disable autocast on ``device``'s type for the block; inputs must be cast to fp32 by the caller."""
-    with torch.autocast(device_type=device.type, enabled=False):
-        yield
+__all__ = ["full_precision"]

@@ -48,14 +48,16 @@ def ranking_tiles(dtype: torch.dtype, input_precision: str, cast_bf16: bool, kp:
 
     16-bit operands (bf16/fp16 inputs, or fp32 cast to bf16) take 64-wide D chunks for the MMA,
     TF32 ones 32; the exact fp32 path multiplies on CUDA cores, where 64-row tiles keep its
-    accumulator and candidate keys in registers. Under Triton's interpreter big tiles run fastest.
+    accumulator and candidate keys in registers. 3xTF32 holds a high and a low part of both
+    operand tiles, so it takes 64-row tiles too (128 rows spilled on sm_80). Under Triton's
+    interpreter big tiles run fastest.
     """
     if interpreting:
         return RankingTiles(block_n=64, block_k=64, block_d=32, num_warps=4, num_stages=1)
     sixteen_bit = dtype != torch.float32 or cast_bf16
     if not sixteen_bit and input_precision == "ieee":
         return RankingTiles(block_n=64, block_k=64, block_d=32, num_warps=8, num_stages=3)
-    block_n = 128 if kp <= 4 else 64
+    block_n = 128 if kp <= 4 and input_precision != "tf32x3" else 64
     return RankingTiles(block_n=block_n, block_k=64, block_d=64 if sixteen_bit else 32, num_warps=8, num_stages=3)
 
 

@@ -37,7 +37,13 @@ from pacofr.ops._checks import (
 from pacofr.ops._dispatch import get_op, register
 from pacofr.ops._selection import smallest_k
 from pacofr.ops._tiles import ranking_tiles
-from pacofr.ops.precision import check_precision, cuda_input_precision, kernel_precision, round_operands
+from pacofr.ops.precision import (
+    check_precision,
+    cuda_input_precision,
+    full_precision,
+    kernel_precision,
+    round_operands,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +225,7 @@ def nearest_token_reference(x: torch.Tensor, codebook: torch.Tensor, k: int, met
     values. ``codes_per_chunk`` overrides the block width (tests). No argument checks: call
     :func:`nearest_token` for those.
     """
-    codes_t = round_operands(codebook.float(), precision).t()
+    codes_t = round_operands(codebook.float(), precision).t().contiguous()  # (D, K): a transposed view halves the GEMM rate
     terms = code_terms(codebook, metric)
     if metric == "l2":
         def score_block(rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
@@ -254,7 +260,8 @@ def squared_norms(x: torch.Tensor, buffer_elements: int = REFERENCE_BUFFER_ELEME
 @register(OP_NAME, "torch", auto_order=AUTO_ORDER)
 def _nearest_token_torch(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
                          index_dtype: torch.dtype, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return nearest_token_reference(x, codebook, k, metric, index_dtype, precision)
+    with full_precision(x.device):  # under autocast torch.mm would round to bf16 behind precision's back
+        return nearest_token_reference(x, codebook, k, metric, index_dtype, precision)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,9 +21,14 @@ distances ``nearest_token`` reports carry the score's error.
 The torch reference implements each setting by rounding the fp32 operands exactly as the GPU does
 (:func:`round_operands`) and multiplying in exact fp32, so the CPU reproduces the GPU's
 semantics (``tf32x3`` is treated as exact fp32 there: its error is below fp32 accumulation noise).
+Autocast does not reach the ops: their torch backends run under :func:`full_precision`, as the
+fused kernels ignore it, so ``precision`` alone decides the rounding on every backend.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -86,3 +91,10 @@ def cuda_input_precision(op: str, precision: str, dtype: torch.dtype) -> str:
         raise ValueError(f"{op}: the cuda backend has no precision='bf16' path for float32 inputs; use "
                          "backend='triton', a TF32 precision, or bfloat16 inputs")
     return input_precision
+
+
+@contextlib.contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """Disable autocast on ``device``'s type for the block; inputs must be cast to fp32 by the caller."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield

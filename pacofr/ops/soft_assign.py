@@ -39,7 +39,13 @@ from pacofr.ops._checks import FLOAT_DTYPES, check_choice, check_int, check_same
 from pacofr.ops._dispatch import get_op, register, requested_backend
 from pacofr.ops._selection import smallest_k
 from pacofr.ops._tiles import gather_block_d, ranking_tiles, register_ceiling
-from pacofr.ops.precision import check_precision, cuda_input_precision, kernel_precision, round_operands
+from pacofr.ops.precision import (
+    check_precision,
+    cuda_input_precision,
+    full_precision,
+    kernel_precision,
+    round_operands,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +195,7 @@ def select_top_m(q: torch.Tensor, codebook: torch.Tensor, m: int, metric: str, p
     """
     compute = _compute_dtype(q.dtype)
     cb = codebook.to(compute)
-    codes_t = round_operands(cb, precision).t()
+    codes_t = round_operands(cb, precision).t().contiguous()  # (D, K): a transposed view halves the GEMM rate
 
     def prepare_rows(rows: torch.Tensor) -> torch.Tensor:
         return round_operands(rows.to(compute), precision)
@@ -272,8 +278,9 @@ def codebook_stats_reference(indices: torch.Tensor, num_codes: int, weights: tor
 @register("soft_assign", "torch")
 def _soft_assign_torch(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float | torch.Tensor,
                        metric: str, straight_through: bool, deterministic: bool, precision: str) -> SoftAssignment:
-    return soft_assign_reference(q, codebook, m, tau, metric=metric, straight_through=straight_through,
-                                 precision=precision)
+    with full_precision(q.device):  # under autocast torch.mm would round to bf16 behind precision's back
+        return soft_assign_reference(q, codebook, m, tau, metric=metric, straight_through=straight_through,
+                                     precision=precision)
 
 
 @register("codebook_stats", "torch")
