@@ -69,10 +69,11 @@ $(GPU_STACK_STAMP): setup.py pyproject.toml
 	@touch $@
 
 # the compile check under Triton 3.6 covers what a GPU lease runs: the quick benchmark shapes and
-# every preset's training step (the full tiers are checked under the newest Triton above)
+# every preset's training step. Triton 3.6 spills 8-24 B in some exact-fp32 / bf16-cast ranking
+# variants off the training path (3.8 spills none): those are warnings there, training-path spills fail
 gpu-stack-tests: $(GPU_STACK_STAMP)
 	$(GPU_STACK_PY) -m pytest -q -p no:cacheprovider $(GPU_STACK_TESTS)
-	env -u TRITON_INTERPRET $(GPU_STACK_PY) -m benchmarks.static --check --no-cuda --tiers quick \
+	env -u TRITON_INTERPRET $(GPU_STACK_PY) -m benchmarks.static --check --no-cuda --tiers quick --spills training \
 		--json $(STATIC_OUT)/static-gpu-stack.json --markdown $(STATIC_OUT)/static-gpu-stack.md
 
 demo: $(STAMP)

@@ -103,6 +103,17 @@ def test_rules():
     assert [v.rule for v in triton_violations(broken)] == ["compile"]
 
 
+def test_spills_off_the_training_path_are_warnings_only_when_asked():
+    from benchmarks.static.policy import triton_checks
+
+    bench, model = _variant(stack=8), _variant(stack=8)
+    bench.origins, model.origins = ["nearest_token N=1 K=2 D=3 k=1 l2 fp32 ieee"], ["model demo step"]
+    assert [len(x) for x in triton_checks([bench, model])] == [2, 0]
+    violations, warnings = triton_checks([bench, model], spills="training")
+    assert [v.rule for v in violations] == ["spills"] and len(warnings) == 1
+    assert triton_checks([_variant(dots=[DotOp("bf16", "ieee")])], spills="training")[0]  # other rules still fail
+
+
 def test_representatives_keep_one_shape_per_specialisation():
     geometries = {(50176, 8192, 256), (37632, 16384, 256), (37632, 1024, 64), (50177, 8192, 256), (1, 8192, 256)}
     # 50176 and 37632 rows (both multiples of 16) with 8192 / 16384 codes compile alike: one is kept

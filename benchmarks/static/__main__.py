@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the full record here")
     parser.add_argument("--markdown", type=Path, help="write the tables here (default: print them)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a rule is broken")
+    parser.add_argument("--spills", choices=("all", "training"), default="all",
+                        help="which Triton spills break the rules: in any kernel (default) or only on a model "
+                             "preset's training path (the others are listed as warnings)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: all cores)")
     return parser.parse_args(argv)
 
@@ -116,16 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     triton_rows = [policy.variant_row(v) for v in variants]
     kernels = [] if args.no_cuda else cuda_kernels()
     cuda_rows = [policy.cuda_row(k) for k in kernels]
-    violations = [v for variant in variants for v in policy.triton_violations(variant)]
+    violations, warnings = policy.triton_checks(variants, spills=args.spills)
     violations += [v for kernel in kernels for v in policy.cuda_violations(kernel)]
     record = {"environment": environment(), "arches": [f"sm_{a}" for a in arches], "triton": triton_rows,
               "cuda": cuda_rows, "cuda_built": bool(kernels) or args.no_cuda,
-              "violations": [vars(v) for v in violations]}
+              "violations": [vars(v) for v in violations], "warnings": [vars(v) for v in warnings]}
     tables = [*policy.triton_summary(triton_rows), "", *(policy.cuda_summary(cuda_rows) if cuda_rows else
               ["pacofr._C: " + ("skipped (--no-cuda)" if args.no_cuda else "not built; no CUDA table")])]
     if violations:
         tables += ["", f"{len(violations)} violations:", *(f"- {v.rule}: {v.kernel} on {v.arch}: {v.detail}"
                                                            for v in violations)]
+    if warnings:
+        tables += ["", f"{len(warnings)} spills outside the training path (warnings with --spills training):",
+                   *(f"- {v.kernel} on {v.arch}: {v.detail}" for v in warnings)]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=1) + "\n")
@@ -135,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         args.markdown.write_text(text)
     else:
         print(text)
-    logger.info("%d Triton variants, %d pacofr._C kernels, %d violations", len(triton_rows), len(cuda_rows),
-                len(violations))
+    logger.info("%d Triton variants, %d pacofr._C kernels, %d violations, %d warnings", len(triton_rows),
+                len(cuda_rows), len(violations), len(warnings))
     return 1 if (args.check and violations) else 0
 
 

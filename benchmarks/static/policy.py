@@ -6,7 +6,8 @@ Rules (a violation makes ``python -m benchmarks.static --check`` exit 1):
 * ``shared-memory``: static + dynamic shared memory of a kernel fits the architecture's per-block
   limit (:data:`SHARED_LIMIT_BYTES`);
 * ``spills``: no kernel uses a stack frame or local-memory loads/stores (register spills), Triton
-  variants and ``pacofr._C`` kernels alike;
+  variants and ``pacofr._C`` kernels alike (``--spills training``: only kernels on a model
+  preset's training path break it; other spills are listed as warnings);
 * ``tensor-cores``: a Triton variant whose ``tt.dot`` has 16-bit operands, or fp32 operands with
   TF32/3xTF32 precision, contains tensor-core instructions (``HMMA`` / ``HGMMA``) in its SASS.
 """
@@ -63,6 +64,18 @@ def triton_violations(variant: Variant) -> list[Violation]:
     return found
 
 
+def triton_checks(variants: list[Variant], spills: str = "all") -> tuple[list[Violation], list[Violation]]:
+    """(violations, warnings) of ``variants``: with ``spills="training"`` a spill breaks the rules only in
+    a variant on a model preset's training path, and the others become warnings."""
+    violations: list[Violation] = []
+    warnings: list[Violation] = []
+    for variant in variants:
+        for found in triton_violations(variant):
+            tolerated = spills == "training" and found.rule == "spills" and not on_training_path(variant)
+            (warnings if tolerated else violations).append(found)
+    return violations, warnings
+
+
 def cuda_violations(kernel: CudaKernel) -> list[Violation]:
     """The rules a ``pacofr._C`` kernel breaks (shared memory here is its static part only)."""
     found = []
@@ -74,6 +87,11 @@ def cuda_violations(kernel: CudaKernel) -> list[Violation]:
     if spill:
         found.append(Violation("spills", kernel.name, kernel.report.arch, spill))
     return found
+
+
+def on_training_path(variant: Variant) -> bool:
+    """Whether a recorded model training step launches ``variant``."""
+    return any(o.startswith("model ") for o in variant.origins)
 
 
 def variant_label(variant: Variant) -> str:
@@ -93,7 +111,7 @@ def variant_row(variant: Variant) -> dict[str, Any]:
         "dots": [f"{d.operand}/{d.precision}" for d in variant.dots],
         "tensor_core_dots": sum(d.wants_tensor_cores for d in variant.dots),
         "origins": variant.origins[:5], "origin_count": len(variant.origins),
-        "training_path": any(o.startswith("model ") for o in variant.origins),
+        "training_path": on_training_path(variant),
     }
     if report is not None:
         row.update(registers=report.resources.registers, stack=report.resources.stack,
