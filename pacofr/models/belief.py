@@ -28,7 +28,7 @@ from torch import nn
 from pacofr.models import code_softmax
 from pacofr.models.codebook import Codebook, pick_distinct_seeds
 from pacofr.models.config import ModelConfig
-from pacofr.models.precision import full_precision
+from pacofr.ops.precision import full_precision
 from pacofr.ops import codebook_stats, nearest_token
 from pacofr.ops.soft_assign import NORM_EPS, SoftAssignment, soft_assign
 

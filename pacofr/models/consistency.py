@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pacofr.models.precision import full_precision
+from pacofr.ops.precision import full_precision
 
 
 def make_teacher(encoder: nn.Module) -> nn.Module:

@@ -37,7 +37,7 @@ from pacofr.models.consistency import invert_affine, make_teacher, random_simila
 from pacofr.models.momentum import MLPHead, MomentumModel
 from pacofr.models.paco import ModelOutput
 from pacofr.models.peer_losses import PROB_FLOOR, cosine_regression, sinkhorn, soft_cross_entropy
-from pacofr.models.precision import full_precision
+from pacofr.ops.precision import full_precision
 from pacofr.models.vit import build_encoder, normalised_images
 from pacofr.ops import soft_assign
 

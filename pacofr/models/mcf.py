@@ -30,7 +30,7 @@ from pacofr.models.consistency import make_teacher
 from pacofr.models.momentum import MLPHead, MomentumModel, encode_kept
 from pacofr.models.paco import ModelOutput, PaCoFR
 from pacofr.models.peer_losses import info_nce
-from pacofr.models.precision import full_precision
+from pacofr.ops.precision import full_precision
 from pacofr.models.target_network import FrozenTargetNetwork, load_target_network
 
 logger = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ from pacofr.models.consistency import (
     warp,
 )
 from pacofr.models.decoder import MAEDecoder
-from pacofr.models.precision import full_precision
+from pacofr.ops.precision import full_precision
 from pacofr.models.vit import (
     add_positions,
     build_encoder,

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pacofr.models.belief import world_size
-from pacofr.models.precision import full_precision
+from pacofr.ops.precision import full_precision
 
 #: probabilities are clamped to this before a log (the smallest normal fp32: log = -87.3)
 PROB_FLOOR = torch.finfo(torch.float32).tiny
