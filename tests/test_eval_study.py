@@ -32,7 +32,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     out, work = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("work")
     argv = ["study", "--config", str(config), "--variant", "paco", "--variant", "MAE-face=mae:model.mae_mask_ratio=0.7",
             "--tasks", "olivetti,ytf-landmarks", "--baselines", "hog", "--protocols", "linear,knn", "--seeds", "2",
-            "--probe-epochs", "10", "--data-root", str(root), "--work", str(work), "--out", str(out), "--device", "cpu"]
+            "--probe-epochs", "10", "--compute-tolerance", "0", "--data-root", str(root), "--work", str(work), "--out",
+            str(out), "--device", "cpu"]
     assert run_eval(argv) == 0
     return out, work, root
 
@@ -96,12 +97,46 @@ def test_a_second_run_reuses_finished_runs_and_rows(study: tuple[Path, Path, Pat
     with caplog.at_level(logging.INFO):
         assert run_eval(["study", "--config", config, "--variant", "paco", "--variant",
                          "MAE-face=mae:model.mae_mask_ratio=0.7", "--tasks", "olivetti,ytf-landmarks", "--baselines",
-                         "hog", "--protocols", "linear,knn", "--seeds", "2", "--probe-epochs", "10", "--data-root",
+                         "hog", "--protocols", "linear,knn", "--seeds", "2", "--probe-epochs", "10", "--compute-tolerance", "0",
+                         "--data-root",
                          str(root), "--work", str(work), "--out", str(tmp_path), "--device", "cpu"]) == 0
     assert caplog.text.count("reusing the finished run") == 3 and caplog.text.count("reusing") == 3 + 5
     assert "training 5 steps" not in caplog.text
     first, second = (json.loads((p / "study.json").read_text()) for p in (out, tmp_path))
     assert first["rows"] == second["rows"]
+
+
+def test_equal_compute_reruns_only_variants_outside_the_tolerance(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A variant whose step count at the first one's CPU budget is within compute_tolerance of its
+    equal-steps count keeps its equal-steps run (marked); the others train again at that count."""
+    from pacofr.eval import study as study_module
+
+    per_step = {"PaCo-FR": 0.40, "near": 0.41, "cheap": 0.30, "dear": 0.80}
+    calls: list[tuple[str, int, str]] = []
+
+    def fake_pretrain(cfg, variant, steps, budget, work, dataset):  # noqa: ANN001, ANN202
+        steps = cfg.steps if steps is None else steps
+        calls.append((variant.name, steps, budget))
+        return {"variant": {"name": variant.name}, "budget": budget, "steps": steps,
+                "cpu_s": per_step[variant.name] * steps, "cpu_s_per_step": per_step[variant.name]}
+
+    monkeypatch.setattr(study_module, "_pretrain", fake_pretrain)
+    variants = tuple(Variant(name, "paco") for name in per_step)
+    cfg = study_module.StudyConfig(data_root="unused", variants=variants, steps=700, compute_tolerance=0.05)
+    runs = study_module.pretrain_all(cfg, Path("unused"), dataset=None)
+    assert calls == [*[(name, 700, "equal-steps") for name in per_step],
+                     ("cheap", round(280 / 0.30), "equal-compute"), ("dear", 350, "equal-compute")]
+    near = runs[1]
+    assert near["budget"] == study_module.MATCHED_BUDGET and near["steps"] == 700
+    assert near["steps_at_compute_target"] == round(280 / 0.41) and near["compute_target_cpu_s"] == 280
+    assert [r["budget"] for r in runs] == ["equal-steps", study_module.MATCHED_BUDGET, "equal-steps", "equal-steps",
+                                           "equal-compute", "equal-compute"]
+    strict = study_module.StudyConfig(data_root="unused", variants=variants, steps=700, compute_tolerance=0.0)
+    calls.clear()
+    study_module.pretrain_all(strict, Path("unused"), dataset=None)
+    assert [c for c in calls if c[2] == "equal-compute"][0] == ("near", round(280 / 0.41), "equal-compute")
+    with pytest.raises(ValueError, match="compute_tolerance"):
+        study_module.StudyConfig(data_root="unused", compute_tolerance=1.5)
 
 
 def test_variant_specs() -> None:

@@ -81,8 +81,9 @@ def _add_faces_parser(tasks: argparse._SubParsersAction) -> None:
 
 def _add_study_parser(tasks: argparse._SubParsersAction) -> None:
     sub = tasks.add_parser(
-        "study", help="pre-train named variants at equal steps and equal compute; evaluate them, random init and "
-                      "baselines on every face task",
+        "study", aliases=["compare"],
+        help="pre-train named variants (peer methods or an ablation grid) at equal steps and equal compute; "
+             "evaluate them, random init and baselines on every face task (alias: compare)",
         description="Pre-trains every --variant on the unlabelled train images of UTKFace and FER-2013 (under "
                     "--data-root) at equal steps and, after the first, at the first one's CPU seconds; evaluates "
                     "them, random init and the baselines on the face tasks; writes study.json, study.md and "
@@ -96,6 +97,9 @@ def _add_study_parser(tasks: argparse._SubParsersAction) -> None:
     sub.add_argument("--steps", type=positive_int, default=None,
                      help="equal-steps budget (default: the config's train.total_steps)")
     sub.add_argument("--no-equal-compute", action="store_true", help="skip the equal-compute runs")
+    sub.add_argument("--compute-tolerance", type=float, default=0.05, metavar="FRACTION",
+                     help="a variant whose step count at the compute budget is within this fraction of its "
+                          "equal-steps count is not run again (default 0.05)")
     sub.add_argument("--baselines", default="raw,pca,hog,lbp", help="comma-separated baselines ('' for none)")
     sub.add_argument("--tasks", default="all", help="'all' or comma-separated face tasks")
     sub.add_argument("--work", required=True, help="folder for the pre-training runs and finished rows (reused when "
@@ -205,6 +209,7 @@ def run_study(args: argparse.Namespace) -> int:
         variants = tuple(parse_variant(v) for v in (args.variant or ["paco", "mae"]))
         cfg = StudyConfig(data_root=data_root(args), config=args.config, overrides=tuple(args.overrides),
                           variants=variants, steps=args.steps, equal_compute=not args.no_equal_compute,
+                          compute_tolerance=args.compute_tolerance,
                           tasks=tuple(parse_task_list(args.tasks)), baselines=_names(args.baselines, BASELINES,
                                                                                        "baselines"),
                           plan=plan_from_args(args, tuple(range(args.seeds)), device, args.feature_batch))

@@ -10,7 +10,9 @@
 * **Equal steps**: every variant trains ``steps`` optimiser steps (the lr schedule spans exactly
   that, ``train.total_steps``). **Equal compute**: the first variant's process CPU seconds are the
   budget; every other variant trains again for ``round(steps x budget / its CPU seconds)`` steps,
-  its CPU cost per step measured by its own equal-steps run. Process CPU time (``time.process_time``:
+  its CPU cost per step measured by its own equal-steps run; a variant whose step count at the budget
+  is within ``compute_tolerance`` (default 5 %) of its equal-steps count is not run again: its
+  equal-steps run stands for equal compute (budget ``equal steps ~ compute``). Process CPU time (``time.process_time``:
   training, data loading, everything the process does) is used rather than wall time, which other
   jobs on a shared machine inflate; both are recorded, with the load average, per run.
 * **FLOPs** per image of a training step (forward + backward, each phase) and of the encoder's
@@ -47,6 +49,7 @@ METHOD_NAMES = {"paco": "PaCo-FR", "mae": "MAE-face", "mcf": "MCF-style", "fra":
 PRETRAIN_TASKS = ("utkface-gender", "fer2013")
 RESULT_FILES = ("study.json", "study.md", "study.png")
 RUN_RECORD = "study_run.json"
+MATCHED_BUDGET = "equal steps ~ compute"  # an equal-steps run within compute_tolerance of the compute budget
 _QUIET = ("train.progress=false", "train.viz_every=0", "train.num_viz=0", "train.ckpt_every=0",
           "train.keep_last=1")
 
@@ -84,7 +87,8 @@ class StudyConfig:
 
     ``config`` / ``overrides``: the pre-training config shared by every variant; ``steps``: the
     equal-steps budget (None: the config's ``train.total_steps``); ``equal_compute``: also run
-    every variant after the first at the first one's CPU seconds; ``tasks``: evaluated tasks;
+    every variant after the first at the first one's CPU seconds, except those whose step count at that
+    budget is within ``compute_tolerance`` (a fraction) of ``steps``; ``tasks``: evaluated tasks;
     ``baselines``: classic rows; ``plan``: protocols and their settings.
     """
 
@@ -94,6 +98,7 @@ class StudyConfig:
     variants: tuple[Variant, ...] = (Variant("PaCo-FR", "paco"), Variant("MAE-face", "mae"))
     steps: int | None = None
     equal_compute: bool = True
+    compute_tolerance: float = 0.05
     tasks: tuple[str, ...] = tuple(FACE_TASKS)
     baselines: tuple[str, ...] = BASELINES
     plan: EvalPlan = field(default_factory=EvalPlan)
@@ -109,6 +114,8 @@ class StudyConfig:
             raise ValueError(f"unknown tasks or baselines {unknown}; tasks: {list(FACE_TASKS)}, baselines: {BASELINES}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not 0.0 <= self.compute_tolerance < 1.0:
+            raise ValueError(f"compute_tolerance must be a fraction in [0, 1), got {self.compute_tolerance}")
 
 
 def pretrain_config(cfg: StudyConfig, variant: Variant, steps: int | None, out_dir: Path) -> Any:
@@ -236,8 +243,12 @@ def pretrain_all(cfg: StudyConfig, work: Path, dataset: Any) -> list[dict[str, A
     runs = [_pretrain(cfg, v, cfg.steps, "equal-steps", work, dataset) for v in cfg.variants]
     if cfg.equal_compute and len(cfg.variants) > 1:
         budget = runs[0]["cpu_s"]
-        for variant, run in zip(cfg.variants[1:], runs[1:], strict=True):
+        for index, (variant, run) in enumerate(zip(cfg.variants[1:], runs[1:], strict=True), start=1):
             steps = max(1, round(budget / run["cpu_s_per_step"]))
+            if abs(steps - run["steps"]) <= cfg.compute_tolerance * run["steps"]:
+                runs[index] = {**run, "budget": MATCHED_BUDGET, "compute_target_cpu_s": budget,
+                               "steps_at_compute_target": steps}
+                continue
             record = _pretrain(cfg, variant, steps, "equal-compute", work, dataset)
             record["compute_target_cpu_s"] = budget
             runs.append(record)
@@ -281,7 +292,7 @@ def markdown_report(study: dict[str, Any]) -> str:
     """The study as a markdown page."""
     env, titles, tasks = study["environment"], study["task_titles"], study["tasks"]
     runs, rows = study["pretraining"], study["rows"]
-    compute = [r for r in runs if r["budget"] == "equal-compute"]
+    compute = [r for r in runs if r["budget"] in ("equal-compute", MATCHED_BUDGET)]
     lines = [
         f"# {study['title']}", "",
         f"Measured {env['date']} on {env['device']} (pacofr {env['versions']['pacofr']}, torch "
@@ -299,7 +310,9 @@ def markdown_report(study: dict[str, Any]) -> str:
         "",
         ("Equal compute: the first variant's process CPU seconds are the budget; every other variant was run again "
          "for round(steps x budget / its own CPU seconds at equal steps) steps, its learning-rate schedule spanning "
-         "exactly those steps. Achieved CPU seconds vs the budget: "
+         "exactly those steps, unless that step count is within "
+         f"{study.get('compute_tolerance', 0.0):.0%} of its equal-steps count: then its equal-steps run stands for "
+         f"equal compute (budget \"{MATCHED_BUDGET}\"). Achieved CPU seconds vs the budget: "
          + ", ".join(f"{r['variant']['name']} {r['cpu_s']:.0f} / {r['compute_target_cpu_s']:.0f}" for r in compute)
          + ". CPU seconds, not wall time, because other jobs shared the 2-core machine (load averages above); "
          "they still vary a little with contention.") if compute else "",
@@ -357,7 +370,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, work_dir: str | Path) -> di
         "pretraining_images": len(images), "pretraining_counts": counts,
         "encoder": (f"ViT {model.img_size} px, patch {model.patch_size}, {model.embed_dim}-d, {model.depth} blocks, "
                     f"{model.num_heads} heads (a timm VisionTransformer with these arguments)"),
-        "pretraining": runs, "plan": plan_dict(cfg.plan), "tasks": list(cfg.tasks), "task_titles": titles,
+        "pretraining": runs, "compute_tolerance": cfg.compute_tolerance, "plan": plan_dict(cfg.plan), "tasks": list(cfg.tasks), "task_titles": titles,
         "task_protocols": {name: data.protocol for name, data in sets},
         "split_sizes": {name: data.split_sizes() for name, data in sets},
         "rows": grid, "caveats": _caveats(runs, model.img_size), "wall_s": round(time.perf_counter() - start, 1),
