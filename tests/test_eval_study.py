@@ -81,6 +81,7 @@ def test_every_row_is_evaluated_on_every_task(study: tuple[Path, Path, Path]) ->
                 assert protocols == {("linear", "tokens"), ("knn", "tokens")}
     report = (out / "study.md").read_text()
     assert "| HOG |" in report and "equal-compute" in report and "Equal compute:" in report
+    assert "Summary: linear probe" in report and "(reference)" in report
     paco = next(r for r in result["rows"] if r["name"].startswith("PaCo-FR"))
     olivetti = next(r for r in paco["tasks"]["olivetti"]["results"] if r["protocol"] == "linear" and r["pool"] == "mean")
     digits = 1 if abs(olivetti["mean"]) >= 10 else 2
@@ -166,3 +167,26 @@ def test_bad_study_arguments_fail_before_any_training(tmp_path: Path, caplog: py
             assert run_eval([*base, *extra]) == 2
         assert expected in caplog.text, (extra, caplog.text)
     assert not (tmp_path / "o").exists() and not any((tmp_path / "w").glob("*/checkpoints"))
+
+
+def _row(name: str, kind: str, task_results: dict[str, list[tuple[str, float, float, float, bool]]]) -> dict:
+    """A grid row: per task, (pool, test mean, std, val mean, higher_is_better) linear results."""
+    return {"name": name, "kind": kind, "tasks": {task: {"results": [
+        {"protocol": "linear", "pool": pool, "mean": mean, "std": std, "val_mean": val, "higher_is_better": hib}
+        for pool, mean, std, val, hib in results]} for task, results in task_results.items()}}
+
+
+def test_summary_table_picks_the_pool_on_validation_and_marks_differences_beyond_the_stds() -> None:
+    from pacofr.eval.report import summary_table
+
+    ref = _row("ref", "encoder", {"acc": [("cls", 50.0, 0.5, 40.0, True), ("mean", 60.0, 0.5, 39.0, True)],
+                                  "err": [("tokens", 10.0, 0.0, 9.0, False)]})
+    # the better test score (mean pool) is not picked: its validation score is lower
+    better = _row("better", "encoder", {"acc": [("cls", 51.0, 0.2, 41.0, True)], "err": [("tokens", 9.5, 0.0, 9.0, False)]})
+    noise = _row("noise", "encoder", {"acc": [("cls", 50.3, 0.4, 40.0, True)], "err": [("tokens", 10.2, 0.0, 9.0, False)]})
+    hog = _row("HOG", "baseline", {"acc": [("hog", 70.0, 0.0, 70.0, True)]})
+    lines = summary_table([hog, ref, better, noise], ["acc", "err"], {"acc": "Acc", "err": "Err"}, reference="ref")
+    assert lines[0] == "| row | Acc | Err |" and len(lines) == 5  # header, rule, three encoder rows (no baseline)
+    assert lines[2] == "| ref (reference) | 50.0 ± 0.5 (cls) | 10.0 ± 0.0 (tokens) |"
+    assert lines[3] == "| better | 51.0 ± 0.2 (cls), Δ +1.00 ▲ | 9.50 ± 0.00 (tokens), Δ -0.50 ▲ |"
+    assert lines[4] == "| noise | 50.3 ± 0.4 (cls), Δ +0.30 | 10.2 ± 0.0 (tokens), Δ +0.20 ▼ |"

@@ -119,6 +119,47 @@ def protocol_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str], protoco
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines]
 
 
+def best_pool_by_val(row: dict[str, Any], task: str, protocol: str = "linear") -> dict[str, Any] | None:
+    """The ``protocol`` result of ``row`` on ``task`` whose feature pool scores best on *validation*
+    (so the choice of pool never looks at test); None when the row did not run it."""
+    found = [r for r in _results(row, task, protocol) if r.get("val_mean") is not None]
+    if not found:
+        return None
+    sign = 1.0 if found[0]["higher_is_better"] else -1.0
+    return max(found, key=lambda r: sign * r["val_mean"])
+
+
+def summary_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str], titles: dict[str, str],
+                  reference: str, protocol: str = "linear") -> list[str]:
+    """One line per encoder row: its ``protocol`` score per task (the pool picked on validation) and
+    its difference from the ``reference`` row, ``Δ``; a difference larger than the larger of the two
+    rows' seed stds is marked ``▲`` (better) or ``▼`` (worse). Markdown lines, empty when nothing ran."""
+    ref_row = next((r for r in rows if r["name"] == reference), None)
+    lines = []
+    for row in rows:
+        if row["kind"] != "encoder":
+            continue
+        cells = []
+        for task in tasks:
+            mine = best_pool_by_val(row, task, protocol)
+            ref = best_pool_by_val(ref_row, task, protocol) if ref_row is not None else None
+            if mine is None:
+                cells.append("-")
+                continue
+            cell = f"{_fmt(mine['mean'])} ± {_fmt(mine['std'], mine['mean'])} ({mine['pool']})"
+            if ref is not None and row is not ref_row:
+                diff = mine["mean"] - ref["mean"]
+                gain = diff if mine["higher_is_better"] else -diff
+                mark = (" ▲" if gain > 0 else " ▼") if abs(diff) > max(mine["std"], ref["std"]) else ""
+                cell += f", Δ {diff:+.2f}{mark}"
+            cells.append(cell)
+        lines.append("| " + " | ".join([f"{row['name']}{' (reference)' if row is ref_row else ''}", *cells]) + " |")
+    if not lines:
+        return []
+    head = ["row", *[titles.get(t, t) for t in tasks]]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines]
+
+
 def grid_tables(rows: Sequence[dict[str, Any]], tasks: Sequence[str], titles: dict[str, str]) -> list[str]:
     """Markdown sections, one table per protocol, with the HOG legend."""
     out = []

@@ -41,7 +41,7 @@ from pacofr.eval.evaluate import EvalPlan
 from pacofr.eval.extractors import BaselineExtractor, EncoderExtractor
 from pacofr.eval.face_tasks import FACE_TASKS, load_tasks
 from pacofr.eval.grid import Row, evaluate_grid, plan_dict
-from pacofr.eval.report import environment, grid_tables, metric_line, score_vs_time_plot, write_json
+from pacofr.eval.report import environment, grid_tables, metric_line, score_vs_time_plot, summary_table, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def study_rows(cfg: StudyConfig, runs: list[dict[str, Any]]) -> list[Row]:
     rows.append(Row("random init", lambda: EncoderExtractor(random_encoder(first.model, seed=first.train.seed)),
                     info={"cpu_s": 0.0, "steps": 0, "curves": names}))
     for run in runs:
-        label = f"{run['variant']['name']}, {run['budget']} ({run['steps']} steps)"
+        label = _row_label(run)
         info = {k: run[k] for k in ("budget", "steps", "epochs", "cpu_s", "wall_s", "gflops_per_image")}
         rows.append(Row(label, lambda path=run["checkpoint"]: EncoderExtractor(checkpoint_encoder(path)),
                         info={**info, "curves": [run["variant"]["name"]]}))
@@ -286,6 +286,15 @@ def _run_table(runs: list[dict[str, Any]]) -> list[str]:
             f"{run['loadavg_before'][0]:.1f} / {run['loadavg_after'][0]:.1f}",
             f"{flops['train_step']:.3f}, {flops['encoder_forward']:.3f}", "-" if loss is None else f"{loss:.4f}"]) + " |")
     return lines
+
+
+def _row_label(run: dict[str, Any]) -> str:
+    return f"{run['variant']['name']}, {run['budget']} ({run['steps']} steps)"
+
+
+def _reference_row(runs: list[dict[str, Any]]) -> str:
+    """The row every other pre-trained row is compared with: the first variant's equal-steps run."""
+    return _row_label(runs[0])
 
 
 def markdown_report(study: dict[str, Any]) -> str:
@@ -322,6 +331,12 @@ def markdown_report(study: dict[str, Any]) -> str:
          + "; hyper-parameters picked on a validation split carved from train, never on test. Ridge and k-NN "
          "have no randomness (std 0). Metrics: " + metric_line(rows, tasks, titles)),
         "",
+        "#### Summary: linear probe, each pre-trained row against the first", "",
+        ("The feature pool of each cell (class token or mean; tokens for landmarks) is the one that scores best on "
+         "validation. Δ: the row's score minus the first variant's at equal steps, in the task's unit; ▲ / ▼ mark "
+         "a difference larger than the larger of the two rows' seed stds, better / worse for that task's metric."),
+        "",
+        *summary_table(rows, tasks, titles, reference=_reference_row(runs)), "",
         *grid_tables(rows, tasks, titles),
         "![score vs pre-training CPU time](study.png)", "",
         "## Tasks", "",
