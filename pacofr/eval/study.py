@@ -288,6 +288,19 @@ def _run_table(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _step_cost_spread(runs: list[dict[str, Any]]) -> str:
+    """How much one variant's measured CPU seconds per step differ between its runs (the largest
+    ratio over the variants run twice), as a phrase."""
+    per_variant: dict[str, list[float]] = {}
+    for run in runs:
+        per_variant.setdefault(run["variant"]["name"], []).append(run["cpu_s_per_step"])
+    spreads = {name: max(costs) / min(costs) - 1.0 for name, costs in per_variant.items() if len(costs) > 1}
+    if not spreads:
+        return "no variant ran twice, so their spread is not measured"
+    name = max(spreads, key=spreads.__getitem__)
+    return f"one variant's CPU s / step differed by up to {spreads[name]:.0%} between its two runs ({name})"
+
+
 def _row_label(run: dict[str, Any]) -> str:
     return f"{run['variant']['name']}, {run['budget']} ({run['steps']} steps)"
 
@@ -305,7 +318,9 @@ def markdown_report(study: dict[str, Any]) -> str:
     lines = [
         f"# {study['title']}", "",
         f"Measured {env['date']} on {env['device']} (pacofr {env['versions']['pacofr']}, torch "
-        f"{env['versions']['torch']}, timm {env['versions']['timm']}); study wall time {study['wall_s'] / 60:.0f} min.",
+        f"{env['versions']['torch']}, timm {env['versions']['timm']}); wall time of the pre-training runs "
+        f"{sum(r['wall_s'] for r in runs) / 60:.0f} min and of the evaluated rows {sum(r['seconds'] for r in rows) / 60:.0f} "
+        f"min (finished runs and rows are reused across invocations; this one took {study['wall_s'] / 60:.0f} min).",
         "",
         "## Pre-training", "",
         f"Config `{study['config']}` (+ `{' '.join(study['overrides']) or 'no overrides'}`): "
@@ -324,7 +339,7 @@ def markdown_report(study: dict[str, Any]) -> str:
          f"equal compute (budget \"{MATCHED_BUDGET}\"). Achieved CPU seconds vs the budget: "
          + ", ".join(f"{r['variant']['name']} {r['cpu_s']:.0f} / {r['compute_target_cpu_s']:.0f}" for r in compute)
          + ". CPU seconds, not wall time, because other jobs shared the 2-core machine (load averages above); "
-         "they still vary a little with contention.") if compute else "",
+         f"CPU seconds vary with contention too: {_step_cost_spread(runs)}.") if compute else "",
         "",
         "## Results", "",
         ("Final-epoch test scores, mean ± std over seeds " + ", ".join(map(str, study["plan"]["probe"]["seeds"]))
