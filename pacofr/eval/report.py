@@ -200,6 +200,7 @@ def score_vs_time_plot(rows: Sequence[dict[str, Any]], tasks: Sequence[str], tit
     columns = min(3, len(tasks))
     lines_of = math.ceil(len(tasks) / columns)
     fig, axes = plt.subplots(lines_of, columns, figsize=(4.2 * columns, 3.3 * lines_of), dpi=110, squeeze=False)
+    order: dict[str, int] = {}
     for ax, task in zip(axes.flat, tasks, strict=False):
         methods: dict[str, list[tuple[float, float, float]]] = {}
         unit = ""
@@ -220,19 +221,24 @@ def score_vs_time_plot(rows: Sequence[dict[str, Any]], tasks: Sequence[str], tit
                                                        result["std"]))
         for method, points in methods.items():
             points.sort()
-            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                        capsize=3, label=method)
+            index = order.setdefault(method, len(order))  # one style per method across the panels
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                        color=f"C{index % 10}", marker="osD^v"[index // 10 % 5],
+                        linestyle=("-", "--", ":")[index // 10 % 3], capsize=3, label=method)
         ax.set_title(titles.get(task, task), fontsize=9)
         ax.set_xlabel("pre-training CPU seconds", fontsize=8)
         ax.set_ylabel(unit, fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(tasks):]:
+    spare = list(axes.flat)[len(tasks):]
+    for ax in spare:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
+    if handles and spare:  # the legend in an empty panel
+        spare[0].legend(handles, labels, loc="center", ncol=1 + len(labels) // 9, fontsize=8)
+    elif handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.07 if handles and not spare else 0, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

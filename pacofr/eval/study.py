@@ -11,8 +11,8 @@
   that, ``train.total_steps``). **Equal compute**: the first variant's process CPU seconds are the
   budget; every other variant trains again for ``round(steps x budget / its CPU seconds)`` steps,
   its CPU cost per step measured by its own equal-steps run; a variant whose step count at the budget
-  is within ``compute_tolerance`` (default 10 %, about the spread of the CPU seconds of one config
-  between runs on a shared 2-core machine) of its equal-steps count is not run again: its
+  is within ``compute_tolerance`` (default 10 %; one computation's CPU seconds
+  varied by 7-34 % between runs on a shared 2-core machine) of its equal-steps count is not run again: its
   equal-steps run stands for equal compute (budget ``equal steps ~ compute``). Process CPU time (``time.process_time``:
   training, data loading, everything the process does) is used rather than wall time, which other
   jobs on a shared machine inflate; both are recorded, with the load average, per run.
