@@ -136,6 +136,10 @@ def test_equal_compute_reruns_only_variants_outside_the_tolerance(monkeypatch: p
     calls.clear()
     study_module.pretrain_all(strict, Path("unused"), dataset=None)
     assert [c for c in calls if c[2] == "equal-compute"][0] == ("near", round(280 / 0.41), "equal-compute")
+    per_step["near"] = 0.40  # the very same step count at the budget: tolerance 0 still trains it again
+    calls.clear()
+    study_module.pretrain_all(strict, Path("unused"), dataset=None)
+    assert ("near", 700, "equal-compute") in calls
     with pytest.raises(ValueError, match="compute_tolerance"):
         study_module.StudyConfig(data_root="unused", compute_tolerance=1.5)
 

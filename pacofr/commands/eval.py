@@ -100,7 +100,7 @@ def _add_study_parser(tasks: argparse._SubParsersAction) -> None:
     sub.add_argument("--compute-tolerance", type=float, default=0.10, metavar="FRACTION",
                      help="a variant whose step count at the compute budget is within this fraction of its "
                           "equal-steps count is not run again (default 0.10; CPU seconds per step vary by "
-                          "several percent between runs)")
+                          "several percent between runs; 0 trains every variant again)")
     sub.add_argument("--baselines", default="raw,pca,hog,lbp", help="comma-separated baselines ('' for none)")
     sub.add_argument("--tasks", default="all", help="'all' or comma-separated face tasks")
     sub.add_argument("--work", required=True, help="folder for the pre-training runs and finished rows (reused when "

@@ -89,7 +89,8 @@ class StudyConfig:
     ``config`` / ``overrides``: the pre-training config shared by every variant; ``steps``: the
     equal-steps budget (None: the config's ``train.total_steps``); ``equal_compute``: also run
     every variant after the first at the first one's CPU seconds, except those whose step count at that
-    budget is within ``compute_tolerance`` (a fraction) of ``steps``; ``tasks``: evaluated tasks;
+    budget is within ``compute_tolerance`` (a fraction; 0 trains every one again) of ``steps``;
+    ``tasks``: evaluated tasks;
     ``baselines``: classic rows; ``plan``: protocols and their settings.
     """
 
@@ -246,7 +247,7 @@ def pretrain_all(cfg: StudyConfig, work: Path, dataset: Any) -> list[dict[str, A
         budget = runs[0]["cpu_s"]
         for index, (variant, run) in enumerate(zip(cfg.variants[1:], runs[1:], strict=True), start=1):
             steps = max(1, round(budget / run["cpu_s_per_step"]))
-            if abs(steps - run["steps"]) <= cfg.compute_tolerance * run["steps"]:
+            if cfg.compute_tolerance > 0 and abs(steps - run["steps"]) <= cfg.compute_tolerance * run["steps"]:
                 runs[index] = {**run, "budget": MATCHED_BUDGET, "compute_target_cpu_s": budget,
                                "steps_at_compute_target": steps}
                 continue
