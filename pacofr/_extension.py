@@ -7,6 +7,7 @@ build facts (compiled architectures, a kernel-image probe) through pybind11.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from types import ModuleType
 
 import torch
@@ -16,15 +17,26 @@ REBUILD_HINT = ("rebuild with `PACOFR_BUILD_CUDA=1 pip install --no-build-isolat
                 "with a CUDA toolkit and a CUDA build of torch (README, 'Building wheels')")
 
 
+#: what :func:`load_state` can report
+NOT_BUILT, LOAD_FAILED, LOADED = "not-built", "load-failed", "loaded"
+
+
 @functools.lru_cache(maxsize=1)
-def _load() -> tuple[ModuleType | None, str | None]:
+def _load() -> tuple[ModuleType | None, str, str]:
+    """``(module or None, state, detail)``; ``state`` is one of NOT_BUILT, LOAD_FAILED, LOADED.
+
+    "Not built" means no ``pacofr/_C*.so`` exists in this install (a plain ``pip install .`` without
+    a CUDA toolkit); "failed to load" means the file exists but importing it failed (built against
+    another torch, or a missing CUDA runtime library), with the import error as the detail.
+    """
+    if importlib.util.find_spec("pacofr._C") is None:
+        return None, NOT_BUILT, f"pacofr._C is not built in this install; {REBUILD_HINT}"
     try:
         from pacofr import _C
-    except ImportError as err:
-        if "pacofr._C" in str(err) or "No module named" in str(err):
-            return None, f"pacofr._C is not built in this install; {REBUILD_HINT}"
-        return None, f"pacofr._C failed to load ({err}); it was probably built against another torch: {REBUILD_HINT}"
-    return _C, None
+    except (ImportError, OSError) as err:
+        return None, LOAD_FAILED, (f"pacofr._C is built but fails to load ({err}); it was probably built "
+                                   f"against another torch: {REBUILD_HINT}")
+    return _C, LOADED, "pacofr._C loaded"
 
 
 def module() -> ModuleType | None:
@@ -34,8 +46,13 @@ def module() -> ModuleType | None:
 
 def status() -> tuple[bool, str]:
     """Whether ``pacofr._C`` is loaded, and why not."""
-    mod, err = _load()
-    return (True, "pacofr._C loaded") if mod is not None else (False, err or "unknown error")
+    mod, _, detail = _load()
+    return mod is not None, detail
+
+
+def load_state() -> str:
+    """``"not-built"``, ``"load-failed"`` or ``"loaded"``: why :func:`status` says what it says."""
+    return _load()[1]
 
 
 def has_op(name: str) -> bool:

@@ -13,6 +13,14 @@ from pacofr import _extension, _triton
 from pacofr.ops import _dispatch
 
 
+#: the first line ``pacofr info`` prints for each :func:`pacofr._extension.load_state`
+_EXTENSION_STATES = {
+    _extension.NOT_BUILT: "not built (this install has no CUDA backend)",
+    _extension.LOAD_FAILED: "built, but fails to load here",
+    _extension.LOADED: "built for {arches}",
+}
+
+
 def _device_report() -> tuple[torch.device, dict[str, Any]]:
     if not torch.cuda.is_available():
         return torch.device("cpu"), {"type": "cpu", "name": platform.processor() or platform.machine(),
@@ -35,7 +43,7 @@ def collect_info() -> dict[str, Any]:
     """Everything ``pacofr info`` prints, as a JSON-serialisable dict."""
     device, device_info = _device_report()
     ext_ok, ext_why = _extension.status()
-    cuda_ext: dict[str, Any] = {"loaded": ext_ok, "detail": ext_why,
+    cuda_ext: dict[str, Any] = {"loaded": ext_ok, "state": _extension.load_state(), "detail": ext_why,
                                 "compiled_arches": _extension.compiled_arches()}
     if ext_ok and device.type == "cuda":
         cuda_ext["runs_on_device"], cuda_ext["device_detail"] = _extension.kernel_image_status(device.index or 0)
@@ -82,7 +90,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"triton            {info['triton'] or 'not importable'}"
         + ("  [interpreter: TRITON_INTERPRET=1]" if info["triton_interpreter"] else ""),
         f"device            {device_line}",
-        f"pacofr._C         {'built for ' + arches if ext['loaded'] else 'not available'}",
+        f"pacofr._C         {_EXTENSION_STATES[ext['state']].format(arches=arches)}",
     ]
     if "runs_on_device" in ext:
         verdict = "yes" if ext["runs_on_device"] else "NO"

@@ -57,3 +57,35 @@ def test_extension_runs_on_this_gpu() -> None:
         pytest.skip(why)
     runs, detail = _extension.kernel_image_status(torch.cuda.current_device())
     assert runs, detail
+
+
+@pytest.mark.parametrize("present, blocked, state, words", [
+    (False, False, _extension.NOT_BUILT, "not built"),
+    (True, True, _extension.LOAD_FAILED, "built, but fails to load"),
+])
+def test_info_tells_not_built_from_fails_to_load(monkeypatch: pytest.MonkeyPatch, present: bool, blocked: bool,
+                                                  state: str, words: str) -> None:
+    """A plain install (no `_C` file) and a `_C` that exists but cannot be imported are told apart."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object):
+        if name == "pacofr._C":
+            return real_find_spec("pacofr.version") if present else None  # any spec stands for "a file exists"
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    if blocked:  # `from pacofr import _C` raises ImportError, as a .so built for another torch does
+        monkeypatch.setitem(sys.modules, "pacofr._C", None)
+        monkeypatch.delattr("pacofr._C", raising=False)
+    _extension._load.cache_clear()
+    try:
+        assert _extension.load_state() == state
+        assert _extension.module() is None
+        info = collect_info()
+        assert info["cuda_extension"]["state"] == state
+        assert words in format_info(info)
+    finally:
+        monkeypatch.undo()
+        _extension._load.cache_clear()
