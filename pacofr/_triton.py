@@ -3,15 +3,23 @@
 On a CUDA device Triton compiles kernels for the GPU. On CPU tensors it runs them only through
 its interpreter, which must be switched on with ``TRITON_INTERPRET=1`` *before* ``triton`` is
 imported (the test suite does this on machines without a GPU).
+
+The kernels themselves are the package ``pacofr.kernels``, which exists only through the
+installed package (setup.py maps the folder ``kernels/`` to it): an install that failed, or a
+source tree put on ``sys.path`` without installing, has ``triton`` but no kernels, and the triton
+backend is then unavailable too.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import sys
 
 import torch
+
+KERNELS_PACKAGE = "pacofr.kernels"
 
 
 def interpreter_enabled() -> bool:
@@ -41,6 +49,16 @@ def import_error() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def kernels_import_error() -> str | None:
+    """None when ``import pacofr.kernels`` works, else the error text."""
+    try:
+        importlib.import_module(KERNELS_PACKAGE)
+    except ImportError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def version() -> str | None:
     """Triton's version, or None when it does not import."""
     if import_error() is not None:
@@ -55,6 +73,11 @@ def status(device: torch.device) -> tuple[bool, str]:
     err = import_error()
     if err is not None:
         return False, f"triton does not import ({err}); install it with `pip install triton`"
+    err = kernels_import_error()
+    if err is not None:
+        return False, (f"{KERNELS_PACKAGE} does not import ({err}): the Triton kernels come with the installed "
+                       "package (setup.py maps kernels/ to pacofr.kernels); install it with `pip install -e .` "
+                       "(PACOFR_BUILD_CUDA=0 installs it without building pacofr._C)")
     if device.type == "cuda":
         return True, f"triton {version()} on {device}"
     if interpreter_enabled():
