@@ -22,6 +22,7 @@ from pacofr.cli import main as cli_main
 from pacofr.data.alignment import TEMPLATE_224, AlignmentRecipe
 from pacofr.data.prepare import PrepareConfig, face_key, prepare_faces
 from pacofr.data.storage import INDEX_NAME, RECIPE_NAME, SUMMARY_NAME, WORK_DIR, read_jsonl
+from pacofr.train.lock import RunFolderLockedError
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -51,6 +52,26 @@ def tree(root: Path) -> dict[str, bytes]:
     """Every output file's bytes, leaving out the resumable run's work folder."""
     return {path.relative_to(root).as_posix(): path.read_bytes()
             for path in sorted(root.rglob("*")) if path.is_file() and WORK_DIR not in path.parts}
+
+
+def start_slow_prepare(src: Path, dst: Path, journal_lines: int) -> subprocess.Popen:
+    """A prepare of ``src`` into ``dst`` in another process (0.3 s per photo), returned once its
+    journal holds ``journal_lines`` lines (or after 60 s)."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(TESTS_DIR)!r})
+        from test_data_support import StubDetector
+        from pacofr.data.prepare import prepare_faces
+        prepare_faces({str(src)!r}, {str(dst)!r}, detector_factory=StubDetector(delay=0.3))
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script])
+    journal = dst / WORK_DIR / "journal.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if journal.exists() and journal.read_text().count("\n") >= journal_lines:
+            break
+        time.sleep(0.02)
+    return process
 
 
 def test_files_output_counts_and_landmarks(tmp_path):
@@ -125,20 +146,8 @@ def test_a_killed_run_resumes_to_the_same_output(tmp_path):
     src = make_sources(tmp_path / "src", count=12)
     prepare_faces(src, tmp_path / "clean", detector_factory=StubDetector())
     dst = tmp_path / "killed"
-    script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(TESTS_DIR)!r})
-        from test_data_support import StubDetector
-        from pacofr.data.prepare import prepare_faces
-        prepare_faces({str(src)!r}, {str(dst)!r}, detector_factory=StubDetector(delay=0.3))
-    """)
-    process = subprocess.Popen([sys.executable, "-c", script])
+    process = start_slow_prepare(src, dst, journal_lines=3)
     journal = dst / WORK_DIR / "journal.jsonl"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if journal.exists() and journal.read_text().count("\n") >= 3:
-            break
-        time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     lines = journal.read_text().count("\n")
@@ -300,3 +309,40 @@ def test_special_files_are_skipped_and_counted_and_a_size_cap_holds(tmp_path, mo
     capped = prepare_faces(src, tmp_path / "capped", PrepareConfig(max_bytes=2000), detector_factory=StubDetector())
     assert capped.faces == 0
     assert any("exceeds max_bytes=2000" in example for example in capped.unreadable_examples)
+
+
+def test_file_names_that_are_not_utf8_are_prepared_and_named(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    # names as raw bytes: Latin-1 'é' (0xE9) is not UTF-8, so Python sees a lone surrogate
+    with open(os.path.join(os.fsencode(src), b"caf\xe9.jpg"), "wb") as handle:
+        handle.write(jpeg_bytes(stub_photo(1, seed=7)))
+    with open(os.path.join(os.fsencode(src), b"bro\xffken.jpg"), "wb") as handle:
+        handle.write(b"not a jpeg")
+    write_bytes(src, "plain.jpg", jpeg_bytes(stub_photo(1, seed=8)))
+    dst = tmp_path / "dst"
+    summary = prepare_faces(src, dst, detector_factory=StubDetector())
+    assert (summary.inputs, summary.faces, summary.unreadable) == (3, 2, 1)
+    sources = sorted(record["source"] for record in read_jsonl(dst / INDEX_NAME))
+    assert sources == sorted([os.fsdecode(b"caf\xe9.jpg"), "plain.jpg"])
+    report = summary.format()
+    report.encode("utf-8")  # printable: a surrogate would raise UnicodeEncodeError here
+    assert "bro\\xffken.jpg" in report
+    again = prepare_faces(src, dst, detector_factory=StubDetector())
+    assert (again.resumed, again.processed) == (3, 0)
+
+
+def test_a_second_prepare_into_the_same_folder_is_refused_naming_the_first(tmp_path, capsys):
+    src = make_sources(tmp_path / "src", count=12)
+    prepare_faces(src, tmp_path / "clean", detector_factory=StubDetector())
+    dst = tmp_path / "busy"
+    process = start_slow_prepare(src, dst, journal_lines=1)
+    try:
+        with pytest.raises(RunFolderLockedError, match=f"pid {process.pid}"):
+            prepare_faces(src, dst, PrepareConfig(output_format="files"), detector_factory=StubDetector())
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not (dst / INDEX_NAME).exists()
+    prepare_faces(src, dst, detector_factory=StubDetector())  # the dead holder's lock is taken over
+    assert tree(tmp_path / "clean") == tree(dst)

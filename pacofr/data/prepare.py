@@ -10,7 +10,10 @@ cannot be listed), and none larger than ``max_bytes``. Stage 2 writes the sorted
 the recipe and the summary (format "files") or packs the crops into tar shards first (format
 "shards"). Crop file names derive from the source path, JPEG encoding is deterministic and the
 final index is sorted, so an interrupted run resumed later gives the same output as a run that
-was never interrupted. See ``pacofr.data.storage`` for the layout.
+was never interrupted. One run at a time writes into a folder: a second is refused naming the first
+(a flock on ``.pacofr-prepare/.pacofr-run.lock``, dropped by the kernel however the holder ends).
+File names need not be valid UTF-8: they are handled as the bytes the file system gives.
+See ``pacofr.data.storage`` for the layout.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from pacofr.data.storage import (
     write_json_atomic,
     write_jsonl_atomic,
 )
+from pacofr.train.lock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -185,9 +189,20 @@ class PrepareSummary:
 
 
 # -- stage 1: one photo ------------------------------------------------------------------------
+def name_bytes(name: str) -> bytes:
+    """The bytes of a file name as the file system holds them: UTF-8, with the undecodable bytes
+    Python keeps as lone surrogates (``surrogateescape``) given back as they were."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def display_name(name: str) -> str:
+    """``name`` printable in any UTF-8 text: bytes that are not UTF-8 appear as ``\\xNN``."""
+    return name_bytes(name).decode("utf-8", "backslashreplace")
+
+
 def face_key(source: str) -> str:
     """Deterministic, file-system-safe, unique name stem for the crops of ``source``."""
-    digest = hashlib.sha1(source.encode("utf-8")).hexdigest()[:12]
+    digest = hashlib.sha1(name_bytes(source)).hexdigest()[:12]
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source).stem)[:40].strip("._") or "img"
     return f"{stem}-{digest}"
 
@@ -362,9 +377,11 @@ def _summarise(records: list[dict[str, Any]], scan: FolderScan) -> PrepareSummar
         not_images=len(scan.others),
         special_files=len(scan.special),
         unreadable_folders=len(scan.unreadable_folders),
-        unreadable_examples=[f"{source}: {reason}" for source, reason in unreadable[:_EXAMPLES]],
-        skipped_examples=([f"{name}: not a regular file" for name in scan.special]
-                          + [f"{name}/: folder cannot be listed" for name in scan.unreadable_folders])[:_EXAMPLES],
+        unreadable_examples=[f"{display_name(source)}: {display_name(reason)}"
+                             for source, reason in unreadable[:_EXAMPLES]],
+        skipped_examples=([f"{display_name(name)}: not a regular file" for name in scan.special]
+                          + [f"{display_name(name)}/: folder cannot be listed"
+                             for name in scan.unreadable_folders])[:_EXAMPLES],
     )
 
 
@@ -380,7 +397,7 @@ def _inputs_digest(src: Path, images: list[str]) -> str:
     """Fingerprint of the photo set: every name with its size and mtime."""
     lines = [f"{name}\t{info['size']}\t{info['mtime_ns']}" for name in images
              for info in (source_identity(src / name),)]
-    return hashlib.sha1("\n".join(lines).encode("utf-8")).hexdigest()
+    return hashlib.sha1(name_bytes("\n".join(lines))).hexdigest()
 
 
 def _load_journal(work: Path) -> dict[str, dict[str, Any]]:
@@ -443,6 +460,7 @@ def prepare_faces(src: str | os.PathLike, dst: str | os.PathLike, config: Prepar
     Raises:
         ValueError: ``dst`` was prepared with other settings, or a finished shard set would need
             photos it no longer has.
+        RunFolderLockedError: another prepare is writing into ``dst`` (the message names it).
         MissingDependencyError: the detector's optional package is missing.
     """
     config = config or PrepareConfig()
@@ -454,9 +472,15 @@ def prepare_faces(src: str | os.PathLike, dst: str | os.PathLike, config: Prepar
     if dst_path.resolve() == src_path.resolve():
         raise ValueError("dst must differ from src (the crops would be read back as photos)")
     factory = detector_factory or DetectorFactory(config.detector, tuple(sorted(config.detector_options.items())))
-    detector_name = getattr(factory, "name", config.detector)
     work = dst_path / WORK_DIR
-    work.mkdir(parents=True, exist_ok=True)
+    with RunLock(work):
+        return _prepare_locked(src_path, dst_path, work, config, workers, progress, factory, stop_after)
+
+
+def _prepare_locked(src_path: Path, dst_path: Path, work: Path, config: PrepareConfig, workers: int,
+                    progress: bool, factory: Callable[[], FaceDetector], stop_after: int | None) -> PrepareSummary:
+    """:func:`prepare_faces` once it holds the folder's lock."""
+    detector_name = getattr(factory, "name", config.detector)
     shutil.rmtree(work / _SCRATCH, ignore_errors=True)
 
     settings = _settings_dict(config, detector_name)
@@ -466,7 +490,7 @@ def prepare_faces(src: str | os.PathLike, dst: str | os.PathLike, config: Prepar
         previous.setdefault("max_bytes", DEFAULT_MAX_BYTES)  # folders prepared before the size cap existed
         if previous != settings:
             changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise ValueError(f"{dst} was prepared with other settings ({', '.join(changed)}); "
+            raise ValueError(f"{dst_path} was prepared with other settings ({', '.join(changed)}); "
                              "use a new output folder or the same settings")
     else:
         write_json_atomic(settings_path, settings)
@@ -475,23 +499,23 @@ def prepare_faces(src: str | os.PathLike, dst: str | os.PathLike, config: Prepar
     images = scan.images
     if scan.special or scan.unreadable_folders:
         logger.warning("skipping %d special file(s) (not regular files) and %d folder(s) that cannot be listed "
-                       "under %s, e.g. %s", len(scan.special), len(scan.unreadable_folders), src,
+                       "under %s, e.g. %s", len(scan.special), len(scan.unreadable_folders), src_path,
                        (scan.special + scan.unreadable_folders)[:3])
     inputs_digest = _inputs_digest(src_path, images)
     complete_path = work / _COMPLETE
     if complete_path.exists() and json.loads(complete_path.read_text())["inputs"] == inputs_digest:
         summary = PrepareSummary(**json.loads((dst_path / SUMMARY_NAME).read_text())["counts"])
         summary.resumed = summary.inputs
-        logger.info("%s is already complete for these %d photos", dst, len(images))
+        logger.info("%s is already complete for these %d photos", dst_path, len(images))
         return summary
     if complete_path.exists() and config.output_format == "shards":
-        raise ValueError(f"{dst} holds finished shards of another set of photos; use a new output folder")
+        raise ValueError(f"{dst_path} holds finished shards of another set of photos; use a new output folder")
 
     done = _load_journal(work)
     gone = sorted(set(done) - set(images))
     if gone:
         logger.warning("%d photo(s) prepared into %s earlier are not under %s now (e.g. %s): the index lists "
-                       "only the photos under %s", len(gone), dst, src, gone[:3], src)
+                       "only the photos under %s", len(gone), dst_path, src_path, gone[:3], src_path)
     todo = [source for source in images if not _same_content(done.get(source), src_path / source, config.max_bytes)]
     resumed = len(images) - len(todo)
     if resumed:
