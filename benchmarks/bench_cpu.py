@@ -174,12 +174,11 @@ def record_shape(bench: Bench, shape: dict[str, Any], impls: dict[str, Callable[
                                   if row.get("best_ms") is not None and ours.get("best_ms") else None)
 
 
-def run(tier: str, bench: Bench, *, with_compile: bool = True,
-        nearest_shapes: tuple[bench_nearest_token.Shape, ...] = NEAREST_SHAPES,
+def run(tier: str, bench: Bench, *, nearest_shapes: tuple[bench_nearest_token.Shape, ...] = NEAREST_SHAPES,
         soft_shapes: tuple[bench_soft_assign.Shape, ...] = SOFT_SHAPES) -> None:
     """Check then time every implementation on every shape (``tier`` is ``"cpu"``; there is no
     ``torch.compile`` baseline on the CPU: inductor's CPU code generation takes minutes here)."""
-    del tier, with_compile
+    del tier
     oracles = load_test_oracles()
     generator = torch.Generator().manual_seed(0)
     for shape in nearest_shapes:

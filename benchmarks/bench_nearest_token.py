@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks.harness import SMOKE_TIER, Bench
+from benchmarks.harness import SMOKE_TIER, Bench, headline_first
 from benchmarks.peers import NEAREST_TOKEN_PEERS
 from pacofr.ops import nearest_token
 
@@ -48,21 +48,31 @@ class Shape:
     precision: str = "ieee"  #: of the products, for fp32 inputs (pacofr.ops.precision)
 
 
+#: the headline shape of the GPU tiers (kernels.md's reference case), measured first
+HEADLINE = Shape(50176, 8192, 256, 1, "bf16")
+
+
 def shapes(tier: str) -> Iterator[Shape]:
-    """The quick tier (a few minutes), the full matrix of the issue, or the tiny CPU smoke shapes."""
+    """The quick tier (a few minutes), the full matrix of the issue, or the tiny CPU smoke shapes;
+    the first is the headline shape."""
     if tier == SMOKE_TIER:
         yield Shape(129, 33, 16, 1, "fp32")
         yield Shape(64, 100, 32, 4, "bf16")
         yield Shape(33, 7, 8, 1, "fp32", metric="cosine")
         return
-    if tier == "quick":
-        for dim, codes in itertools.product((64, 256, 768), (8192, 16384)):
-            yield Shape(50176, codes, dim, 1, "bf16")
-        yield Shape(50176, 8192, 256, 8, "bf16")
-        yield Shape(50176, 8192, 256, 1, "bf16", metric="cosine")
-        for precision in ("ieee", "tf32x3", "tf32", "bf16"):
-            yield Shape(50176, 8192, 256, 1, "fp32", precision=precision)
-        return
+    yield from headline_first(HEADLINE, _quick_shapes() if tier == "quick" else _full_shapes())
+
+
+def _quick_shapes() -> Iterator[Shape]:
+    for dim, codes in itertools.product((64, 256, 768), (8192, 16384)):
+        yield Shape(50176, codes, dim, 1, "bf16")
+    yield Shape(50176, 8192, 256, 8, "bf16")
+    yield Shape(50176, 8192, 256, 1, "bf16", metric="cosine")
+    for precision in ("ieee", "tf32x3", "tf32", "bf16"):
+        yield Shape(50176, 8192, 256, 1, "fp32", precision=precision)
+
+
+def _full_shapes() -> Iterator[Shape]:
     for n, dim, codes, k, dtype in itertools.product((50176, 37632), (64, 256, 768), (1024, 8192, 16384),
                                                      (1, 4, 8), ("bf16", "fp32")):
         yield Shape(n, codes, dim, k, dtype)
@@ -163,11 +173,11 @@ def bench_shape(bench: Bench, shape: Shape, generator: torch.Generator, with_com
                      checked=impl in checks, extra={"gflop": flops / 1e9, **checks[impl]})
 
 
-def run(tier: str, bench: Bench, *, with_compile: bool = True) -> None:
-    """Check then time every implementation on every shape of ``tier``; rows go into ``bench``."""
+def run(tier: str, bench: Bench) -> None:
+    """Check then time every implementation on the shapes of ``tier`` that ``bench`` selects; rows go into ``bench``."""
     generator = torch.Generator(device=bench.device).manual_seed(0)
-    for shape in shapes(tier):
-        bench_shape(bench, shape, generator, with_compile)
+    for shape, headline in bench.select(shapes(tier)):
+        bench_shape(bench, shape, generator, bench.should_compile(headline))
         bench.empty_cache()
 
 

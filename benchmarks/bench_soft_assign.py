@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import SMOKE_TIER, Bench
+from benchmarks.harness import SMOKE_TIER, Bench, headline_first
 from pacofr.ops import codebook_stats, soft_assign
 from pacofr.ops.soft_assign import chosen_scores, codebook_stats_reference, soft_assign_reference
 
@@ -85,19 +85,29 @@ class StatsShape:
     zipf: float = 1.1  # exponent of the code popularity; 0 = uniform
 
 
+#: the headline shapes of the GPU tiers, measured first
+HEADLINE = Shape(50176, 8192, 256, 4, "bf16")
+STATS_HEADLINE = StatsShape(50176, 8192, 256, 1, "bf16")
+
+
 def shapes(tier: str) -> Iterator[Shape]:
-    """Soft-assignment shapes of ``tier`` (kernels.md section 5.1)."""
+    """Soft-assignment shapes of ``tier`` (kernels.md section 5.1); the first is the headline shape."""
     if tier == SMOKE_TIER:
         yield Shape(129, 33, 16, 4, "fp32")
         yield Shape(64, 100, 32, 1, "bf16", metric="l2")
         yield Shape(33, 7, 8, 4, "fp16", tau=1.0)
         return
-    if tier == "quick":
-        for m in (1, 4, 8):
-            yield Shape(50176, 8192, 256, m, "bf16")
-        yield Shape(50176, 8192, 256, 4, "bf16", metric="l2")
-        yield Shape(50176, 8192, 256, 4, "fp32", precision="bf16")  # fp32 beliefs, bf16 ranking (the model's call)
-        return
+    yield from headline_first(HEADLINE, _quick_shapes() if tier == "quick" else _full_shapes())
+
+
+def _quick_shapes() -> Iterator[Shape]:
+    for m in (1, 4, 8):
+        yield Shape(50176, 8192, 256, m, "bf16")
+    yield Shape(50176, 8192, 256, 4, "bf16", metric="l2")
+    yield Shape(50176, 8192, 256, 4, "fp32", precision="bf16")  # fp32 beliefs, bf16 ranking (the model's call)
+
+
+def _full_shapes() -> Iterator[Shape]:
     for n, dim, codes, m in itertools.product((50176, 37632), (32, 64, 256, 768), (1024, 8192, 16384), (1, 4, 8)):
         yield Shape(n, codes, dim, m, "bf16")
     for tau in (1.0, 0.01):
@@ -107,15 +117,19 @@ def shapes(tier: str) -> Iterator[Shape]:
 
 
 def stats_shapes(tier: str) -> Iterator[StatsShape]:
-    """Statistics shapes of ``tier`` (hard m=1 and weighted m=8 assignments)."""
+    """Statistics shapes of ``tier`` (hard m=1 and weighted m=8 assignments); the first is the headline."""
     if tier == SMOKE_TIER:
         yield StatsShape(129, 33, 16, 1, "fp32")
         yield StatsShape(64, 100, 32, 4, "bf16", zipf=0.0)
         return
     if tier == "quick":
-        yield StatsShape(50176, 8192, 256, 1, "bf16")
+        yield STATS_HEADLINE
         yield StatsShape(50176, 8192, 256, 8, "bf16")
         return
+    yield from headline_first(STATS_HEADLINE, _full_stats_shapes())
+
+
+def _full_stats_shapes() -> Iterator[StatsShape]:
     for n, dim, codes, m in itertools.product((50176, 37632), (32, 64, 256, 768), (1024, 8192, 16384), (1, 8)):
         yield StatsShape(n, codes, dim, m, "bf16")
     yield StatsShape(50176, 8192, 256, 8, "bf16", zipf=0.0)
@@ -326,15 +340,15 @@ def bench_stats(bench: Bench, shape: StatsShape, backends: list[str], with_compi
                      checked=True, extra={"stage": "stats", "min_bytes": bytes_moved})
 
 
-def run(tier: str, bench: Bench, *, with_compile: bool = True) -> None:
-    """Check then time every implementation on every shape of ``tier``; rows go into ``bench``."""
+def run(tier: str, bench: Bench) -> None:
+    """Check then time every implementation on the shapes of ``tier`` that ``bench`` selects; rows go into ``bench``."""
     generator = torch.Generator(device=bench.device).manual_seed(0)
     backends = bench.fused_backends(FAMILY, "soft_assign")
-    for shape in shapes(tier):
-        bench_assign(bench, shape, backends, with_compile, generator)
+    for shape, headline in bench.select(shapes(tier)):
+        bench_assign(bench, shape, backends, bench.should_compile(headline), generator)
         bench.empty_cache()
-    for stats_shape in stats_shapes(tier):
-        bench_stats(bench, stats_shape, backends, with_compile, generator)
+    for stats_shape, headline in bench.select(stats_shapes(tier)):
+        bench_stats(bench, stats_shape, backends, bench.should_compile(headline), generator)
         bench.empty_cache()
 
 

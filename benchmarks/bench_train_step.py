@@ -5,7 +5,7 @@
 
 One step is what :class:`pacofr.train.trainer.Trainer` does per optimiser step, without data
 loading: ``zero_grad``, forward under bf16 autocast, backward, ``clip_grad_norm_``
-(``train.clip_grad``), AdamW step (the trainer's defaults) and ``model.after_step`` (codebook
+(``train.clip_grad``), AdamW step (the trainer's defaults) and the model's step maintenance (codebook
 maintenance, EMA teacher). Inputs are random images in [0, 1] already on the device, with the
 template region ids of :class:`pacofr.train.regions.RegionAssigner`.
 
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.harness import SMOKE_TIER, Bench, time_steps_ms
+from benchmarks.harness import SMOKE_TIER, Bench, headline_first, time_steps_ms
 from pacofr.models import ModelConfig, build_model
 from pacofr.ops._dispatch import backend_status, registered_ops
 from pacofr.train.config import TrainConfig
@@ -73,21 +73,27 @@ class Shape:
     precision: str = "bf16"
 
 
+#: the headline shape of the GPU tiers (PaCo-FR's incubation step at MAE-Base geometry), measured first
+HEADLINE = Shape("vit_base", 224, 256, "paco_incubation")
+
+
 def shapes(tier: str) -> Iterator[Shape]:
-    """ViT-S/16 and ViT-B/16 at 224 px, batch 64 and 256, every step kind; cpu-smoke: ``tiny``, batch 2."""
+    """ViT-S/16 and ViT-B/16 at 224 px, batch 64 and 256, every step kind; cpu-smoke: ``tiny``, batch 2.
+    The first is the headline shape."""
     if tier == SMOKE_TIER:
         for step in STEP_KINDS:
             yield Shape("tiny", 32, 2, step)
         return
-    for preset in ("vit_small", "vit_base"):
-        for batch in (64, 256):
-            for step in STEP_KINDS:
-                yield Shape(preset, 224, batch, step)
+    yield from headline_first(HEADLINE, (Shape(preset, 224, batch, step) for preset in ("vit_small", "vit_base")
+                                         for batch in (64, 256) for step in STEP_KINDS))
 
 
-def backends(tier: str) -> tuple[str, ...]:
-    """The torch backend first (the reference), then the one under test."""
-    return ("torch", "triton") if tier == SMOKE_TIER else ("torch", "auto")
+def backends(bench: Bench, tier: str) -> tuple[str, ...]:
+    """The torch backend first (the reference), then the one under test: ``auto`` on a GPU, or the
+    single fused backend the session is restricted to; ``triton`` (its interpreter) in the smoke tier."""
+    if tier == SMOKE_TIER:
+        return ("torch", "triton")
+    return ("torch", bench.fused[0] if len(bench.fused) == 1 else "auto")
 
 
 def model_config(shape: Shape, backend: str) -> ModelConfig:
@@ -137,7 +143,6 @@ def gate_step(model: torch.nn.Module, shape: Shape, inputs: StepInputs, device: 
     grads = torch.cat([(p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)).flatten()
                        for p in model.parameters()])
     model.zero_grad(set_to_none=True)
-    model.discard_pending()
     losses = {"loss": out.loss.item(), **{name: value.item() for name, value in out.losses.items()}}
     return losses, grads
 
@@ -173,6 +178,7 @@ def make_step(model: torch.nn.Module, shape: Shape, inputs: StepInputs, device: 
     optimizer = torch.optim.AdamW(model.param_groups(train.weight_decay), lr=train.base_lr, betas=train.betas)
     _, incubation = STEP_KINDS[shape.step]
     generator = torch.Generator(device=device).manual_seed(1)
+    maintenance = model.step_maintenance()
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -181,7 +187,8 @@ def make_step(model: torch.nn.Module, shape: Shape, inputs: StepInputs, device: 
         out.loss.float().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train.clip_grad)
         optimizer.step()
-        model.after_step(teacher_momentum=TEACHER_MOMENTUM)
+        maintenance.record(out)
+        maintenance.apply(teacher_momentum=TEACHER_MOMENTUM)
         return out.loss.detach()
 
     return step
@@ -195,13 +202,14 @@ def count_flops(step: Callable[[], torch.Tensor]) -> float:
 
 
 def measure(bench: Bench, step: Callable[[], torch.Tensor], tier: str) -> dict[str, Any]:
-    """Time and peak memory of ``step`` (GPU); in the smoke tier run it once, finite loss required."""
+    """Time and peak memory of ``step`` (GPU); in the smoke tier or a check-only session run it once,
+    finite loss required."""
     warmup, iters = STEP_COUNTS[tier]
-    if bench.smoke:
+    if not bench.timed:
         loss = step()
         if not torch.isfinite(loss):
             raise AssertionError(f"non-finite training loss {loss.item()}")
-        return {"median_ms": None, "p20_ms": None, "p80_ms": None, "iters": iters, "peak_mib": None}
+        return {"median_ms": None, "p20_ms": None, "p80_ms": None, "iters": 1, "peak_mib": None}
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     timing = time_steps_ms(step, warmup=warmup, iters=iters)
@@ -230,9 +238,9 @@ def bench_shape(bench: Bench, tier: str, shape: Shape) -> None:
     inputs = make_inputs(shape, model_config(shape, "torch"), device)
     want: tuple[dict[str, float], torch.Tensor] | None = None
     flops: float | None = None
-    for backend in backends(tier):
-        if backend == "triton":
-            ok, why = backend_status("triton", device)
+    for backend in backends(bench, tier):
+        if backend in ("triton", "cuda"):
+            ok, why = backend_status(backend, device)
             if not ok:
                 bench.skip(FAMILY, backend, why)
                 continue
@@ -260,13 +268,12 @@ def bench_shape(bench: Bench, tier: str, shape: Shape) -> None:
         bench.empty_cache()
 
 
-def run(tier: str, bench: Bench, *, with_compile: bool = True) -> None:
-    """Every shape of ``tier``; ``with_compile`` is accepted for the common interface (steps run eagerly).
+def run(tier: str, bench: Bench) -> None:
+    """The shapes of ``tier`` that ``bench`` selects (steps run eagerly: no compiled baseline).
 
     A shape that runs out of GPU memory is recorded with ``"error": "out of memory"`` and no numbers.
     """
-    del with_compile
-    for shape in shapes(tier):
+    for shape, _ in bench.select(shapes(tier)):
         try:
             bench_shape(bench, tier, shape)
         except torch.cuda.OutOfMemoryError:

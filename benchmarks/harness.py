@@ -1,16 +1,25 @@
 """Shared benchmark machinery: timing, peak memory, device ceilings, environment record, JSON.
 
-Every family module ``benchmarks/bench_<family>.py`` exposes
-``run(tier: str, bench: Bench, *, with_compile: bool = True) -> None`` and uses :class:`Bench` to
-time implementations side by side (eager reference, ``torch.compile`` of it, triton, cuda) after
-checking them against the reference (a mismatch raises before any time is recorded). Kernel times
-are ``triton.testing.do_bench`` medians with p20/p80 in milliseconds (CUDA events); memory is the
-peak allocated above the inputs' footprint; "% of floor" compares with the device's measured bf16
-GEMM rate and copy bandwidth.
+Every family module ``benchmarks/bench_<family>.py`` exposes ``run(tier: str, bench: Bench) -> None``
+and uses :class:`Bench` to time implementations side by side (eager reference, ``torch.compile`` of
+it, triton, cuda) after checking them against the reference (a mismatch raises before any time is
+recorded). Kernel times are ``triton.testing.do_bench`` medians with p20/p80 in milliseconds (CUDA
+events); memory is the peak allocated above the inputs' footprint; "% of floor" compares with the
+device's measured bf16 GEMM rate and copy bandwidth.
 
-Three kinds of session:
+The first shape a family's ``shapes(tier)`` yields is its *headline* shape. A session runs all
+shapes, the headline only or the rest (:meth:`Bench.select`), and builds ``torch.compile``
+baselines for the headline shape only unless asked otherwise (:meth:`Bench.should_compile`): each
+compiled baseline costs a compilation per shape. Every row goes to the family's JSON Lines file the
+moment it is measured (:mod:`benchmarks.row_log`), so a killed run keeps what it measured.
 
-* GPU tiers (``quick``, ``full``): need a CUDA device, measure the ceilings first.
+Four kinds of session:
+
+* GPU tiers (``quick``, ``full``): need a CUDA device, measure the ceilings first (or read them
+  from a file an earlier process of the same run wrote).
+* GPU check-only (``check_only``): the GPU tiers' shapes and correctness checks, each
+  implementation run once after its check, no times (the GPU check runs it first, for evidence
+  before any compilation of baselines and any timing).
 * ``cpu-smoke``: CPU tensors, tiny shapes, every implementation checked and then run once so the
   code paths stay tested without a GPU. It records no times, no memory and no % of floor: these
   are not performance numbers, and the JSON says so.
@@ -27,14 +36,15 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 import pacofr
+from benchmarks import row_log
 from pacofr._triton import interpreter_enabled
 from pacofr.ops._dispatch import backend_status
 
@@ -51,12 +61,18 @@ CPU_NOTE = ("CPU run: best-of-N wall-clock times (time.perf_counter) in one proc
             "upper bounds.")
 GPU_NOTE = ("GPU run: do_bench medians (p20/p80) with CUDA events after a correctness check against the "
             "torch reference; % of floor against the ceilings measured on this device in this run.")
+CHECK_NOTE = ("GPU check-only run: every implementation was checked against the torch reference on the GPU "
+              "and then run once. No times, memory or % of floor are recorded here; the timed rows are in "
+              "the benchmark run's own files.")
 NO_GPU_MESSAGE = ("no CUDA device is visible: the quick and full benchmark tiers time GPU kernels and need a "
                   "GPU. Run `python -m benchmarks.run --cpu-smoke --out DIR` for the CPU smoke tier "
                   "(correctness and code paths only, no performance numbers).")
-JSON_SCHEMA = 1
+FUSED_BACKENDS: tuple[str, ...] = ("triton", "cuda")
+SELECTIONS: tuple[str, ...] = ("all", "headline", "rest")
+COMPILE_POLICIES: tuple[str, ...] = ("headline", "all", "none")
 
 logger = logging.getLogger("benchmarks")
+ShapeT = TypeVar("ShapeT")
 
 
 def has_cuda() -> bool:
@@ -205,45 +221,122 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
     }
 
 
-def _unique(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    seen: set[str] = set()
-    out = []
-    for item in items:
-        key = json.dumps(item, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            out.append(item)
-    return out
+def headline_first(headline: ShapeT, shapes: Iterable[ShapeT]) -> Iterator[ShapeT]:
+    """``headline``, then every shape of ``shapes`` that is not it (a family's GPU tiers put their headline first)."""
+    yield headline
+    yield from (shape for shape in shapes if shape != headline)
+
+
+def load_or_measure_ceilings(device: torch.device, path: Path | None) -> dict[str, float]:
+    """The ceilings stored in ``path`` by an earlier process of the same run, else measured now (and
+    stored there when ``path`` is given): the GPU check measures them once, not once per stage."""
+    if path is not None and path.is_file():
+        ceilings = json.loads(path.read_text())
+        logger.info("ceilings read from %s: %s", path, ceilings)
+        return ceilings
+    ceilings = measure_ceilings(device)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(path.suffix + ".partial")
+        partial.write_text(json.dumps(ceilings))
+        os.replace(partial, path)
+    return ceilings
 
 
 @dataclass
 class Bench:
-    """One benchmark session on one device: ceilings measured once, rows collected.
+    """One benchmark session on one device: ceilings measured once, rows collected and logged.
 
-    ``smoke=True`` is the CPU smoke tier: no ceilings, :meth:`record` runs ``fn`` once and stores
-    no time, memory or floor (those fields are None). ``cpu_timing=True`` is the CPU performance
-    tier: :meth:`record` stores :func:`time_cpu_ms` (no memory, no floor).
+    ``smoke=True`` is the CPU smoke tier and ``check_only=True`` the GPU check-only session: no
+    ceilings, :meth:`record` runs ``fn`` once and stores no time, memory or floor (those fields are
+    None). ``cpu_timing=True`` is the CPU performance tier: :meth:`record` stores :func:`time_cpu_ms`
+    (no memory, no floor). ``fused`` are the fused backends this session may run (the others are
+    skipped rows); ``selection`` and ``compile_policy`` pick the shapes and the compiled baselines.
+    Between :meth:`open` and :meth:`write` every row and skip is appended to the family's JSON Lines
+    file as it happens.
     """
 
     device: torch.device
     ceilings: dict[str, float] | None
     smoke: bool = False
     cpu_timing: bool = False
+    check_only: bool = False
+    fused: tuple[str, ...] = FUSED_BACKENDS
+    selection: str = "all"
+    compile_policy: str = "headline"
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    log: Path | None = None  #: the open family's JSON Lines file
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.compile_policy not in COMPILE_POLICIES:
+            raise ValueError(f"compile_policy must be one of {COMPILE_POLICIES}, got {self.compile_policy!r}")
+        unknown = set(self.fused) - set(FUSED_BACKENDS)
+        if unknown:
+            raise ValueError(f"fused backends must be among {FUSED_BACKENDS}, got {sorted(unknown)}")
 
     @classmethod
-    def start(cls, *, smoke: bool = False, cpu: bool = False) -> Bench:
-        """A GPU session (ceilings measured now), the CPU smoke session or the CPU timing session."""
+    def start(cls, *, smoke: bool = False, cpu: bool = False, check_only: bool = False,
+              ceilings_file: Path | None = None, **options: Any) -> Bench:
+        """A GPU session (ceilings measured now, or read from ``ceilings_file``), the GPU check-only
+        session, the CPU smoke session or the CPU timing session; ``options`` are the other fields."""
         if smoke or cpu:
-            return cls(device=torch.device("cpu"), ceilings=None, smoke=smoke, cpu_timing=cpu and not smoke)
+            return cls(device=torch.device("cpu"), ceilings=None, smoke=smoke, cpu_timing=cpu and not smoke,
+                       **options)
         device = require_cuda()
-        return cls(device=device, ceilings=measure_ceilings(device))
+        ceilings = None if check_only else load_or_measure_ceilings(device, ceilings_file)
+        return cls(device=device, ceilings=ceilings, check_only=check_only, **options)
+
+    @property
+    def timed(self) -> bool:
+        """Whether :meth:`record` measures times (not in the smoke tier nor a check-only session)."""
+        return not (self.smoke or self.check_only)
+
+    def select(self, shapes: Iterable[ShapeT]) -> Iterator[tuple[ShapeT, bool]]:
+        """The shapes of this session's selection, each with whether it is the headline (the first)."""
+        for index, shape in enumerate(shapes):
+            headline = index == 0
+            if self.selection == "headline" and not headline:
+                return
+            if self.selection != "rest" or not headline:
+                yield shape, headline
+
+    def should_compile(self, headline: bool) -> bool:
+        """Whether to build ``torch.compile`` baselines for a shape (by default the headline only)."""
+        return self.compile_policy == "all" or (self.compile_policy == "headline" and headline)
 
     def reset(self) -> None:
         """Forget the rows and skipped backends (between families)."""
         self.rows = []
         self.skipped = []
+
+    def note(self) -> str:
+        """What the numbers of this session are (the JSON's ``note``)."""
+        if self.smoke:
+            return SMOKE_NOTE
+        if self.check_only:
+            return CHECK_NOTE
+        return CPU_NOTE if self.cpu_timing else GPU_NOTE
+
+    def open(self, out_dir: str | os.PathLike, name: str, tier: str, *, append: bool = False) -> Path:
+        """Start family ``name``: forget earlier rows, start ``{out_dir}/{name}.jsonl`` (or add a run to
+        it with ``append``) with a run record; return its path."""
+        if self.smoke != (tier == SMOKE_TIER) or self.cpu_timing != (tier == CPU_TIER):
+            raise ValueError(f"tier {tier!r} does not match this session (smoke={self.smoke}, "
+                             f"cpu_timing={self.cpu_timing})")
+        self.reset()
+        path = row_log.jsonl_path(out_dir, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not append:
+            path.unlink(missing_ok=True)
+        row_log.append(path, {
+            "record": "run", "tier": tier, "performance": self.timed, "note": self.note(),
+            "selection": self.selection, "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "environment": environment(self.device), "ceilings": self.ceilings})
+        self.log = path
+        return path
 
     def floor_ms(self, *, flops: float = 0.0, bytes_moved: float = 0.0,
                  flop_rate: str = "bf16_gemm_tflops") -> float | None:
@@ -266,13 +359,16 @@ class Bench:
         if entry not in self.skipped:
             self.skipped.append(entry)
             logger.warning("%s: %s skipped: %s", family, impl, reason)
+            if self.log is not None:
+                row_log.append(self.log, {"record": "skip", **entry})
 
     def fused_backends(self, family: str, op: str) -> list[str]:
-        """The fused backends ("triton", "cuda") that can run ``op`` on this device; the others
-        are noted as skipped for ``family`` with the reason."""
+        """The fused backends ("triton", "cuda") this session runs and that can run ``op`` on this
+        device; the others are noted as skipped for ``family`` with the reason."""
         names = []
-        for backend in ("triton", "cuda"):
-            ok, why = backend_status(backend, self.device, op)
+        for backend in FUSED_BACKENDS:
+            ok, why = ((False, f"not asked for in this session (fused backends: {', '.join(self.fused)})")
+                       if backend not in self.fused else backend_status(backend, self.device, op))
             if ok:
                 names.append(backend)
             else:
@@ -281,11 +377,11 @@ class Bench:
 
     def record(self, *, family: str, impl: str, shape: dict[str, Any], fn: Callable[[], Any],
                floor_ms: float | None, checked: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Time ``fn`` and its peak memory (GPU) or run it once (smoke); store and return the row.
+        """Time ``fn`` and its peak memory (GPU) or run it once (smoke, check-only); store and return the row.
 
         ``checked``: whether this implementation's output was compared with the reference before.
         """
-        if self.smoke:
+        if not self.timed:
             fn()
             timing: dict[str, Any] = {"median_ms": None, "p20_ms": None, "p80_ms": None}
             peak_mib = None
@@ -299,25 +395,27 @@ class Bench:
         pct = 100.0 * floor_ms / median if (floor_ms is not None and median) else None
         row = {"family": family, "impl": impl, "shape": shape, "checked": checked, **timing,
                "peak_extra_mib": peak_mib, "floor_ms": floor_ms, "pct_of_floor": pct, **(extra or {})}
-        self.rows.append(row)
-        self.log_row(row)
+        self.add_row(row)
         return row
 
     def add_row(self, row: dict[str, Any]) -> None:
-        """Store a row measured by the family itself (e.g. a whole training step)."""
+        """Store a row (measured by :meth:`record` or by the family itself, e.g. a whole training
+        step), append it to the open family's JSON Lines file and log it."""
         self.rows.append(row)
+        if self.log is not None:
+            row_log.append(self.log, {"record": "row", **row})
         self.log_row(row)
 
     @staticmethod
     def log_row(row: dict[str, Any]) -> None:
-        """One log line per row; says "ran (cpu-smoke, not timed)" when there is no time."""
+        """One log line per row; says "ran (not timed)" when there is no time."""
         where = f"{row['family']} {row['impl']} {row['shape']}"
         if row.get("best_ms") is not None:
             logger.info("%s: best %.1f ms, median %.1f ms of %d (load %.2f -> %.2f)", where, row["best_ms"],
                         row["median_ms"], row["repeats"], row["loadavg_before"], row["loadavg_after"])
             return
         if row.get("median_ms") is None:
-            logger.info("%s: ran (cpu-smoke, not timed), checked=%s", where, row.get("checked"))
+            logger.info("%s: ran (not timed), checked=%s", where, row.get("checked"))
             return
         pct = row.get("pct_of_floor")
         pct_text = f", {pct:.0f}% of floor" if pct is not None else ""
@@ -325,35 +423,23 @@ class Bench:
         peak_text = f", peak +{peak:.0f} MiB" if peak is not None else ""
         logger.info("%s: %.3f ms%s%s", where, row["median_ms"], pct_text, peak_text)
 
-    def payload(self, name: str, tier: str, *, status: str = "ok", error: str | None = None) -> dict[str, Any]:
-        """The JSON document of one family (see :meth:`write`)."""
-        return {
-            "schema": JSON_SCHEMA,
-            "family": name,
-            "tier": tier,
-            "performance": not self.smoke,
-            "note": SMOKE_NOTE if self.smoke else CPU_NOTE if self.cpu_timing else GPU_NOTE,
-            "status": status,
-            "error": error,
-            "environment": environment(self.device),
-            "ceilings": self.ceilings,
-            "shapes": _unique([row["shape"] for row in self.rows]),
-            "skipped": self.skipped,
-            "rows": self.rows,
-        }
-
     def write(self, out_dir: str | os.PathLike, name: str, tier: str, *, status: str = "ok",
               error: str | None = None) -> Path:
-        """Write ``{out_dir}/{name}.json`` (environment, tier, note, ceilings, shapes, rows); return its path."""
-        if self.smoke != (tier == SMOKE_TIER) or self.cpu_timing != (tier == CPU_TIER):
-            raise ValueError(f"tier {tier!r} does not match this session (smoke={self.smoke}, "
-                             f"cpu_timing={self.cpu_timing})")
-        path = Path(out_dir) / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.payload(name, tier, status=status, error=error), indent=2))
-        os.replace(tmp, path)
-        return path
+        """End family ``name``: an end record in its JSON Lines file (opened now, with the rows held
+        in memory, when :meth:`open` was not called), then ``{out_dir}/{name}.json`` rebuilt from it
+        (environment, tier, note, ceilings, runs, shapes, rows); return the JSON's path."""
+        path = row_log.jsonl_path(out_dir, name)
+        if self.log != path:
+            rows, skipped = self.rows, self.skipped
+            self.open(out_dir, name, tier)
+            for entry in skipped:
+                self.skip(entry["family"], entry["impl"], entry["reason"])
+            for row in rows:
+                row_log.append(path, {"record": "row", **row})
+            self.rows = rows
+        row_log.append(path, {"record": "end", "status": status, "error": error})
+        self.log = None
+        return row_log.write_payload(path)
 
     def empty_cache(self) -> None:
         """Release cached device memory between shapes (no-op on the CPU)."""

@@ -1,7 +1,8 @@
 """Reading benchmark JSON back: runs, performance vs cpu-smoke files, shape labels, speedups.
 
 A *run* is one folder of family JSON files written by :mod:`benchmarks.run` (other JSON files in
-it, e.g. ``info.json``, are ignored). Only GPU-tier files (``"performance": true``, tier not
+it, e.g. ``info.json``, are ignored; a family's JSON Lines file stands in for its JSON when a killed
+run left no JSON). Only GPU-tier files (``"performance": true``, tier not
 ``cpu-smoke``) hold numbers; cpu-smoke files are correctness runs and never become a table or a
 plot. Used by :mod:`benchmarks.report` and :mod:`benchmarks.plots`.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks import row_log
 from benchmarks.harness import CPU_TIER, SMOKE_TIER
 
 logger = logging.getLogger("benchmarks.result_files")
@@ -60,7 +62,8 @@ class Run:
 
 
 def load_payloads(root: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """Every family JSON under ``root`` (recursively), sorted by path."""
+    """Every family JSON under ``root`` (recursively), sorted by path; a family's JSON Lines file
+    without its JSON beside it (a run killed before writing it) is read instead."""
     found = []
     for path in sorted(root.rglob("*.json")):
         try:
@@ -70,7 +73,14 @@ def load_payloads(root: Path) -> list[tuple[Path, dict[str, Any]]]:
             continue
         if is_family_payload(data):
             found.append((path, data))
-    return found
+    for path in sorted(root.rglob("*.jsonl")):
+        if path.with_suffix(".json").exists():
+            continue
+        try:
+            found.append((path.with_suffix(".json"), row_log.payload(path.stem, row_log.read_records(path))))
+        except (OSError, ValueError) as err:
+            logger.warning("skipping %s: no family rows in it (%s)", path, err)
+    return sorted(found, key=lambda item: item[0])
 
 
 def performance_runs(payloads: Iterable[tuple[Path, dict[str, Any]]]) -> list[Run]:

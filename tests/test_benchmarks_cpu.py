@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
     sys.path.insert(0, str(REPO))
 
-from benchmarks import bench_nearest_token, bench_soft_assign, bench_train_step, plots, report, run  # noqa: E402
+from benchmarks import (bench_nearest_token, bench_patches, bench_soft_assign, bench_train_step, plots,  # noqa: E402
+                        report, result_files, row_log, run)
 from benchmarks.harness import SMOKE_TIER, Bench  # noqa: E402
 from pacofr.ops._dispatch import backend_status  # noqa: E402
 
@@ -106,6 +108,71 @@ def test_a_wrong_soft_token_fails_the_gate(tmp_path: Path, monkeypatch: pytest.M
     assert data["rows"] == []
 
 
+def test_select_puts_the_headline_first_and_compiles_it_only() -> None:
+    shapes = ["head", "b", "c"]
+    picked = {selection: list(Bench(torch.device("cpu"), None, smoke=True, selection=selection).select(shapes))
+              for selection in ("all", "headline", "rest")}
+    assert picked == {"all": [("head", True), ("b", False), ("c", False)], "headline": [("head", True)],
+                      "rest": [("b", False), ("c", False)]}
+    policies = {policy: [Bench(torch.device("cpu"), None, compile_policy=policy).should_compile(headline)
+                         for headline in (True, False)] for policy in ("headline", "all", "none")}
+    assert policies == {"headline": [True, False], "all": [True, True], "none": [False, False]}
+    with pytest.raises(ValueError, match="selection"):
+        Bench(torch.device("cpu"), None, selection="first")
+    for family in (bench_nearest_token, bench_soft_assign, bench_patches, bench_train_step):  # headline first
+        for tier in ("quick", "full"):
+            listed = list(family.shapes(tier))
+            assert listed[0] == family.HEADLINE and listed.count(family.HEADLINE) == 1
+
+
+def test_rows_reach_the_row_log_as_they_are_measured(tmp_path: Path) -> None:
+    """A run killed after two rows (no end record) still leaves them in its JSON, marked incomplete."""
+    bench = Bench(torch.device("cpu"), None, smoke=True)
+    log = bench.open(tmp_path, "nearest_token", SMOKE_TIER)
+    for impl in ("reference", "triton"):
+        bench.record(family="nearest_token", impl=impl, shape={"n": 3}, fn=lambda: None, floor_ms=None, checked=True)
+        assert [r["impl"] for r in row_log.read_records(log) if r["record"] == "row"][-1] == impl
+    bench.skip("nearest_token", "cuda", "no GPU")
+    with open(log, "a") as out:  # the kill came in the middle of writing a third row
+        out.write('{"record": "row", "impl": "cu')
+    data = json.loads(row_log.write_payload(log).read_text())
+    assert data["status"] == "incomplete" and "2 finished rows kept" in data["error"]
+    assert [row["impl"] for row in data["rows"]] == ["reference", "triton"]
+    assert data["skipped"] == [{"family": "nearest_token", "impl": "cuda", "reason": "no GPU"}]
+    log.with_suffix(".json").unlink()  # the report reads the JSONL when no JSON was written
+    assert [data["family"] for _, data in result_files.load_payloads(tmp_path)] == ["nearest_token"]
+
+
+def test_headline_then_rest_runs_share_the_family_files(tmp_path: Path) -> None:
+    base = ["--cpu-smoke", "--only", "nearest_token", "--out", str(tmp_path)]
+    assert run.main([*base, "--shapes", "headline"]) == 0
+    assert run.main([*base, "--shapes", "rest", "--append"]) == 0
+    data = _load(tmp_path, "nearest_token")
+    smoke_shapes = [asdict(shape) for shape in bench_nearest_token.shapes(SMOKE_TIER)]
+    assert data["status"] == "ok" and [r["selection"] for r in data["runs"]] == ["headline", "rest"]
+    assert data["shapes"] == smoke_shapes  # the headline first, each shape once
+    compiled = {json.dumps(row["shape"]) for row in data["rows"] if row["impl"] == "dense_compiled"}
+    assert compiled == {json.dumps(smoke_shapes[0])}  # torch.compile for the headline shape only
+    assert sum(1 for row in data["rows"] if row["impl"] == "reference") == len(smoke_shapes)
+
+
+def test_an_interrupted_family_keeps_its_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = bench_nearest_token.bench_shape
+    calls = []
+
+    def interrupted_second(*args: Any) -> None:
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        original(*args)
+
+    monkeypatch.setattr(bench_nearest_token, "bench_shape", interrupted_second)
+    assert run.main(["--cpu-smoke", "--only", "nearest_token", "--no-compile", "--out", str(tmp_path)]) == 130
+    data = _load(tmp_path, "nearest_token")
+    assert data["status"] == "interrupted" and data["rows"]
+    assert {json.dumps(row["shape"]) for row in data["rows"]} == {json.dumps(asdict(calls[0]))}
+
+
 def test_train_step_gate_rejects_a_different_loss() -> None:
     shape = bench_train_step.Shape("tiny", 32, 2, "mae")
     want = {"loss": 1.0, "rec": 1.0}
@@ -148,7 +215,7 @@ def _fabricate_gpu_run(folder: Path) -> None:
                        "p20_ms": ms, "p80_ms": ms, "peak_extra_mib": 1.0, "floor_ms": 0.3,
                        "pct_of_floor": 100 * 0.3 / ms})
     bench.write(folder, "nearest_token", "quick")
-    bench.reset()
+    bench.reset()  # rows were held in memory and written at the end (no open family log)
     step = {"preset": "vit_base", "img_size": 224, "batch": 256, "step": "mae", "precision": "bf16"}
     for impl, ms in (("torch", 200.0), ("auto", 160.0)):
         bench.add_row({"family": "train_step", "impl": impl, "shape": step, "checked": True, "median_ms": ms,
