@@ -97,7 +97,9 @@ def test_encoder_positions(encoder_pos: str) -> None:
 
 
 def test_unsupported_timm_names_are_rejected() -> None:
-    with pytest.raises(TypeError, match="VisionTransformer"):
+    with pytest.raises(ValueError, match="VisionTransformer"):  # ValueError: the CLI's one-line error
         build_encoder(ModelConfig.preset("tiny", timm_name="resnet18"))
+    with pytest.raises(ValueError, match="timm_name='not_a_model' is not a timm model"):
+        build_encoder(ModelConfig.preset("tiny", timm_name="not_a_model"))
     with pytest.raises(ValueError, match="distillation"):
         build_encoder(ModelConfig.preset("tiny", timm_name="deit_tiny_distilled_patch16_224"))

@@ -45,13 +45,16 @@ def build_encoder(cfg: ModelConfig) -> VisionTransformer:
     ``cfg.encoder_pos="fixed"`` freezes the positions (requires_grad False), "learned" trains them
     from the sin-cos initialisation. The class-token position is zero.
     """
+    if not timm.is_model(cfg.timm_name):
+        raise ValueError(f"model.timm_name={cfg.timm_name!r} is not a timm model; expected a timm "
+                         "VisionTransformer such as vit_base_patch16_224 (see timm.list_models('vit_*'))")
     try:
         encoder = timm.create_model(cfg.timm_name, pretrained=False, **cfg.timm_kwargs())
     except TypeError as err:
-        raise TypeError(f"timm_name={cfg.timm_name!r} must name a timm VisionTransformer taking "
-                        f"{sorted(cfg.timm_kwargs())}: {err}") from err
+        raise ValueError(f"timm_name={cfg.timm_name!r} must name a timm VisionTransformer taking "
+                         f"{sorted(cfg.timm_kwargs())}: {err}") from err
     if not isinstance(encoder, VisionTransformer):
-        raise TypeError(f"timm_name={cfg.timm_name!r} must name a timm VisionTransformer, got {type(encoder).__name__}")
+        raise ValueError(f"timm_name={cfg.timm_name!r} must name a timm VisionTransformer, got {type(encoder).__name__}")
     if encoder.cls_token is None or encoder.num_prefix_tokens != 1 or encoder.no_embed_class:
         raise ValueError(f"timm_name={cfg.timm_name!r}: the encoder needs a class token with its own position "
                          "and no other prefix (register, distillation) tokens")
