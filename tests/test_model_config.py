@@ -57,6 +57,16 @@ def test_preset_names_and_demo_size() -> None:
     ({"low_usage_threshold": 2.0}, "low_usage_threshold"),
     ({"w_sc": -1.0}, "w_sc"),
     ({"sc": "layuot"}, "sc must be one of"),
+    ({"mlp_ratio": -1.0}, "mlp_ratio must be > 0"),
+    ({"mlp_ratio": 1e-4}, "mlp_ratio must be > 0"),  # int(768 * 1e-4) = 0: no MLP width
+    ({"drop_path_rate": 2.0}, r"drop_path_rate must be in \[0, 1\)"),
+    ({"drop_path_rate": 1.0}, r"drop_path_rate must be in \[0, 1\)"),
+    ({"num_regions": 1}, "num_regions must be >= 2"),
+    ({"timm_name": ""}, "timm_name must name"),
+    ({"timm_name": "  "}, "timm_name must name"),
+    ({"codebook_size": 10**11}, "more than .* parameters"),
+    ({"embed_dim": 10**6, "num_heads": 1}, "more than .* parameters"),
+    ({"img_size": 16 * 10**5}, "patches; at most"),
 ])
 def test_validation_names_the_field(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -82,3 +92,13 @@ def test_timm_kwargs() -> None:
     cfg = ModelConfig.preset("demo")
     assert cfg.timm_kwargs() == dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4,
                                      mlp_ratio=4.0, drop_path_rate=0.0, num_classes=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", "vit_small"])
+@pytest.mark.parametrize("method", ["paco", "mae"])
+def test_parameter_lower_bound_is_below_the_built_models_count(preset: str, method: str) -> None:
+    from pacofr.models.paco import PaCoFR
+
+    cfg = ModelConfig.preset(preset, method=method)
+    built = sum(p.numel() for p in PaCoFR(cfg).parameters())  # the truth: the model itself
+    assert 0 < cfg.parameter_lower_bound() <= built

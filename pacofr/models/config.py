@@ -33,6 +33,13 @@ ProtoPatches = Literal["all", "replaced"]
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
+#: Largest patch count L per image: the attention scores of one head and image are L x L floats
+#: (2^28 of them, 1 GiB in fp32, at this bound).
+MAX_PATCHES = 2**14
+#: Largest model accepted: 2^32 parameters are 64 GiB of fp32 weights, gradients and AdamW
+#: moments (16 bytes each), more than one 80 GB accelerator holds with activations besides.
+MAX_PARAMETERS = 2**32
+
 _PRESETS: dict[str, dict[str, Any]] = {
     # smallest sensible model, for unit tests (L = 16 patches)
     "tiny": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_dim=32,
@@ -259,6 +266,17 @@ class ModelConfig:
                     depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                     drop_path_rate=self.drop_path_rate, num_classes=0)
 
+    def parameter_lower_bound(self) -> int:
+        """A lower bound on the parameter count: the encoder's and decoder's attention and MLP
+        matrices, the position embeddings and the codebook (biases, norms and heads left out)."""
+        def blocks(depth: int, width: int) -> int:  # q, k, v, proj and the two MLP matrices
+            return depth * (4 * width ** 2 + 2 * width * int(width * self.mlp_ratio))
+
+        encoder, decoder = blocks(self.depth, self.embed_dim), blocks(self.decoder_depth, self.decoder_dim)
+        positions = self.num_patches * (self.embed_dim + self.decoder_dim)
+        codebook = self.codebook_size * self.code_dim if self.uses_codebook else 0
+        return encoder + decoder + positions + codebook
+
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
         def need(ok: bool, message: str) -> None:
@@ -313,6 +331,22 @@ class ModelConfig:
                      "eq_max_scale", "eq_max_shift", "drop_path_rate"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.eq_max_scale < 1, f"eq_max_scale must be < 1, got {self.eq_max_scale}")
+        need(self.drop_path_rate < 1, f"drop_path_rate must be in [0, 1) (the probability of dropping a "
+                                      f"block's branch), got {self.drop_path_rate}")
+        need(int(self.embed_dim * self.mlp_ratio) >= 1,
+             f"mlp_ratio must be > 0 (the MLP width is int(embed_dim * mlp_ratio) = "
+             f"{int(self.embed_dim * self.mlp_ratio)}), got {self.mlp_ratio}")
+        need(self.num_regions >= 2, f"num_regions must be >= 2 (masking and the layout term compare regions), "
+                                    f"got {self.num_regions}")
+        need(bool(self.timm_name.strip()), "timm_name must name a timm VisionTransformer "
+                                           "(e.g. vit_base_patch16_224), got an empty string")
+        need(self.num_patches <= MAX_PATCHES,
+             f"img_size={self.img_size} / patch_size={self.patch_size} gives L={self.num_patches} patches; "
+             f"at most {MAX_PATCHES} (attention holds L x L scores per head and image)")
+        need(self.parameter_lower_bound() <= MAX_PARAMETERS,
+             f"the model would have more than {self.parameter_lower_bound():.3g} parameters (embed_dim="
+             f"{self.embed_dim}, depth={self.depth}, decoder_dim={self.decoder_dim}, codebook_size="
+             f"{self.codebook_size} x code_dim={self.code_dim}); at most {MAX_PARAMETERS:.3g}")
         need(self.alpha_rep <= 1, f"alpha_rep must be <= 1 (a replaced patch never outweighs a masked one), "
                                   f"got {self.alpha_rep}")
         self._validate_peer_methods(need)
