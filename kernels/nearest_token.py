@@ -5,7 +5,9 @@ One program owns ``BLOCK_N`` query rows; :func:`~._ranking.best_codes` walks the
 of ``BLOCK_K`` codes and keeps the ``KP`` best (score, index) keys per row (``KP`` = k rounded up
 to a power of two). The epilogue takes them in increasing order and turns each score into the
 reported distance with the row constant, which never enters the comparison:
-``max(||x||^2 + 2 score, 0)`` (l2) or ``1 + score / ||x||`` (cosine).
+``max(||x||^2 + 2 score, 0)`` (l2) or ``1 + score / ||x||`` (cosine). A query row whose fp32
+squared norm is NaN or above ``max_squared_norm`` (the op's finite range) gets NaN distances and
+index -1, like every slot whose distance is NaN.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import triton
 import triton.language as tl
 
 from pacofr.kernels._ranking import best_codes, key_index, key_score, pop_smallest
+from pacofr.kernels.norms import squared_norms_of_rows
 
 
 @triton.jit
 def nearest_token_kernel(
     x_ptr, codebook_ptr, code_term_ptr, dist_ptr, index_ptr,
     n_rows, n_codes, dim,
-    stride_xn, stride_xd, stride_en, stride_ed,
+    stride_xn, stride_xd, stride_en, stride_ed, max_squared_norm,
     K_OUT: tl.constexpr, KP: tl.constexpr, COSINE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, CAST_BF16: tl.constexpr, UPCAST: tl.constexpr,
@@ -36,16 +39,11 @@ def nearest_token_kernel(
                       KP, COSINE, BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION, CAST_BF16, UPCAST)
 
     # ||x||^2 in fp32 (the row constant of the reported distance, never part of the comparison)
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
-    squared_norm = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for d_start in range(0, dim, BLOCK_D):
-        ds = d_start + tl.arange(0, BLOCK_D)
-        x_tile = tl.load(x_rows + ds.to(tl.int64)[None, :] * stride_xd,
-                         mask=row_mask[:, None] & (ds < dim)[None, :], other=0.0).to(tl.float32)
-        squared_norm += tl.sum(x_tile * x_tile, axis=1)
+    squared_norm = squared_norms_of_rows(x_ptr, rows, row_mask, dim, stride_xn, stride_xd, BLOCK_D)
     if COSINE:
         positive = squared_norm > 0.0
         inv_norm = tl.where(positive, tl.div_rn(1.0, tl.sqrt_rn(tl.where(positive, squared_norm, 1.0))), 0.0)
+    outside = ~(squared_norm <= max_squared_norm)  # NaN and inf norms included
 
     out_offsets = rows.to(tl.int64) * K_OUT
     for slot in tl.static_range(K_OUT):
@@ -56,11 +54,8 @@ def nearest_token_kernel(
         else:
             distance = squared_norm + 2.0 * score
             distance = tl.where(distance < 0.0, 0.0, distance)
+        distance = tl.where(outside, float("nan"), distance)
         index = tl.where(distance != distance, -1, key_index(smallest))
         tl.store(dist_ptr + out_offsets + slot, distance, mask=row_mask)
         tl.store(index_ptr + out_offsets + slot, index, mask=row_mask)
 
-
-def next_power_of_two(value: int) -> int:
-    """Smallest power of two >= ``value`` (``value >= 1``)."""
-    return 1 << (value - 1).bit_length()

@@ -111,7 +111,7 @@ def gather_patches_backward_kernel(grad_out_ptr, ids_ptr, std_ptr, grad_img_ptr,
     if HAS_STATS:
         std = tl.load(std_ptr + channel, mask=k_ok, other=1.0)
         g = g / std[None, :]
-    tl.atomic_add(grad_img_ptr + offsets, g, mask=mask)
+    tl.atomic_add(grad_img_ptr + offsets, g, mask=mask, sem="relaxed")  # no ordering needed: no fences
 
 
 @triton.jit
@@ -263,7 +263,7 @@ def scatter_tokens_backward_kernel(grad_out_ptr, ids_ptr, grad_vis_ptr, mask_par
                     other=0.0).to(tl.float32)
         from_visible = id_ok & (source < n_visible)
         vis_offsets = (image * n_visible + source)[:, None] * dim + d[None, :]
-        tl.atomic_add(grad_vis_ptr + vis_offsets, g, mask=from_visible[:, None] & d_ok[None, :])
+        tl.atomic_add(grad_vis_ptr + vis_offsets, g, mask=from_visible[:, None] & d_ok[None, :], sem="relaxed")
         mask_acc += tl.where((id_ok & (source >= n_visible))[:, None], g, 0.0)
         if HAS_POS:
             pos_acc += g

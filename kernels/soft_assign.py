@@ -14,10 +14,11 @@ Forward (:func:`soft_assign_fwd_kernel`), one program per BLOCK_N query rows:
 
 Backward (:func:`soft_assign_bwd_kernel`), M-sparse: ``g_w = <dtoken, e_j> + dweights``, softmax
 backward, chain through the scores to ``q`` (written once per row) and to the M chosen code rows
-(fp32 ``tl.atomic_add`` into a K x D buffer, or, in deterministic mode, per-pair coefficients that
+(relaxed fp32 ``tl.atomic_add`` into a K x D buffer: nothing reads it in the launch, so no
+fences; or, in deterministic mode, per-pair coefficients that
 :func:`codebook_grad_segment_kernel` reduces over the pairs of each code after a stable sort).
 
-Statistics: :func:`codebook_stats_atomic_kernel` (fp32 atomics) and
+Statistics: :func:`codebook_stats_atomic_kernel` (relaxed fp64 / fp32 atomics) and
 :func:`codebook_stats_segment_kernel` (sorted segments, deterministic).
 """
 
@@ -197,7 +198,7 @@ def soft_assign_bwd_kernel(
             else:
                 ge += 2.0 * g_c[:, :, None] * (qt[:, None, :] - e3)
             tl.atomic_add(gcb_ptr + idx64[:, :, None] * D + dd[None, None, :], ge,
-                          mask=pair_ok[:, :, None] & d_ok[None, None, :])
+                          mask=pair_ok[:, :, None] & d_ok[None, None, :], sem="relaxed")
 
 
 @triton.jit
@@ -258,7 +259,9 @@ def codebook_stats_atomic_kernel(
     M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_W: tl.constexpr, HAS_X: tl.constexpr,
 ):
-    """counts[k] += w, sums[k, :] += w * x[n, :] over the (row, slot) entries of BLOCK_N rows (fp32 atomics)."""
+    """counts[k] += w (fp64 atomics: integer counts exact to 2^53), sums[k, :] += w * x[n, :] (fp32
+    atomics) over the (row, slot) entries of BLOCK_N rows. The atomics are relaxed: nothing is read
+    back in this launch, so no ordering (and no fence around each atomic) is needed."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rows64 = rows.to(tl.int64)
@@ -266,18 +269,19 @@ def codebook_stats_atomic_kernel(
     ok = (rows < N)[:, None] & (slot < M)[None, :]
     idx64 = tl.load(idx_ptr + rows64[:, None] * stride_in + slot[None, :] * stride_ij, mask=ok, other=0).to(tl.int64)
     if HAS_W:
-        w = tl.load(w_ptr + rows64[:, None] * stride_wn + slot[None, :] * stride_wj, mask=ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows64[:, None] * stride_wn + slot[None, :] * stride_wj, mask=ok, other=0.0)
     else:
         w = tl.where(ok, 1.0, 0.0)
-    tl.atomic_add(counts_ptr + idx64, w, mask=ok)
+    tl.atomic_add(counts_ptr + idx64, w.to(tl.float64), mask=ok, sem="relaxed")
     if HAS_X:
+        w32 = w.to(tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             d_ok = dd < D
             xt = tl.load(x_ptr + rows64[:, None] * stride_xn + dd[None, :] * stride_xd,
                          mask=(rows < N)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            tl.atomic_add(sums_ptr + idx64[:, :, None] * D + dd[None, None, :], w[:, :, None] * xt[:, None, :],
-                          mask=ok[:, :, None] & d_ok[None, None, :])
+            tl.atomic_add(sums_ptr + idx64[:, :, None] * D + dd[None, None, :], w32[:, :, None] * xt[:, None, :],
+                          mask=ok[:, :, None] & d_ok[None, None, :], sem="relaxed")
 
 
 @triton.jit
@@ -287,14 +291,15 @@ def codebook_stats_segment_kernel(
     M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, HAS_W: tl.constexpr, HAS_X: tl.constexpr,
 ):
     """Deterministic statistics: program (k, d-chunk) sums the entries of code k in sorted order.
-    ``order`` (N*M,) entry ids n*M+j sorted by code (stable); ``w`` flat (N*M,) fp32 when HAS_W."""
+    ``order`` (N*M,) entry ids n*M+j sorted by code (stable); ``w`` flat (N*M,) when HAS_W; counts
+    fp64 (integer counts exact to 2^53), sums fp32."""
     code = tl.program_id(0)
     chunk = tl.program_id(1)
     dd = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dd < D
     start = tl.load(starts_ptr + code)
     end = tl.load(starts_ptr + code + 1)
-    count = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    count = tl.zeros((BLOCK_P,), dtype=tl.float64)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for p0 in range(start, end, BLOCK_P):
         pp = p0 + tl.arange(0, BLOCK_P)
@@ -304,7 +309,8 @@ def codebook_stats_segment_kernel(
             w = tl.load(w_ptr + entry, mask=p_ok, other=0.0)
         else:
             w = tl.where(p_ok, 1.0, 0.0)
-        count += w
+        count += w.to(tl.float64)
+        w = w.to(tl.float32)
         if HAS_X:
             rows64 = entry // M
             xt = tl.load(x_ptr + rows64[:, None] * stride_xn + dd[None, :] * stride_xd,

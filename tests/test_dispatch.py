@@ -51,17 +51,42 @@ def test_auto_on_cpu_tensors_is_torch(toy_op: Op, monkeypatch: pytest.MonkeyPatc
 
 
 def test_auto_on_cuda_prefers_the_first_available(toy_op: Op, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pretend a CUDA device: auto must walk the op's preference order and skip what cannot run."""
+    """Pretend a CUDA device: auto must walk the op's preference order (default: the README's, triton
+    first, then cuda, then torch) and skip what cannot run."""
     monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
     fake = torch.empty(0, device="meta")
     monkeypatch.setattr(_dispatch, "_device_of", lambda tensors: torch.device("cuda", 0))
-    available = {"torch": True, "triton": True, "cuda": False}
+    available = {"torch": True, "triton": False, "cuda": True}
     monkeypatch.setattr(_dispatch, "backend_status", lambda b, d, op=None: (available[b], "test"))
-    assert toy_op.implementation("auto", [fake])[0] == "triton"
-    available["cuda"] = True
+    assert toy_op.auto_order == ("triton", "cuda", "torch")
     assert toy_op.implementation("auto", [fake])[0] == "cuda"
-    toy_op.auto_order = ("triton", "cuda", "torch")
+    available["triton"] = True
     assert toy_op.implementation("auto", [fake])[0] == "triton"
+    available["triton"] = available["cuda"] = False
+    assert toy_op.implementation("auto", [fake])[0] == "torch"
+    toy_op.auto_order = ("cuda", "triton", "torch")
+    available["cuda"] = available["triton"] = True
+    assert toy_op.implementation("auto", [fake])[0] == "cuda"
+
+
+def test_every_public_op_prefers_triton_as_the_readme_says() -> None:
+    import pacofr.ops  # noqa: F401 - registers every op
+
+    for name, op in _dispatch.registered_ops().items():
+        if not name.startswith("test_"):
+            assert op.auto_order == ("triton", "cuda", "torch"), name
+
+
+def test_a_call_the_fused_backends_refuse_runs_on_torch_or_raises_by_name(
+        toy_op: Op, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    fake = torch.empty(0, device="meta")
+    monkeypatch.setattr(_dispatch, "_device_of", lambda tensors: torch.device("cuda", 0))
+    monkeypatch.setattr(_dispatch, "backend_status", lambda b, d, op=None: (True, "test"))
+    assert toy_op.implementation("auto", [fake], fused_refusal="cannot do this")[0] == "torch"
+    assert toy_op.implementation("torch", [fake], fused_refusal="cannot do this")[0] == "torch"
+    with pytest.raises(BackendUnavailableError, match="toy: backend 'triton' cannot do this; use backend='torch'"):
+        toy_op.implementation("triton", [fake], fused_refusal="cannot do this")
 
 
 def test_unavailable_backend_says_what_is_missing(toy_op: Op, monkeypatch: pytest.MonkeyPatch) -> None:

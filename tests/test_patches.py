@@ -13,8 +13,7 @@ import torch
 
 from _oracles import mae_patchify, oracle_loss, oracle_patches, oracle_scatter, oracle_targets
 from pacofr.ops import BackendUnavailableError, gather_patches, masked_patch_loss, patch_targets, scatter_tokens
-from pacofr.ops import _patches_fused
-from pacofr.ops import patches as patches_module
+from pacofr.ops import _launch, _patches_fused
 from pacofr.ops._dispatch import backend_status, get_op
 
 IMAGE_DTYPES = [torch.uint8, torch.float32, torch.bfloat16, torch.float16]
@@ -67,11 +66,11 @@ def poison_fused_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
         fill = float("nan") if dtype.is_floating_point else 2**30
         return torch.full(shape, fill, dtype=dtype, device=device)
 
-    monkeypatch.setattr(_patches_fused, "_empty", poisoned)
+    monkeypatch.setattr(_launch, "new_output", poisoned)
 
 
 def test_poisoning_is_active():
-    assert torch.isnan(_patches_fused._empty((2,), torch.float32, torch.device("cpu"))).all()
+    assert torch.isnan(_launch.new_output((2,), torch.float32, torch.device("cpu"))).all()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,7 +542,8 @@ def test_auto_uses_torch_for_float64_and_on_cpu():
     out = gather_patches(images, ids, 8)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, oracle_patches(images, ids, 8))
-    assert patches_module.FUSED_AUTO_ORDER == ("triton", "cuda", "torch")
+    assert all(get_op(name).auto_order == ("triton", "cuda", "torch")
+               for name in ("gather_patches", "patch_targets", "masked_patch_loss", "scatter_tokens"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ gradients are compared with the oracle evaluated at the returned indices.
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
@@ -28,9 +27,9 @@ from _oracles import (
     stats_oracle,
 )
 from _oracles import soft_assign_scores64 as oracle_scores
+from pacofr.ops import BackendUnavailableError, _launch
 from pacofr.ops.soft_assign import codebook_stats, select_top_m, soft_assign, soft_assign_reference
 
-sa_module = importlib.import_module("pacofr.ops.soft_assign")  # the module, not the function
 
 HAS_CUDA = torch.cuda.is_available()
 BACKENDS = ["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -372,7 +371,7 @@ def test_poisoned_outputs_are_overwritten(backend, deterministic, metric, genera
     clean = []
     for poison in (False, True):
         if poison:
-            monkeypatch.setattr(sa_module, "_new_output", poisoned)
+            monkeypatch.setattr(_launch, "new_output", poisoned)
         q, cb = q0.clone().requires_grad_(), cb0.clone().requires_grad_()
         tau = torch.tensor(0.4, requires_grad=True)
         token, idx, w = run(backend, q, cb, 3, tau, metric=metric, deterministic=deterministic)
@@ -429,7 +428,7 @@ def test_bad_arguments_are_named(call, exc, pattern):
 
 def test_triton_rejects_m_above_the_fused_limit_but_auto_falls_back():
     q, cb = torch.randn(4, 8, device=DEVICE["triton"]), torch.randn(40, 8, device=DEVICE["triton"])
-    with pytest.raises(ValueError, match="m must be <= 16 for backend 'triton'"):
+    with pytest.raises(BackendUnavailableError, match="soft_assign: backend 'triton' keeps at most 16 candidates"):
         soft_assign(q, cb, 17, 0.1, backend="triton")
     token, idx, w = soft_assign(q, cb, 17, 0.1)
     assert idx.shape == (4, 17)

@@ -6,11 +6,14 @@ anywhere), ``triton`` and ``cuda`` (fused kernels). Which one runs is decided, f
 1. the op's ``backend=`` argument when it is not ``"auto"``;
 2. the innermost :func:`use_backend` context;
 3. the ``PACOFR_BACKEND`` environment variable;
-4. ``auto``: for CUDA tensors the op's preference order (fastest first, by benchmark) among the
-   backends that are available, for CPU tensors ``torch``.
+4. ``auto``: for CUDA tensors the op's preference order among the backends that are available
+   (:data:`AUTO_ORDER`: triton, then cuda, then torch, as the README says, until the GPU run
+   ranks them), for CPU tensors ``torch``.
 
-Asking for a backend that cannot run raises :class:`BackendUnavailableError` saying what is
-missing and how to get it; ``auto`` never raises it (``torch`` always works).
+A call the fused backends cannot take (an op passes the reason, e.g. float64 data or more
+candidates than the kernels keep) runs on ``torch`` under ``auto``; asking for a backend that
+cannot run raises :class:`BackendUnavailableError` saying what is missing and how to get it.
+``auto`` never raises it (``torch`` always works).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ logger = logging.getLogger(__name__)
 BACKENDS: tuple[str, ...] = ("torch", "triton", "cuda")
 BACKEND_CHOICES: tuple[str, ...] = (*BACKENDS, "auto")
 ENV_VAR = "PACOFR_BACKEND"
+AUTO_ORDER: tuple[str, ...] = ("triton", "cuda", "torch")
+"""The order ``auto`` tries the backends in on CUDA tensors (every op)."""
 
 _forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("pacofr_backend", default=None)
 
@@ -105,14 +110,22 @@ class Op:
 
     name: str
     impls: dict[str, Callable] = field(default_factory=dict)
-    auto_order: tuple[str, ...] = ("cuda", "triton", "torch")
+    auto_order: tuple[str, ...] = AUTO_ORDER
 
-    def implementation(self, backend: str = "auto", tensors: Sequence[torch.Tensor] = ()) -> tuple[str, Callable]:
-        """Resolve ``backend`` for these tensors to ``(backend_name, function)``."""
+    def implementation(self, backend: str = "auto", tensors: Sequence[torch.Tensor] = (), *,
+                       fused_refusal: str | None = None) -> tuple[str, Callable]:
+        """Resolve ``backend`` for these tensors to ``(backend_name, function)``.
+
+        ``fused_refusal``: why the fused backends cannot take this call (None: they can). ``auto``
+        then runs ``torch``; an explicit fused backend raises :class:`BackendUnavailableError`
+        with the reason.
+        """
         choice = requested_backend(backend)
         device = _device_of(tensors)
         if choice == "auto":
-            order = self.auto_order if device.type == "cuda" else ("torch",)
+            order = self.auto_order if device.type == "cuda" and fused_refusal is None else ("torch",)
+            if fused_refusal is not None:
+                logger.debug("%s: %s; using the torch backend", self.name, fused_refusal)
             for candidate in order:
                 if candidate in self.impls and backend_status(candidate, device, self.name)[0]:
                     return candidate, self.impls[candidate]
@@ -120,6 +133,9 @@ class Op:
         if choice not in self.impls:
             raise BackendUnavailableError(
                 f"{self.name}: backend {choice!r} is not implemented; it has {sorted(self.impls)}")
+        if choice != "torch" and fused_refusal is not None:
+            raise BackendUnavailableError(f"{self.name}: backend {choice!r} {fused_refusal}; "
+                                          "use backend='torch' (or 'auto')")
         ok, why = backend_status(choice, device, self.name)
         if not ok:
             raise BackendUnavailableError(f"{self.name}: backend {choice!r} is unavailable: {why}")
@@ -129,7 +145,7 @@ class Op:
 _REGISTRY: dict[str, Op] = {}
 
 
-def register(op: str, backend: str, *, auto_order: tuple[str, ...] | None = None) -> Callable[[Callable], Callable]:
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as the ``backend`` implementation of ``op``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -137,8 +153,6 @@ def register(op: str, backend: str, *, auto_order: tuple[str, ...] | None = None
     def decorate(fn: Callable) -> Callable:
         entry = _REGISTRY.setdefault(op, Op(op))
         entry.impls[backend] = fn
-        if auto_order is not None:
-            entry.auto_order = auto_order
         return fn
 
     return decorate

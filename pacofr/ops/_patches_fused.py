@@ -1,8 +1,9 @@
 """Fused backends ("triton", "cuda") of the masked patch ops in :mod:`pacofr.ops.patches`.
 
-Each backend is a :class:`PatchKernels` bundle of launchers (forward and backward of every op);
-the ``torch.autograd.Function`` classes below are shared by both backends and call the bundle
-they are given. Arguments arrive validated by the public functions (see ``patches.py``): float
+Each backend is a :class:`PatchKernels` bundle of launchers (forward and backward of every op),
+the launcher pattern of every op (:mod:`pacofr.ops._launch`); the ``torch.autograd.Function``
+classes below are shared by both backends and call the bundle they are given;
+:func:`register_backend` registers a bundle's four ops (``patches.py`` calls it for both). Arguments arrive validated by the public functions (see ``patches.py``): float
 images/tokens are float16/bfloat16/float32 (float64 never reaches this module), index tensors
 int32/int64, per-channel ``mean``/``std`` contiguous fp32 (C,) tensors or both None, and the
 ``mask_token`` / ``pos_embed`` already reshaped to (D,) / (L, D).
@@ -19,22 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from pacofr.ops._dispatch import register
-
-FUSED_AUTO_ORDER: tuple[str, ...] = ("triton", "cuda", "torch")
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocation of every buffer a kernel fully overwrites (tests fill it with NaN to catch gaps)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _cdiv(numerator: int, denominator: int) -> int:
-    """Ceiling division (no triton import needed)."""
-    return -(-numerator // denominator)
-
-
-def _next_power_of_2(value: int) -> int:
-    return 1 << max(0, (value - 1).bit_length())
+from pacofr.ops._launch import cdiv, new_output, next_power_of_two
 
 
 @dataclass(frozen=True)
@@ -47,7 +33,7 @@ class PatchTile:
 
     @staticmethod
     def for_patch_dim(patch_dim: int, target_elements: int = 2048) -> "PatchTile":
-        block_p = _next_power_of_2(patch_dim)
+        block_p = next_power_of_two(patch_dim)
         block_n = max(1, min(64, target_elements // block_p))
         elements = block_n * block_p
         return PatchTile(block_n, block_p, 8 if elements >= 4096 else 4)
@@ -134,22 +120,22 @@ class _ScatterTokensFunction(torch.autograd.Function):
                 None if grad_pos is None else grad_pos.to(pos_dtype), None)
 
 
-def _register_backend(kernels: PatchKernels) -> None:
+def register_backend(kernels: PatchKernels) -> None:
     """Register the four public ops of one fused backend."""
 
-    @register("gather_patches", kernels.name, auto_order=FUSED_AUTO_ORDER)
+    @register("gather_patches", kernels.name)
     def gather_patches(images, ids, patch_size, mean, std, out_dtype):
         return _GatherPatchesFunction.apply(images, ids, patch_size, mean, std, out_dtype, kernels)
 
-    @register("patch_targets", kernels.name, auto_order=FUSED_AUTO_ORDER)
+    @register("patch_targets", kernels.name)
     def patch_targets(images, ids, patch_size, norm_pix, eps, mean, std):
         return kernels.targets(images, ids, patch_size, norm_pix, eps, mean, std)
 
-    @register("masked_patch_loss", kernels.name, auto_order=FUSED_AUTO_ORDER)
+    @register("masked_patch_loss", kernels.name)
     def masked_patch_loss(pred, images, ids, patch_size, norm_pix, eps, mean, std):
         return _MaskedPatchLossFunction.apply(pred, images, ids, patch_size, norm_pix, eps, mean, std, kernels)
 
-    @register("scatter_tokens", kernels.name, auto_order=FUSED_AUTO_ORDER)
+    @register("scatter_tokens", kernels.name)
     def scatter_tokens(visible, ids_restore, mask_token, pos_embed):
         # the kernels read float16/bfloat16/float32 parameters: a float64 one is cast (differentiably)
         mask_token = mask_token.float() if mask_token.dtype == torch.float64 else mask_token
@@ -181,13 +167,13 @@ def _triton_gather(images, ids, patch_size, mean, std, out_dtype):
 
     batch, channels = images.shape[:2]
     patch_dim = patch_size * patch_size * channels
-    out = _empty((batch, ids.shape[1], patch_dim), out_dtype, images.device)
+    out = new_output((batch, ids.shape[1], patch_dim), out_dtype, images.device)
     if out.numel() == 0:
         return out
     ids = ids.contiguous()
     tile = PatchTile.for_patch_dim(patch_dim)
     mean_ptr, std_ptr = _stats_pointers(mean, std, images.device)
-    grid = (_cdiv(ids.numel(), tile.block_n),)
+    grid = (cdiv(ids.numel(), tile.block_n),)
     kernels.gather_patches_kernel[grid](
         images, ids, mean_ptr, std_ptr, out, *_triton_patch_args(images, ids, patch_size),
         PATCH=patch_size, CHANNELS=channels, IS_UINT8=images.dtype == torch.uint8, HAS_STATS=mean is not None,
@@ -206,7 +192,7 @@ def _triton_gather_backward(grad_out, ids, patch_size, std, images):
     channels = images.shape[1]
     tile = PatchTile.for_patch_dim(patch_size * patch_size * channels)
     std_ptr = std if std is not None else _stats_pointers(None, None, images.device)[1]
-    grid = (_cdiv(ids.numel(), tile.block_n),)
+    grid = (cdiv(ids.numel(), tile.block_n),)
     kernels.gather_patches_backward_kernel[grid](
         grad_out, ids, std_ptr, grad_images, *_triton_patch_args(grad_images, ids, patch_size),
         PATCH=patch_size, CHANNELS=channels, HAS_STATS=std is not None,
@@ -219,13 +205,13 @@ def _triton_targets(images, ids, patch_size, norm_pix, eps, mean, std):
 
     batch, channels = images.shape[:2]
     patch_dim = patch_size * patch_size * channels
-    out = _empty((batch, ids.shape[1], patch_dim), torch.float32, images.device)
+    out = new_output((batch, ids.shape[1], patch_dim), torch.float32, images.device)
     if out.numel() == 0:
         return out
     ids = ids.contiguous()
     tile = PatchTile.for_patch_dim(patch_dim)
     mean_ptr, std_ptr = _stats_pointers(mean, std, images.device)
-    grid = (_cdiv(ids.numel(), tile.block_n),)
+    grid = (cdiv(ids.numel(), tile.block_n),)
     kernels.patch_targets_kernel[grid](
         images, ids, mean_ptr, std_ptr, out, eps, *_triton_patch_args(images, ids, patch_size),
         PATCH=patch_size, CHANNELS=channels, IS_UINT8=images.dtype == torch.uint8, HAS_STATS=mean is not None,
@@ -242,11 +228,11 @@ def _triton_loss_forward(pred, images, ids, patch_size, norm_pix, eps, mean, std
     ids = ids.contiguous()
     pred = pred.contiguous()
     tile = PatchTile.for_patch_dim(patch_dim)
-    num_programs = _cdiv(rows, tile.block_n)
-    partial = _empty((num_programs,), torch.float32, images.device)
+    num_programs = cdiv(rows, tile.block_n)
+    partial = new_output((num_programs,), torch.float32, images.device)
     stats_shape = (rows,) if norm_pix else (1,)
-    patch_mean = _empty(stats_shape, torch.float32, images.device)
-    patch_rstd = _empty(stats_shape, torch.float32, images.device)
+    patch_mean = new_output(stats_shape, torch.float32, images.device)
+    patch_rstd = new_output(stats_shape, torch.float32, images.device)
     mean_ptr, std_ptr = _stats_pointers(mean, std, images.device)
     kernels.masked_patch_loss_kernel[(num_programs,)](
         pred, images, ids, mean_ptr, std_ptr, partial, patch_mean, patch_rstd, eps,
@@ -265,10 +251,10 @@ def _triton_loss_backward(grad_loss, pred, images, ids, patch_size, norm_pix, me
     rows = ids.numel()
     ids = ids.contiguous()
     pred = pred.contiguous()
-    grad_pred = _empty(tuple(pred.shape), pred.dtype, pred.device)
+    grad_pred = new_output(tuple(pred.shape), pred.dtype, pred.device)
     tile = PatchTile.for_patch_dim(patch_dim)
     mean_ptr, std_ptr = _stats_pointers(mean, std, images.device)
-    grid = (_cdiv(rows, tile.block_n),)
+    grid = (cdiv(rows, tile.block_n),)
     kernels.masked_patch_loss_backward_kernel[grid](
         grad_loss.contiguous(), pred, images, ids, mean_ptr, std_ptr, patch_mean, patch_rstd, grad_pred,
         1.0 / (rows * patch_dim), *_triton_patch_args(images, ids, patch_size),
@@ -287,7 +273,7 @@ class TokenTile:
 
     @staticmethod
     def for_dim(dim: int, target_elements: int = 4096, max_rows: int = 64) -> "TokenTile":
-        block_d = min(256, _next_power_of_2(dim))
+        block_d = min(256, next_power_of_two(dim))
         block_rows = max(1, min(max_rows, target_elements // block_d))
         return TokenTile(block_rows, block_d, 4)
 
@@ -297,14 +283,14 @@ def _triton_scatter(visible, ids_restore, mask_token, pos_embed):
 
     batch, n_visible, dim = visible.shape
     length = ids_restore.shape[1]
-    out = _empty((batch, length, dim), visible.dtype, visible.device)
+    out = new_output((batch, length, dim), visible.dtype, visible.device)
     if out.numel() == 0:
         return out
     ids_restore = ids_restore.contiguous()
     mask_token = mask_token.contiguous()
     pos = pos_embed.contiguous() if pos_embed is not None else mask_token
     tile = TokenTile.for_dim(dim)
-    grid = (_cdiv(batch * length, tile.block_rows), _cdiv(dim, tile.block_d))
+    grid = (cdiv(batch * length, tile.block_rows), cdiv(dim, tile.block_d))
     kernels.scatter_tokens_kernel[grid](
         visible, ids_restore, mask_token, pos, out, batch * length, length, n_visible, dim, *visible.stride(),
         HAS_POS=pos_embed is not None, BLOCK_R=tile.block_rows, BLOCK_D=tile.block_d, num_warps=tile.num_warps)
@@ -326,11 +312,11 @@ def _triton_scatter_backward(grad_out, ids_restore, n_visible, has_pos):
     grad_out = grad_out.contiguous()
     ids_restore = ids_restore.contiguous()
     tile = TokenTile.for_dim(dim, target_elements=2048, max_rows=16)
-    num_l_blocks = _cdiv(length, tile.block_rows)
-    num_chunks = _cdiv(batch, SCATTER_BATCH_CHUNK)
-    mask_partial = _empty((num_chunks * num_l_blocks, dim), torch.float32, device)
-    pos_partial = _empty((num_chunks, length, dim), torch.float32, device) if has_pos else mask_partial
-    grid = (num_l_blocks, _cdiv(dim, tile.block_d), num_chunks)
+    num_l_blocks = cdiv(length, tile.block_rows)
+    num_chunks = cdiv(batch, SCATTER_BATCH_CHUNK)
+    mask_partial = new_output((num_chunks * num_l_blocks, dim), torch.float32, device)
+    pos_partial = new_output((num_chunks, length, dim), torch.float32, device) if has_pos else mask_partial
+    grid = (num_l_blocks, cdiv(dim, tile.block_d), num_chunks)
     kernels.scatter_tokens_backward_kernel[grid](
         grad_out, ids_restore, grad_vis, mask_partial, pos_partial, batch, length, n_visible, dim,
         HAS_POS=has_pos, BATCH_CHUNK=SCATTER_BATCH_CHUNK, BLOCK_L=tile.block_rows, BLOCK_D=tile.block_d,
@@ -349,7 +335,6 @@ TRITON_KERNELS = PatchKernels(
     scatter=_triton_scatter,
     scatter_backward=_triton_scatter_backward,
 )
-_register_backend(TRITON_KERNELS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,4 +385,3 @@ CUDA_KERNELS = PatchKernels(
     scatter=_cuda_scatter,
     scatter_backward=_cuda_scatter_backward,
 )
-_register_backend(CUDA_KERNELS)

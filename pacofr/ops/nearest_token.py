@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,8 @@ from pacofr.ops._checks import (
     check_tensor,
 )
 from pacofr.ops._dispatch import get_op, register
+from pacofr.ops._launch import cdiv, interpreting, new_output, next_power_of_two
+from pacofr.ops._norms import squared_row_norms, squared_row_norms_triton
 from pacofr.ops._selection import smallest_k
 from pacofr.ops._tiles import ranking_tiles
 from pacofr.ops.precision import (
@@ -52,7 +55,6 @@ METRICS: tuple[str, ...] = ("l2", "cosine")
 INDEX_DTYPES: tuple[torch.dtype, ...] = (torch.int64, torch.int32)
 MAX_K = 16
 """Largest ``k`` the fused kernels keep in registers (the reference has no limit but shares it)."""
-AUTO_ORDER: tuple[str, ...] = ("triton", "cuda", "torch")
 
 
 def nearest_token(x: torch.Tensor, codebook: torch.Tensor, k: int = 1, metric: str = "l2", *,
@@ -102,10 +104,14 @@ def nearest_token(x: torch.Tensor, codebook: torch.Tensor, k: int = 1, metric: s
       whose squares overflow) returns ``k`` NaN distances and indices ``-1``, as a NaN row does; a
       code out of range is treated as a NaN code (every score NaN: never returned while k other
       codes exist). The range is decided once, in fp32, for every backend alike.
-    * Memory: the O(N * k) outputs, K fp32 code norms (computed through a transient fp32 copy of
-      the codebook) and, for the torch backend, bounded chunks of at most
-      ``REFERENCE_BUFFER_ELEMENTS`` scores; the N x K distance matrix is never materialised. The
-      cuda backend copies non-contiguous inputs to contiguous ones; triton reads any strides.
+    * Layout: results do not depend on the inputs' strides (transposed, sliced, expanded views):
+      code norms are summed in a fixed order (:mod:`pacofr.ops._norms`), so identical codes keep
+      equal scores and the tie rule holds for a column-major codebook too.
+    * Memory: the O(N * k) outputs, K fp32 code norms and terms (triton: one kernel pass over the
+      codebook; torch and cuda: through transient fp32 copies of bounded chunks) and, for the
+      torch backend, bounded chunks of at most ``REFERENCE_BUFFER_ELEMENTS`` scores; the N x K
+      distance matrix is never materialised. The triton kernel computes the query norms itself;
+      the cuda backend copies non-contiguous inputs to contiguous ones; triton reads any strides.
     * ``N = 0`` (no queries) returns empty outputs of shape ``(..., k)`` without running a kernel.
     """
     problem = _validate(x, codebook, k, metric, index_dtype, precision)
@@ -118,9 +124,6 @@ def nearest_token(x: torch.Tensor, codebook: torch.Tensor, k: int = 1, metric: s
     logger.debug("nearest_token: backend %s, N=%d K=%d D=%d k=%d metric=%s", name, queries.shape[0],
                  problem.codes, problem.dim, k, metric)
     distances, indices = impl(queries, codebook, k, metric, index_dtype, precision)
-    outside = ~in_range(squared_norms(queries))[:, None]  # the codes' rule lives in code_terms
-    distances = torch.where(outside, math.nan, distances)
-    indices = torch.where(outside, -1, indices)
     return distances.reshape(*leading, k), indices.reshape(*leading, k)
 
 
@@ -165,15 +168,6 @@ REFERENCE_BUFFER_ELEMENTS = 1 << 22
 blocks are smaller where the codebook allows (cache-sized, see :mod:`pacofr.ops._selection`)."""
 
 
-def new_outputs(n: int, k: int, index_dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uninitialised ``(n, k)`` distance (float32) and index outputs; every backend fills all of them.
-
-    One function so the tests can substitute poisoned outputs and catch unwritten elements.
-    """
-    return (torch.empty((n, k), dtype=torch.float32, device=device),
-            torch.empty((n, k), dtype=index_dtype, device=device))
-
-
 MAX_SQUARED_NORM = 2.0**124
 """Largest fp32 squared norm of an in-range query or code row (:func:`nearest_token`, "Finite
 range"): with both below it, ``|score| <= 2^125`` and distances ``<= 2^126`` stay finite."""
@@ -184,11 +178,17 @@ def in_range(squared_norm: torch.Tensor) -> torch.Tensor:
     return squared_norm <= MAX_SQUARED_NORM
 
 
-def code_terms(codebook: torch.Tensor, metric: str) -> torch.Tensor:
+def code_terms(codebook: torch.Tensor, metric: str, squared: torch.Tensor | None = None) -> torch.Tensor:
     """Per-code fp32 term of the score, ``(K,)``: ``0.5 * ||e||^2`` (l2) or ``1 / ||e||`` (cosine,
     0 for a zero row); NaN for a code out of the finite range, which makes its every score NaN on
-    every backend (they all take their code terms from here)."""
-    squared = codebook.float().square().sum(dim=1)
+    every backend (they all take their code terms from here).
+
+    ``squared``: the codes' fp32 squared norms when the caller has them (the triton backend computes
+    them in one kernel pass); by default :func:`pacofr.ops._norms.squared_row_norms`. Either way
+    they do not depend on the codebook's memory layout, so identical codes keep equal scores.
+    """
+    if squared is None:
+        squared = squared_row_norms(codebook)
     term = 0.5 * squared if metric == "l2" else _inverse_norm(squared)
     return torch.where(in_range(squared), term, math.nan)
 
@@ -201,12 +201,14 @@ def _inverse_norm(squared_norm: torch.Tensor) -> torch.Tensor:
 
 def finish_distances(best_scores: torch.Tensor, best_indices: torch.Tensor, squared_x_norm: torch.Tensor,
                      metric: str, index_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn the k best fp32 scores ``(n, k)`` into reported distances and apply the NaN rule."""
+    """Turn the k best fp32 scores ``(n, k)`` into reported distances and apply the NaN and range rules:
+    a NaN distance, or a query out of the finite range (``squared_x_norm``), gives NaN and index -1."""
     if metric == "l2":
         distances = squared_x_norm[:, None] + 2.0 * best_scores
         distances = torch.where(distances < 0, torch.zeros_like(distances), distances)
     else:
         distances = 1.0 + best_scores * _inverse_norm(squared_x_norm)[:, None]
+    distances = torch.where(in_range(squared_x_norm)[:, None], distances, math.nan)
     indices = torch.where(torch.isnan(distances), torch.full_like(best_indices, -1), best_indices)
     return distances, indices.to(index_dtype)
 
@@ -242,22 +244,18 @@ def nearest_token_reference(x: torch.Tensor, codebook: torch.Tensor, k: int, met
     best_scores, best_indices = smallest_k(x, codebook.shape[0], k, as_operands, score_block,
                                            score_dtype=torch.float32, nan_as_inf=False,
                                            buffer_elements=buffer_elements, codes_per_block=codes_per_chunk)
-    distances, indices = new_outputs(x.shape[0], k, index_dtype, x.device)
-    distances[:], indices[:] = finish_distances(best_scores, best_indices, squared_norms(x, buffer_elements),
+    distances, indices = _outputs(x.shape[0], k, index_dtype, x.device)
+    distances[:], indices[:] = finish_distances(best_scores, best_indices, squared_row_norms(x, buffer_elements),
                                                 metric, index_dtype)
     return distances, indices
 
 
-def squared_norms(x: torch.Tensor, buffer_elements: int = REFERENCE_BUFFER_ELEMENTS) -> torch.Tensor:
-    """fp32 ``||x_i||^2`` of every row of ``x`` ``(N, D)``, upcasting at most ``buffer_elements`` values at a time."""
-    rows_per_chunk = max(1, buffer_elements // max(1, x.shape[1]))
-    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    for r0 in range(0, x.shape[0], rows_per_chunk):
-        out[r0:r0 + rows_per_chunk] = x[r0:r0 + rows_per_chunk].float().square().sum(dim=1)
-    return out
+def _outputs(n: int, k: int, index_dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(n, k)`` distance (float32) and index outputs, every element of which a backend writes."""
+    return new_output((n, k), torch.float32, device), new_output((n, k), index_dtype, device)
 
 
-@register(OP_NAME, "torch", auto_order=AUTO_ORDER)
+@register(OP_NAME, "torch")
 def _nearest_token_torch(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
                          index_dtype: torch.dtype, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     with full_precision(x.device):  # under autocast torch.mm would round to bf16 behind precision's back
@@ -265,60 +263,76 @@ def _nearest_token_torch(x: torch.Tensor, codebook: torch.Tensor, k: int, metric
 
 
 # --------------------------------------------------------------------------------------------
-# triton backend
+# fused backends
 # --------------------------------------------------------------------------------------------
 
 MAX_CODES = 2**31 - 1
 """The fused kernels pack the code index into 32 bits."""
 
-
-def _check_code_count(codes: int) -> None:
-    if codes > MAX_CODES:
-        raise ValueError(f"codebook has {codes} rows; the fused kernels support at most {MAX_CODES}")
+Search = Callable[[torch.Tensor, torch.Tensor, int, str, torch.dtype, str], tuple[torch.Tensor, torch.Tensor]]
+"""``(x (N, D), codebook (K, D), k, metric, index_dtype, precision) -> (distances, indices)`` ``(N, k)``."""
 
 
-@register(OP_NAME, "triton", auto_order=AUTO_ORDER)
-def _nearest_token_triton(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
-                          index_dtype: torch.dtype, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from pacofr import _triton
+@dataclass(frozen=True)
+class NearestTokenKernels:
+    """Launchers of one fused backend of :func:`nearest_token` (the launcher pattern of :mod:`pacofr.ops._launch`)."""
+
+    name: str
+    search: Search  #: the whole op on 2-D queries, the NaN and range rules applied
+
+
+def _register_backend(kernels: NearestTokenKernels) -> None:
+    def search(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str, index_dtype: torch.dtype,
+               precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if codebook.shape[0] > MAX_CODES:
+            raise ValueError(f"codebook has {codebook.shape[0]} rows; the fused kernels support at most {MAX_CODES}")
+        return kernels.search(x, codebook, k, metric, index_dtype, precision)
+
+    register(OP_NAME, kernels.name)(search)
+
+
+def _triton_search(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str, index_dtype: torch.dtype,
+                   precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:mod:`pacofr.kernels.nearest_token`: code norms in one kernel pass, then the ranking kernel, which
+    also computes the query norms and applies the NaN and range rules (no pass over ``x`` in torch)."""
     from pacofr.kernels import nearest_token as kernels
 
     n, dim = x.shape
-    codes = codebook.shape[0]
-    _check_code_count(codes)
-    kp = kernels.next_power_of_two(k)
-    interpreting = x.device.type == "cpu" and _triton.interpreter_enabled()
+    kp = next_power_of_two(k)
+    on_interpreter = interpreting(x.device)
     input_precision, cast_bf16 = kernel_precision(precision, x.dtype)
-    tiles = ranking_tiles(x.dtype, input_precision, cast_bf16, kp, interpreting)
-    terms = code_terms(codebook, metric)
-    distances, indices = new_outputs(n, k, index_dtype, x.device)
-    grid = ((n + tiles.block_n - 1) // tiles.block_n,)
-    kernels.nearest_token_kernel[grid](
+    tiles = ranking_tiles(x.dtype, input_precision, cast_bf16, kp, on_interpreter)
+    terms = code_terms(codebook, metric, squared_row_norms_triton(codebook))
+    distances, indices = _outputs(n, k, index_dtype, x.device)
+    kernels.nearest_token_kernel[(cdiv(n, tiles.block_n),)](
         x, codebook, terms, distances, indices,
-        n, codes, dim,
-        x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
+        n, codebook.shape[0], dim,
+        x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1), MAX_SQUARED_NORM,
         K_OUT=k, KP=kp, COSINE=metric == "cosine",
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_D=tiles.block_d,
         INPUT_PRECISION=input_precision, CAST_BF16=cast_bf16,
         # the interpreter's tl.dot is wrong on bf16 tiles: give it exact fp32 copies of the values
-        UPCAST=interpreting and (x.dtype == torch.bfloat16 or cast_bf16),
+        UPCAST=on_interpreter and (x.dtype == torch.bfloat16 or cast_bf16),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=tiles.max_registers,
     )
     return distances, indices
 
 
-# --------------------------------------------------------------------------------------------
-# cuda backend
-# --------------------------------------------------------------------------------------------
-
-@register(OP_NAME, "cuda", auto_order=AUTO_ORDER)
-def _nearest_token_cuda(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
-                        index_dtype: torch.dtype, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _cuda_search(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str, index_dtype: torch.dtype,
+                 precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``csrc/nearest_token.cu``: fp16/bf16 on 16-bit tensor-core MMAs, fp32 by the precision given
-    (``"ieee"`` exact fp32 FMAs, ``"tf32"``, ``"tf32x3"``; no ``"bf16"`` path for fp32 inputs)."""
+    (``"ieee"`` exact fp32 FMAs, ``"tf32"``, ``"tf32x3"``; no ``"bf16"`` path for fp32 inputs).
+
+    The op takes the code terms (layout-independent, :func:`code_terms`); the query range rule is
+    applied here until the kernel applies it itself (notes/ops-cuda-interface.md).
+    """
     input_precision = cuda_input_precision(OP_NAME, precision, x.dtype)
-    _check_code_count(codebook.shape[0])
-    terms = code_terms(codebook, metric)
-    distances, indices = new_outputs(x.shape[0], k, index_dtype, x.device)
-    torch.ops.pacofr_cuda.nearest_token(x, codebook, terms, metric == "cosine", input_precision, distances, indices)
-    return distances, indices
+    distances, indices = _outputs(x.shape[0], k, index_dtype, x.device)
+    torch.ops.pacofr_cuda.nearest_token(x, codebook, code_terms(codebook, metric), metric == "cosine",
+                                        input_precision, distances, indices)
+    outside = ~in_range(squared_row_norms(x))[:, None]
+    return torch.where(outside, math.nan, distances), torch.where(outside, -1, indices)
+
+
+_register_backend(NearestTokenKernels("triton", _triton_search))
+_register_backend(NearestTokenKernels("cuda", _cuda_search))

@@ -51,8 +51,8 @@ from typing import Union
 import torch
 
 from pacofr.ops._checks import check_int, check_same_device, check_tensor
-from pacofr.ops._dispatch import BackendUnavailableError, get_op, register, requested_backend
-from pacofr.ops._patches_fused import FUSED_AUTO_ORDER  # importing it registers the fused backends
+from pacofr.ops._dispatch import get_op, register
+from pacofr.ops._patches_fused import CUDA_KERNELS, TRITON_KERNELS, register_backend
 
 IMAGE_DTYPES: tuple[torch.dtype, ...] = (torch.uint8, torch.float32, torch.bfloat16, torch.float16, torch.float64)
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -185,13 +185,9 @@ def _check_norm_pix(norm_pix: object, grid: PatchGrid) -> bool:
 
 def _resolve(op_name: str, backend: str, tensors: Sequence[torch.Tensor]) -> Callable:
     """The implementation to run; float64 data (``tensors``) go to the torch reference (module doc)."""
-    name, fn = get_op(op_name).implementation(backend, tensors)
-    if name != "torch" and any(t is not None and t.dtype == torch.float64 for t in tensors):
-        if requested_backend(backend) != "auto":
-            raise BackendUnavailableError(f"{op_name}: backend {name!r} does not take float64 inputs; "
-                                          "use backend='torch' (or 'auto') for float64")
-        return get_op(op_name).impls["torch"]
-    return fn
+    float64 = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    return get_op(op_name).implementation(
+        backend, tensors, fused_refusal="does not take float64 inputs" if float64 else None)[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,21 +380,21 @@ def _norm_pix(patches: torch.Tensor, eps: float) -> torch.Tensor:
     return (patches - mu) / (var + eps) ** 0.5
 
 
-@register("gather_patches", "torch", auto_order=FUSED_AUTO_ORDER)
+@register("gather_patches", "torch")
 def _gather_patches_torch(images: torch.Tensor, ids: torch.Tensor, patch_size: int, mean: torch.Tensor | None,
                           std: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     compute = _compute_dtype(images, mean)
     return _normalised_patches(images, ids, patch_size, mean, std, compute).to(out_dtype)
 
 
-@register("patch_targets", "torch", auto_order=FUSED_AUTO_ORDER)
+@register("patch_targets", "torch")
 def _patch_targets_torch(images: torch.Tensor, ids: torch.Tensor, patch_size: int, norm_pix: bool, eps: float,
                          mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
     patches = _normalised_patches(images, ids, patch_size, mean, std, _compute_dtype(images, mean))
     return _norm_pix(patches, eps) if norm_pix else patches
 
 
-@register("masked_patch_loss", "torch", auto_order=FUSED_AUTO_ORDER)
+@register("masked_patch_loss", "torch")
 def _masked_patch_loss_torch(pred: torch.Tensor, images: torch.Tensor, ids: torch.Tensor, patch_size: int,
                              norm_pix: bool, eps: float, mean: torch.Tensor | None,
                              std: torch.Tensor | None) -> torch.Tensor:
@@ -410,7 +406,7 @@ def _masked_patch_loss_torch(pred: torch.Tensor, images: torch.Tensor, ids: torc
     return per_patch.mean().to(out_dtype)
 
 
-@register("scatter_tokens", "torch", auto_order=FUSED_AUTO_ORDER)
+@register("scatter_tokens", "torch")
 def _scatter_tokens_torch(visible_tokens: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
                           pos_embed: torch.Tensor | None) -> torch.Tensor:
     batch, n_visible, dim = visible_tokens.shape
@@ -423,3 +419,7 @@ def _scatter_tokens_torch(visible_tokens: torch.Tensor, ids_restore: torch.Tenso
         return out
     compute = _compute_dtype(visible_tokens, pos_embed)
     return (out.to(compute) + pos_embed.to(compute)).to(visible_tokens.dtype)
+
+
+register_backend(TRITON_KERNELS)
+register_backend(CUDA_KERNELS)

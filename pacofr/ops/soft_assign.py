@@ -30,13 +30,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from pacofr.ops._checks import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_same_dtype, check_tensor
-from pacofr.ops._dispatch import get_op, register, requested_backend
+from pacofr.ops._dispatch import get_op, register
+from pacofr.ops._launch import cdiv, interpreting, new_output, next_power_of_two
+from pacofr.ops._norms import squared_row_norms, squared_row_norms_triton
 from pacofr.ops._selection import smallest_k
 from pacofr.ops._tiles import gather_block_d, ranking_tiles, register_ceiling
 from pacofr.ops.precision import (
@@ -70,7 +74,7 @@ class SoftAssignment(NamedTuple):
 class CodebookStats(NamedTuple):
     """Result of :func:`codebook_stats` (unpacks as ``counts, sums``)."""
 
-    counts: torch.Tensor  #: (K,) float32
+    counts: torch.Tensor  #: (K,) float32, or float64 (codebook_stats' counts_dtype)
     sums: torch.Tensor | None  #: (K, D) float32, or None when no ``x`` was given
 
 
@@ -200,13 +204,14 @@ def select_top_m(q: torch.Tensor, codebook: torch.Tensor, m: int, metric: str, p
     def prepare_rows(rows: torch.Tensor) -> torch.Tensor:
         return round_operands(rows.to(compute), precision)
 
+    squared_norms = squared_row_norms(cb, dtype=compute)  # layout-independent: identical codes tie
     if metric == "cosine":
-        negated_inverse_norms = -1.0 / cb.norm(dim=1).clamp_min(NORM_EPS)
+        negated_inverse_norms = -1.0 / squared_norms.sqrt().clamp_min(NORM_EPS)
 
         def negated_scores(rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
             return torch.mm(rows, codes_t[:, c0:c1]).mul_(negated_inverse_norms[c0:c1])
     else:
-        code_bias = cb.pow(2).sum(dim=1)
+        code_bias = squared_norms
 
         def negated_scores(rows: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
             return torch.addmm(code_bias[c0:c1], rows, codes_t[:, c0:c1], alpha=-2.0)
@@ -260,14 +265,16 @@ def soft_assign_reference(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: 
 @torch.no_grad()
 def codebook_stats_reference(indices: torch.Tensor, num_codes: int, weights: torch.Tensor | None = None,
                              x: torch.Tensor | None = None) -> CodebookStats:
-    """``index_add_`` in fp32 (fp64 for fp64 weights/x): counts (K,), sums (K, D) or None."""
+    """``index_add_``: counts (K,) in fp64 (exact integer counts to 2^53); sums (K, D) in fp32 (fp64 for
+    fp64 weights/x) or None."""
     compute = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in (weights, x)) \
         else torch.float32
     flat_idx = indices.reshape(-1).long()
     per_row = 1 if indices.dim() == 1 else indices.shape[1]
     flat_w = (torch.ones(flat_idx.shape, dtype=compute, device=indices.device) if weights is None
               else weights.reshape(-1).to(compute))
-    counts = torch.zeros(num_codes, dtype=compute, device=indices.device).index_add_(0, flat_idx, flat_w)
+    counts = torch.zeros(num_codes, dtype=torch.float64, device=indices.device).index_add_(
+        0, flat_idx, flat_w.to(torch.float64))
     sums = None
     if x is not None:
         rows = x.to(compute).repeat_interleave(per_row, dim=0) * flat_w.unsqueeze(1)
@@ -290,13 +297,8 @@ def _codebook_stats_torch(indices: torch.Tensor, num_codes: int, weights: torch.
 
 
 # --------------------------------------------------------------------------------------------
-# Fused backends: one autograd Function, backend-specific launchers
+# Fused backends: one autograd Function, one bundle of launchers per backend
 # --------------------------------------------------------------------------------------------
-
-
-def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocation of every write-once kernel output (tests replace it to poison outputs)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 class _Saved(NamedTuple):
@@ -309,9 +311,14 @@ class _Saved(NamedTuple):
     code_stat: torch.Tensor  #: (K,) ||e|| (cosine) or ||e||^2 (l2)
 
 
-def _code_stat(codebook: torch.Tensor, metric: str) -> torch.Tensor:
-    squared = codebook.float().pow(2).sum(dim=1)
-    return squared.sqrt() if metric == "cosine" else squared
+def _code_stat(squared_norms: torch.Tensor, metric: str) -> torch.Tensor:
+    """``||e||`` (cosine) or ``||e||^2`` (l2) from the codes' fp32 squared norms (:mod:`pacofr.ops._norms`)."""
+    return squared_norms.sqrt() if metric == "cosine" else squared_norms
+
+
+def _rank_term(code_stat: torch.Tensor, metric: str) -> torch.Tensor:
+    """Per-code term of the shared ranking loop: ``1 / max(||e||, eps)`` (cosine) or ``0.5 ||e||^2`` (l2)."""
+    return 1.0 / code_stat.clamp_min(NORM_EPS) if metric == "cosine" else 0.5 * code_stat
 
 
 def _sorted_segments(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,189 +330,25 @@ def _sorted_segments(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tenso
     return order, starts
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, str, bool, str], tuple[torch.Tensor, _Saved]]
+Backward = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+Stats = Callable[[torch.Tensor, int, "torch.Tensor | None", "torch.Tensor | None", bool], CodebookStats]
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+@dataclass(frozen=True)
+class SoftAssignKernels:
+    """Launchers of one fused backend (the launcher pattern of :mod:`pacofr.ops._launch`).
 
-
-def _rank_term(code_stat: torch.Tensor, metric: str) -> torch.Tensor:
-    """Per-code term of the shared ranking loop: ``1 / max(||e||, eps)`` (cosine) or ``0.5 ||e||^2`` (l2)."""
-    return 1.0 / code_stat.clamp_min(NORM_EPS) if metric == "cosine" else 0.5 * code_stat
-
-
-class _TritonLaunchers:
-    """Launches the kernels of :mod:`pacofr.kernels.soft_assign` (imported lazily).
-
-    Tiles: the forward's ranking loop takes :func:`pacofr.ops._tiles.ranking_tiles`; its epilogue
-    and the backward gather (BLOCK_N, M_PAD, BLOCK_D) tiles of about ``*_GATHER_ELEMENTS`` values,
-    the size that keeps them in registers with 8 warps on sm_80 and sm_90 (benchmarks.static).
+    ``forward(q (N, D), codebook (K, D), tau 0-d fp32, m, metric, straight_through, precision)
+    -> (token (N, D) q's dtype, saved)``; ``backward(g_token, g_weights | None, q, codebook, tau,
+    saved, metric, deterministic) -> (grad q, grad codebook, grad tau)``; ``stats(indices (N, m),
+    K, weights | None, x | None, deterministic) -> CodebookStats`` with float64 counts.
     """
 
-    FWD_GATHER_ELEMENTS = 4096
-    BWD_GATHER_ELEMENTS = 2048
-    NUM_WARPS = 8
-    STATS_ELEMENTS_PER_PROGRAM = 8192  # bound on BLOCK_N * M_PAD * 64 in the statistics kernel
-
-    @staticmethod
-    def _module():
-        from pacofr.kernels import soft_assign as kernels
-
-        return kernels
-
-    @classmethod
-    def forward(cls, q: torch.Tensor, codebook: torch.Tensor, tau: torch.Tensor, m: int, metric: str,
-                straight_through: bool, precision: str) -> tuple[torch.Tensor, _Saved]:
-        from pacofr import _triton
-
-        kernels = cls._module()
-        n, dim = q.shape
-        num_codes = codebook.shape[0]
-        device = q.device
-        token = _new_output((n, dim), q.dtype, device)
-        indices = _new_output((n, m), torch.int64, device)
-        weights = _new_output((n, m), torch.float32, device)
-        raw = _new_output((n, m), torch.float32, device)
-        q_norm = _new_output((n,), torch.float32, device)
-        code_stat = _code_stat(codebook, metric)
-        saved = _Saved(indices, weights, raw, q_norm, code_stat)
-        if n == 0:
-            return token, saved
-        m_pad = _pow2(m)
-        interpreting = _triton.interpreter_enabled() and q.device.type == "cpu"
-        input_precision, cast_bf16 = kernel_precision(precision, q.dtype)
-        tiles = ranking_tiles(q.dtype, input_precision, cast_bf16, m_pad, interpreting)
-        grid = (_cdiv(n, tiles.block_n),)
-        kernels.soft_assign_fwd_kernel[grid](
-            q, codebook, code_stat, _rank_term(code_stat, metric), tau, token, indices, weights, raw, q_norm,
-            n, num_codes, dim, q.stride(0), q.stride(1), codebook.stride(0), codebook.stride(1), NORM_EPS,
-            M=m, M_PAD=m_pad, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_D=tiles.block_d,
-            BLOCK_DE=gather_block_d(cls.FWD_GATHER_ELEMENTS, tiles.block_n, m_pad, dim, high=32),
-            COSINE=metric == "cosine",
-            HARD=straight_through, INPUT_PRECISION=input_precision, CAST_BF16=cast_bf16,
-            # the interpreter's tl.dot is wrong on bf16 tiles: give it exact fp32 copies of the values
-            UPCAST=interpreting and (q.dtype == torch.bfloat16 or cast_bf16),
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=tiles.max_registers)
-        return token, saved
-
-    @classmethod
-    def backward(cls, g_token: torch.Tensor, g_weights: torch.Tensor | None, q: torch.Tensor,
-                 codebook: torch.Tensor, tau: torch.Tensor, saved: _Saved, metric: str,
-                 deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        kernels = cls._module()
-        n, dim = q.shape
-        num_codes = codebook.shape[0]
-        m = saved.indices.shape[1]
-        device = q.device
-        grad_q = _new_output((n, dim), q.dtype, device)
-        tau_parts = _new_output((n,), torch.float32, device)
-        if deterministic:
-            grad_cb = _new_output((num_codes, dim), codebook.dtype, device)
-            grad_acc = grad_cb  # unused by the kernel when not ATOMIC
-            coef = _new_output((n, m), torch.float32, device)
-        else:
-            grad_acc = torch.zeros(num_codes, dim, dtype=torch.float32, device=device)
-            coef = tau_parts  # unused by the kernel when ATOMIC
-        m_pad = _pow2(m)
-        block_n = 32 if m_pad <= 8 else 16
-        if n > 0:
-            g_w = None if g_weights is None else g_weights.float().contiguous()
-            kernels.soft_assign_bwd_kernel[(_cdiv(n, block_n),)](
-                g_token, g_w if g_w is not None else saved.weights, q, codebook, saved.code_stat, tau,
-                saved.indices, saved.weights, saved.raw, saved.q_norm,
-                grad_q, grad_acc, coef, tau_parts, n, dim,
-                g_token.stride(0), g_token.stride(1), q.stride(0), q.stride(1),
-                codebook.stride(0), codebook.stride(1), NORM_EPS,
-                M=m, M_PAD=m_pad, BLOCK_N=block_n, BLOCK_D=gather_block_d(cls.BWD_GATHER_ELEMENTS, block_n, m_pad, dim),
-                COSINE=metric == "cosine", HAS_GW=g_w is not None, ATOMIC=not deterministic,
-                num_warps=cls.NUM_WARPS, maxnreg=register_ceiling(cls.NUM_WARPS))
-        if deterministic:
-            order, starts = _sorted_segments(saved.indices, num_codes)
-            block_d = max(16, min(64, _pow2(dim)))
-            kernels.codebook_grad_segment_kernel[(num_codes, _cdiv(dim, block_d))](
-                order, starts, g_token, q, codebook, saved.code_stat, saved.q_norm,
-                saved.weights, saved.raw, coef, grad_cb, dim,
-                g_token.stride(0), g_token.stride(1), q.stride(0), q.stride(1),
-                codebook.stride(0), codebook.stride(1), NORM_EPS,
-                M=m, BLOCK_P=32, BLOCK_D=block_d, COSINE=metric == "cosine", maxnreg=register_ceiling(4))
-        else:
-            grad_cb = grad_acc.to(codebook.dtype)
-        grad_tau = -(tau_parts.sum() / tau) / tau
-        return grad_q, grad_cb, grad_tau
-
-    @classmethod
-    def stats(cls, indices: torch.Tensor, num_codes: int, weights: torch.Tensor | None, x: torch.Tensor | None,
-              deterministic: bool) -> CodebookStats:
-        kernels = cls._module()
-        idx2 = indices if indices.dim() == 2 else indices.unsqueeze(1)
-        w2 = None if weights is None else (weights if weights.dim() == 2 else weights.unsqueeze(1))
-        n, m = idx2.shape
-        device = indices.device
-        dim = 0 if x is None else x.shape[1]
-        dummy = torch.empty(1, dtype=torch.float32, device=device)
-        if deterministic:
-            counts = _new_output((num_codes,), torch.float32, device)
-            sums = None if x is None else _new_output((num_codes, dim), torch.float32, device)
-            order, starts = _sorted_segments(idx2, num_codes)
-            # entry e = row * m + j of the segments: the weights must be row-major contiguous
-            flat_w = None if w2 is None else w2.reshape(-1).float().contiguous()
-            block_d = max(16, min(64, _pow2(max(dim, 1))))
-            kernels.codebook_stats_segment_kernel[(num_codes, max(1, _cdiv(dim, block_d)))](
-                order, starts, dummy if flat_w is None else flat_w, dummy if x is None else x,
-                counts, dummy if sums is None else sums, dim,
-                0 if x is None else x.stride(0), 0 if x is None else x.stride(1),
-                M=m, BLOCK_P=32, BLOCK_D=block_d, HAS_W=flat_w is not None, HAS_X=x is not None)
-            return CodebookStats(counts, sums)
-        counts = torch.zeros(num_codes, dtype=torch.float32, device=device)
-        sums = None if x is None else torch.zeros(num_codes, dim, dtype=torch.float32, device=device)
-        if n == 0:
-            return CodebookStats(counts, sums)
-        m_pad = _pow2(m)
-        block_n = max(1, min(128, cls.STATS_ELEMENTS_PER_PROGRAM // (m_pad * 64)))
-        kernels.codebook_stats_atomic_kernel[(_cdiv(n, block_n),)](
-            idx2, dummy if w2 is None else w2, dummy if x is None else x, counts, dummy if sums is None else sums,
-            n, dim, idx2.stride(0), idx2.stride(1),
-            0 if w2 is None else w2.stride(0), 0 if w2 is None else w2.stride(1),
-            0 if x is None else x.stride(0), 0 if x is None else x.stride(1),
-            M=m, M_PAD=m_pad, BLOCK_N=block_n, BLOCK_D=max(4, min(64, _pow2(max(dim, 1)))),
-            HAS_W=w2 is not None, HAS_X=x is not None)
-        return CodebookStats(counts, sums)
-
-
-class _CudaLaunchers:
-    """Calls the ops of ``csrc/soft_assign.cu`` (``torch.ops.pacofr_cuda``); inputs made contiguous."""
-
-    @staticmethod
-    def forward(q: torch.Tensor, codebook: torch.Tensor, tau: torch.Tensor, m: int, metric: str,
-                straight_through: bool, precision: str) -> tuple[torch.Tensor, _Saved]:
-        input_precision = cuda_input_precision("soft_assign", precision, q.dtype)
-        code_stat = _code_stat(codebook, metric)
-        token, indices, weights, raw, q_norm = torch.ops.pacofr_cuda.soft_assign(
-            q, codebook, code_stat, tau, m, metric == "cosine", straight_through, NORM_EPS, input_precision)
-        return token, _Saved(indices, weights, raw, q_norm, code_stat)
-
-    @staticmethod
-    def backward(g_token: torch.Tensor, g_weights: torch.Tensor | None, q: torch.Tensor, codebook: torch.Tensor,
-                 tau: torch.Tensor, saved: _Saved, metric: str,
-                 deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        grad_q, grad_cb, tau_parts = torch.ops.pacofr_cuda.soft_assign_backward(
-            g_token.contiguous(), None if g_weights is None else g_weights.float().contiguous(), q.contiguous(),
-            codebook.contiguous(), saved.code_stat, tau, saved.indices, saved.weights, saved.raw, saved.q_norm,
-            metric == "cosine", deterministic, NORM_EPS)
-        return grad_q, grad_cb, -(tau_parts.sum() / tau) / tau
-
-    @staticmethod
-    def stats(indices: torch.Tensor, num_codes: int, weights: torch.Tensor | None, x: torch.Tensor | None,
-              deterministic: bool) -> CodebookStats:
-        idx2 = indices if indices.dim() == 2 else indices.unsqueeze(1)
-        if idx2.dtype not in (torch.int32, torch.int64):
-            idx2 = idx2.long()
-        w2 = None if weights is None else weights.reshape(idx2.shape).float().contiguous()
-        x2 = None if x is None else (x.float() if x.dtype == torch.float64 else x).contiguous()
-        counts, sums = torch.ops.pacofr_cuda.codebook_stats(idx2.contiguous(), num_codes, w2, x2, deterministic)
-        return CodebookStats(counts, None if x is None else sums)
+    name: str
+    forward: Forward
+    backward: Backward
+    stats: Stats
 
 
 class _FusedSoftAssignFunction(torch.autograd.Function):
@@ -514,12 +357,12 @@ class _FusedSoftAssignFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, codebook: torch.Tensor, tau: torch.Tensor, m: int, metric: str,  # noqa: D102
                 straight_through: bool, deterministic: bool, precision: str,
-                launchers: type) -> tuple[torch.Tensor, ...]:
-        token, saved = launchers.forward(q, codebook, tau, m, metric, straight_through, precision)
+                kernels: SoftAssignKernels) -> tuple[torch.Tensor, ...]:
+        token, saved = kernels.forward(q, codebook, tau, m, metric, straight_through, precision)
         if straight_through:
             token = hard_token(token, saved.weights)
         ctx.save_for_backward(q, codebook, tau, *saved)
-        ctx.metric, ctx.deterministic, ctx.launchers = metric, deterministic, launchers
+        ctx.metric, ctx.deterministic, ctx.kernels = metric, deterministic, kernels
         ctx.mark_non_differentiable(saved.indices)
         return token, saved.indices, saved.weights
 
@@ -530,45 +373,190 @@ class _FusedSoftAssignFunction(torch.autograd.Function):
         saved = _Saved(*rest)
         if g_token is None:
             g_token = torch.zeros_like(q)
-        grad_q, grad_cb, grad_tau = ctx.launchers.backward(g_token, g_weights, q, codebook, tau, saved,
-                                                           ctx.metric, ctx.deterministic)
+        grad_q, grad_cb, grad_tau = ctx.kernels.backward(g_token, g_weights, q, codebook, tau, saved,
+                                                         ctx.metric, ctx.deterministic)
         return grad_q, grad_cb, grad_tau.to(tau.dtype), None, None, None, None, None, None
 
 
-def _fused_soft_assign(launchers: type, q: torch.Tensor, codebook: torch.Tensor, m: int,
-                       tau: float | torch.Tensor, metric: str, straight_through: bool,
-                       deterministic: bool, precision: str) -> SoftAssignment:
-    tau_t = tau.float() if isinstance(tau, torch.Tensor) else torch.full((), tau, dtype=torch.float32,
-                                                                         device=q.device)
-    token, indices, weights = _FusedSoftAssignFunction.apply(q, codebook, tau_t, m, metric, straight_through,
-                                                            deterministic, precision, launchers)
-    return SoftAssignment(token, indices, weights)
+def _register_backend(kernels: SoftAssignKernels) -> None:
+    """Register ``soft_assign`` and ``codebook_stats`` of one fused backend."""
+
+    def fused_soft_assign(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float | torch.Tensor, metric: str,
+                          straight_through: bool, deterministic: bool, precision: str) -> SoftAssignment:
+        tau_t = tau.float() if isinstance(tau, torch.Tensor) else torch.full((), tau, dtype=torch.float32,
+                                                                             device=q.device)
+        token, indices, weights = _FusedSoftAssignFunction.apply(q, codebook, tau_t, m, metric, straight_through,
+                                                                deterministic, precision, kernels)
+        return SoftAssignment(token, indices, weights)
+
+    register("soft_assign", kernels.name)(fused_soft_assign)
+    register("codebook_stats", kernels.name)(kernels.stats)
 
 
-@register("soft_assign", "triton", auto_order=("triton", "cuda", "torch"))
-def _soft_assign_triton(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float | torch.Tensor,
-                        metric: str, straight_through: bool, deterministic: bool, precision: str) -> SoftAssignment:
-    return _fused_soft_assign(_TritonLaunchers, q, codebook, m, tau, metric, straight_through, deterministic,
-                              precision)
+# ---- triton ---------------------------------------------------------------------------------
+# Tiles: the forward's ranking loop takes pacofr.ops._tiles.ranking_tiles; its epilogue and the
+# backward gather (BLOCK_N, M_PAD, BLOCK_D) tiles of about *_GATHER_ELEMENTS values, the size
+# that keeps them in registers with 8 warps on sm_80 and sm_90 (benchmarks.static).
+
+FWD_GATHER_ELEMENTS = 4096
+BWD_GATHER_ELEMENTS = 2048
+FUSED_NUM_WARPS = 8
+STATS_ELEMENTS_PER_PROGRAM = 4096
+"""Bound on BLOCK_N * M_PAD * BLOCK_D in the atomic statistics kernel (8192 spilled on sm_90 at M = 4)."""
 
 
-@register("codebook_stats", "triton", auto_order=("triton", "cuda", "torch"))
-def _codebook_stats_triton(indices: torch.Tensor, num_codes: int, weights: torch.Tensor | None,
-                           x: torch.Tensor | None, deterministic: bool) -> CodebookStats:
-    return _TritonLaunchers.stats(indices, num_codes, weights, x, deterministic)
+def _triton_forward(q: torch.Tensor, codebook: torch.Tensor, tau: torch.Tensor, m: int, metric: str,
+                    straight_through: bool, precision: str) -> tuple[torch.Tensor, _Saved]:
+    from pacofr.kernels import soft_assign as kernels
+
+    n, dim = q.shape
+    device = q.device
+    token = new_output((n, dim), q.dtype, device)
+    indices = new_output((n, m), torch.int64, device)
+    weights = new_output((n, m), torch.float32, device)
+    raw = new_output((n, m), torch.float32, device)
+    q_norm = new_output((n,), torch.float32, device)
+    code_stat = _code_stat(squared_row_norms_triton(codebook), metric)
+    saved = _Saved(indices, weights, raw, q_norm, code_stat)
+    if n == 0:
+        return token, saved
+    m_pad = next_power_of_two(m)
+    on_interpreter = interpreting(device)
+    input_precision, cast_bf16 = kernel_precision(precision, q.dtype)
+    tiles = ranking_tiles(q.dtype, input_precision, cast_bf16, m_pad, on_interpreter)
+    kernels.soft_assign_fwd_kernel[(cdiv(n, tiles.block_n),)](
+        q, codebook, code_stat, _rank_term(code_stat, metric), tau, token, indices, weights, raw, q_norm,
+        n, codebook.shape[0], dim, q.stride(0), q.stride(1), codebook.stride(0), codebook.stride(1), NORM_EPS,
+        M=m, M_PAD=m_pad, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_D=tiles.block_d,
+        BLOCK_DE=gather_block_d(FWD_GATHER_ELEMENTS, tiles.block_n, m_pad, dim, high=32),
+        COSINE=metric == "cosine",
+        HARD=straight_through, INPUT_PRECISION=input_precision, CAST_BF16=cast_bf16,
+        # the interpreter's tl.dot is wrong on bf16 tiles: give it exact fp32 copies of the values
+        UPCAST=on_interpreter and (q.dtype == torch.bfloat16 or cast_bf16),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=tiles.max_registers)
+    return token, saved
 
 
-@register("soft_assign", "cuda", auto_order=("triton", "cuda", "torch"))
-def _soft_assign_cuda(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float | torch.Tensor,
-                      metric: str, straight_through: bool, deterministic: bool, precision: str) -> SoftAssignment:
-    return _fused_soft_assign(_CudaLaunchers, q, codebook, m, tau, metric, straight_through, deterministic,
-                              precision)
+def _triton_backward(g_token: torch.Tensor, g_weights: torch.Tensor | None, q: torch.Tensor,
+                     codebook: torch.Tensor, tau: torch.Tensor, saved: _Saved, metric: str,
+                     deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from pacofr.kernels import soft_assign as kernels
+
+    n, dim = q.shape
+    num_codes = codebook.shape[0]
+    m = saved.indices.shape[1]
+    device = q.device
+    grad_q = new_output((n, dim), q.dtype, device)
+    tau_parts = new_output((n,), torch.float32, device)
+    if deterministic:
+        grad_cb = new_output((num_codes, dim), codebook.dtype, device)
+        grad_acc = grad_cb  # unused by the kernel when not ATOMIC
+        coef = new_output((n, m), torch.float32, device)
+    else:
+        grad_acc = torch.zeros(num_codes, dim, dtype=torch.float32, device=device)
+        coef = tau_parts  # unused by the kernel when ATOMIC
+    m_pad = next_power_of_two(m)
+    block_n = 32 if m_pad <= 8 else 16
+    if n > 0:
+        g_w = None if g_weights is None else g_weights.float().contiguous()
+        kernels.soft_assign_bwd_kernel[(cdiv(n, block_n),)](
+            g_token, g_w if g_w is not None else saved.weights, q, codebook, saved.code_stat, tau,
+            saved.indices, saved.weights, saved.raw, saved.q_norm,
+            grad_q, grad_acc, coef, tau_parts, n, dim,
+            g_token.stride(0), g_token.stride(1), q.stride(0), q.stride(1),
+            codebook.stride(0), codebook.stride(1), NORM_EPS,
+            M=m, M_PAD=m_pad, BLOCK_N=block_n, BLOCK_D=gather_block_d(BWD_GATHER_ELEMENTS, block_n, m_pad, dim),
+            COSINE=metric == "cosine", HAS_GW=g_w is not None, ATOMIC=not deterministic,
+            num_warps=FUSED_NUM_WARPS, maxnreg=register_ceiling(FUSED_NUM_WARPS))
+    if deterministic:
+        order, starts = _sorted_segments(saved.indices, num_codes)
+        block_d = max(16, min(64, next_power_of_two(dim)))
+        kernels.codebook_grad_segment_kernel[(num_codes, cdiv(dim, block_d))](
+            order, starts, g_token, q, codebook, saved.code_stat, saved.q_norm,
+            saved.weights, saved.raw, coef, grad_cb, dim,
+            g_token.stride(0), g_token.stride(1), q.stride(0), q.stride(1),
+            codebook.stride(0), codebook.stride(1), NORM_EPS,
+            M=m, BLOCK_P=32, BLOCK_D=block_d, COSINE=metric == "cosine", maxnreg=register_ceiling(4))
+    else:
+        grad_cb = grad_acc.to(codebook.dtype)
+    grad_tau = -(tau_parts.sum() / tau) / tau
+    return grad_q, grad_cb, grad_tau
 
 
-@register("codebook_stats", "cuda", auto_order=("triton", "cuda", "torch"))
-def _codebook_stats_cuda(indices: torch.Tensor, num_codes: int, weights: torch.Tensor | None,
-                         x: torch.Tensor | None, deterministic: bool) -> CodebookStats:
-    return _CudaLaunchers.stats(indices, num_codes, weights, x, deterministic)
+def _triton_stats(indices: torch.Tensor, num_codes: int, weights: torch.Tensor | None, x: torch.Tensor | None,
+                  deterministic: bool) -> CodebookStats:
+    from pacofr.kernels import soft_assign as kernels
+
+    idx2 = indices if indices.dim() == 2 else indices.unsqueeze(1)
+    w2 = None if weights is None else (weights if weights.dim() == 2 else weights.unsqueeze(1))
+    n, m = idx2.shape
+    device = indices.device
+    dim = 0 if x is None else x.shape[1]
+    dummy = torch.empty(1, dtype=torch.float32, device=device)
+    if deterministic:
+        counts = new_output((num_codes,), torch.float64, device)
+        sums = None if x is None else new_output((num_codes, dim), torch.float32, device)
+        order, starts = _sorted_segments(idx2, num_codes)
+        # entry e = row * m + j of the segments: the weights must be row-major contiguous
+        flat_w = None if w2 is None else w2.reshape(-1).contiguous()
+        block_d = max(16, min(64, next_power_of_two(max(dim, 1))))
+        kernels.codebook_stats_segment_kernel[(num_codes, max(1, cdiv(dim, block_d)))](
+            order, starts, dummy if flat_w is None else flat_w, dummy if x is None else x,
+            counts, dummy if sums is None else sums, dim,
+            0 if x is None else x.stride(0), 0 if x is None else x.stride(1),
+            M=m, BLOCK_P=32, BLOCK_D=block_d, HAS_W=flat_w is not None, HAS_X=x is not None)
+        return CodebookStats(counts, sums)
+    counts = torch.zeros(num_codes, dtype=torch.float64, device=device)
+    sums = None if x is None else torch.zeros(num_codes, dim, dtype=torch.float32, device=device)
+    if n == 0:
+        return CodebookStats(counts, sums)
+    m_pad = next_power_of_two(m)
+    block_d = max(4, min(64, next_power_of_two(max(dim, 1))))
+    block_n = max(1, min(128, STATS_ELEMENTS_PER_PROGRAM // (m_pad * block_d)))
+    kernels.codebook_stats_atomic_kernel[(cdiv(n, block_n),)](
+        idx2, dummy if w2 is None else w2, dummy if x is None else x, counts, dummy if sums is None else sums,
+        n, dim, idx2.stride(0), idx2.stride(1),
+        0 if w2 is None else w2.stride(0), 0 if w2 is None else w2.stride(1),
+        0 if x is None else x.stride(0), 0 if x is None else x.stride(1),
+        M=m, M_PAD=m_pad, BLOCK_N=block_n, BLOCK_D=block_d, HAS_W=w2 is not None, HAS_X=x is not None)
+    return CodebookStats(counts, sums)
+
+
+# ---- cuda (csrc/soft_assign.cu, torch.ops.pacofr_cuda; inputs made contiguous) -------------------
+
+def _cuda_forward(q: torch.Tensor, codebook: torch.Tensor, tau: torch.Tensor, m: int, metric: str,
+                  straight_through: bool, precision: str) -> tuple[torch.Tensor, _Saved]:
+    input_precision = cuda_input_precision("soft_assign", precision, q.dtype)
+    code_stat = _code_stat(squared_row_norms(codebook), metric)
+    token, indices, weights, raw, q_norm = torch.ops.pacofr_cuda.soft_assign(
+        q, codebook, code_stat, tau, m, metric == "cosine", straight_through, NORM_EPS, input_precision)
+    return token, _Saved(indices, weights, raw, q_norm, code_stat)
+
+
+def _cuda_backward(g_token: torch.Tensor, g_weights: torch.Tensor | None, q: torch.Tensor, codebook: torch.Tensor,
+                   tau: torch.Tensor, saved: _Saved, metric: str,
+                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_q, grad_cb, tau_parts = torch.ops.pacofr_cuda.soft_assign_backward(
+        g_token.contiguous(), None if g_weights is None else g_weights.float().contiguous(), q.contiguous(),
+        codebook.contiguous(), saved.code_stat, tau, saved.indices, saved.weights, saved.raw, saved.q_norm,
+        metric == "cosine", deterministic, NORM_EPS)
+    return grad_q, grad_cb, -(tau_parts.sum() / tau) / tau
+
+
+def _cuda_stats(indices: torch.Tensor, num_codes: int, weights: torch.Tensor | None, x: torch.Tensor | None,
+                deterministic: bool) -> CodebookStats:
+    """The cuda op accumulates counts in fp32 (exact to 2^24 only; notes/ops-cuda-interface.md)."""
+    idx2 = indices if indices.dim() == 2 else indices.unsqueeze(1)
+    if idx2.dtype not in (torch.int32, torch.int64):
+        idx2 = idx2.long()
+    w2 = None if weights is None else weights.reshape(idx2.shape).float().contiguous()
+    x2 = None if x is None else (x.float() if x.dtype == torch.float64 else x).contiguous()
+    counts, sums = torch.ops.pacofr_cuda.codebook_stats(idx2.contiguous(), num_codes, w2, x2, deterministic)
+    return CodebookStats(counts.double(), None if x is None else sums)
+
+
+_register_backend(SoftAssignKernels("triton", _triton_forward, _triton_backward, _triton_stats))
+_register_backend(SoftAssignKernels("cuda", _cuda_forward, _cuda_backward, _cuda_stats))
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,15 +564,11 @@ def _codebook_stats_cuda(indices: torch.Tensor, num_codes: int, weights: torch.T
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve(op_name: str, backend: str, tensors: list[torch.Tensor], m: int) -> tuple[str, object]:
-    """Backend for this call; the fused kernels hold at most MAX_FUSED_M candidates per row."""
-    name, fn = get_op(op_name).implementation(backend, tensors)
-    if name != "torch" and m > MAX_FUSED_M:
-        if requested_backend(backend) == "auto":
-            logger.debug("%s: m=%d > %d, using the torch backend", op_name, m, MAX_FUSED_M)
-            return get_op(op_name).implementation("torch", tensors)
-        raise ValueError(f"m must be <= {MAX_FUSED_M} for backend {name!r}, got {m}; use backend='torch'")
-    return name, fn
+def _fused_refusal(m: int) -> str | None:
+    """Why the fused backends cannot take a call with ``m`` candidates per row (None: they can)."""
+    if m > MAX_FUSED_M:
+        return f"keeps at most {MAX_FUSED_M} candidates per row: m must be <= {MAX_FUSED_M}, got m={m}"
+    return None
 
 
 def soft_assign(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float | torch.Tensor, *,
@@ -618,6 +602,27 @@ def soft_assign(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float | to
         ``SoftAssignment(token, indices, weights)``: token (..., D) in q's dtype = sum_j
         weights_j * codebook[indices_j] (raw rows); indices (..., m) int64, best first, ties to the
         smaller index; weights (..., m) float32 = softmax over the m chosen scores.
+
+    Semantics (identical on every backend):
+
+    * Arithmetic: ranking scores in fp32 as ``precision`` says; the chosen scores, weights, token
+      and gradients recomputed from the chosen rows in fp32 (cosine: ``q . e / (max(||q||, eps)
+      max(||e||, eps))``, eps = ``NORM_EPS``; l2: ``-sum (q - e)^2``, no expansion).
+    * Ties: equal ranking scores go to the smaller code index, in the set and in its order; code
+      norms are summed in a fixed order (:mod:`pacofr.ops._norms`), so identical codes tie in
+      every memory layout of the codebook (a ``.t()`` view included).
+    * NaN: a NaN score ranks below every number (as ``-inf``); a query row containing NaN gets
+      NaN weights and a NaN token (its indices are valid but unspecified).
+    * Gradients: only the m chosen rows per query receive a codebook gradient; with
+      ``deterministic`` the fused backends reduce it in a fixed order (bit-identical reruns),
+      otherwise by fp32 atomics (order-dependent rounding).
+    * Memory: the outputs, O(N * m) saved values for the backward, K code norms and, for the
+      torch backend, blocks of at most ``_REFERENCE_SCORE_ELEMENTS`` scores; never the N x K
+      score matrix nor a one-hot. Any strides are read in place (cuda: contiguous copies).
+    * ``m > 16``: the fused kernels keep at most ``MAX_FUSED_M`` candidates; ``auto`` runs the
+      torch backend, an explicit fused backend raises ``BackendUnavailableError``.
+    * Empty input (no query rows): empty outputs of the shapes above, no kernel runs; K = 0 or
+      D = 0 raise a ValueError naming the codebook.
     """
     q, codebook, m, tau = _check_soft_assign_args(q, codebook, m, tau, metric, straight_through)
     check_precision(precision)
@@ -625,7 +630,7 @@ def soft_assign(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float | to
         deterministic = torch.are_deterministic_algorithms_enabled()
     lead_shape = q.shape[:-1]
     flat = q.reshape(-1, q.shape[-1])
-    _, fn = _resolve("soft_assign", backend, [flat, codebook], m)
+    _, fn = get_op("soft_assign").implementation(backend, [flat, codebook], fused_refusal=_fused_refusal(m))
     token, indices, weights = fn(flat, codebook, m, tau, metric, straight_through, bool(deterministic), precision)
     return SoftAssignment(token.reshape(*lead_shape, token.shape[-1]), indices.reshape(*lead_shape, m),
                           weights.reshape(*lead_shape, m))
@@ -633,7 +638,7 @@ def soft_assign(q: torch.Tensor, codebook: torch.Tensor, m: int, tau: float | to
 
 def codebook_stats(indices: torch.Tensor, K: int, *, weights: torch.Tensor | None = None,  # noqa: N803
                    x: torch.Tensor | None = None, deterministic: bool | None = None,
-                   backend: str = "auto") -> CodebookStats:
+                   counts_dtype: torch.dtype = torch.float32, backend: str = "auto") -> CodebookStats:
     """Per-code usage statistics of an assignment, by scatter (no one-hot matrix, no host sync on CUDA).
 
     Args:
@@ -647,14 +652,26 @@ def codebook_stats(indices: torch.Tensor, K: int, *, weights: torch.Tensor | Non
             ``torch.are_deterministic_algorithms_enabled()``.
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
 
+        counts_dtype: dtype of the returned counts: ``torch.float32`` (default; the exact count
+            correctly rounded to fp32) or ``torch.float64`` (exact: integer counts up to 2^53).
+
     Returns:
-        ``CodebookStats(counts, sums)``: counts (K,) float32 = sum of weights per code; sums
-        (K, D) float32 = sum of weights * x per code, or None without ``x``. Raw (no EMA), not
-        differentiable.
+        ``CodebookStats(counts, sums)``: counts (K,) ``counts_dtype`` = sum of weights per code,
+        accumulated in float64 on every backend (the cuda kernel still in fp32, exact to 2^24);
+        sums (K, D) float32 = sum of weights * x per code, or None without ``x``. Raw (no EMA),
+        not differentiable.
+
+    Semantics: weights and x are read in their dtype and summed in fp64 (counts) / fp32 (sums); a
+    NaN weight or x value makes its code's count / sum NaN; ``deterministic`` gives bit-identical
+    results run to run, atomics an order-dependent rounding of the sums. Memory: the outputs and,
+    with ``deterministic``, one sort of the N * m indices. Empty input (N = 0): zero counts and
+    sums, no kernel runs.
     """
     indices, K, weights, x = _check_stats_args(indices, K, weights, x)  # noqa: N806
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    _, fn = _resolve("codebook_stats", backend, [indices], 1)
+    if counts_dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"counts_dtype must be torch.float32 or torch.float64, got {counts_dtype!r}")
+    _, fn = get_op("codebook_stats").implementation(backend, [indices])
     counts, sums = fn(indices, K, weights, x, bool(deterministic))
-    return CodebookStats(counts.float(), None if sums is None else sums.float())
+    return CodebookStats(counts.to(counts_dtype), None if sums is None else sums.float())
