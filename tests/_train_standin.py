@@ -43,7 +43,8 @@ class StandInModel(nn.Module):
         self.random = random
         self.nan_on_calls = set(nan_on_calls)
         self.calls = 0
-        self.discarded = 0  # discard_pending() calls (skipped steps)
+        self.discarded = 0  # maintenance.discard() calls (skipped steps)
+        self.recorded = 0  # forwards handed to maintenance.record()
 
     def _encode(self, images: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         x = images.flatten(1)
@@ -74,15 +75,8 @@ class StandInModel(nn.Module):
         return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
                 {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
 
-    @torch.no_grad()
-    def after_step(self, teacher_momentum: float | None = None) -> dict[str, float]:
-        if teacher_momentum is not None:
-            for t, s in zip(self.teacher.parameters(), self.enc.parameters()):
-                t.lerp_(s, 1.0 - teacher_momentum)
-        return {"teacher_gap": float((self.teacher.weight - self.enc.weight).abs().max())}
-
-    def discard_pending(self) -> None:
-        self.discarded += 1
+    def step_maintenance(self) -> StandInMaintenance:
+        return StandInMaintenance(self)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, region_ids: torch.Tensor,
@@ -90,6 +84,28 @@ class StandInModel(nn.Module):
         x, h = self._encode(images, generator)
         rec = self.dec(h).view_as(images).clamp(0, 1)
         return {"input": images, "corrupted": images * 0.5, "reconstruction": rec}
+
+
+class StandInMaintenance:
+    """The stand-in's between-steps work: the teacher's EMA step; counts recorded forwards and
+    discarded steps (on the model, which the tests read)."""
+
+    def __init__(self, model: StandInModel) -> None:
+        self.model = model
+
+    def record(self, output: StandInOutput) -> None:
+        self.model.recorded += 1
+
+    def discard(self) -> None:
+        self.model.discarded += 1
+
+    @torch.no_grad()
+    def apply(self, teacher_momentum: float | None = None) -> dict[str, float]:
+        model = self.model
+        if teacher_momentum is not None:
+            for t, s in zip(model.teacher.parameters(), model.enc.parameters()):
+                t.lerp_(s, 1.0 - teacher_momentum)
+        return {"teacher_gap": float((model.teacher.weight - model.enc.weight).abs().max())}
 
 
 class TinyFaces(Dataset):

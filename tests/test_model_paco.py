@@ -85,6 +85,7 @@ def test_every_flag_runs_forward_backward(overrides: dict, generator: torch.Gene
     model = PaCoFR(cfg)
     images, region_ids = face_batch(cfg, seed=int(torch.randint(1000, (1,), generator=generator)))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    maintenance = model.step_maintenance()
     for incubation in (True, False):
         model.zero_grad(set_to_none=True)
         out = model(images, region_ids, incubation=incubation, generator=generator)
@@ -102,7 +103,8 @@ def test_every_flag_runs_forward_backward(overrides: dict, generator: torch.Gene
         phase_idle = IDLE_IN_INCUBATION if incubation else IDLE_AFTER_INCUBATION
         idle |= set().union(*(phase_idle.get(key, set()) for key in overrides))
         assert trainable - received == idle, f"incubation={incubation}: parameters without a gradient"
-        model.after_step(teacher_momentum=0.99)
+        maintenance.record(out)
+        maintenance.apply(teacher_momentum=0.99)
 
 
 @pytest.mark.parametrize("prototypes", ["table", "linear"])
@@ -137,11 +139,13 @@ def test_bp_after_incubation_variants(generator: torch.Generator) -> None:
     assert "bp" in out.losses and "code" not in out.losses and out.stats["bp_weight"].item() == pytest.approx(0.1)
 
     decay = PaCoFR(tiny(bp_after="decay", bp_decay_half_life=2))
+    maintenance = decay.step_maintenance()
     weights = []
     for _ in range(3):
         out = decay(images, region_ids, incubation=False, generator=generator)
         out.loss.backward()
-        decay.after_step()
+        maintenance.record(out)
+        maintenance.apply()
         weights.append(out.stats["bp_weight"].item())
     assert weights == pytest.approx([1.0, 0.5 ** 0.5, 0.5])
     assert int(decay.post_incubation_steps) == 3
@@ -168,14 +172,19 @@ def test_codebook_gradient_follows_code_update(code_update: str, generator: torc
     model = PaCoFR(cfg)
     images, region_ids = face_batch(cfg)
     weight = model.patch_codebook.codebook.weight
-    model(images, region_ids, incubation=True, generator=generator).loss.backward()
+    maintenance = model.step_maintenance()
+    out = model(images, region_ids, incubation=True, generator=generator)
+    out.loss.backward()
     assert (weight.grad is None) == (code_update == "ema")
-    model.after_step()  # the first step seeds the codes from the data
-    model(images, region_ids, incubation=True, generator=generator).loss.backward()
+    maintenance.record(out)
+    maintenance.apply()  # the first step seeds the codes from the data
+    out = model(images, region_ids, incubation=True, generator=generator)
+    out.loss.backward()
     before = weight.detach().clone()
-    model.after_step()
+    maintenance.record(out)
+    maintenance.apply()
     changed = not torch.equal(before, weight.detach())
-    assert changed == (code_update == "ema"), "EMA codes move in after_step, gradient codes do not"
+    assert changed == (code_update == "ema"), "EMA codes move between steps, gradient codes do not"
 
 
 @pytest.mark.parametrize("m", [1, 2, 4, 8])
@@ -186,8 +195,11 @@ def test_reconstruction_alone_trains_the_codes_and_the_belief_predictor(m: int, 
     cfg = tiny(num_candidates=m, w_ent=0.0, w_align=0.0, sc="off")
     model = PaCoFR(cfg)
     images, region_ids = face_batch(cfg)
-    model(images, region_ids, incubation=True, generator=generator).loss.backward()
-    model.after_step()
+    maintenance = model.step_maintenance()
+    out = model(images, region_ids, incubation=True, generator=generator)
+    out.loss.backward()
+    maintenance.record(out)
+    maintenance.apply()
     model.zero_grad(set_to_none=True)
     out = model(images, region_ids, incubation=False, generator=generator)
     assert torch.allclose(out.loss.detach(), out.losses["rec"]), "only L_rec is on"
@@ -223,7 +235,7 @@ def test_mae_control(generator: torch.Generator) -> None:
     out = model(images, region_ids, incubation=True, generator=generator)
     assert set(out.losses) == {"rec", "rec_masked"} and out.stats == {}
     assert torch.equal(out.loss.detach(), out.losses["rec"])
-    assert model.after_step() == {}
+    assert out.step_work is None and model.step_maintenance().apply(teacher_momentum=0.99) == {}
 
 
 def _train(model: PaCoFR, images: torch.Tensor, region_ids: torch.Tensor, incubation: bool,
@@ -236,13 +248,15 @@ def _train(model: PaCoFR, images: torch.Tensor, region_ids: torch.Tensor, incuba
                 **{k: v.item() for k, v in out.stats.items()}}
 
     optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=2e-3, betas=(0.9, 0.95))
+    maintenance = model.step_maintenance()
     before = evaluate()
     for step in range(steps):
         out = model(images, region_ids, incubation=incubation, generator=torch.Generator().manual_seed(step))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
-        model.after_step(teacher_momentum=0.99)
+        maintenance.record(out)
+        maintenance.apply(teacher_momentum=0.99)
     return before, evaluate()
 
 
@@ -335,7 +349,7 @@ def test_teacher_ema_update() -> None:
     teacher = [p.detach().clone() for p in model.teacher.parameters()]
     model.update_teacher(1.0)
     assert all(torch.equal(a, b) for a, b in zip(model.teacher.parameters(), teacher))
-    model.after_step(teacher_momentum=0.25)
+    model.step_maintenance().apply(teacher_momentum=0.25)
     for t, t0, s in zip(model.teacher.parameters(), teacher, student):
         assert torch.allclose(t, 0.25 * t0 + 0.75 * s, atol=1e-6)
     model.update_teacher(0.0)
@@ -349,13 +363,15 @@ def test_dead_codes_are_restarted_from_distinct_beliefs(generator: torch.Generat
     model = PaCoFR(cfg)
     images, region_ids = face_batch(cfg)
     book = model.patch_codebook
-    model(images, region_ids, incubation=False, generator=generator)
-    assert model.after_step()["restarted_codes"] > 0, "the first step seeds the codes from the data"
+    maintenance = model.step_maintenance()
+    maintenance.record(model(images, region_ids, incubation=False, generator=generator))
+    assert maintenance.apply()["restarted_codes"] > 0, "the first step seeds the codes from the data"
     for _ in range(3):
-        model(images, region_ids, incubation=False, generator=generator)
-        seeds_q, seeds_x = model._pending[-1].seeds
+        out = model(images, region_ids, incubation=False, generator=generator)
+        seeds_q, seeds_x = out.step_work.seeds
         before = book.codebook.weight.detach().clone()
-        restarted = model.after_step()["restarted_codes"]
+        maintenance.record(out)
+        restarted = maintenance.apply()["restarted_codes"]
         changed = (book.codebook.weight != before).any(dim=1)
         assert restarted >= changed.sum().item()
         # every restarted code is one of the current beliefs, its prototype that patch, no two alike
@@ -383,10 +399,12 @@ def test_non_finite_batches_do_not_poison_the_codebook(generator: torch.Generato
     model = PaCoFR(cfg)
     images, region_ids = face_batch(cfg)
     images[0] = float("nan")
+    maintenance = model.step_maintenance()
     for incubation in (True, False):
         out = model(images, region_ids, incubation=incubation, generator=generator)
         assert not torch.isfinite(out.loss)
-        model.after_step()
+        maintenance.record(out)
+        maintenance.apply()
     book = model.patch_codebook
     for tensor in (book.codebook.weight, book.codebook.ema_counts, book.pixel_book.weight, book.pixel_book.ema_sums,
                    book.usage_monitor, book.proto_monitor):
@@ -397,8 +415,8 @@ def test_eval_forwards_leave_no_codebook_work(generator: torch.Generator) -> Non
     model = PaCoFR(tiny()).eval()
     images, region_ids = face_batch(tiny())
     with torch.no_grad():
-        model(images, region_ids, incubation=True, generator=generator)
-    assert model._pending == []
+        out = model(images, region_ids, incubation=True, generator=generator)
+    assert out.step_work is None
 
 
 def test_bf16_autocast(generator: torch.Generator) -> None:
@@ -473,6 +491,7 @@ def test_prototypes_quantise_patches_as_well_as_kmeans(generator: torch.Generato
     cfg = tiny(codebook_size=32, sc="off", dead_code_warmup=5)
     model = PaCoFR(cfg)
     optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=2e-3)
+    maintenance = model.step_maintenance()
     images = _clustered_faces(cfg, atoms=24, batch=32, generator=generator)
     region_ids = template_region_ids(cfg.grid_size, cfg.img_size).expand(32, -1).contiguous()
     for step in range(60):
@@ -480,7 +499,8 @@ def test_prototypes_quantise_patches_as_well_as_kmeans(generator: torch.Generato
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
-        model.after_step()
+        maintenance.record(out)
+        maintenance.apply()
     book = model.patch_codebook
     ids = torch.arange(cfg.num_patches).expand(32, -1)
     patches = patch_targets(images, ids, cfg.patch_size, norm_pix=True, eps=cfg.norm_pix_eps).reshape(-1, cfg.patch_dim)
@@ -500,8 +520,11 @@ def test_belief_quality_is_logged_after_incubation(proto_patches: str, generator
     cfg = tiny(num_candidates=4, proto_patches=proto_patches)
     model = PaCoFR(cfg)
     images, region_ids = face_batch(cfg)
-    model(images, region_ids, incubation=True, generator=generator).loss.backward()
-    model.after_step()
+    maintenance = model.step_maintenance()
+    out = model(images, region_ids, incubation=True, generator=generator)
+    out.loss.backward()
+    maintenance.record(out)
+    maintenance.apply()
     book = model.patch_codebook
     seen: dict[str, object] = {}
     soft_token, nearest, sample = book.soft_token, book.nearest_prototype, paco_module.sample_masks
@@ -583,4 +606,4 @@ def test_codebook_off_keeps_the_masking_and_the_consistency(generator: torch.Gen
     images, region_ids = face_batch(cfg)
     out = model(images, region_ids, incubation=True, generator=generator)
     assert set(out.losses) == {"rec", "rec_masked", "sc"} and set(out.stats) == {"sc_layout"}
-    assert model.after_step() == {}
+    assert out.step_work is None and model.step_maintenance().apply() == {}

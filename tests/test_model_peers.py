@@ -27,7 +27,7 @@ def test_training_reduces_every_loss(method: str) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_after_step_moves_every_momentum_copy(method: str) -> None:
+def test_step_maintenance_moves_every_momentum_copy(method: str) -> None:
     model = build_model(tiny_peer(method))
     heads = model.online_heads()
     with torch.no_grad():
@@ -39,9 +39,10 @@ def test_after_step_moves_every_momentum_copy(method: str) -> None:
     assert sum(1 for m in copies for _ in m.parameters()) == sum(1 for _ in model.teacher.parameters()) + \
         sum(1 for _ in model.momentum.parameters()), "every momentum parameter is a copy of an online one"
     before = [p.detach().clone() for m in copies for p in m.parameters()]
-    assert model.after_step() == {}  # without a momentum nothing moves
+    maintenance = model.step_maintenance()
+    assert maintenance.apply() == {}  # without a momentum nothing moves
     assert all(torch.equal(p, b) for p, b in zip([p for m in copies for p in m.parameters()], before))
-    model.after_step(teacher_momentum=0.25)
+    maintenance.apply(teacher_momentum=0.25)
     for t, t0, s in zip([p for m in copies for p in m.parameters()], before, online, strict=True):
         torch.testing.assert_close(t, 0.25 * t0 + 0.75 * s)
     model.train()

@@ -117,6 +117,7 @@ def test_nan_loss_is_skipped_up_to_the_limit(tmp_path: Path) -> None:
     rows = _rows(result.scalars)
     assert trainer.state.step == 10 and trainer.state.skipped_nonfinite == 2
     assert trainer.model.discarded == 2  # the skipped steps' forwards never reach the codebook
+    assert trainer.model.recorded == 10  # every training forward was handed to the maintenance
     assert [r["skipped_nonfinite"] for r in rows][:6] == ["0", "1", "1", "1", "2", "2"]
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     with pytest.raises(NonFiniteLossError, match="skip_nonfinite=1"):
@@ -175,7 +176,7 @@ def test_resuming_from_an_older_checkpoint_abandons_the_later_ones(tmp_path: Pat
 
 def test_resuming_with_another_schedule_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _run(tmp_path, max_steps=2, ckpt_every=2)
-    with caplog.at_level("WARNING", logger="pacofr.train.trainer"):
+    with caplog.at_level("WARNING", logger="pacofr.train.checkpointing"):
         _run(tmp_path, max_steps=3, epochs=5, resume=tmp_path)
     assert "learning-rate schedule differs" in caplog.text
 

@@ -187,7 +187,6 @@ def flops_per_image(model_cfg: Any, batch: int = 4) -> dict[str, float]:
                 model(images, regions, incubation=incubation, generator=torch.Generator().manual_seed(0)).loss.backward()
             out[phase] = counter.get_total_flops() / batch / 1e9
             model.zero_grad(set_to_none=True)
-            model.discard_pending()
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             model.encoder.forward_features(images)

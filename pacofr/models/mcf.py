@@ -13,7 +13,8 @@ reconstruction) extended with MCF's two other objectives. One training forward:
    temperature ``mcf_temperature``, keys of every data-parallel rank as negatives.
 
 ``L = w_mcf_rec L_rec + w_mcf_feat L_feat + w_mcf_con L_con``; every term is the mean of its two views /
-directions. The EMA teacher (the momentum encoder) and the EMA projector move in :meth:`after_step`.
+directions. The EMA teacher (the momentum encoder) and the EMA projector move after every optimiser step
+(:meth:`MomentumModel.step_maintenance`).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from torch import nn
 
 from pacofr.models.config import ModelConfig
 from pacofr.models.consistency import ema_update, make_teacher
+from pacofr.models.maintenance import TeacherUpdate
 from pacofr.models.paco import PaCoFR
 from pacofr.models.vit import add_positions, embed_patches, run_encoder
 from pacofr.ops import gather_patches
@@ -72,10 +73,10 @@ class MomentumBranch(nn.Module):
 
 class MomentumModel(nn.Module):
     """Shared trainer interface of the peers: an ``encoder``, its EMA ``teacher`` and EMA copies of
-    the heads named by :meth:`online_heads` (``momentum``), kept in step by :meth:`after_step`.
+    the heads named by :meth:`online_heads` (``momentum``), kept in step by the
+    :class:`~pacofr.models.maintenance.TeacherUpdate` of :meth:`step_maintenance`.
 
     Subclasses build ``encoder``, ``teacher`` and their heads, then call :meth:`_init_momentum`.
-    There is no codebook maintenance: :meth:`discard_pending` has nothing to forget.
     """
 
     cfg: ModelConfig
@@ -108,15 +109,9 @@ class MomentumModel(nn.Module):
         ema_update(self.teacher, self.encoder, momentum)
         self.momentum.update(self.online_heads(), momentum)
 
-    @torch.no_grad()
-    def after_step(self, teacher_momentum: float | None = None) -> dict[str, float]:
-        """Call once after every optimiser step: the EMA update (with ``teacher_momentum``). Returns {}."""
-        if teacher_momentum is not None:
-            self.update_teacher(teacher_momentum)
-        return {}
-
-    def discard_pending(self) -> None:
-        """Nothing is kept between a forward and :meth:`after_step`."""
+    def step_maintenance(self) -> TeacherUpdate:
+        """The between-steps work: the EMA step of the teacher and the momentum heads (no codebook)."""
+        return TeacherUpdate(self.update_teacher)
 
     def train(self, mode: bool = True) -> "MomentumModel":
         """As nn.Module.train, but the teacher and the momentum heads always stay in eval mode."""

@@ -16,8 +16,9 @@ One training forward:
    consistency (region layout from the encoder, or relation / equivariance against the EMA teacher).
 
 Codebook maintenance that modifies parameters and buffers in place (usage and prototype EMAs, EMA
-codes, data initialisation, distinct dead-code restarts) and the teacher update happen in
-:meth:`PaCoFR.after_step`, after the optimiser step.
+codes, data initialisation, distinct dead-code restarts) and the teacher update happen after the
+optimiser step, in the :class:`~pacofr.models.maintenance.CodebookMaintenance` that
+:meth:`PaCoFR.step_maintenance` makes for the trainer, from the ``step_work`` of each forward.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pacofr.masking import MaskSets, sample_masks
-from pacofr.models.belief import MaintenanceInput, PatchCodebook
+from pacofr.models.belief import PatchCodebook
 from pacofr.models.codebook import Codebook
 from pacofr.models.config import ModelConfig
 from pacofr.models.consistency import (
@@ -45,6 +46,7 @@ from pacofr.models.consistency import (
     warp,
 )
 from pacofr.models.decoder import MAEDecoder
+from pacofr.models.maintenance import CodebookMaintenance, CodebookWork, TeacherUpdate
 from pacofr.ops.precision import full_precision
 from pacofr.models.vit import (
     add_positions,
@@ -61,7 +63,6 @@ from pacofr.ops.soft_assign import SoftAssignment
 logger = logging.getLogger(__name__)
 
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
-_MAX_PENDING = 64  # forwards kept for after_step (gradient accumulation steps per optimiser step)
 # patches a forward keeps as seeds for new codes: at most max(4 K, 16384), a random subset
 _SEED_CANDIDATES_PER_CODE, _SEED_CANDIDATES_MIN = 4, 16384
 
@@ -80,11 +81,15 @@ class ModelOutput:
             ``proto_mse`` (patches against their nearest prototype), the soft tokens'
             ``cand_entropy`` / ``cand_top1_weight`` / ``cand_dup_fraction`` and
             ``bp_top1_agreement`` (BP's top-1 code is the nearest prototype's), SC parts.
+
+        step_work: the detached codebook statistics a training forward (``training`` and grad
+            enabled) leaves for the maintenance after the optimiser step; None otherwise.
     """
 
     loss: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    step_work: CodebookWork | None = None
 
 
 @dataclass
@@ -101,24 +106,6 @@ class _CodeBranch:
     rep_labels: torch.Tensor | None = None  # (B * n_rep,) k* of the replaced patches (training)
     proto_x: torch.Tensor | None = None  # (N_p, P) patches whose k* update the prototype table (training)
     proto_labels: torch.Tensor | None = None  # (N_p,) their k*
-
-
-@dataclass
-class _Pending:
-    """Detached codebook work of one training forward, consumed by :meth:`PaCoFR.after_step`.
-
-    ``labelled``: usage counted from k* (incubation) rather than the soft candidates; ``q`` /
-    ``indices`` / ``weights`` the usage (and with ``ema_codes`` the EMA-code update); ``proto`` the
-    nearest-prototype statistics (counts, sums) of the table; ``seeds`` (q, x) candidate patches.
-    """
-
-    labelled: bool
-    q: torch.Tensor
-    indices: torch.Tensor
-    weights: torch.Tensor | None
-    ema_codes: bool
-    proto: tuple[torch.Tensor, torch.Tensor] | None
-    seeds: tuple[torch.Tensor, torch.Tensor]
 
 
 class PaCoFR(nn.Module):
@@ -151,8 +138,6 @@ class PaCoFR(nn.Module):
         self.teacher = make_teacher(self.encoder) if cfg.uses_teacher else None
         self.sc_proj = nn.Linear(cfg.decoder_dim, cfg.embed_dim) if cfg.uses_teacher else None
         self.register_buffer("post_incubation_steps", torch.zeros((), dtype=torch.long))
-        self._pending: list[_Pending] = []
-        self._last_incubation: bool | None = None
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         logger.info("PaCoFR(method=%s): %.2fM trainable parameters, %d patches of %d px",
                     cfg.method, trainable / 1e6, cfg.num_patches, cfg.patch_size)
@@ -181,19 +166,20 @@ class PaCoFR(nn.Module):
         terms: dict[str, tuple[torch.Tensor, float | torch.Tensor]] = {}
         losses: dict[str, torch.Tensor] = {}
         stats: dict[str, torch.Tensor] = {}
+        step_work = None
         terms["rec"] = (self._reconstruction_loss(images, masks, hidden, losses), 1.0)
         if branch is not None:
             self._codebook_losses(branch, incubation, terms, stats)
             if self.context_head is not None and not incubation:
                 terms["ctx"] = (self._context_loss(images, masks, hidden), cfg.w_ctx)
-            self._remember(branch, incubation)
+            step_work = self._codebook_work(branch, incubation)
         if cfg.is_paco and cfg.sc != "off" and (cfg.regularise_in_incubation or not incubation):
             terms["sc"] = (self._consistency_loss(images, region_ids, masks, latent, hidden, generator, stats),
                            cfg.w_sc)
 
         loss = sum(weight * value for value, weight in terms.values())
         losses.update({name: value.detach() for name, (value, _) in terms.items()})
-        return ModelOutput(loss=loss, losses=losses, stats=stats)
+        return ModelOutput(loss=loss, losses=losses, stats=stats, step_work=step_work)
 
     def loss_names(self) -> tuple[str, ...]:
         """Every loss name :meth:`forward` may report for this config (for fixed CSV columns)."""
@@ -209,7 +195,7 @@ class PaCoFR(nn.Module):
         return tuple(names)
 
     def stat_names(self) -> tuple[str, ...]:
-        """Every stat name :meth:`forward` may report for this config (:meth:`after_step` adds its own)."""
+        """Every stat name :meth:`forward` may report for this config (the maintenance adds its own)."""
         names: list[str] = []
         if self.patch_codebook is not None:
             names += ["perplexity", "usage_entropy_norm", "bp_accuracy", "bp_weight", "proto_mse", "cand_entropy",
@@ -219,57 +205,12 @@ class PaCoFR(nn.Module):
                       "equivariance": ["sc_overlap"], "off": []}[self.cfg.sc]
         return tuple(names)
 
-    @torch.no_grad()
-    def after_step(self, teacher_momentum: float | None = None) -> dict[str, float]:
-        """Call once after every optimiser step (after ``optimizer.step()``).
-
-        Applies the codebook maintenance of the forwards since the last call
-        (:meth:`PatchCodebook.maintain`: usage EMA or EMA codes, prototype EMA, the first step's
-        data initialisation, distinct dead-code restarts), advances the post-incubation step
-        counter, and with ``teacher_momentum`` updates the EMA teacher. Returns (with the codebook)
-        ``restarted_codes`` and the usage measured before the restarts, ``low_usage_fraction`` and
-        ``dead_fraction``; {} otherwise.
-        """
-        report: dict[str, float] = {}
-        if self.patch_codebook is not None and self._pending:
-            pending, self._pending = self._pending, []
-            for labelled in (True, False):  # a step normally holds one kind (the phase is fixed per epoch)
-                group = [p for p in pending if p.labelled == labelled]
-                if group:
-                    report = self.patch_codebook.maintain(self._maintenance_input(group))
-        if self._last_incubation is False:
-            self.post_incubation_steps += 1
-        if teacher_momentum is not None:
-            self.update_teacher(teacher_momentum)
-        return report
-
-    @staticmethod
-    def _maintenance_input(group: list[_Pending]) -> MaintenanceInput:
-        """Concatenate pending forwards of one kind; rows with non-finite beliefs or pixels are dropped
-        (they must not reach the codebook). No early return on empty tensors: every rank must reach
-        the same collectives."""
-        q = torch.cat([p.q for p in group])
-        indices = torch.cat([p.indices for p in group])
-        weights = None if group[0].weights is None else torch.cat([p.weights for p in group])
-        finite = torch.isfinite(q).all(dim=1)
-        q, indices = q[finite], indices[finite]
-        weights = None if weights is None else weights[finite]
-        seeds_q = torch.cat([p.seeds[0] for p in group])
-        seeds_x = torch.cat([p.seeds[1] for p in group])
-        usable = torch.isfinite(seeds_q).all(dim=1) & torch.isfinite(seeds_x).all(dim=1)
-        proto = None
-        if group[0].proto is not None:
-            proto = (sum(p.proto[0] for p in group), sum(p.proto[1] for p in group))
-        ema = all(p.ema_codes for p in group)
-        return MaintenanceInput(usage_indices=indices, usage_weights=weights,
-                                q_labelled=q if ema else None, labels=indices[:, 0] if ema else None,
-                                proto_counts=proto[0] if proto else None, proto_sums=proto[1] if proto else None,
-                                candidates_q=seeds_q[usable], candidates_x=seeds_x[usable])
-
-    def discard_pending(self) -> None:
-        """Forget the codebook statistics of the forwards since the last :meth:`after_step` (the
-        trainer calls this when it skips a step, so a skipped batch never updates the codebook)."""
-        self._pending = []
+    def step_maintenance(self) -> TeacherUpdate:
+        """The between-steps work the trainer runs after every optimiser step: with the codebook a
+        :class:`CodebookMaintenance` fed by each forward's ``step_work``, else the teacher's EMA step."""
+        if self.patch_codebook is None:
+            return TeacherUpdate(self.update_teacher)
+        return CodebookMaintenance(self.patch_codebook, self.post_incubation_steps, self.update_teacher)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
@@ -556,23 +497,18 @@ class PaCoFR(nn.Module):
         stats.update(parts)
         return loss
 
-    def _remember(self, branch: _CodeBranch, incubation: bool) -> None:
-        """Keep the detached codebook work of a training forward for :meth:`after_step` (at most
-        ``_MAX_PENDING`` forwards: without after_step calls the oldest are dropped)."""
-        self._last_incubation = incubation
+    def _codebook_work(self, branch: _CodeBranch, incubation: bool) -> CodebookWork | None:
+        """The detached codebook statistics of a training forward for the maintenance after the
+        optimiser step (None outside training or without grad)."""
         if not (self.training and torch.is_grad_enabled()):
-            return
-        if len(self._pending) >= _MAX_PENDING:
-            logger.warning("PaCoFR: %d training forwards without after_step(); dropping the oldest "
-                           "codebook statistics (call model.after_step() after each optimiser step)", _MAX_PENDING)
-            del self._pending[0]
+            return None
         book = self.patch_codebook
         if branch.labels is not None:
             x, q, labels = branch.x_labelled, branch.q_labelled, branch.labels
         elif branch.rep_labels is not None:
             x, q, labels = branch.x_rep.reshape(-1, self.cfg.patch_dim), branch.q_rep, branch.rep_labels
         else:
-            return
+            return None
         x, q = x.detach().float(), q.detach()
         proto = None
         if book.has_table and branch.proto_x is not None:  # non-finite rows count 0 and add 0 (0 * nan is nan)
@@ -583,13 +519,12 @@ class PaCoFR(nn.Module):
         keep = torch.randperm(x.shape[0], device=x.device)[:cap]
         seeds = (q[keep], x[keep])
         if incubation or branch.assignment is None:
-            self._pending.append(_Pending(labelled=True, q=q, indices=labels.unsqueeze(1), weights=None,
-                                          ema_codes=incubation and self.cfg.code_update == "ema", proto=proto,
-                                          seeds=seeds))
-        else:
-            self._pending.append(_Pending(labelled=False, q=branch.q_rep.detach(), indices=branch.assignment.indices,
-                                          weights=branch.assignment.weights.detach(), ema_codes=False, proto=proto,
-                                          seeds=seeds))
+            return CodebookWork(labelled=True, q=q, indices=labels.unsqueeze(1), weights=None,
+                                ema_codes=incubation and self.cfg.code_update == "ema", proto=proto, seeds=seeds,
+                                incubation=incubation)
+        return CodebookWork(labelled=False, q=branch.q_rep.detach(), indices=branch.assignment.indices,
+                            weights=branch.assignment.weights.detach(), ema_codes=False, proto=proto, seeds=seeds,
+                            incubation=incubation)
 
     def _unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, L, P) patches in (p, q, c) order -> (B, 3, S, S)."""

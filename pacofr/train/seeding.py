@@ -15,6 +15,9 @@ import numpy as np
 import torch
 
 _SEED_MOD = 2**31 - 1
+# independent random streams of a run, derived from train.seed: derive_seed(seed, stream, ...); stream 0
+# is the global generators (seed_everything)
+MASK_STREAM, AUGMENT_STREAM, ORDER_STREAM, LOADER_STREAM, VIZ_STREAM = 1, 2, 3, 4, 5
 
 
 def derive_seed(*parts: int) -> int:

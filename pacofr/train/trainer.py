@@ -1,31 +1,18 @@
-"""The pre-training loop: AdamW + warm-up/cosine, accumulation, clipping, AMP, DDP, logging, checkpoints.
+"""The pre-training loop: AdamW + warm-up/cosine, accumulation, clipping, AMP, DDP, logging.
 
-The model is any ``nn.Module`` with PaCoFR's training interface (see the model/trainer contract):
-
-- ``model(images (B, 3, S, S) in [0, 1], region_ids (B, L) int64, *, incubation: bool,
-  generator: torch.Generator | None) -> output`` with ``output.loss`` (scalar with grad),
-  ``output.losses`` and ``output.stats`` (dicts of detached scalars);
-- ``model.param_groups(weight_decay) -> list[dict]`` (AdamW groups);
-- ``model.reconstruct(images, region_ids, generator=None) -> dict`` of (B, 3, S, S) panels;
-- ``model.after_step(teacher_momentum) -> dict[str, float]``, called after every optimiser step
-  (codebook maintenance and the EMA-teacher update; the returned numbers are logged as stats);
-- ``model.discard_pending()``, called when a step is skipped (its forwards must not update the
-  codebook).
-
-Resuming restores weights, optimiser, schedule position, scaler, every RNG (per rank), the mask
-generator, the position inside the epoch and the loss means of the steps not yet logged, so the
-continued run is the uninterrupted one, down to its scalars. ``fit`` holds the run folder's
-:class:`~pacofr.train.lock.RunLock` (rank 0) for as long as it runs.
+The model is any :class:`~pacofr.train.contract.PretrainingModel` (forward to losses, AdamW
+groups, reconstructions, between-steps maintenance). The run folder's rules (lock, claiming,
+overwrite) are :mod:`pacofr.train.run_folder`'s; what a checkpoint holds and how a run resumes
+one is :mod:`pacofr.train.checkpointing`'s. Resuming continues the uninterrupted run exactly,
+down to its scalars.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import itertools
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -38,48 +25,29 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from pacofr import checkpoint as ckpt
+from pacofr.train.checkpointing import Resumable, TrainingCheckpoints, TrainState
 from pacofr.train.config import PretrainConfig, dump_config
-from pacofr.train.distributed import DistInfo, all_reduce_mean, all_true, barrier, gather_objects
+from pacofr.train.contract import PretrainingModel, StepMaintenance
+from pacofr.train.distributed import DistInfo, all_reduce_mean, all_true, barrier
 from pacofr.train.fields import ConfigError
-from pacofr.train.lock import RunFolderLockedError, RunLock
 from pacofr.train.metrics import ScalarCSV, TensorBoardLog, TensorMeans, peak_memory_mb
+from pacofr.train.run_folder import (CONFIG_FILE, LOSS_CURVE_FILE, RECONSTRUCTIONS_FILE, SCALARS_FILE,
+                                     TENSORBOARD_DIR, VIZ_DIR, RunFolder)
 from pacofr.train.sampling import EpochSeededDataset, ResumableSampler
 from pacofr.train.schedule import LRSchedule, cosine_ramp, scaled_lr
-from pacofr.train.seeding import (capture_global_rng, dataloader_worker_init, derive_seed, isolated_rng,
-                                  make_generator, restore_global_rng, seed_everything)
-from pacofr.version import __version__
+from pacofr.train.seeding import (AUGMENT_STREAM, LOADER_STREAM, MASK_STREAM, ORDER_STREAM, VIZ_STREAM,
+                                  dataloader_worker_init, derive_seed, isolated_rng, make_generator,
+                                  seed_everything)
 
 logger = logging.getLogger(__name__)
 
 RegionFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
-SCALARS_FILE = "scalars.csv"
-LOSS_CURVE_FILE = "loss_curve.png"
-RECONSTRUCTIONS_FILE = "reconstructions.png"
-CONFIG_FILE = "config.yaml"
-VIZ_DIR = "viz"
-# independent random streams derived from train.seed: derive_seed(seed, stream, ...); stream 0 is
-# the global generators (seed_everything)
-_MASK_STREAM, _AUGMENT_STREAM, _ORDER_STREAM, _LOADER_STREAM, _VIZ_STREAM = 1, 2, 3, 4, 5
 
 
 class NonFiniteLossError(RuntimeError):
     """A NaN/inf loss or gradient, after ``train.skip_nonfinite`` such batches were skipped."""
 
     exit_code = 1  # ``pacofr pretrain``'s exit status: the run stopped (the settings were accepted)
-
-
-@dataclass
-class TrainState:
-    """Counters saved with every checkpoint. ``step``: optimiser steps done (skipped ones included);
-    ``batch_in_epoch``: micro-batches of epoch ``epoch`` this rank has consumed;
-    ``skipped_images``: unreadable images the dataset replaced by another one (all ranks)."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    skipped_nonfinite: int = 0
-    skipped_images: int = 0
 
 
 @dataclass
@@ -110,7 +78,7 @@ class Trainer:
         recipe: the face-alignment recipe (``AlignmentRecipe.to_dict()``) recorded in checkpoints.
     """
 
-    def __init__(self, cfg: PretrainConfig, model: nn.Module, dataset: Dataset, *,
+    def __init__(self, cfg: PretrainConfig, model: PretrainingModel, dataset: Dataset, *,
                  dist_info: DistInfo | None = None, region_fn: RegionFn | None = None,
                  recipe: Mapping[str, Any] | None = None) -> None:
         self.cfg = cfg
@@ -118,6 +86,7 @@ class Trainer:
         self.dist = dist_info or DistInfo()
         self.device = self.dist.device
         self.out_dir = Path(self.tc.out_dir)
+        self.run_folder = RunFolder(self.out_dir, self.dist)
         self.recipe = dict(recipe or {})
         if region_fn is None:
             from pacofr.train.regions import RegionAssigner
@@ -128,9 +97,10 @@ class Trainer:
         self._check_backend(cfg.model.backend, self.device)
 
         seed_everything(self.tc.seed, self.dist.rank)
-        self.mask_generator = make_generator(derive_seed(self.tc.seed, _MASK_STREAM, self.dist.rank), self.device)
+        self.mask_generator = make_generator(derive_seed(self.tc.seed, MASK_STREAM, self.dist.rank), self.device)
 
         self.model = model.to(self.device)
+        self.maintenance: StepMaintenance = model.step_maintenance()
         self.train_model: nn.Module = self.model  # what the forward runs: DDP and/or compiled wrappers
         if self.dist.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -139,9 +109,9 @@ class Trainer:
         if self.tc.compile:  # compiling the DDP wrapper lets DDP split the graph at its buckets
             self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
 
-        self.dataset = EpochSeededDataset(dataset, derive_seed(self.tc.seed, _AUGMENT_STREAM))
+        self.dataset = EpochSeededDataset(dataset, derive_seed(self.tc.seed, AUGMENT_STREAM))
         self.sampler = ResumableSampler(self.dataset, self.dist.world_size, self.dist.rank,
-                                        seed=derive_seed(self.tc.seed, _ORDER_STREAM))
+                                        seed=derive_seed(self.tc.seed, ORDER_STREAM))
         self.batches_per_epoch = (self.sampler.num_samples // self.tc.batch_size) // self.tc.accum_steps \
             * self.tc.accum_steps
         if self.batches_per_epoch == 0:
@@ -163,10 +133,17 @@ class Trainer:
                                            lr=self.schedule.peak_lr, betas=self.tc.betas)
         self.autocast_dtype = self._autocast_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.means = TensorMeans()
+        geometry = {"batch_size": self.tc.batch_size, "accum_steps": self.tc.accum_steps,
+                    "world_size": self.dist.world_size, "samples_per_rank": self.sampler.num_samples}
+        self.checkpoints = TrainingCheckpoints(
+            self.run_folder.checkpoints,
+            Resumable(self.model, self.optimizer, self.schedule, self.scaler, self.mask_generator, self.means,
+                      geometry, self.tc.seed, self.device),
+            self.dist, {"config": cfg.to_dict(), "alignment_recipe": self.recipe}, keep_last=self.tc.keep_last)
 
         self.scalars: ScalarCSV | None = None  # opened by fit() once the output folder is claimed
         self.tensorboard: TensorBoardLog | None = None
-        self.means = TensorMeans()
         self._viz_batch: dict[str, torch.Tensor] | None = None
         self._new_skipped_images = 0  # since the last log row (this rank)
 
@@ -200,49 +177,14 @@ class Trainer:
         """Micro-batches ``start_batch ..`` of epoch ``epoch`` (order fixed by seed and epoch)."""
         self.dataset.epoch = epoch
         self.sampler.set_position(epoch, start_batch * self.tc.batch_size)
-        generator = torch.Generator().manual_seed(derive_seed(self.tc.seed, _LOADER_STREAM, self.dist.rank, epoch))
+        generator = torch.Generator().manual_seed(derive_seed(self.tc.seed, LOADER_STREAM, self.dist.rank, epoch))
         loader = DataLoader(self.dataset, batch_size=self.tc.batch_size, sampler=self.sampler,
                             num_workers=self.cfg.data.num_workers, drop_last=True,
                             pin_memory=self.cfg.data.pin_memory and self.device.type == "cuda",
                             worker_init_fn=dataloader_worker_init, generator=generator)
         return itertools.islice(iter(loader), self.batches_per_epoch - start_batch)
 
-    # ------------------------------------------------------------------------------------------ state
-    def _rng_state(self) -> dict[str, Any]:
-        state = capture_global_rng()
-        state["mask_generator"] = self.mask_generator.get_state()
-        return state
-
-    def _training_state(self) -> dict[str, Any]:
-        """Everything besides the weights that a resumed run needs (collective: call on every rank)."""
-        rng_per_rank = gather_objects(self._rng_state(), self.dist)
-        return {
-            "step": self.state.step, "epoch": self.state.epoch,
-            "batch_in_epoch": self.state.batch_in_epoch,
-            "skipped_nonfinite": self.state.skipped_nonfinite,
-            "skipped_images": self.state.skipped_images,
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-            "rng": rng_per_rank,
-            "means": gather_objects(self.means.state_dict(), self.dist),  # steps not yet logged, per rank
-            "world_size": self.dist.world_size,
-            "batch_size": self.tc.batch_size,
-            "accum_steps": self.tc.accum_steps,
-            "samples_per_rank": self.sampler.num_samples,
-        }
-
-    def _meta(self) -> dict[str, Any]:
-        return {
-            "step": self.state.step, "epoch": self.state.epoch,
-            "config": self.cfg.to_dict(),
-            "alignment_recipe": self.recipe,
-            "pacofr_version": __version__,
-            "torch_version": torch.__version__,
-            "world_size": self.dist.world_size,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-
+    # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint of the current state (rank 0 writes; every rank must call it)."""
         bad = [name for name, p in self.model.state_dict().items()
@@ -251,58 +193,16 @@ class Trainer:
             raise NonFiniteLossError(f"refusing to write a checkpoint at step {self.state.step}: "
                                      f"non-finite values in {bad[:5]}")
         self._count_skipped_images()
-        state = self._training_state()
-        path = None
-        if self.dist.is_main:
-            path = ckpt.save_checkpoint(self.out_dir / ckpt.CHECKPOINT_DIR, self.model, state, self._meta(),
-                                        keep_last=self.tc.keep_last)
-        barrier(self.dist)
-        return path
+        return self.checkpoints.save(self.state)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Continue from checkpoint ``path``: a checkpoint (which must be intact), or a checkpoints or
-        run folder (its newest intact checkpoint; corrupted newer ones are skipped with a warning)."""
-        loaded = ckpt.load_checkpoint(path, map_location="cpu", fallback=True)
-        st = loaded.state
-        geometry = {"batch_size": self.tc.batch_size, "accum_steps": self.tc.accum_steps,
-                    "world_size": self.dist.world_size, "samples_per_rank": self.sampler.num_samples}
-        changed = {k: (st[k], v) for k, v in geometry.items() if st[k] != v}
-        if changed and int(st["batch_in_epoch"]) > 0:
-            raise ValueError(f"checkpoint {loaded.path} stopped inside an epoch; resuming there needs the same "
-                             f"batch layout and data set, but these changed (checkpoint, now): {changed}. Resume "
-                             "from a checkpoint taken at the end of an epoch to change them.")
-        schedule = self.schedule.state_dict()
-        if st["schedule"] != schedule:
-            logger.warning("the learning-rate schedule differs from the checkpoint's (checkpoint %s, now %s): "
-                           "the resumed run follows the new one", st["schedule"], schedule)
-        ckpt.load_weights(self.model, loaded)
-        self.optimizer.load_state_dict(st["optimizer"])
-        if self.scaler is not None and st["scaler"]:
-            self.scaler.load_state_dict(st["scaler"])
-        self.state = TrainState(step=int(st["step"]), epoch=int(st["epoch"]),
-                                batch_in_epoch=int(st["batch_in_epoch"]),
-                                skipped_nonfinite=int(st["skipped_nonfinite"]),
-                                skipped_images=int(st["skipped_images"]))
-        if int(st["world_size"]) == self.dist.world_size:
-            rng = st["rng"][self.dist.rank]
-            restore_global_rng(rng)
-            self.mask_generator.set_state(rng["mask_generator"])
-            if "means" in st:
-                self.means.load_state_dict(st["means"][self.dist.rank], self.device)
-        else:
-            logger.warning("checkpoint was written by %d processes, resuming with %d: random streams are "
-                           "re-seeded, so the run is not bit-identical to an uninterrupted one",
-                           st["world_size"], self.dist.world_size)
-            seed_everything(derive_seed(self.tc.seed, self.state.step), self.dist.rank)
-            self.mask_generator.manual_seed(derive_seed(self.tc.seed, _MASK_STREAM, self.dist.rank, self.state.step))
-        if self.dist.is_main:
-            abandoned = ckpt.remove_checkpoints_after(self.out_dir / ckpt.CHECKPOINT_DIR, self.state.step)
-            if abandoned:
-                logger.warning("resuming at step %d abandons the later checkpoints of this run folder; "
-                               "deleted %s", self.state.step, [p.name for p in abandoned])
+        """Continue from checkpoint ``path`` (see :meth:`TrainingCheckpoints.resume`); the run folder
+        abandons its later checkpoints and scalars rows."""
+        self.state, folder = self.checkpoints.resume(path)
+        self.run_folder.abandon_checkpoints_after(self.state.step)
         if self.scalars is not None:
             self.scalars.truncate_after(self.state.step)
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", loaded.path, self.state.step,
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.state.step,
                     self.state.epoch, self.state.batch_in_epoch)
 
     # ------------------------------------------------------------------------------------------ loop
@@ -321,6 +221,7 @@ class Trainer:
         stats = {f"stat/{k}": v for k, v in out.stats.items()}
         self._last_terms = {"loss": loss.detach(), **terms}
         self.means.add({"loss": loss.detach(), **terms, **stats})
+        self.maintenance.record(out)
         return loss.detach()
 
     def _handle_nonfinite(self, what: str, terms: Mapping[str, torch.Tensor]) -> None:
@@ -329,7 +230,7 @@ class Trainer:
         message = (f"non-finite {what} at optimiser step {self.state.step} (epoch {self.state.epoch}); "
                    f"loss terms: {terms_text}")
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.discard_pending()
+        self.maintenance.discard()
         if self.state.skipped_nonfinite >= self.tc.skip_nonfinite:
             raise NonFiniteLossError(f"{message}; stopping (train.skip_nonfinite={self.tc.skip_nonfinite} "
                                      f"batches already skipped). The last checkpoint is untouched.")
@@ -338,7 +239,7 @@ class Trainer:
                        self.tc.skip_nonfinite)
 
     def _optimizer_step(self, bad_terms: Mapping[str, torch.Tensor] | None) -> tuple[float, float] | None:
-        """Clip, step, ``model.after_step``. Returns (lr, grad norm), or None if the step was skipped.
+        """Clip, step, the model's between-steps maintenance. Returns (lr, grad norm), or None if the step was skipped.
 
         ``bad_terms``: the loss terms of a micro-batch of this step whose loss was not finite.
         """
@@ -361,7 +262,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         momentum = cosine_ramp(self.state.step, self.total_steps, self.cfg.model.teacher_momentum,
                                self.cfg.model.teacher_momentum_end)
-        report = self.model.after_step(teacher_momentum=momentum)
+        report = self.maintenance.apply(teacher_momentum=momentum)
         self.means.add({f"stat/{k}": torch.tensor(float(v), device=self.device) for k, v in report.items()})
         return lr, float(grad_norm)
 
@@ -399,7 +300,7 @@ class Trainer:
             n = len(self.dataset.dataset)  # type: ignore[arg-type]
             count = min(self.tc.num_viz, n)
             indices = [int(i) for i in np.linspace(0, n - 1, count).round()]
-            with isolated_rng(derive_seed(self.tc.seed, _VIZ_STREAM), include_cuda=False):
+            with isolated_rng(derive_seed(self.tc.seed, VIZ_STREAM), include_cuda=False):
                 self._viz_batch = _collate_first(self.dataset.dataset, indices)
         return self._viz_batch
 
@@ -416,7 +317,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         with isolated_rng(), torch.no_grad(), self._autocast():
-            generator = make_generator(derive_seed(self.tc.seed, _VIZ_STREAM, 1), self.device)
+            generator = make_generator(derive_seed(self.tc.seed, VIZ_STREAM, 1), self.device)
             panels = self.model.reconstruct(images, region_ids, generator=generator)
         self.model.train(was_training)
         panels = {k: v.float().cpu() for k, v in panels.items()}
@@ -429,34 +330,6 @@ class Trainer:
     def _every(self, n: int) -> bool:
         return n > 0 and self.state.step % n == 0
 
-    def _earlier_run_files(self) -> list[Path]:
-        """What an earlier run left in ``out_dir``: checkpoints, scalars, pictures."""
-        files = ckpt.list_checkpoints(self.out_dir / ckpt.CHECKPOINT_DIR)
-        files += [path for path in (self.out_dir / name for name in (SCALARS_FILE, LOSS_CURVE_FILE,
-                                                                      RECONSTRUCTIONS_FILE, VIZ_DIR))
-                  if path.exists()]
-        return files
-
-    def _claim_out_dir(self, fresh: bool, overwrite: bool) -> None:
-        """Create ``out_dir``. A fresh run refuses a folder holding an earlier run (it would mix their
-        scalars and checkpoints) unless ``overwrite``, which deletes that run's files (collective)."""
-        earlier: list[Path] = []
-        if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            earlier = self._earlier_run_files() if fresh else []
-        if not all_true(not earlier or overwrite, self.dist):
-            raise FileExistsError(f"{self.out_dir} holds an earlier run ({[p.name for p in earlier][:4]} on rank 0): "
-                                  "resume it (--resume), choose another output folder, or pass --overwrite "
-                                  "to delete its checkpoints, scalars and pictures")
-        for path in earlier:
-            logger.warning("--overwrite: deleting %s of the earlier run", path)
-            if path.parent.name == ckpt.CHECKPOINT_DIR:
-                ckpt.delete_checkpoint(path)
-            elif path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-
     def fit(self, resume_from: str | Path | None = None, overwrite: bool = False) -> TrainResult:
         """Train until ``train.epochs`` (or ``train.max_steps``) are done; return the output paths.
 
@@ -464,32 +337,15 @@ class Trainer:
         ``overwrite``: a fresh run may delete an earlier run's files in ``out_dir``.
         Raises :class:`RunFolderLockedError` (on every rank) when another run holds ``out_dir``.
         """
-        with self._run_lock():
+        with self.run_folder.locked():
             return self._fit(resume_from, overwrite)
 
-    @contextlib.contextmanager
-    def _run_lock(self) -> Iterator[None]:
-        """Hold ``out_dir``'s lock for the block (rank 0 takes it; every rank fails if it cannot)."""
-        lock, refusal = RunLock(self.out_dir), None
-        if self.dist.is_main:
-            try:
-                lock.acquire()
-            except RunFolderLockedError as err:
-                refusal = str(err)
-        refusal = gather_objects(refusal, self.dist)[0]
-        if refusal is not None:
-            raise RunFolderLockedError(refusal)
-        try:
-            yield
-        finally:
-            lock.release()
-
     def _fit(self, resume_from: str | Path | None, overwrite: bool) -> TrainResult:
-        self._claim_out_dir(fresh=resume_from is None, overwrite=overwrite)
+        self.run_folder.claim(fresh=resume_from is None, overwrite=overwrite)
         if self.dist.is_main:
             (self.out_dir / CONFIG_FILE).write_text(dump_config(self.cfg))
             self.scalars = ScalarCSV(self.out_dir / SCALARS_FILE)
-            self.tensorboard = TensorBoardLog(self.out_dir / "tensorboard", self.tc.tensorboard)
+            self.tensorboard = TensorBoardLog(self.out_dir / TENSORBOARD_DIR, self.tc.tensorboard)
         barrier(self.dist)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
