@@ -146,8 +146,24 @@ def _extension_setup_kwargs() -> dict:
     return {"ext_modules": [extension], "cmdclass": {"build_ext": build_ext}}
 
 
+def _packages() -> list[str]:
+    """Every package of the wheel: ``pacofr`` and its subpackages, plus ``kernels/`` as ``pacofr.kernels``.
+
+    ``find_packages`` silently skips a folder without ``__init__.py`` (``pacofr.train`` was once
+    left out of every wheel so), so a folder of Python modules that it did not find stops the build.
+    """
+    packages = find_packages(include=["pacofr", "pacofr.*"])
+    found = {ROOT.joinpath(*name.split(".")) for name in packages}
+    missed = sorted(str(folder.relative_to(ROOT)) for folder in {p.parent for p in (ROOT / "pacofr").rglob("*.py")}
+                    if folder not in found and "__pycache__" not in folder.parts)
+    if missed:
+        raise SystemExit(f"error: these folders hold Python modules but no __init__.py, so no wheel would "
+                         f"contain them: {', '.join(missed)}")
+    return [*packages, "pacofr.kernels"]
+
+
 setup(
-    packages=[*find_packages(include=["pacofr", "pacofr.*"]), "pacofr.kernels"],
+    packages=_packages(),
     package_dir={"pacofr": "pacofr", "pacofr.kernels": "kernels"},
     include_package_data=True,
     package_data={"pacofr": ["configs/*.yaml", "assets/**/*"]},
