@@ -50,6 +50,12 @@ def test_overrides_are_typed() -> None:
     ("model.embed_dim=130", r"model.*embed_dim=130 must be divisible by num_heads"),
     ("train.epochs", r"expected KEY=VALUE"),
     ("train.seed.x=1", r"'train.seed' is a value, not a section"),
+    ("train.epoch=2", r"unknown config key 'train.epoch'; did you mean train.epochs\?"),
+    ("trian.epochs=1", r"unknown config key 'trian'; did you mean train\?"),
+    ("model.num_regions=5", r"model.num_regions=5: .* must be >= 14"),
+    ("model.dead_code_warmup=100000000000000000000000", r"model.dead_code_warmup: .* \(int64\)"),
+    ("train.seed=-9223372036854775809", r"train.seed: .* \(int64\)"),
+    ("data.num_workers=100000", r"num_workers=100000 is more than \d+ \(4 per CPU core"),
 ])
 def test_bad_overrides_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -96,3 +102,25 @@ def test_yaml_booleans_map_back_to_literal_words(tmp_path: Path) -> None:
     path.write_text("model:\n  sc: off\n")  # YAML 1.1 reads `off` as False
     assert load_config(path).model.sc == "off"
     assert load_config("demo", ["model.sc=off"]).model.sc == "off"
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("model:\n  preset: tiny\ntrain:\n  epochs: 1\nmodel:\n  r_mask: 0.5\n", "model", (1, 5)),
+    ("train:\n  epochs: 1\n  batch_size: 4\n  epochs: 2\n", "epochs", (2, 4)),
+])
+def test_a_key_written_twice_is_refused_naming_it_and_its_lines(tmp_path: Path, text: str, key: str,
+                                                                 lines: tuple[int, int]) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"config {path}: key '{key}' appears twice .*\(lines {lines[0]} and "
+                                          rf"{lines[1]}\)"):
+        load_config(path)
+
+
+def test_the_worker_cap_follows_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pacofr.train import config as train_config
+
+    monkeypatch.setattr(train_config.os, "cpu_count", lambda: 16)
+    assert load_config("demo", ["data.num_workers=64"]).data.num_workers == 64
+    with pytest.raises(ConfigError, match="num_workers=65 is more than 64"):
+        load_config("demo", ["data.num_workers=65"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -67,3 +68,13 @@ def test_sampler_resumes_inside_an_epoch_and_shards_by_rank() -> None:
     assert sorted(shards[0] + shards[1]) == data
     with pytest.raises(ValueError, match="start must be in"):
         full.set_position(0, start=11)
+
+
+def test_a_run_that_is_all_warm_up_is_warned_about(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="pacofr.train.schedule"):
+        LRSchedule(peak_lr=1e-3, total_steps=100, warmup_steps=99)
+    assert not caplog.records  # one decaying step: nothing to say
+    with caplog.at_level(logging.WARNING, logger="pacofr.train.schedule"):
+        schedule = LRSchedule(peak_lr=1e-3, total_steps=100, warmup_steps=100)
+    assert "never decays" in caplog.text and "train.warmup_epochs" in caplog.text
+    assert schedule.lr_at(99) == 1e-3  # what the warning says: the last step is at the peak

@@ -5,11 +5,14 @@ A YAML config has the sections ``model``, ``data`` and ``train``. In ``model`` t
 keys then override. Named presets live in ``pacofr/configs/<name>.yaml``.
 
 Every problem with a config is a one-line :class:`ConfigError` that names where the value came
-from (the file or preset, or the ``--set`` item), the key and what was expected.
+from (the file or preset, or the ``--set`` item), the key and what was expected. A key written
+twice in one mapping of a YAML file is refused (YAML itself would keep the last silently).
 """
 
 from __future__ import annotations
 
+import collections.abc
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -18,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from pacofr.data.regions import NUM_REGIONS
 from pacofr.models.config import ModelConfig
 from pacofr.train.fields import ConfigError, from_dict, merge_into, set_by_path, to_dict
 
@@ -46,6 +50,16 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        most = max_data_workers()
+        if self.num_workers > most:
+            raise ValueError(f"num_workers={self.num_workers} is more than {most} (4 per CPU core of the "
+                             f"{os.cpu_count() or 1} here): each worker is a process decoding images")
+
+
+def max_data_workers() -> int:
+    """Most ``data.num_workers`` accepted: 4 per CPU core (at least 8). More loader processes than
+    that only compete for the cores, and tens of thousands never start (each is a process)."""
+    return max(8, 4 * (os.cpu_count() or 1))
 
 
 @dataclass
@@ -116,6 +130,12 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        if self.model.num_regions < NUM_REGIONS:
+            raise ConfigError(f"model.num_regions={self.model.num_regions}: the data pipeline labels every patch "
+                              f"with one of {NUM_REGIONS} facial regions (pacofr.data.regions), so it must be "
+                              f">= {NUM_REGIONS}")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, numbers, strings) for YAML, JSON and checkpoints."""
         return to_dict(self)
@@ -132,10 +152,28 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping holding one key twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, collections.abc.Hashable) and key in seen:
+                raise ConfigError(f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); "
+                                  "keep one (YAML would silently use the last)")
+            if isinstance(key, collections.abc.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     """The sections of config text; ``source`` (``config FILE``) starts every error message."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
     except yaml.constructor.ConstructorError as err:
         raise ConfigError(f"{source}: {err.problem} (only plain YAML values are allowed: no tags that build "
                           f"Python objects){_where(err)}") from None

@@ -5,12 +5,14 @@ A config is a tree of dataclasses. :func:`from_dict` builds one from a (YAML) ma
 the field's type hint (``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, ``X | None``,
 ``tuple[...]``, ``list[...]``, nested dataclasses). Errors name the offending key. A ``float``
 field (also inside a tuple or list) takes finite numbers only: ``inf`` and ``nan`` are refused
-here, for every config section at once.
+here, for every config section at once; an ``int`` field takes what fits in int64 (every count
+ends in torch int64 arithmetic). An unknown key is named with the nearest valid one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -21,6 +23,8 @@ import yaml
 
 T = TypeVar("T")
 
+_INT64_MAX = 2**63 - 1
+
 
 class ConfigError(ValueError):
     """A config key that does not exist or a value of the wrong type."""
@@ -30,6 +34,15 @@ def _field_types(cls: type) -> dict[str, Any]:
     """Resolved type hints of the fields of dataclass ``cls``."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def unknown_key_error(key: str, valid: Any) -> ConfigError:
+    """The error for config key ``key`` (dotted) that is not one of the names ``valid`` at its
+    level: the nearest valid name first (difflib), then all of them."""
+    names = sorted(str(name) for name in valid)
+    near = difflib.get_close_matches(key.rpartition(".")[2], names, n=1)
+    hint = f"did you mean {key.rpartition('.')[0] + '.' if '.' in key else ''}{near[0]}? " if near else ""
+    return ConfigError(f"unknown config key {key!r}; {hint}valid keys here: {names}")
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -104,14 +117,19 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return False
         raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
     if tp is int:
+        number = None
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
+            number = value
+        elif isinstance(value, str):
             try:
-                return int(value.strip())
+                number = int(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if abs(number) > _INT64_MAX:
+            raise ConfigError(f"{key}: expected an integer of at most {_INT64_MAX} in size (int64), got {value!r}")
+        return number
     if tp is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -145,7 +163,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in types_:
-            raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(types_)}")
+            raise unknown_key_error(key, types_)
         kwargs[name] = coerce(value, types_[name], key)
     try:
         return cls(**kwargs)
@@ -160,7 +178,7 @@ def merge_into(obj: T, data: Mapping[str, Any], prefix: str = "") -> T:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in types_:
-            raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(types_)}")
+            raise unknown_key_error(key, types_)
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
             changes[name] = merge_into(current, value, key)
@@ -178,14 +196,13 @@ def _leaf_type(obj: Any, parts: list[str]) -> Any:
     for part in parts[:-1]:
         prefix = f"{prefix}.{part}" if prefix else part
         if part not in _field_types(type(target)):
-            raise ConfigError(f"unknown config key {prefix!r}; valid keys here: {sorted(_field_types(type(target)))}")
+            raise unknown_key_error(prefix, _field_types(type(target)))
         target = getattr(target, part)
         if not dataclasses.is_dataclass(target):
             raise ConfigError(f"config key {prefix!r} is a value, not a section")
     field_types = _field_types(type(target))
     if parts[-1] not in field_types:
-        key = f"{prefix}.{parts[-1]}" if prefix else parts[-1]
-        raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(field_types)}")
+        raise unknown_key_error(f"{prefix}.{parts[-1]}" if prefix else parts[-1], field_types)
     return field_types[parts[-1]]
 
 

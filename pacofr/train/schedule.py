@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def scaled_lr(base_lr: float, effective_batch: int, reference_batch: int = 256) -> float:
@@ -55,6 +58,12 @@ class LRSchedule:
     total_steps: int
     warmup_steps: int
     min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps >= self.total_steps > 0:
+            logger.warning("the warm-up (%d optimiser steps) covers the whole run of %d steps: the learning rate "
+                           "rises to its peak and never decays; lower train.warmup_epochs below train.epochs "
+                           "(or raise train.epochs / train.total_steps)", self.warmup_steps, self.total_steps)
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimiser step ``step`` (0-based)."""
