@@ -67,11 +67,19 @@ def _load_normalised(img_ptr, offsets, mask, channel, k_ok, mean_ptr, std_ptr,
 
 @triton.jit
 def _patch_stats(x, k_ok, PATCH_DIM: tl.constexpr, eps):
-    """Per-row mean and 1/sqrt(unbiased var + eps) of a tile whose masked values are 0."""
+    """Per-row mean and 1/sqrt(unbiased var + eps) of a tile whose masked values are 0.
+
+    The variance is summed over the centred values divided by their largest magnitude ``s``
+    (``rstd = 1 / (s sqrt(sum (c / s)^2 / (P - 1) + eps / s / s))``), so squares of huge values
+    (pixels normalised by a tiny std) neither overflow nor tiny ones underflow; ``s = 1`` for a
+    constant patch."""
     mean = tl.sum(x, axis=1) / PATCH_DIM
     centred = tl.where(k_ok[None, :], x - mean[:, None], 0.0)
-    var = tl.sum(centred * centred, axis=1) / (PATCH_DIM - 1)
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    scale = tl.max(tl.abs(centred), axis=1)
+    scale = tl.where(scale > 0.0, scale, 1.0)
+    scaled = centred / scale[:, None]
+    var_scaled = tl.sum(scaled * scaled, axis=1) / (PATCH_DIM - 1)
+    rstd = (1.0 / tl.sqrt_rn(var_scaled + eps / scale / scale)) / scale
     return mean, rstd
 
 

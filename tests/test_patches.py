@@ -257,6 +257,44 @@ def test_patch_targets_mean_std_eps_and_constant_patches(backend, generator):
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("tiny", [1e-20, 1e-30])
+def test_a_tiny_std_neither_overflows_nor_zeroes_targets_and_loss(backend, tiny, generator):
+    """Issue 32 item 9: std = 1e-20 normalises pixels to ~1e20; their squares (1e40) overflowed fp32,
+    so every target was 0 and the loss 0 (float64: targets up to ~1.8, loss ~1). The norm-pix target
+    does not depend on a common scale of the pixels, so float64 gives the same values as for std 1;
+    the fp32 results must match float64 with the tolerance of the ordinary uint8 case (scale 10)."""
+    _skip_unless_runnable(backend, "masked_patch_loss")
+    device = _device_for(backend)
+    images = make_images(2, 3, 16, 32, torch.uint8, generator).to(device)
+    ids = torch.tensor([[0, 1, 5], [7, 2, 4]], dtype=torch.int64, device=device)
+    stats = dict(mean=[0.5, 0.4, 0.3], std=[tiny] * 3)
+    out = patch_targets(images, ids, 8, backend=backend, **stats)
+    want = oracle_targets(images, ids, 8, **stats)
+    assert want.abs().max() > 1.0  # what the fp32 overflow had zeroed
+    _close(out, want, torch.float32, scale=10.0)
+    pred = torch.zeros(want.shape, device=device, requires_grad=True)
+    loss = masked_patch_loss(pred, images, ids, 8, backend=backend, **stats)
+    pred64 = pred.detach().double().requires_grad_()
+    expected = oracle_loss(pred64, images, ids, 8, **stats)
+    torch.testing.assert_close(loss.double().cpu(), expected.cpu(), rtol=1e-5, atol=1e-7)  # as the loss test
+    (grad,) = torch.autograd.grad(loss, pred)
+    (expected_grad,) = torch.autograd.grad(expected, pred64)
+    scale = expected_grad.abs().max().item()
+    torch.testing.assert_close(grad.double().cpu(), expected_grad.cpu(), rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_a_nan_or_infinite_mean_is_refused_by_name():
+    """Issue 32 item 9: gather_patches checked std but took a NaN mean (every patch NaN)."""
+    images = torch.zeros(1, 3, 16, 16)
+    ids = torch.tensor([[0, 1]])
+    for mean in ([0.5, float("nan"), 0.5], torch.tensor([0.5, 0.5, float("inf")])):
+        for op in (lambda **kw: gather_patches(images, ids, 8, **kw), lambda **kw: patch_targets(images, ids, 8, **kw)):
+            with pytest.raises(ValueError, match="mean must be finite"):
+                op(mean=mean)
+    gather_patches(images, ids, 8, mean=torch.tensor([0.5, 0.5, float("nan")]), validate=False)  # no sync asked
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_patch_targets_are_constants_and_empty_works(backend, generator):
     _skip_unless_runnable(backend, "patch_targets")
     device = _device_for(backend)

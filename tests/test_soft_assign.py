@@ -439,6 +439,29 @@ def test_triton_rejects_m_above_the_fused_limit_but_auto_falls_back():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # the cuda kernel still counts in fp32 (notes)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_counts_are_exact_past_2_to_the_24(backend, deterministic):
+    """Issue 32 item 10: fp32 counts stopped at 2^24 (2^24 + 1 rounds back to 2^24). A weight of 2^24
+    followed by unit weights shows it on a tiny input; Python integers are the reference."""
+    idx = torch.tensor([[0, 1], [0, 1], [0, 0], [1, 0], [0, 1]])
+    weights = torch.tensor([[2.0**24, 1.0], [1.0, 1.0], [1.0, 1.0], [3.0, 1.0], [1.0, 2.0**24]])
+    want = [2**24 + 5, 2**24 + 5]  # code 0: 2^24 + 1 + 1 + 1 + 1 + 1; code 1: 1 + 1 + 3 + 2^24
+    exact = run_stats(backend, idx, 2, weights=weights, deterministic=deterministic, counts_dtype=torch.float64)
+    assert exact.counts.dtype == torch.float64 and exact.counts.tolist() == want
+    rounded = run_stats(backend, idx, 2, weights=weights, deterministic=deterministic)
+    assert rounded.counts.dtype == torch.float32
+    assert torch.equal(rounded.counts, torch.tensor(want, dtype=torch.float64).float())  # correctly rounded
+
+
+def test_unweighted_counts_are_exact_for_21_million_entries():
+    """The case of the issue (20,971,520 entries of one code were counted as 16,777,216), torch backend."""
+    entries = 5 * 2**22
+    counts = codebook_stats(torch.zeros(entries, dtype=torch.int32), 3, counts_dtype=torch.float64,
+                            backend="torch").counts
+    assert counts.tolist() == [entries, 0, 0]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(0,), (1,), (129,), (57, 3), (200, 8)])
 @pytest.mark.parametrize("with_weights,with_x", [(False, False), (True, False), (False, True), (True, True)])

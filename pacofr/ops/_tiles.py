@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pacofr.ops._launch import next_power_of_two
 
 REGISTERS_PER_SM = 65536
 
@@ -63,5 +64,5 @@ def ranking_tiles(dtype: torch.dtype, input_precision: str, cast_bf16: bool, kp:
 
 def gather_block_d(elements: int, block_n: int, m_pad: int, dim: int, low: int = 8, high: int = 64) -> int:
     """D chunk of a (BLOCK_N, M_PAD, BLOCK_D) gather of candidate rows holding about ``elements`` values."""
-    pow2_dim = 1 << max(0, (dim - 1).bit_length())
+    pow2_dim = next_power_of_two(dim)
     return max(min(low, pow2_dim), min(high, elements // (block_n * m_pad), pow2_dim))

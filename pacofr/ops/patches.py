@@ -21,11 +21,24 @@ Conventions (those of facebookresearch/mae ``models_mae.py``):
   ``(x - mean[c]) / std[c]``. Either may be given alone (the other defaults to 0 / 1). They are
   constants: no gradient flows to them.
 - ``norm_pix``: per-patch mean and *unbiased* variance (divide by P - 1), target
-  ``(x - mean) / sqrt(var + eps)``, all in fp32 whatever the pixel dtype.
+  ``(x - mean) / sqrt(var + eps)``, all in fp32 whatever the pixel dtype. The variance is summed
+  over the centred values scaled by their largest magnitude, so a tiny ``std`` (pixels of 1e20)
+  neither overflows nor zeroes the targets; the normalised pixels themselves must be finite
+  in fp32 (``|x - mean| / |std|`` below about 1e36).
+
+Contract shared by the four ops (every backend): NaN or inf pixels propagate to the values
+computed from them (their patch's targets and loss); an index out of range raises with
+``validate`` (see below); duplicated indices are allowed (their gradients add up, in an
+order-dependent rounding on the fused backends, which scatter by relaxed fp32 atomics); memory is
+the outputs and, for the loss, O(B * n) per-patch statistics: never a full-image patchify nor an
+index tensor expanded to the feature size; any image strides are read in place (cuda: contiguous
+copies of the index tensors). Empty inputs (n = 0 or B = 0) give empty outputs (the loss: 0)
+without running a kernel.
 
 Index tensors may be int32 or int64. With ``validate=True`` (the default) every op checks that
 the indices are in range, which costs one device->host synchronisation per call (a min/max
-reduction over the index tensor; a ``std`` given as a tensor is checked too, one more sync);
+reduction over the index tensor; ``mean`` / ``std`` given as tensors are checked too (finite, std
+non-zero), one more sync each; sequences are always checked, on the host);
 pass ``validate=False`` in a hot loop whose indices are known to be good. With
 ``validate=False``, out-of-range indices give undefined results: the fused backends write NaN
 rows (and drop their gradient), the torch backend may raise an indexing error or wrap negative
@@ -156,11 +169,15 @@ def _check_stats(mean: ChannelStats, std: ChannelStats, grid: PatchGrid, images:
         mean_vec = torch.zeros_like(std_vec)
     if std_vec is None:
         std_vec = torch.ones_like(mean_vec)
+    # a sequence is checked on the host; a tensor costs one device->host sync (skipped without validate)
     if std is not None and (validate or not isinstance(std, torch.Tensor)):
-        # a sequence is checked on the host; a tensor costs one device->host sync
         values = std_vec.tolist() if isinstance(std, torch.Tensor) else [float(v) for v in std]
         if any(v == 0 or not math.isfinite(v) for v in values):
             raise ValueError(f"std must be finite and non-zero, got {values}")
+    if mean is not None and (validate or not isinstance(mean, torch.Tensor)):
+        values = mean_vec.tolist() if isinstance(mean, torch.Tensor) else [float(v) for v in mean]
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"mean must be finite, got {values}")
     return mean_vec, std_vec
 
 
@@ -208,8 +225,9 @@ def gather_patches(images: torch.Tensor, ids: torch.Tensor, patch_size: int, *, 
             output ``(x - mean) / std`` with ``x`` the pixel (divided by 255 for uint8).
         out_dtype: a float dtype; default the images' dtype for float images, float32 for uint8.
         backend: "auto", "torch", "triton" or "cuda".
-        validate: check the range of ``ids`` and that a ``std`` tensor is finite and non-zero
-            (a device->host sync each); see the module doc.
+        validate: check the range of ``ids`` and that ``mean`` / ``std`` tensors are finite (std
+            non-zero) (a device->host sync each); see the module doc. Sequences are always checked:
+            a NaN or infinite mean, or a zero or non-finite std, raises a ValueError naming it.
 
     Returns:
         (B, n, p * p * C) patches in MAE ``patchify`` (p, q, c) order, dtype ``out_dtype``.
@@ -372,12 +390,20 @@ def _normalised_patches(images: torch.Tensor, ids: torch.Tensor, patch_size: int
 
 
 def _norm_pix(patches: torch.Tensor, eps: float) -> torch.Tensor:
-    """MAE norm_pix_loss target: per-patch mean and unbiased variance, eps inside the sqrt."""
+    """MAE norm_pix_loss target: per-patch mean and unbiased variance, eps inside the sqrt.
+
+    Computed on the centred values divided by their largest magnitude ``s`` per patch
+    (``(c / s) / sqrt(sum (c / s)^2 / (P - 1) + eps / s / s)``, equal to ``c / sqrt(var + eps)``),
+    so the squares neither overflow (pixels normalised by a tiny std) nor underflow, as the fused
+    kernels do; ``s = 1`` for a constant patch."""
     if patches.numel() == 0:
         return patches
-    mu = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True, correction=1)
-    return (patches - mu) / (var + eps) ** 0.5
+    centred = patches - patches.mean(dim=-1, keepdim=True)
+    scale = centred.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scaled = centred / scale
+    var_scaled = scaled.square().sum(dim=-1, keepdim=True) / (patches.shape[-1] - 1)
+    return scaled / (var_scaled + eps / scale / scale).sqrt()
 
 
 @register("gather_patches", "torch")
