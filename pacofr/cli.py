@@ -7,7 +7,9 @@ inside ``func``.
 
 A command reports bad input and refused actions by raising (see :func:`expected_errors`): the
 user sees one line ``error: ...`` on stderr and exit status 2 (1 for a run stopped by a
-non-finite loss), never a traceback; ``--verbose`` logs the traceback too.
+non-finite loss), never a traceback; ``--verbose`` logs the traceback too. Ctrl-C prints one
+line and exits with status 130 (128 + SIGINT), as a shell does. Every ``--help`` shows the
+options' defaults.
 """
 
 from __future__ import annotations
@@ -40,6 +42,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help text that ends with the option's default, unless it names it already or there is
+    none to show (no default, or a flag that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default is not argparse.SUPPRESS
+        if "default" in text or not action.option_strings or not shown or action.default in ("", [], ()):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every sub-command registered."""
     from pacofr import __version__
@@ -54,7 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).add_parser(sub)
+    _show_defaults(parser)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Give ``parser`` and every sub-command parser below it :class:`_DefaultsHelpFormatter`."""
+    parser.formatter_class = _DefaultsHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _show_defaults(child)
 
 
 def _log_level(verbose: bool) -> int:
@@ -90,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"error: pacofr {args.command} interrupted (Ctrl-C); what was finished is kept, and prepare and "
+              "pretrain continue where they stopped when run again", file=sys.stderr)
+        return 130
     except Exception as err:
         if not isinstance(err, expected_errors()):
             raise

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,38 @@ def test_a_locked_run_folder_is_one_line_and_verbose_adds_the_traceback(
             assert main(["-v", "pretrain", "--config", "demo", "--out", str(out), *QUICK]) == 2
         assert "Traceback" in caplog.text and "RunFolderLockedError" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == [".pacofr-run.lock"]
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "pacofr", "pretrain", "--config", "demo", "--set",
+                                "model.preset=tiny", "--set", "train.progress=false", "--set", "train.epochs=1000",
+                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out / "config.yaml").exists():  # training has started
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside the step loop
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: pacofr pretrain interrupted (Ctrl-C)")
+
+
+def test_a_near_miss_key_is_suggested_at_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pretrain", "--config", "demo", "--out", str(tmp_path / "run"), *QUICK,
+                 "--set", "train.epoch=2"]) == 2
+    assert "did you mean train.epochs?" in error_line(capsys)
+
+
+@pytest.mark.parametrize("command, expected", [
+    (["prepare"], "(default: largest)"),
+    (["eval", "linear-probe"], "(default: 100)"),
+])
+def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str], command: list[str], expected: str) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert expected in " ".join(text.split())  # help lines are wrapped
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: )" not in text
