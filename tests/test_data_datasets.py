@@ -10,6 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from _landmark_spots import landmark_spots, spot_centre
 from test_data_support import StubDetector, demo_records, jpeg_bytes, stub_photo, write_bytes
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -146,33 +147,15 @@ def test_raw_folder_dataset_aligns_on_the_fly(tmp_path):
     assert dataset.recipe.detector == "stub"
 
 
-def _blobs(points: np.ndarray, size: int = 96) -> torch.Tensor:
-    """A black image with a small Gaussian spot (sigma 1.5 px) at every point; spot k has
-    amplitude 0.2 (k + 1), so each spot tells which landmark it was drawn for."""
-    ys, xs = np.mgrid[0:size, 0:size]
-    image = np.zeros((size, size))
-    for number, (x, y) in enumerate(points):
-        image += 0.2 * (number + 1) * np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * 1.5**2))
-    return torch.from_numpy(np.repeat(image[None], 3, axis=0).clip(0, 1)).float()
-
-
-def _spot(image: torch.Tensor, point: np.ndarray, radius: int = 4) -> tuple[np.ndarray, float]:
-    """Intensity-weighted centre and total intensity of the spot near ``point``."""
-    x0, y0 = (int(round(c)) for c in point)
-    window = image[0, y0 - radius:y0 + radius + 1, x0 - radius:x0 + radius + 1].double().numpy()
-    ys, xs = np.mgrid[y0 - radius:y0 + radius + 1, x0 - radius:x0 + radius + 1]
-    return np.array([(window * xs).sum(), (window * ys).sum()]) / window.sum(), float(window.sum())
-
-
 def test_augment_moves_pixels_and_landmarks_together(generator):
     points = resize_points(TEMPLATE_224, 224, 96)
-    image = _blobs(points)
+    image = landmark_spots(points)
     augment = Augment(flip_prob=0.5, max_rotation_deg=15, max_scale=0.1, max_shift=0.05,
                       brightness=0, contrast=0, saturation=0)
     seen = set()
     for _ in range(16):
         out, moved = augment(image, torch.from_numpy(points).float(), generator=generator)
-        spots = [_spot(out, point) for point in moved.numpy()]
+        spots = [spot_centre(out, point) for point in moved.numpy()]
         for (centre, _), point in zip(spots, moved.numpy()):
             np.testing.assert_allclose(centre, point, atol=0.35)  # every landmark sits on its spot
         # which original landmark each spot was drawn for, from its brightness order
@@ -275,3 +258,43 @@ def test_pretraining_runs_on_a_folder_of_crops(tmp_path):
     result = run_pretraining(cfg)
     assert result.step == 2 and result.checkpoint is not None and result.checkpoint.is_dir()
     assert sorted(p.name for p in (tmp_path / "crops").iterdir()) == [f"{i}.jpg" for i in range(8)]
+
+
+def test_uint8_items_are_the_float_items_pixels(prepared):
+    for dataset_class, folder in ((AlignedFaceDataset, "files"), (ShardFaceDataset, "shards")):
+        for size in (224, 96):
+            floats = dataset_class(prepared / folder, image_size=size)
+            uint8 = dataset_class(prepared / folder, image_size=size, uint8=True)
+            for index in (0, len(floats) - 1):
+                a, b = floats[index], uint8[index]
+                assert b["image"].dtype == torch.uint8 and b["image"].shape == (3, size, size)
+                assert torch.equal(a["image"], b["image"].to(torch.float32) / 255.0)
+                assert torch.equal(a["landmarks"], b["landmarks"]) and a["index"] == b["index"]
+    with pytest.raises(ValueError, match="BatchAugment"):
+        AlignedFaceDataset(prepared / "files", uint8=True, augment=Augment())
+
+
+def test_float_items_keep_pils_decode_and_resize():
+    """The truth: PIL decodes the stored crop and resizes it once (bilinear), as before uint8 items."""
+    records = demo_records()
+    for size in (224, 112):
+        item = demo_dataset(image_size=size)[3]
+        image = Image.open(demo_root() / records[3]["file"]).convert("RGB")
+        if size != 224:
+            image = image.resize((size, size), Image.BILINEAR)
+        expected = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        np.testing.assert_array_equal(item["image"].numpy(), expected)
+
+
+def test_cropped_uint8_items_from_a_zip_match_the_array_ones(tmp_path):
+    _crops(tmp_path / "src", 3, (20, 20))
+    with zipfile.ZipFile(tmp_path / "faces.zip", "w") as archive:
+        for i in range(3):
+            archive.write(tmp_path / "src" / f"{i}.jpg", f"f/{i}.jpg")
+    zipped = CroppedFaceDataset(open_image_set(tmp_path / "faces.zip"), image_size=16, uint8=True)
+    folder = CroppedFaceDataset(open_image_set(tmp_path / "src"), image_size=16, uint8=True)
+    decoded = np.stack([np.asarray(Image.open(tmp_path / "src" / f"{i}.jpg").convert("RGB")) for i in range(3)])
+    arrays = CroppedFaceDataset(ArrayImages(decoded), image_size=16, uint8=True)
+    for index in range(3):
+        assert torch.equal(zipped[index]["image"], arrays[index]["image"])
+        assert torch.equal(folder[index]["image"], arrays[index]["image"])

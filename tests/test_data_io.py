@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import os
 import re
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, features
 from test_data_support import jpeg_bytes, stub_photo, write_bytes
 
+import pacofr.data.detection as detection
+import pacofr.data.mtcnn as mtcnn
 from pacofr.data.image_io import UnreadableImageError, is_image_name, load_image, scan_folder
 
 
@@ -151,3 +155,17 @@ def test_only_regular_files_are_read_and_a_size_cap_holds(tmp_path):
         load_image(photo, max_bytes=100)
     images, others = scan_folder(tmp_path)
     assert images == ["link.png", "photo.png"] and others == []
+
+
+def test_detection_and_mtcnn_import_one_way():
+    """detection owns the shared types and the registry; mtcnn imports it and registers itself
+    (issue 26: no import cycle, not even one hidden inside a function)."""
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text())
+        names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        return names | {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+
+    assert not any(name.startswith("pacofr.data.mtcnn") for name in imported(detection))
+    assert "pacofr.data.detection" in imported(mtcnn)
+    assert "mtcnn" in detection.available_detectors()

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 
 from pacofr.data.alignment import BORDER_MODES, FLIP_PERMUTATION
 
+#: Weights of the grey level (ITU-R 601 luma) the contrast and saturation jitter use.
+GREY_WEIGHTS = (0.299, 0.587, 0.114)
+
 
 def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
     return low + (high - low) * float(torch.rand((), generator=generator))
@@ -113,7 +116,7 @@ class Augment:
 
     def jitter_colour(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Brightness, contrast and saturation jitter of a (3, H, W) image in [0, 1]."""
-        weights = torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype).view(3, 1, 1)
+        weights = torch.tensor(GREY_WEIGHTS, dtype=image.dtype).view(3, 1, 1)
         image = image * _uniform(1 - self.brightness, 1 + self.brightness, generator)
         grey_mean = (image * weights).sum(0).mean()
         image = (image - grey_mean) * _uniform(1 - self.contrast, 1 + self.contrast, generator) + grey_mean

@@ -5,7 +5,10 @@ Faces come from a folder written by ``pacofr prepare`` (:class:`AlignedFaceDatas
 images that are already face crops, used as they are (:class:`CroppedFaceDataset`).
 
 Every item is ``{"image": float32 (3, S, S) in [0, 1], "landmarks": float32 (5, 2) pixel
-coordinates in that (augmented) image, "index": int}``. An image that cannot be read is skipped:
+coordinates in that (augmented) image, "index": int}``; with ``uint8=True`` the image is the
+uint8 (3, S, S) pixels, not augmented (a quarter of the bytes to batch and to copy to the
+device, where :class:`pacofr.data.batch_augment.BatchAugment` augments the whole batch). A crop
+of another size than S is decoded and resized once (:mod:`pacofr.data.decode`). An image that cannot be read is skipped:
 the next readable item is returned instead (its own ``index``), a warning is logged and the
 dataset's ``skipped`` counter grows. With DataLoader workers each worker counts its own skips;
 the log lines are the complete record.
@@ -21,11 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from pacofr.data.alignment import AlignmentRecipe, resize_points, template_for_size
 from pacofr.data.augment import Augment
+from pacofr.data.decode import decode_crop, hwc_to_chw, resize_square
 from pacofr.data.detection import FaceDetector, create_detector, select_faces
 from pacofr.data.image_io import DEFAULT_MAX_PIXELS, UnreadableImageError, load_image, scan_folder
 from pacofr.data.image_sets import ImageSet
@@ -34,36 +37,53 @@ from pacofr.data.storage import SHARDS_DIR, read_index, read_recipe_dict
 logger = logging.getLogger(__name__)
 
 
-def to_item(image: np.ndarray, landmarks: np.ndarray, index: int, image_size: int,
-            augment: Augment | None) -> dict[str, Any]:
-    """Build a dataset item from a uint8 (H, W, 3) aligned crop and its (5, 2) landmarks,
-    resizing to ``image_size`` (landmarks follow) and augmenting."""
+def make_item(pixels: torch.Tensor, landmarks: np.ndarray, index: int, *, uint8: bool,
+              augment: Augment | None) -> dict[str, Any]:
+    """A dataset item from uint8 (3, S, S) pixels and their (5, 2) landmarks: the pixels as they
+    are (``uint8``), or as float32 in [0, 1] put through the per-image ``augment``."""
+    marks = torch.from_numpy(np.asarray(landmarks, dtype=np.float64).astype(np.float32))
+    if uint8:
+        return {"image": pixels, "landmarks": marks, "index": int(index)}
+    image = pixels.to(torch.float32) / 255.0
+    if augment is not None:
+        image, marks = augment(image, marks)
+    return {"image": image.contiguous(), "landmarks": marks.to(torch.float32), "index": int(index)}
+
+
+def square_pixels(image: np.ndarray, landmarks: np.ndarray, size: int, name: str) -> tuple[torch.Tensor, np.ndarray]:
+    """An aligned uint8 (H, W, 3) crop and its (5, 2) landmarks at ``size`` (one resize when the
+    crop has another size): (uint8 (3, size, size), float64 (5, 2))."""
     height, width = image.shape[:2]
     points = np.asarray(landmarks, dtype=np.float64)
-    if (height, width) != (image_size, image_size):
+    if (height, width) != (size, size):
         if height != width:
-            raise UnreadableImageError(f"item {index}", f"aligned crop is not square ({width}x{height})")
-        image = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))
-        points = resize_points(points, width, image_size)
-    tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
-    marks = torch.from_numpy(points.astype(np.float32))
-    if augment is not None:
-        tensor, marks = augment(tensor, marks)
-    return {"image": tensor.contiguous(), "landmarks": marks.to(torch.float32), "index": int(index)}
+            raise UnreadableImageError(name, f"aligned crop is not square ({width}x{height})")
+        points = resize_points(points, width, size)
+    return hwc_to_chw(resize_square(image, size)), points
 
 
 class _SkippingDataset(Dataset):
-    """Shared skip-and-count logic: subclasses implement ``_load(index) -> (uint8 image, (5, 2))``
-    raising ``UnreadableImageError`` for an item that cannot be used."""
+    """Shared skip-and-count logic: subclasses implement ``_load(index) -> (uint8 (3, S, S)
+    pixels at image_size, (5, 2) landmarks in them)`` raising ``UnreadableImageError`` for an
+    item that cannot be used."""
 
     image_size: int
     augment: Augment | None
+    uint8: bool
 
-    def __init__(self) -> None:
+    def __init__(self, image_size: int, augment: Augment | None, uint8: bool) -> None:
+        if not isinstance(image_size, int) or image_size < 8:
+            raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+        if uint8 and augment is not None:
+            raise ValueError("uint8 items are not augmented one by one: leave augment=None and augment the "
+                             "batch on the training device (pacofr.data.batch_augment.BatchAugment)")
+        self.image_size = image_size
+        self.augment = augment
+        self.uint8 = uint8
         self.skipped = 0
         self.skipped_indices: set[int] = set()
 
-    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _load(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -77,13 +97,13 @@ class _SkippingDataset(Dataset):
         for step in range(count):
             current = (index + step) % count
             try:
-                image, landmarks = self._load(current)
+                pixels, landmarks = self._load(current)
             except UnreadableImageError as err:
                 self.skipped += 1
                 self.skipped_indices.add(current)
                 logger.warning("skipping item %d: %s", current, err)
                 continue
-            return to_item(image, landmarks, current, self.image_size, self.augment)
+            return make_item(pixels, landmarks, current, uint8=self.uint8, augment=self.augment)
         raise RuntimeError(f"none of the {count} items of {type(self).__name__} could be read")
 
 
@@ -91,15 +111,11 @@ class _IndexedFaceDataset(_SkippingDataset):
     """Faces listed in a prepared folder's index.jsonl."""
 
     def __init__(self, root: str | os.PathLike, *, image_size: int = 224, augment: Augment | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        super().__init__()
-        if not isinstance(image_size, int) or image_size < 8:
-            raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+                 uint8: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__(image_size, augment, uint8)
         self.root = Path(root)
         self.records = read_index(self.root)
         self.recipe = AlignmentRecipe.from_dict(read_recipe_dict(self.root))
-        self.image_size = image_size
-        self.augment = augment
         self.max_pixels = max_pixels
         self._landmarks = np.asarray([record["landmarks"] for record in self.records], dtype=np.float64)
         self._landmarks = self._landmarks.reshape(len(self.records), 5, 2)
@@ -110,16 +126,19 @@ class _IndexedFaceDataset(_SkippingDataset):
     def _read_bytes(self, index: int) -> bytes:
         raise NotImplementedError
 
-    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _load(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
+        name = self._describe(index)
         try:
             data = self._read_bytes(index)
         except OSError as err:
-            raise UnreadableImageError(self._describe(index), str(err)) from err
-        image = load_image(data, max_pixels=self.max_pixels)
-        if image.shape[:2] != (self.recipe.size, self.recipe.size):
-            raise UnreadableImageError(self._describe(index), f"crop is {image.shape[1]}x{image.shape[0]}, "
-                                       f"the recipe says {self.recipe.size}")
-        return image, self._landmarks[index]
+            raise UnreadableImageError(name, str(err)) from err
+        pixels, (width, height) = decode_crop(data, name, self.image_size, max_pixels=self.max_pixels)
+        if (width, height) != (self.recipe.size, self.recipe.size):
+            raise UnreadableImageError(name, f"crop is {width}x{height}, the recipe says {self.recipe.size}")
+        landmarks = self._landmarks[index]
+        if self.recipe.size != self.image_size:
+            landmarks = resize_points(landmarks, self.recipe.size, self.image_size)
+        return pixels, landmarks
 
     def _describe(self, index: int) -> str:
         return str(self.records[index].get("file") or self.records[index].get("shard"))
@@ -130,14 +149,15 @@ class AlignedFaceDataset(_IndexedFaceDataset):
 
     Args:
         root: the prepared folder (index.jsonl, recipe.json, images/).
-        image_size: side of the returned images (crops are resized, landmarks follow).
-        augment: optional ``Augment`` applied to every item.
+        image_size: side of the returned images (crops are resized once, landmarks follow).
+        augment: optional ``Augment`` applied to every float item.
+        uint8: items carry uint8 (3, S, S) pixels, not augmented (the batched device path).
         max_pixels: decompression-bomb guard for the stored crops.
     """
 
     def __init__(self, root: str | os.PathLike, *, image_size: int = 224, augment: Augment | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        super().__init__(root, image_size=image_size, augment=augment, max_pixels=max_pixels)
+                 uint8: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__(root, image_size=image_size, augment=augment, uint8=uint8, max_pixels=max_pixels)
         if self.records and "file" not in self.records[0]:
             raise ValueError(f"{root} holds shards, not files: use ShardFaceDataset")
 
@@ -153,8 +173,8 @@ class ShardFaceDataset(_IndexedFaceDataset):
     """
 
     def __init__(self, root: str | os.PathLike, *, image_size: int = 224, augment: Augment | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        super().__init__(root, image_size=image_size, augment=augment, max_pixels=max_pixels)
+                 uint8: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__(root, image_size=image_size, augment=augment, uint8=uint8, max_pixels=max_pixels)
         if self.records and "shard" not in self.records[0]:
             raise ValueError(f"{root} holds image files, not shards: use AlignedFaceDataset")
         self._handles: dict[str, int] = {}
@@ -194,7 +214,8 @@ class RawFolderDataset(_SkippingDataset):
         detector: a detector name ("mtcnn"), a ``FaceDetector``, or a callable building one;
             built lazily, once per process.
         image_size: side of the returned images.
-        augment: optional ``Augment``.
+        augment: optional ``Augment`` (float items).
+        uint8: items carry uint8 (3, S, S) pixels, not augmented.
         min_size: faces with a shorter box (source pixels) are ignored.
         recipe: alignment recipe (default: the canonical one at ``image_size``).
         max_pixels: decompression-bomb guard.
@@ -202,13 +223,12 @@ class RawFolderDataset(_SkippingDataset):
     """
 
     def __init__(self, root: str | os.PathLike, detector: str | FaceDetector | Callable[[], FaceDetector] = "mtcnn",
-                 *, image_size: int = 224, augment: Augment | None = None, min_size: float = 32.0,
-                 recipe: AlignmentRecipe | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        super().__init__()
+                 *, image_size: int = 224, augment: Augment | None = None, uint8: bool = False,
+                 min_size: float = 32.0, recipe: AlignmentRecipe | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__(image_size, augment, uint8)
         self.root = Path(root)
         self.files, _ = scan_folder(self.root)
-        self.image_size = image_size
-        self.augment = augment
         self.min_size = min_size
         self.max_pixels = max_pixels
         self._detector_spec = detector
@@ -233,7 +253,7 @@ class RawFolderDataset(_SkippingDataset):
             self._detector = create_detector(spec) if isinstance(spec, str) else spec()
         return self._detector
 
-    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _load(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
         path = self.root / self.files[index]
         image = load_image(path, max_pixels=self.max_pixels)
         faces, outcome = select_faces(self.detector.detect(image), "largest", self.min_size)
@@ -241,7 +261,7 @@ class RawFolderDataset(_SkippingDataset):
             raise UnreadableImageError(str(path), f"no usable face ({outcome})")
         aligned, matrix = self.recipe.align(image, faces[0].landmarks5)
         landmarks = faces[0].landmarks5 @ matrix[:, :2].T + matrix[:, 2]
-        return aligned, landmarks
+        return square_pixels(aligned, landmarks, self.image_size, str(path))
 
 
 class CroppedFaceDataset(_SkippingDataset):
@@ -253,18 +273,16 @@ class CroppedFaceDataset(_SkippingDataset):
     Args:
         images: the crops (:func:`pacofr.data.image_sets.open_image_set` opens a folder, .zip or .npz).
         image_size: side of the returned images.
-        augment: optional ``Augment``.
+        augment: optional ``Augment`` (float items).
+        uint8: items carry uint8 (3, S, S) pixels, not augmented.
     """
 
-    def __init__(self, images: ImageSet, *, image_size: int = 224, augment: Augment | None = None) -> None:
-        super().__init__()
-        if not isinstance(image_size, int) or image_size < 8:
-            raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+    def __init__(self, images: ImageSet, *, image_size: int = 224, augment: Augment | None = None,
+                 uint8: bool = False) -> None:
+        super().__init__(image_size, augment, uint8)
         if len(images) == 0:
             raise ValueError("CroppedFaceDataset needs at least one image")
         self.images = images
-        self.image_size = image_size
-        self.augment = augment
         self.recipe = AlignmentRecipe.for_size(image_size, detector="none",
                                                reference="assumed: already-cropped faces, not aligned by pacofr")
         self._template = template_for_size(image_size).astype(np.float64)
@@ -272,8 +290,5 @@ class CroppedFaceDataset(_SkippingDataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image = self.images.read(index)
-        if image.shape[:2] != (self.image_size, self.image_size):
-            image = np.asarray(Image.fromarray(image).resize((self.image_size, self.image_size), Image.BILINEAR))
-        return image, self._template
+    def _load(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
+        return self.images.read_square(index, self.image_size), self._template

