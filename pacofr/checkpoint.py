@@ -39,6 +39,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
+from pacofr.data.storage import give_default_mode
+
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
@@ -157,6 +159,7 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, state: dict[s
     try:
         tmp.mkdir()
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"pacofr_meta": meta_json})
+        give_default_mode(tmp / WEIGHTS_FILE)  # safetensors creates it 0600; the other files follow the umask
         torch.save(state, tmp / STATE_FILE)
         (tmp / META_FILE).write_text(meta_json + "\n")
         for name in _DATA_FILES:

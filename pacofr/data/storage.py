@@ -47,6 +47,14 @@ def write_atomic(path: str | os.PathLike, data: bytes, *, scratch: str | os.Path
     os.replace(temporary, target)
 
 
+def give_default_mode(path: str | os.PathLike) -> None:
+    """Set ``path``'s permissions to those of a newly created file under the process umask
+    (0644 under the usual 022): for files written by libraries that create them 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def dumps_line(record: dict[str, Any]) -> str:
     """One JSON-lines line (sorted keys, compact, no NaN) with its newline."""
     return json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n"

@@ -22,7 +22,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from pacofr import checkpoint as ckpt
-from pacofr.data.storage import write_atomic
+from pacofr.data.storage import give_default_mode, write_atomic
 from pacofr.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, teacher: bool = 
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in encoder.state_dict().items()}
     partial = out_dir / f".tmp-{os.getpid()}-{EXPORT_WEIGHTS}"
     save_file(state, str(partial), metadata={"format": "pt"})
+    give_default_mode(partial)  # safetensors creates it 0600; the other files follow the umask
     os.replace(partial, weights)
     config_path = out_dir / EXPORT_CONFIG
     write_atomic(config_path, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
