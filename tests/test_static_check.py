@@ -138,3 +138,152 @@ def test_tiny_training_step_compiles_clean_for_sm80_and_sm90(tmp_path):
             "masked_patch_loss_backward_kernel", "scatter_tokens_kernel", "scatter_tokens_backward_kernel"} <= kernels
     assert {row["arch"] for row in record["triton"]} == {"sm_80", "sm_90"}
     assert all(row["training_path"] for row in record["triton"])
+
+
+# ------------------------------------------------------------------------------------------
+# the cost model (benchmarks.static.sass_flow, cost_model): counts -> bound, on synthetic SASS
+# ------------------------------------------------------------------------------------------
+
+def _listing(*instructions: str) -> str:
+    """A cuobjdump-style function body: one instruction per 16 bytes from address 0."""
+    return "\n".join(f"        /*{16 * n:04x}*/                   {text} ;  /* 0x000fe20000000f00 */"
+                     for n, text in enumerate(instructions))
+
+
+NESTED = _listing(
+    "S2R R0, SR_TID.X",                                 # 0x00 once
+    "MOV R1, 0x1",                                      # 0x10 once
+    "LDG.E R2, desc[UR4][R4.64]",                       # 0x20 tile loop starts: a code-term load
+    "LDGSTS.E.BYPASS.LTC128B.128 [R1], desc[UR4][R6.64]",  # 0x30 step loop starts
+    "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT",   # 0x40
+    "BAR.SYNC.DEFER_BLOCKING 0x0",                      # 0x50
+    "@P0 BRA 0x30",                                     # 0x60 step loop back
+    "FSETP.GEU.AND P1, PT, R3, R5, PT",                 # 0x70 epilogue
+    "@P1 BRA 0xb0",                                     # 0x80 if: then arm 0x90..0xa0, else arm 0xb0..0xd0
+    "FMNMX R3, R3, R5, PT",                             # 0x90
+    "BRA 0xe0",                                         # 0xa0
+    "FADD R3, R3, R5",                                  # 0xb0
+    "FADD R3, R3, R5",                                  # 0xc0
+    "FADD R3, R3, R5",                                  # 0xd0
+    "@P2 BRA 0x20",                                     # 0xe0 tile loop back
+    "STG.E.64 desc[UR4][R8.64], R2",                    # 0xf0 once
+    "EXIT",                                             # 0x100 once
+)
+
+
+def test_sass_flow_splits_step_tile_and_once_parts():
+    from benchmarks.static.sass_flow import flow_counts
+
+    flow = flow_counts(NESTED)
+    assert not flow.flat and flow.has_step_loop
+    assert flow.step == {"LDGSTS.E.BYPASS.LTC128B.128": 1, "HGMMA.64x64x16.F32.BF16": 1,
+                         "BAR.SYNC.DEFER_BLOCKING": 1, "BRA": 1}
+    # the shorter arm (FMNMX + BRA) of the if/else is not counted; the longer (3 FADD) is
+    assert flow.tile == {"LDG.E": 1, "FSETP.GEU.AND": 1, "BRA": 2, "FADD": 3}
+    assert flow.once == {"S2R": 1, "MOV": 1, "STG.E.64": 1, "EXIT": 1}
+    assert sum(flow.per_tile(4).values()) == 4 * 4 + 7
+    assert sum(flow.per_cta(3, 4).values()) == 3 * (4 * 4 + 7) + 4
+
+
+FLAT = _listing(
+    "S2R R0, SR_TID.X",                                 # 0x00 once
+    "LDSM.16.M88.4 R8, [R2]",                           # 0x10 step loop starts
+    "HMMA.16816.F32.BF16 R4, R8, R12, R4",              # 0x20
+    "HMMA.16816.F32.BF16 R4, R8, R14, R4",              # 0x30
+    "@P0 BRA 0x80",                                     # 0x40 skip the per-tile epilogue
+    "LDS R9, [R16+0x2800]",                             # 0x50 epilogue
+    "FADD R15, -R96, R9",                               # 0x60
+    "FMNMX R3, R3, R15, PT",                            # 0x70
+    "BAR.SYNC.DEFER_BLOCKING 0x0",                      # 0x80
+    "@P1 BRA 0x10",                                     # 0x90 step loop back
+    "EXIT",                                             # 0xa0
+)
+
+
+def test_sass_flow_finds_the_per_tile_epilogue_of_a_flat_step_loop():
+    from benchmarks.static.sass_flow import flow_counts
+
+    flow = flow_counts(FLAT)
+    assert flow.flat
+    assert flow.tile == {"LDS": 1, "FADD": 1, "FMNMX": 1}  # once per tile, not per step
+    assert flow.step == {"LDSM.16.M88.4": 1, "HMMA.16816.F32.BF16": 2, "BRA": 2, "BAR.SYNC.DEFER_BLOCKING": 1}
+    assert flow.once == {"S2R": 1, "EXIT": 1}
+
+
+def test_cost_model_shapes_and_widths():
+    from benchmarks.static.cost_model import load_bytes_per_lane, mma_flops
+
+    assert mma_flops("HMMA.16816.F32.BF16") == (2 * 16 * 8 * 16, False)
+    assert mma_flops("HMMA.1688.F32.TF32") == (2 * 16 * 8 * 8, False)
+    assert mma_flops("HGMMA.64x128x16.F32.BF16") == (2 * 64 * 128 * 16, True)
+    with pytest.raises(ValueError):
+        mma_flops("FFMA")
+    assert [load_bytes_per_lane(op) for op in ("LDGSTS.E.BYPASS.LTC128B.128", "LDG.E.64", "LDG.E.U16", "LDG.E")] \
+        == [16, 8, 2, 4]
+
+
+def _machine(**changes):
+    from dataclasses import replace
+
+    from benchmarks.static.cost_model import H100, Constant
+
+    unit = dict(sms=Constant(2, 2, 2, "test"), dense_tflops=Constant(1, 1, 1, "test"),
+                mma_sync_fraction=Constant(0.5, 0.5, 0.5, "test"), hbm_tbps=Constant(1, 1, 1, "test"),
+                l2_tbps=Constant(2, 2, 2, "test"), clock_ghz=Constant(1, 1, 1, "test"),
+                schedulers=Constant(4, 4, 4, "test"))
+    return replace(H100, **{**unit, **changes})
+
+
+def test_cost_model_bounds_from_counts():
+    """Every bound by hand: 2 SMs at 1 TFLOP/s (0.5e12 per SM), 1 GHz, 4 schedulers, L2 2 TB/s, HBM 1 TB/s."""
+    from collections import Counter
+
+    from benchmarks.static.cost_model import Launch, Workload, budget
+
+    opcodes = Counter({"HGMMA.64x64x16.F32.BF16": 1000, "LDGSTS.E.BYPASS.LTC128B.128": 100, "FADD": 2900})
+    launch = Launch(ctas=5, warps=8, registers=128, shared_bytes=100 * 1024, opcodes=opcodes,
+                    loads=Counter({"LDGSTS.E.BYPASS.LTC128B.128": 100}), epilogue=Counter({"FADD": 400}))
+    work = Workload(flops=1e9, hbm_bytes=2e6)
+    result = budget(launch, work, _machine())
+    busiest = 3  # ceil(5 CTAs / 2 SMs)
+    flops_per_cta = 1000 * (2 * 64 * 64 * 16) * 2  # per-warp count x 2 warpgroups
+    assert result.ctas_per_sm == 2  # shared memory: 233472 // (102400 + 1024)
+    assert result.tensor_us[0] == pytest.approx(busiest * flops_per_cta / 0.5e12 * 1e6)
+    assert result.exposed_epilogue_us[0] == 0.0  # two CTAs per SM overlap one's epilogue with the other's MMAs
+    assert result.issue_us[0] == pytest.approx(busiest * 4000 * 8 / 4 / 1e3)  # slots per scheduler / 1 GHz
+    assert result.l2_us[0] == pytest.approx(5 * 100 * 16 * 32 * 8 / 2e12 * 1e6)
+    assert result.hbm_us[0] == pytest.approx(2.0)
+    assert result.floor_us == pytest.approx(1e3)  # 1e9 FLOP at 1 TFLOP/s
+    assert result.dominant == "tensor" and result.estimate_us == pytest.approx(result.tensor_us[0])
+
+    # one CTA per SM (registers: 255 x 8 warps leave no room for a second) and mma.sync at half the rate:
+    # the epilogue's issue time adds to the tensor time
+    sync = Launch(ctas=2, warps=8, registers=255, shared_bytes=1024, opcodes=Counter({"HMMA.16816.F32.BF16": 4096}),
+                  loads=Counter(), epilogue=Counter({"FADD": 1000}))
+    result = budget(sync, Workload(flops=0.0, hbm_bytes=0.0), _machine())
+    assert result.ctas_per_sm == 1
+    assert result.tensor_us[0] == pytest.approx(4096 * 4096 * 8 / (0.5e12 * 0.5) * 1e6)
+    assert result.exposed_epilogue_us[0] == pytest.approx(1000 * 8 / 4 / 1e3)
+    assert result.bounds()["tensor"] == pytest.approx(result.tensor_us[0] + result.exposed_epilogue_us[0])
+
+
+def test_cost_model_estimate_range_follows_the_constants():
+    from collections import Counter
+
+    from benchmarks.static.cost_model import Constant, Launch, Workload, budget
+
+    launch = Launch(ctas=2, warps=4, registers=32, shared_bytes=0, opcodes=Counter({"FADD": 1000}),
+                    loads=Counter())
+    result = budget(launch, Workload(0.0, 0.0), _machine(clock_ghz=Constant(1.0, 0.5, 2.0, "test")))
+    assert result.dominant == "issue"
+    assert result.estimate_range_us == pytest.approx((1000 * 4 / 4 / 2e3, 1000 * 4 / 4 / 0.5e3))
+
+
+def test_ranking_tile_constants_evaluate_the_header(tmp_path):
+    from benchmarks.static.cost_budget import ranking_tile_constants
+
+    header = tmp_path / "tiles.h"
+    header.write_text("constexpr int kA = 4;\nconstexpr int kB = 2 * kA + 1;  // note\nconstexpr int kC = (kB - 1) / 4;\n")
+    assert ranking_tile_constants(header) == {"kA": 4, "kB": 9, "kC": 2}
+    tiles = ranking_tile_constants()
+    assert tiles["kThreads"] == 32 * tiles["kWarpsM"] * tiles["kWarpsN"]  # the real header parses

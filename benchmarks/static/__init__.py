@@ -16,4 +16,9 @@ How the variants are found (one source of truth: the launch code itself):
    memory and the tensor-core instructions from the cubin with the ``cuobjdump`` Triton ships.
 4. :mod:`.cuda_sass` reads the same from the SASS of the built ``pacofr._C``.
 5. :mod:`.policy` applies the rules CI enforces and renders the table.
+6. :mod:`.cost_budget` (with :mod:`.sass_flow` and :mod:`.cost_model`): an ESTIMATE per kernel of the
+   headline rows (issue 27), read from the same compiled code: per tile the MMA instructions and their
+   cycles, the other instructions per scheduler, barriers, bytes from L2 and HBM, occupancy, the bound
+   each implies and the estimated time beside the floor (``cost_budget`` in the JSON,
+   ``--budget-markdown``; docs/kernels/cost-budget.md).
 """

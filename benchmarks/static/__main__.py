@@ -32,6 +32,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-benchmarks", action="store_true", help="only the model presets' training steps")
     parser.add_argument("--no-models", action="store_true", help="only the benchmark shapes")
     parser.add_argument("--no-cuda", action="store_true", help="skip the pacofr._C SASS table")
+    parser.add_argument("--no-budget", action="store_true",
+                        help="skip the cost budget (estimates) of the headline rows (benchmarks.static.cost_budget; "
+                             "also skipped with --no-benchmarks)")
+    parser.add_argument("--budget-markdown", type=Path,
+                        help="write the cost budget (machine constants and estimates) here as markdown")
     parser.add_argument("--only", action="append", help="only workloads whose name starts with this (repeatable)")
     parser.add_argument("--json", type=Path, help="write the full record here")
     parser.add_argument("--markdown", type=Path, help="write the tables here (default: print them)")
@@ -58,6 +63,7 @@ def environment() -> dict[str, Any]:
 def record_launches(args: argparse.Namespace, arches: tuple[int, ...]) -> list:
     """Run every workload under the kernel recorder; the recorded launches."""
     from benchmarks.static.launches import KernelRecorder, compile_only_dispatch
+    from benchmarks.static.cost_budget import headline_workloads
     from benchmarks.static.workloads import benchmark_workloads, model_workloads
 
     workloads = []
@@ -66,6 +72,8 @@ def record_launches(args: argparse.Namespace, arches: tuple[int, ...]) -> list:
         workloads += model_workloads(presets)
     if not args.no_benchmarks:
         workloads += benchmark_workloads(tuple(args.tiers.split(",")))
+    if not args.no_benchmarks and not args.no_budget:
+        workloads += headline_workloads()
     if args.only:
         workloads = [w for w in workloads if w.name.startswith(tuple(args.only))]
     with KernelRecorder(arches) as recorder, compile_only_dispatch():
@@ -76,8 +84,9 @@ def record_launches(args: argparse.Namespace, arches: tuple[int, ...]) -> list:
     return recorder.launches
 
 
-def compile_all(launches: list, jobs: int) -> list:
-    """One compiled :class:`Variant` per distinct specialisation and architecture, ``jobs`` processes at a time."""
+def compile_all(launches: list, jobs: int) -> dict:
+    """One compiled :class:`Variant` per distinct specialisation and architecture (by its key), ``jobs``
+    processes at a time."""
     from benchmarks.static.triton_aot import CompileJob, apply_result, compile_job, describe
 
     variants: dict[tuple, Any] = {}
@@ -96,7 +105,26 @@ def compile_all(launches: list, jobs: int) -> list:
             apply_result(futures[future], future.result())
             if i % 50 == 0 or i == len(pending):
                 logger.info("compiled %d/%d variants (%.0f s)", i, len(pending), time.monotonic() - start)
-    return list(variants.values())
+    return variants
+
+
+def cost_budget(launches: list, variants: dict, kernels: list) -> list[dict[str, Any]]:
+    """The cost budget rows of the headline calls (estimates): Triton variants, and pacofr._C when built."""
+    from benchmarks.static.cost_budget import cuda_budget_rows, triton_budget_rows
+    from benchmarks.static.cuda_sass import cuda_listings
+
+    rows = triton_budget_rows(launches, variants)
+    if kernels:
+        rows += cuda_budget_rows(kernels, cuda_listings())
+    return rows
+
+
+def budget_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The budget's markdown: the assumed constants, then the estimates."""
+    from benchmarks.static.cost_budget import budget_table, machine_table
+
+    return ["ESTIMATES from the compiled code (no GPU ran): see benchmarks/static/cost_model.py.", "",
+            *machine_table(), "", *budget_table(rows)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,15 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.static import policy
     from benchmarks.static.cuda_sass import cuda_kernels
 
-    variants = compile_all(record_launches(args, arches), max(1, args.jobs))
+    launches = record_launches(args, arches)
+    by_key = compile_all(launches, max(1, args.jobs))
+    variants = list(by_key.values())
     triton_rows = [policy.variant_row(v) for v in variants]
     kernels = [] if args.no_cuda else cuda_kernels()
+    budget = [] if args.no_budget or args.no_benchmarks else cost_budget(launches, by_key, kernels)
     cuda_rows = [policy.cuda_row(k) for k in kernels]
     violations, warnings = policy.triton_checks(variants, spills=args.spills)
     violations += [v for kernel in kernels for v in policy.cuda_violations(kernel)]
     record = {"environment": environment(), "arches": [f"sm_{a}" for a in arches], "triton": triton_rows,
               "cuda": cuda_rows, "cuda_built": bool(kernels) or args.no_cuda,
-              "violations": [vars(v) for v in violations], "warnings": [vars(v) for v in warnings]}
+              "violations": [vars(v) for v in violations], "warnings": [vars(v) for v in warnings],
+              "cost_budget": budget}
     tables = [*policy.triton_summary(triton_rows), "", *(policy.cuda_summary(cuda_rows) if cuda_rows else
               ["pacofr._C: " + ("skipped (--no-cuda)" if args.no_cuda else "not built; no CUDA table")])]
     if violations:
@@ -132,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     if warnings:
         tables += ["", f"{len(warnings)} spills outside the training path (warnings with --spills training):",
                    *(f"- {v.kernel} on {v.arch}: {v.detail}" for v in warnings)]
+    if budget:
+        tables += ["", *budget_markdown(budget)]
+    if args.budget_markdown and budget:
+        args.budget_markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.budget_markdown.write_text("\n".join(budget_markdown(budget)) + "\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=1) + "\n")

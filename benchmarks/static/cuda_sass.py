@@ -6,7 +6,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.static.toolchain import FunctionReport, demangle, inspect_binary
+from benchmarks.static.toolchain import FunctionReport, demangle, inspect_binary, sass_listings
 
 
 @dataclass(frozen=True)
@@ -46,3 +46,9 @@ def cuda_kernels(path: Path | None = None) -> list[CudaKernel]:
     reports = inspect_binary(path)
     names = demangle([r.name for r in reports])
     return [CudaKernel(short_name(names[r.name]), r) for r in reports]
+
+
+def cuda_listings(path: Path | None = None) -> dict[tuple[str, str], str]:
+    """SASS listing of every kernel of ``path`` (default: the importable ``pacofr._C``) by (arch, mangled name)."""
+    path = path or extension_path()
+    return {} if path is None else sass_listings(path)

@@ -44,13 +44,25 @@ class KernelLaunch:
     attrs: dict[tuple, Any]
     options: Any  #: the backend's options object (num_warps, num_stages, ...)
     origin: str
+    ctas: int = 0  #: CTAs of the launch grid (0 when unknown)
 
     @property
     def name(self) -> str:
         return self.kernel.__name__
 
 
-def bind_launch(kernel: Any, args: tuple, kwargs: dict, arch: int, origin: str) -> KernelLaunch:
+def grid_ctas(grid: Any, kwargs: dict) -> int:
+    """CTAs of a Triton launch grid: a tuple of up to three sizes, or a callable of the launch's keyword
+    arguments (Triton's ``meta``) returning one."""
+    dims = grid(kwargs) if callable(grid) else grid
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    total = 1
+    for size in dims:
+        total *= int(size)
+    return total
+
+
+def bind_launch(kernel: Any, args: tuple, kwargs: dict, arch: int, origin: str, ctas: int = 0) -> KernelLaunch:
     """Bind ``kernel[grid](*args, **kwargs)`` for ``sm_{arch}`` exactly as ``JITFunction.run`` does."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
@@ -60,7 +72,7 @@ def bind_launch(kernel: Any, args: tuple, kwargs: dict, arch: int, origin: str) 
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    return KernelLaunch(kernel, arch, dict(signature), constexprs, attrs, options, origin)
+    return KernelLaunch(kernel, arch, dict(signature), constexprs, attrs, options, origin, ctas)
 
 
 def triton_kernels() -> dict[str, Any]:
@@ -104,8 +116,9 @@ class KernelRecorder:
 
     def _recorder(self, kernel: Any) -> Callable[..., None]:
         def record(*args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
-            del grid, warmup
-            self.launches += [bind_launch(kernel, args, kwargs, arch, self.origin) for arch in self.arches]
+            del warmup
+            ctas = grid_ctas(grid, kwargs)
+            self.launches += [bind_launch(kernel, args, kwargs, arch, self.origin, ctas) for arch in self.arches]
 
         return record
 

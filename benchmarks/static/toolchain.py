@@ -127,16 +127,25 @@ def count_sass(function_text: str) -> SassCounts:
                       opcodes=dict(counts))
 
 
-def parse_sass(text: str, default_arch: str = "unknown") -> dict[tuple[str, str], SassCounts]:
-    """``{(arch, mangled function name): SassCounts}`` from ``cuobjdump -sass`` output."""
-    counts = {}
+def split_functions(text: str, default_arch: str = "unknown") -> dict[tuple[str, str], str]:
+    """``{(arch, mangled function name): its SASS listing}`` from ``cuobjdump -sass`` output."""
+    listings = {}
     for arch, block in _fatbin_sections(text):
         arch = default_arch if arch == "unknown" else arch
         heads = list(_SASS_FUNC_RE.finditer(block))
         for head, nxt in zip(heads, [*heads[1:], None]):
-            body = block[head.end(): nxt.start() if nxt is not None else len(block)]
-            counts[(arch, head.group(1))] = count_sass(body)
-    return counts
+            listings[(arch, head.group(1))] = block[head.end(): nxt.start() if nxt is not None else len(block)]
+    return listings
+
+
+def parse_sass(text: str, default_arch: str = "unknown") -> dict[tuple[str, str], SassCounts]:
+    """``{(arch, mangled function name): SassCounts}`` from ``cuobjdump -sass`` output."""
+    return {key: count_sass(body) for key, body in split_functions(text, default_arch).items()}
+
+
+def sass_listings(path: str | os.PathLike, default_arch: str = "unknown") -> dict[tuple[str, str], str]:
+    """The SASS listing of every GPU function in a cubin or a host binary with an embedded fatbin."""
+    return split_functions(run_tool("-sass", str(path)), default_arch)
 
 
 def inspect_binary(path: str | os.PathLike, default_arch: str = "unknown") -> list[FunctionReport]:

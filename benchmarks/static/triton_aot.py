@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.static.launches import WARP_SIZE, KernelLaunch
-from benchmarks.static.toolchain import FunctionReport, inspect_binary
+from benchmarks.static.sass_flow import FlowCounts, flow_counts
+from benchmarks.static.toolchain import FunctionReport, inspect_binary, sass_listings
 
 _PRECISION_RE = re.compile(r"inputPrecision\s*=\s*(\w+)")
 _OPERAND_RE = re.compile(r":\s*tensor<[0-9x]+x(\w+)>")
@@ -52,6 +53,7 @@ class Variant:
     shared_dynamic: int = 0
     dots: list[DotOp] = field(default_factory=list)
     report: FunctionReport | None = None
+    flow: FlowCounts | None = None  #: executed opcodes by part (benchmarks.static.sass_flow)
 
     @property
     def key(self) -> tuple:
@@ -115,10 +117,11 @@ class CompileResult:
     shared_dynamic: int = 0
     dots: tuple[DotOp, ...] = ()
     report: FunctionReport | None = None
+    flow: FlowCounts | None = None
 
 
 def compile_job(job: CompileJob) -> CompileResult:
-    """Compile ``job`` for its architecture; read shared memory, dots, resources and SASS counts."""
+    """Compile ``job`` for its architecture; read shared memory, dots, resources, SASS counts and flow."""
     import importlib
 
     import triton
@@ -135,13 +138,17 @@ def compile_job(job: CompileJob) -> CompileResult:
         cubin = Path(scratch) / f"{job.name}.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         reports = inspect_binary(cubin, default_arch=f"sm_{job.arch}")
+        listings = sass_listings(cubin, default_arch=f"sm_{job.arch}")
     matching = [r for r in reports if r.name == compiled.metadata.name] or reports
+    report = matching[0] if matching else None
+    listing = listings.get((report.arch, report.name)) if report is not None else None
     return CompileResult(error=None, shared_dynamic=int(compiled.metadata.shared),
-                         dots=tuple(dots_of(compiled.asm["ttir"])), report=matching[0] if matching else None)
+                         dots=tuple(dots_of(compiled.asm["ttir"])), report=report,
+                         flow=flow_counts(listing) if listing is not None else None)
 
 
 def apply_result(variant: Variant, result: CompileResult) -> Variant:
     """Fill ``variant`` with a :class:`CompileResult`."""
     variant.error, variant.shared_dynamic = result.error, result.shared_dynamic
-    variant.dots, variant.report = list(result.dots), result.report
+    variant.dots, variant.report, variant.flow = list(result.dots), result.report, result.flow
     return variant

@@ -62,7 +62,7 @@ def representatives(geometries: set[tuple], sizes: tuple[int, ...]) -> list[tupl
     return sorted(best.values())
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool = False) -> torch.Tensor:
+def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool = False) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype).requires_grad_(requires_grad)
 
 
@@ -76,7 +76,7 @@ def _nearest_token_workloads(tiers: tuple[str, ...]) -> Iterator[Workload]:
         for precision in PRECISIONS if dtype == torch.float32 else ("ieee",):
             def call(recorder: KernelRecorder, n=n, codes=codes, dim=dim, metric=metric, k=k, dtype=dtype,
                      precision=precision) -> None:
-                nearest_token(_empty((n, dim), dtype), _empty((codes, dim), dtype), k, metric,
+                nearest_token(empty_tensor((n, dim), dtype), empty_tensor((codes, dim), dtype), k, metric,
                               precision=precision, backend="triton")
             yield Workload(f"nearest_token N={n} K={codes} D={dim} k={k} {metric} {dtype_name} {precision}", call)
 
@@ -92,7 +92,7 @@ def _soft_assign_workloads(tiers: tuple[str, ...]) -> Iterator[Workload]:
         for precision in PRECISIONS if dtype == torch.float32 and not deterministic else ("ieee",):
             def call(recorder: KernelRecorder, n=n, codes=codes, dim=dim, metric=metric, m=m, dtype=dtype,
                      deterministic=deterministic, precision=precision) -> None:
-                q, book = _empty((n, dim), dtype, True), _empty((codes, dim), dtype, True)
+                q, book = empty_tensor((n, dim), dtype, True), empty_tensor((codes, dim), dtype, True)
                 run_with_backward(lambda: soft_assign(q, book, m, 0.1, metric=metric, deterministic=deterministic,
                                                       precision=precision, backend="triton")[::2])
             yield Workload(f"soft_assign N={n} K={codes} D={dim} m={m} {metric} {dtype_name} {precision}"
@@ -103,7 +103,7 @@ def _soft_assign_workloads(tiers: tuple[str, ...]) -> Iterator[Workload]:
         def call(recorder: KernelRecorder, n=n, codes=codes, dim=dim, m=m, dtype=dtype,
                  deterministic=deterministic) -> None:
             indices = torch.zeros((n, m), dtype=torch.int64)
-            codebook_stats(indices, codes, weights=_empty((n, m), torch.float32), x=_empty((n, dim), dtype),
+            codebook_stats(indices, codes, weights=empty_tensor((n, m), torch.float32), x=empty_tensor((n, dim), dtype),
                            deterministic=deterministic, backend="triton")
         yield Workload(f"codebook_stats N={n} K={codes} D={dim} m={m} {dtype_name}"
                        f"{' deterministic' if deterministic else ''}", call)
@@ -121,17 +121,17 @@ def _patch_workloads(tiers: tuple[str, ...]) -> Iterator[Workload]:
                  dtype=dtype) -> None:
             length = (size // patch) ** 2
             float_images = dtype.is_floating_point
-            images = _empty((batch, CHANNELS, size, size), dtype, float_images)
+            images = empty_tensor((batch, CHANNELS, size, size), dtype, float_images)
             ids = torch.arange(length).expand(batch, -1)[:, :keep].contiguous()
             restore = torch.arange(length).expand(batch, -1).contiguous()
             stats = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
             run_with_backward(lambda: gather_patches(images, ids, patch, **stats, backend="triton", validate=False))
             patch_targets(images, ids, patch, backend="triton", validate=False)
-            pred = _empty((batch, keep, patch * patch * CHANNELS), torch.float32, True)
+            pred = empty_tensor((batch, keep, patch * patch * CHANNELS), torch.float32, True)
             run_with_backward(lambda: masked_patch_loss(pred, images, ids, patch, backend="triton", validate=False))
-            visible = _empty((batch, keep, width), dtype if float_images else torch.bfloat16, True)
-            token = _empty((width,), visible.dtype, True)
-            pos = _empty((1, length, width), visible.dtype, True)
+            visible = empty_tensor((batch, keep, width), dtype if float_images else torch.bfloat16, True)
+            token = empty_tensor((width,), visible.dtype, True)
+            pos = empty_tensor((1, length, width), visible.dtype, True)
             run_with_backward(lambda: scatter_tokens(visible, restore, token, pos_embed=pos, backend="triton",
                                                      validate=False))
         yield Workload(f"patches B={batch} S={size} p={patch} keep={keep} Dd={width} {dtype_name}", call)
@@ -155,13 +155,13 @@ def model_workloads(presets: tuple[str, ...] | None = None) -> list[Workload]:
 def _model_step(preset: str, step: str) -> Callable[[KernelRecorder], None]:
     def call(recorder: KernelRecorder) -> None:
         from benchmarks.bench_train_step import Shape, make_inputs, make_step, model_config
-        from pacofr.models import ModelConfig, PaCoFR
+        from pacofr.models import ModelConfig, build_model
 
         img_size = ModelConfig.preset(preset).img_size
         shape = Shape(preset, img_size, MODEL_STEP_BATCH, step)
         cfg = model_config(shape, "torch")
         torch.manual_seed(0)
-        model = PaCoFR(cfg).train()
+        model = build_model(cfg).train()
         inputs = make_inputs(shape, cfg, torch.device("cpu"))
         train_step = make_step(model, shape, inputs, torch.device("cpu"))
         with OpCallRecorder(origin=recorder.origin) as ops:
