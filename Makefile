@@ -1,10 +1,14 @@
 # pacofr: the two commands a fresh machine needs (README) and a few helpers.
 #   make demo   set up .venv, then pre-train on the embedded real-face demo data (CPU or GPU)
-#   make test   set up .venv, then run the test suite (Triton kernels via the interpreter on CPU),
-#               the static GPU check (every kernel compiled for sm_80/sm_90: spills, shared memory,
-#               tensor cores) and the same op/model tests and check on the GPU machine's stack
+#   make test   set up .venv, then run every stage (all of them even when one fails; a table of
+#               outcomes and minutes at the end, build/stages.json): the test suite (Triton kernels
+#               via the interpreter on CPU), the static GPU check (every kernel compiled for
+#               sm_80/sm_90: spills, shared memory, tensor cores), the same op/model tests and check
+#               on the GPU machine's stack, and the wheel check (the wheel installed alone in a fresh
+#               virtualenv runs the demo, export, a timm load, a linear probe and the op tests)
 #
-# .venv gets the pinned torch below. Where nvcc is on PATH the CUDA extension pacofr._C is built
+# .venv gets the pinned torch below, every other package at the version in .ci/constraints-dev.txt
+# (what CI last passed with; upgraded on purpose, in a commit of its own). Where nvcc is on PATH the CUDA extension pacofr._C is built
 # too (PACOFR_BUILD_CUDA=1: a failed build is an error) and the tests check that it loads.
 # .venv-gpu-stack holds the torch/Triton of the GPU machine (torch 2.11 + Triton 3.6), so an API
 # difference fails here rather than in a GPU lease; pacofr._C is not built there.
@@ -20,6 +24,11 @@ HAVE_NVCC   := $(shell command -v nvcc >/dev/null 2>&1 && echo 1 || echo 0)
 BUILD_CUDA  ?= $(if $(filter 1,$(HAVE_NVCC)),1,0)
 ARCHES      ?= 8.0;9.0
 STAMP       := $(VENV)/.pacofr-installed
+CONSTRAINTS ?= .ci/constraints-dev.txt
+GPU_STACK_CONSTRAINTS ?= .ci/constraints-gpu-stack.txt
+WHEEL_OUT   ?= build/wheel-check
+# the stages of `make test`, in order; each runs even when an earlier one failed
+TEST_STAGES ?= venv unit-tests static-check gpu-stack-venv gpu-stack-tests wheel-check
 DEMO_OUT    ?= runs/demo
 STATIC_OUT  ?= build/static
 GPU_STACK_VENV  ?= .venv-gpu-stack
@@ -34,16 +43,16 @@ GPU_STACK_TESTS ?= tests/test_dispatch.py tests/test_nearest_token.py tests/test
 	tests/test_model_parts.py tests/test_model_paco.py tests/test_model_backends.py tests/test_step_buffers.py \
 	tests/test_precision.py
 
-.PHONY: all demo test unit-tests static-check gpu-stack-tests venv wheel info clean
+.PHONY: all demo test unit-tests static-check gpu-stack-venv gpu-stack-tests wheel-check venv wheel info clean
 
 all: test
 
-$(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
+$(STAMP): setup.py pyproject.toml $(CONSTRAINTS) $(wildcard csrc/*)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "setuptools>=69" wheel ninja
-	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) $(TORCH_PINS)
 	PACOFR_BUILD_CUDA=$(BUILD_CUDA) TORCH_CUDA_ARCH_LIST="$(ARCHES)" MAX_JOBS=2 \
-		$(PY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
+		$(PY) -m pip install -q -c $(CONSTRAINTS) --no-build-isolation -e ".[$(EXTRAS)]"
 	@touch $@
 
 venv: $(STAMP)
@@ -51,7 +60,8 @@ venv: $(STAMP)
 info: $(STAMP)
 	$(PY) -m pacofr info
 
-test: unit-tests static-check gpu-stack-tests
+test:
+	@$(PYTHON) .ci/stages.py $(TEST_STAGES)
 
 unit-tests: $(STAMP)
 	PACOFR_EXPECT_C=$(BUILD_CUDA) $(PY) -m pytest -q tests
@@ -61,12 +71,15 @@ static-check: $(STAMP)
 	env -u TRITON_INTERPRET $(PY) -m benchmarks.static --check --json $(STATIC_OUT)/static.json \
 		--markdown $(STATIC_OUT)/static.md
 
-$(GPU_STACK_STAMP): setup.py pyproject.toml
+$(GPU_STACK_STAMP): setup.py pyproject.toml $(GPU_STACK_CONSTRAINTS)
 	@test -x $(GPU_STACK_PY) || $(PYTHON) -m venv $(GPU_STACK_VENV)
 	$(GPU_STACK_PY) -m pip install -q --upgrade "setuptools>=69" wheel
-	$(GPU_STACK_PY) -m pip install -q $(GPU_STACK_PINS)
-	PACOFR_BUILD_CUDA=0 $(GPU_STACK_PY) -m pip install -q --no-build-isolation -e ".[test]" $(GPU_STACK_PINS)
+	$(GPU_STACK_PY) -m pip install -q -c $(GPU_STACK_CONSTRAINTS) $(GPU_STACK_PINS)
+	PACOFR_BUILD_CUDA=0 $(GPU_STACK_PY) -m pip install -q -c $(GPU_STACK_CONSTRAINTS) --no-build-isolation \
+		-e ".[test]" $(GPU_STACK_PINS)
 	@touch $@
+
+gpu-stack-venv: $(GPU_STACK_STAMP)
 
 # the compile check under Triton 3.6 covers what a GPU lease runs: the quick benchmark shapes and
 # every preset's training step. Triton 3.6 spills 8-24 B in some exact-fp32 / bf16-cast ranking
@@ -75,6 +88,13 @@ gpu-stack-tests: $(GPU_STACK_STAMP)
 	$(GPU_STACK_PY) -m pytest -q -p no:cacheprovider $(GPU_STACK_TESTS)
 	env -u TRITON_INTERPRET $(GPU_STACK_PY) -m benchmarks.static --check --no-cuda --tiers quick --spills training \
 		--json $(STATIC_OUT)/static-gpu-stack.json --markdown $(STATIC_OUT)/static-gpu-stack.md
+
+# the wheel, installed alone in a fresh virtualenv (under the same constraints), runs what the README
+# promises from an empty folder; where nvcc exists the wheel with pacofr._C is built and loaded too
+wheel-check: $(STAMP)
+	PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) TORCH_CUDA_ARCH_LIST="$(ARCHES)" MAX_JOBS=2 \
+		$(PYTHON) .ci/wheel_check.py --python $(PY) --out $(WHEEL_OUT) --torch "$(TORCH_PINS)" \
+		$(if $(filter 1,$(BUILD_CUDA)),--with-cuda)
 
 demo: $(STAMP)
 	$(PY) -m pacofr info
