@@ -36,13 +36,18 @@ BF16_KEEP = tl.constexpr(-65536)  # 0xFFFF0000 as int32: the bits a bfloat16 kee
 
 
 @triton.jit
-def score_keys(scores, cols, col_mask):
-    """int64 keys ``(ordered score bits << 32) | index`` of a fp32 score tile; masked columns ``KEY_PAD``."""
+def ordered_score_bits(scores):
+    """int32 of fp32 scores whose signed order is the scores' order (NaN after +inf, -0.0 as +0.0)."""
     scores = tl.where(scores == 0.0, 0.0, scores)  # -0.0 -> +0.0: equal scores must give equal keys
     bits = scores.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & SIGN_FLIP)
-    ordered = tl.where(scores != scores, KEY_NAN, ordered)
-    keys = (ordered.to(tl.int64) << 32) | cols.to(tl.int64)[None, :]
+    return tl.where(scores != scores, KEY_NAN, ordered)
+
+
+@triton.jit
+def score_keys(scores, cols, col_mask):
+    """int64 keys ``(ordered score bits << 32) | index`` of a fp32 score tile; masked columns ``KEY_PAD``."""
+    keys = (ordered_score_bits(scores).to(tl.int64) << 32) | cols.to(tl.int64)[None, :]
     return tl.where(col_mask[None, :], keys, KEY_PAD)
 
 
@@ -61,28 +66,50 @@ def key_index(keys):
 
 
 @triton.jit
+def running_minimum(lane_score, lane_code, scores, cols, col_mask):
+    """Fold one score tile into the running (score, code) minimum of every (row, column lane).
+
+    Codes reach a lane in increasing order, so a strict ``<`` keeps the smaller code on equal
+    scores (-0.0 equals +0.0). A lane takes its first real code whatever the score (+inf included;
+    ``lane_code < 0`` marks an empty lane) and leaves a NaN score for the first number that comes.
+    """
+    first = lane_code < 0
+    was_nan = lane_score != lane_score
+    take = col_mask[None, :] & ((scores < lane_score) | first | (was_nan & (scores == scores)))
+    lane_score = tl.where(take, scores, lane_score)
+    lane_code = tl.where(take, cols[None, :], lane_code)
+    return lane_score, lane_code
+
+
+@triton.jit
+def lane_keys(lane_score, lane_code):
+    """int64 keys of the lanes' running minima (empty lanes ``KEY_PAD``), as :func:`score_keys` builds them."""
+    keys = (ordered_score_bits(lane_score).to(tl.int64) << 32) | lane_code.to(tl.int64)
+    return tl.where(lane_code >= 0, keys, KEY_PAD)
+
+
+@triton.jit
 def merge_tile(best, keys, KP: tl.constexpr):
     """Insert the ``KP`` smallest keys of each row of ``keys`` into the running sets ``best``.
 
     ``best`` ``(BLOCK_N, KP)`` holds distinct keys (unordered). Each step moves the tile's smallest
     remaining key into the set if it beats the set's largest; keys are unique per row (they carry
-    the index), so exactly one slot changes and one tile entry is consumed per step. A tile only
-    costs steps when some row of it has a key below its current worst.
+    the index), so exactly one slot changes and one tile entry is consumed per step. Every key is
+    first compared with its row's current worst (the m-th best so far, as FAISS's WarpSelect
+    filters against its queue's largest), and a tile costs merge steps only when some row of it
+    has a key below that worst. (k = 1 takes :func:`running_minimum` instead.)
     """
-    if KP == 1:
-        best = tl.minimum(best, tl.min(keys, axis=1)[:, None])
-    else:
+    worst = tl.max(best, axis=1)
+    # counted in fp32: LLVM turns an integer sum of compares into a popcount of a bit vector it
+    # packs through the stack (local memory) on NVPTX
+    candidates = tl.sum(tl.where(keys < worst[:, None], 1.0, 0.0), axis=1)
+    steps = tl.minimum(tl.max(candidates, axis=0), KP).to(tl.int32)
+    for _ in range(steps):
+        smallest = tl.min(keys, axis=1)
+        take = smallest < worst
+        best = tl.where((best == worst[:, None]) & take[:, None], smallest[:, None], best)
+        keys = tl.where(keys == smallest[:, None], KEY_PAD, keys)
         worst = tl.max(best, axis=1)
-        # counted in fp32: LLVM turns an integer sum of compares into a popcount of a bit vector it
-        # packs through the stack (local memory) on NVPTX
-        candidates = tl.sum(tl.where(keys < worst[:, None], 1.0, 0.0), axis=1)
-        steps = tl.minimum(tl.max(candidates, axis=0), KP).to(tl.int32)
-        for _ in range(steps):
-            smallest = tl.min(keys, axis=1)
-            take = smallest < worst
-            best = tl.where((best == worst[:, None]) & take[:, None], smallest[:, None], best)
-            keys = tl.where(keys == smallest[:, None], KEY_PAD, keys)
-            worst = tl.max(best, axis=1)
     return best
 
 
@@ -109,6 +136,10 @@ def best_codes(
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
     slots = tl.arange(0, KP)
     best = tl.full((BLOCK_N, KP), KEY_PAD, tl.int64) - slots.to(tl.int64)[None, :]
+    # k = 1: a running fp32 minimum and its code per (row, column lane), updated elementwise in
+    # registers (no reduction across threads per tile) and merged into a key once at the end
+    lane_score = tl.full((BLOCK_N, BLOCK_K), float("nan"), tl.float32)
+    lane_code = tl.full((BLOCK_N, BLOCK_K), -1, tl.int32)
     for code_start in range(0, n_codes, BLOCK_K):
         cols = code_start + tl.arange(0, BLOCK_K)
         col_mask = cols < n_codes
@@ -136,7 +167,12 @@ def best_codes(
             scores = -dots * term[None, :]
         else:
             scores = term[None, :] - dots
-        best = merge_tile(best, score_keys(scores, cols, col_mask), KP)
+        if KP == 1:
+            lane_score, lane_code = running_minimum(lane_score, lane_code, scores, cols, col_mask)
+        else:
+            best = merge_tile(best, score_keys(scores, cols, col_mask), KP)
+    if KP == 1:
+        best = tl.min(lane_keys(lane_score, lane_code), axis=1)[:, None]
     return best
 
 
