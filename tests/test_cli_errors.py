@@ -88,7 +88,8 @@ def test_an_empty_out_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_a_torn_index_is_one_line_naming_the_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     faces = tmp_path / "faces"
-    _write(faces / "index.jsonl", '{"source": "a.jpg", "face": 0, "file": "images/a.jpg"}\n{"source": "b.jp')
+    _write(faces / "index.jsonl", '{"source": "a.jpg", "face": 0, "file": "images/a.jpg", "landmarks": '
+                                  '[[1, 2], [3, 2], [2, 3], [1, 4], [3, 4]]}\n{"source": "b.jp')
     _write(faces / "recipe.json", "{}")
     assert main(["pretrain", "--config", "demo", "--set", f"data.root={faces}", "--out", str(tmp_path / "run"),
                  *QUICK]) == 2

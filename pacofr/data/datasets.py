@@ -30,9 +30,10 @@ from pacofr.data.alignment import AlignmentRecipe, resize_points, template_for_s
 from pacofr.data.augment import Augment
 from pacofr.data.decode import decode_crop, hwc_to_chw, resize_square
 from pacofr.data.detection import FaceDetector, create_detector, select_faces
-from pacofr.data.image_io import DEFAULT_MAX_PIXELS, UnreadableImageError, load_image, scan_folder
+from pacofr.data.image_io import (DEFAULT_MAX_PIXELS, UnreadableImageError, load_image, read_regular_file,
+                                  scan_folder)
 from pacofr.data.image_sets import ImageSet
-from pacofr.data.storage import SHARDS_DIR, read_index, read_recipe_dict
+from pacofr.data.storage import open_shard, read_index, read_recipe_dict
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class AlignedFaceDataset(_IndexedFaceDataset):
             raise ValueError(f"{root} holds shards, not files: use ShardFaceDataset")
 
     def _read_bytes(self, index: int) -> bytes:
-        return (self.root / self.records[index]["file"]).read_bytes()
+        return read_regular_file(self.root / self.records[index]["file"])[0]  # never a FIFO or a device
 
 
 class ShardFaceDataset(_IndexedFaceDataset):
@@ -186,7 +187,7 @@ class ShardFaceDataset(_IndexedFaceDataset):
             self._handles, self._pid = {}, os.getpid()
         handle = self._handles.get(record["shard"])
         if handle is None:
-            handle = os.open(self.root / SHARDS_DIR / record["shard"], os.O_RDONLY)
+            handle = open_shard(self.root, record["shard"])
             self._handles[record["shard"]] = handle
         data = os.pread(handle, int(record["size"]), int(record["offset"]))
         if len(data) != int(record["size"]):

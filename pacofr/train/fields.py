@@ -87,7 +87,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
     if origin in (tuple, list):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{key}: expected a list such as [0.9, 0.95], got {value!r} "
+                                  f"({getattr(err, 'problem', None) or type(err).__name__})") from None
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
