@@ -439,6 +439,27 @@ def test_triton_rejects_m_above_the_fused_limit_but_auto_falls_back():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_identical_codes_in_a_column_major_codebook_tie_to_the_smaller_index(backend, metric, generator):
+    """Issue 32 item 8 for soft_assign: the ranking's code norms are summed in a fixed order, so a
+    ``.t()`` view gives exactly the answer of its contiguous copy, and on the fused backends, which
+    compute every column of a tile alike, two identical codes (i < j) next to every query come out as
+    candidates (i, j) in that order (the torch backend's CPU GEMM may round an edge column of its
+    blocking differently: see test_nearest_token; the weights, recomputed from the rows, tie anyway)."""
+    for trial in range(10):
+        q, cb = make_inputs(5, 40 + trial, 24, torch.float32, generator)
+        i, j = sorted(torch.randperm(cb.shape[0], generator=generator)[:2].tolist())
+        cb[j] = cb[i]
+        q = cb[i] + 1e-3 * torch.randn(5, 24, generator=generator)
+        column_major = cb.t().contiguous().t()
+        token, idx, w = run(backend, q, column_major, 2, 0.1, metric=metric)
+        assert torch.equal(idx, run(backend, q, cb, 2, 0.1, metric=metric).indices)
+        assert (w[:, 0] == w[:, 1]).all()
+        if backend != "torch":
+            assert torch.equal(idx, torch.tensor([i, j]).expand(5, 2))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])  # the cuda kernel still counts in fp32 (notes)
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_counts_are_exact_past_2_to_the_24(backend, deterministic):
