@@ -9,7 +9,7 @@ The budget (``--budget``, default 480 s) counts from the start of this process, 
 its own start-up included, ends within it. Stages, a failed one stopping none of the later ones:
 
 1. ``install``: the Python package, editable, WITHOUT ``pacofr._C`` (``PACOFR_BUILD_CUDA=0``), then
-   ``import pacofr.kernels`` from outside the tree: the Triton kernels must not depend on the CUDA build.
+   ``import pacofr.kernels``: the Triton kernels must not depend on the CUDA build.
 2. ``build-C``, in the background beside the next stages: ``pacofr._C`` for this GPU's architecture
    only (``9.0a`` on Hopper), in place (``setup.py build_ext --inplace``), on all cores but two. Its
    log is kept; when it fails, ``_C`` is reported unavailable and the Triton stages go on.
@@ -157,13 +157,15 @@ def process_age_s() -> float:
 
 @dataclass(frozen=True)
 class Paths:
-    """Where things go: ``out`` comes back (bundled), ``scratch`` does not (build objects, CPU install)."""
+    """Where things are: ``root`` the source tree the stages run in, ``out`` what comes back
+    (bundled), ``scratch`` what does not (build objects, the CPU install)."""
 
+    root: Path
     out: Path
     scratch: Path
 
 
-def gpu_test_files(root: Path = ROOT) -> list[str]:
+def gpu_test_files(root: Path) -> list[str]:
     """Test files holding gpu tests: :data:`GPU_TEST_ORDER` first, then the others, sorted."""
     found = {str(path.relative_to(root)) for path in (root / "tests").glob("test_*.py")
              if GPU_TEST_PATTERN.search(path.read_text(encoding="utf-8"))}
@@ -172,16 +174,22 @@ def gpu_test_files(root: Path = ROOT) -> list[str]:
 
 
 def _install_stage(python: str, paths: Paths, cpu: bool) -> Stage:
-    """Install without ``_C``, then import ``pacofr.kernels`` from outside the tree."""
+    """Install without ``_C``, then import ``pacofr.kernels``.
+
+    On the GPU machine: editable, probed where the later stages run; should pip fail, the stage
+    fails but links ``pacofr/kernels`` to ``kernels/`` in that (throw-away) copy of the tree, so the
+    Triton stages still find their kernels. With ``--cpu``: into a scratch folder, probed from there
+    (the development install stays as it is)."""
     pip = [python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-compile"]
-    if cpu:  # a scratch target: the development install stays as it is
+    if cpu:
         site = paths.scratch / "site"
-        pip += ["--target", str(site), "."]
         probe = ["env", f"PYTHONPATH={site}", python, "-c", KERNELS_PROBE]
+        script = (f"{shlex.join([*pip, '--target', str(site), '.'])} && cd {shlex.quote(str(paths.scratch))} && "
+                  f"{shlex.join(probe)}")
     else:
-        pip += ["-e", "."]
-        probe = [python, "-c", KERNELS_PROBE]
-    script = f"{shlex.join(pip)} && cd {shlex.quote(str(paths.scratch))} && {shlex.join(probe)}"
+        script = (f"rc=0; {shlex.join([*pip, '-e', '.'])} || {{ rc=$?; echo 'pip failed: linking pacofr/kernels "
+                  f"to kernels/ so the source tree has its Triton kernels' >&2; ln -sfn ../kernels pacofr/kernels; }}; "
+                  f"{shlex.join([python, '-c', KERNELS_PROBE])} && exit $rc")
     return Stage("install", ("sh", "-c", script), min_s=10, max_s=150, env={"PACOFR_BUILD_CUDA": "0"})
 
 
@@ -211,7 +219,7 @@ def stages(python: str, paths: Paths, *, cpu: bool, arch: str, jobs: int) -> lis
         Stage("headline", (*run, "--shapes", "headline", *ceilings, "--out", str(bench)), min_s=30, weight=140,
               after="build-C"),
         Stage("gpu-tests", (python, "-m", "pytest", "-m", "gpu", "-v", "-rA", "-p", "no:cacheprovider",
-                            f"--junitxml={paths.out / 'gpu_tests.xml'}", *gpu_test_files()), min_s=20, weight=120,
+                            f"--junitxml={paths.out / 'gpu_tests.xml'}", *gpu_test_files(paths.root)), min_s=20, weight=120,
               after="build-C", env_if_after_passed={"PACOFR_EXPECT_C": "1"}),
         Stage("bench-rest", (*run, "--shapes", "rest", "--append", *rest_families, *ceilings, "--out", str(bench)),
               min_s=20, weight=70),
@@ -264,13 +272,21 @@ class Running:
         return self.result
 
 
-def start_stage(stage: Stage, out: Path, cap_s: float, clock: Clock, extra_env: dict[str, str]) -> Running:
-    """Start ``stage`` in its own process group; output to ``<out>/<name>.log`` (stdout to its file)."""
+def _default_sigint() -> None:
+    """In the stage's process before it starts its program: SIGINT back to its default, which a
+    background shell (nohup, ``&``) sets to ignored and children inherit; the stop sequence needs it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_stage(stage: Stage, out: Path, cap_s: float, clock: Clock, extra_env: dict[str, str],
+                root: Path = ROOT) -> Running:
+    """Start ``stage`` in ``root`` in its own process group; output to ``<out>/<name>.log`` (stdout to its file)."""
     log = out / f"{stage.name}.log"
     err = open(log, "ab")
     std = open(out / stage.stdout_file, "ab") if stage.stdout_file else err
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **stage.env, **extra_env}
-    process = subprocess.Popen(stage.command, cwd=ROOT, env=env, stdout=std, stderr=err, start_new_session=True)
+    process = subprocess.Popen(stage.command, cwd=root, env=env, stdout=std, stderr=err, start_new_session=True,
+                               preexec_fn=_default_sigint)
     now = time.monotonic()
     result = StageResult(stage.name, "running", 0.0, None, log.name, cap_s=round(cap_s, 1),
                          started_s=round(clock.elapsed_s(), 1))
@@ -282,8 +298,8 @@ class Runner:
     """Runs a stage list inside a :class:`Clock`, refreshing the evidence as it goes."""
 
     def __init__(self, out: Path, clock: Clock, bundle_to: Path | None = None,
-                 context: dict | None = None) -> None:
-        self.out, self.clock, self.bundle_to = out, clock, bundle_to
+                 context: dict | None = None, root: Path = ROOT) -> None:
+        self.out, self.clock, self.bundle_to, self.root = out, clock, bundle_to, root
         self.context = context or {}
         self.results: list[StageResult] = []
         self.background: dict[str, Running] = {}
@@ -307,7 +323,15 @@ class Runner:
                 self.refresh()
                 continue
             logger.info("stage %s: started, at most %.0f s", stage.name, cap)
-            running = start_stage(stage, self.out, cap, self.clock, extra_env)
+            try:
+                running = start_stage(stage, self.out, cap, self.clock, extra_env, self.root)
+            except OSError as err:  # e.g. its program is missing there: recorded, the next stage goes on
+                self.results.append(StageResult(stage.name, "failed", 0.0, None, None, cap_s=round(cap, 1),
+                                                started_s=round(self.clock.elapsed_s(), 1),
+                                                evidence={"error": f"could not start: {err}"}))
+                logger.error("stage %s: could not start: %s", stage.name, err)
+                self.refresh()
+                continue
             self.results.append(running.result)
             if stage.background:
                 self.background[stage.name] = running
@@ -360,8 +384,8 @@ class Runner:
         result.evidence = stage_evidence(running.stage, self.out)
         if not running.stage.background:  # only the build runs beside it, and it compiles no Triton kernel
             result.evidence["triton_cache_new"] = triton_cache_entries() - running.triton_cache_before
-        logger.info("stage %s: %s in %.1f s %s", result.name, result.status, result.seconds,
-                    json.dumps(result.evidence) if result.evidence else "")
+        shown = {key: value[-1:] if key == "log_tail" else value for key, value in result.evidence.items()}
+        logger.info("stage %s: %s in %.1f s %s", result.name, result.status, result.seconds, json.dumps(shown))
         self.refresh()
 
     def refresh(self) -> None:
@@ -561,13 +585,13 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.jobs or (1 if args.cpu else max(1, (os.cpu_count() or 1) - 2))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    paths = Paths(out, Path(tempfile.mkdtemp(prefix="pacofr-check-")))
+    paths = Paths(ROOT, out, Path(tempfile.mkdtemp(prefix="pacofr-check-")))
     context = {"mode": "cpu" if args.cpu else "gpu", "arch": arch, "machine": machine(),
                "command": [sys.executable, "-m", "benchmarks.gpu_check", *(sys.argv[1:] if argv is None else argv)]}
     logger.info("budget %.0f s from the process start, %.1f s gone; scratch %s", args.budget, clock.elapsed_s(),
                 paths.scratch)
     bundle_to = args.bundle.resolve() if args.bundle else None
-    results = Runner(out, clock, bundle_to, context).run(
+    results = Runner(out, clock, bundle_to, context, paths.root).run(
         stages(sys.executable, paths, cpu=args.cpu, arch=arch, jobs=jobs))
     print(summary_table(results))
     print(f"pacofr._C: {c_extension_verdict(results)}; {clock.elapsed_s():.0f} s of {args.budget:.0f}; "
