@@ -81,6 +81,19 @@ class Checkpoint:
     def epoch(self) -> int:
         return int(self.meta["epoch"])
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """The run config stored in ``meta.json`` (``PretrainConfig.to_dict``).
+
+        Raises:
+            CorruptCheckpointError: ``meta.json`` holds no config mapping.
+        """
+        config = self.meta.get("config")
+        if not isinstance(config, dict):
+            raise CorruptCheckpointError(f"checkpoint {self.path}: {META_FILE} holds no run config (key 'config', "
+                                         f"a mapping; got {type(config).__name__}), so the model cannot be rebuilt")
+        return config
+
 
 def checkpoint_name(step: int) -> str:
     """Folder name of the checkpoint taken after optimiser step ``step``."""
@@ -200,6 +213,14 @@ def _is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in _DATA_FILES)
 
 
+def _check_complete(folder: Path) -> None:
+    """Raise ``FileNotFoundError`` naming the files checkpoint ``folder`` lacks."""
+    missing = [name for name in _DATA_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {folder} is incomplete: {', '.join(missing)} missing (needs "
+                                f"{', '.join(_DATA_FILES)}); name an older checkpoint folder explicitly to use it")
+
+
 def checkpoint_area_of(path: str | Path) -> Path | None:
     """The checkpoint folder, or folder of checkpoints, that ``path`` is or lies inside (after
     resolving links and ``..``); None when it is in neither."""
@@ -252,13 +273,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     (then its newest checkpoint). Raises ``FileNotFoundError`` naming what was searched."""
     path = Path(path)
     if _NAME_RE.match(path.name) and path.is_dir():
-        if not _is_complete(path):
-            raise FileNotFoundError(f"checkpoint {path} is incomplete (needs {WEIGHTS_FILE}, {STATE_FILE}, {META_FILE})")
+        _check_complete(path)
         return path
     for candidate_dir in (path, path / CHECKPOINT_DIR):
-        found = list_checkpoints(candidate_dir)
+        found = _candidates(candidate_dir)
         if found:
-            return found[-1]
+            _check_complete(found[0])  # the newest, never silently an older one
+            return found[0]
     raise FileNotFoundError(f"no checkpoint found at {path} (looked for step_* folders in it and in "
                             f"{path / CHECKPOINT_DIR})")
 
@@ -303,6 +324,18 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return _parse(folder, META_FILE, _read_meta_file)
 
 
+def _check_named_after_its_step(folder: Path) -> None:
+    """Raise :class:`CorruptCheckpointError` when a ``step_X`` folder's ``meta.json`` is of another
+    step (a renamed folder: taken for the newest, it would make a resume drop the real newest)."""
+    match = _NAME_RE.match(folder.name)
+    if match is None:
+        return
+    step = read_meta(folder)["step"]
+    if step != int(match.group(1)):
+        raise CorruptCheckpointError(f"checkpoint {folder}: its {META_FILE} is of step {step}, not of the step "
+                                     f"its name says (renamed?); name it {checkpoint_name(step)} or move it away")
+
+
 def verify_checkpoint(path: str | Path) -> bool:
     """Check every file of checkpoint folder ``path`` against its ``checksums.json``.
 
@@ -311,10 +344,8 @@ def verify_checkpoint(path: str | Path) -> bool:
     differs from what was written (size or SHA-256) or the checksums themselves are unreadable.
     """
     folder = Path(path)
-    missing = [name for name in _DATA_FILES if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint {folder} is incomplete: {', '.join(missing)} missing "
-                                f"(needs {', '.join(_DATA_FILES)})")
+    _check_complete(folder)
+    _check_named_after_its_step(folder)
     if not (folder / CHECKSUMS_FILE).is_file():
         if FORMAT_KEY in read_meta(folder):
             raise CorruptCheckpointError(f"checkpoint {folder}: {CHECKSUMS_FILE} is missing, so its files "

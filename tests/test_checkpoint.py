@@ -75,9 +75,12 @@ def test_a_killed_save_leaves_only_a_hidden_folder_that_is_ignored_then_cleaned(
     half = tmp_path / "step_00000003"
     half.mkdir()
     (half / ckpt.META_FILE).write_text(json.dumps(_meta(3)))
-    assert ckpt.resolve_checkpoint(tmp_path).name == "step_00000001"
+    # the newest step folder is the one meant: refused naming what it lacks, never an older one silently
+    with pytest.raises(FileNotFoundError, match="step_00000003 is incomplete: model.safetensors, state.pt missing"):
+        ckpt.resolve_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError, match="incomplete"):
         ckpt.resolve_checkpoint(half)
+    assert ckpt.find_intact_checkpoint(tmp_path).name == "step_00000001"  # resume's fallback, with a warning
     ckpt.save_checkpoint(tmp_path, _model(4), _state(4), _meta(4))
     assert not partial.exists()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001", "step_00000004"]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pacofr.models.config import ModelConfig
@@ -72,7 +73,7 @@ def checkpoint_encoder(path: str | Path, teacher: bool = False) -> LoadedEncoder
     from pacofr.train.config import PretrainConfig
 
     loaded = ckpt.load_checkpoint(path)
-    cfg = PretrainConfig.from_dict(loaded.meta["config"]).model
+    cfg = PretrainConfig.from_dict(loaded.config).model
     prefix = "teacher." if teacher else "encoder."
     state = {k[len(prefix):]: v for k, v in load_file(str(loaded.path / ckpt.WEIGHTS_FILE)).items()
              if k.startswith(prefix)}
@@ -100,7 +101,12 @@ def export_encoder_model(folder: str | Path) -> LoadedEncoder:
     import timm
 
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except ValueError as err:
+        raise ValueError(f"{folder / 'config.json'} is not JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{folder / 'config.json'} must hold a JSON object")
     try:
         architecture = config["architecture"]
         pretrained = config["pretrained_cfg"]
@@ -108,8 +114,15 @@ def export_encoder_model(folder: str | Path) -> LoadedEncoder:
         mean, std = tuple(pretrained["mean"]), tuple(pretrained["std"])
     except (KeyError, IndexError, TypeError) as err:
         raise ValueError(f"{folder / 'config.json'} lacks architecture / pretrained_cfg input_size, mean, std: {err}") from err
-    model = timm.create_model(architecture, pretrained=False, **{"num_classes": 0, **config.get("model_args", {})})
-    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    if not timm.is_model(architecture):
+        raise ValueError(f"{folder / 'config.json'}: architecture {architecture!r} is not a timm model")
+    try:
+        model = timm.create_model(architecture, pretrained=False, **{"num_classes": 0, **config.get("model_args", {})})
+        model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    except (RuntimeError, TypeError, SafetensorError) as err:  # a config that builds another model, cut weights
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{folder}: model.safetensors does not fit config.json ({architecture}, model_args) or is "
+                         f"damaged: {first[:300]}") from err
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"{folder / 'config.json'}: pretrained_cfg mean/std need 3 values, got {mean}, {std}")
     return LoadedEncoder(model, size, mean, std,

@@ -115,28 +115,33 @@ def export_encoder(checkpoint: str | Path, out_dir: str | Path, teacher: bool = 
 
     ``out_dir`` must pass :func:`check_export_target`; an earlier export there is replaced file by
     file (each written to a temporary name, then renamed). The checkpoint is verified first
-    (:class:`~pacofr.checkpoint.CorruptCheckpointError` when it is corrupted).
+    (:class:`~pacofr.checkpoint.CorruptCheckpointError` when it is corrupted or its meta.json
+    holds no config); weights that are not finite are refused (ValueError).
     """
     from pacofr.models import build_model
     from pacofr.train.config import PretrainConfig
 
     check_export_target(out_dir)
     loaded = ckpt.load_checkpoint(checkpoint)
-    cfg = PretrainConfig.from_dict(loaded.meta["config"])
+    cfg = PretrainConfig.from_dict(loaded.config)
     model = build_model(cfg.model)
     ckpt.load_weights(model, loaded)
     encoder = model.teacher if teacher else model.encoder
     if encoder is None:
         raise ValueError(f"{loaded.path} has no EMA teacher (method={cfg.model.method}, sc={cfg.model.sc}); "
                          "export the student encoder instead")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     source = {"checkpoint": str(loaded.path), "step": loaded.step, "epoch": loaded.epoch,
               "method": cfg.model.method, "encoder": "teacher" if teacher else "student",
               "trained_with": loaded.meta.get("pacofr_version"), "exported_with": __version__}
     config = timm_config(cfg.model, loaded.meta.get("alignment_recipe", {}), source)
-    weights = out_dir / EXPORT_WEIGHTS
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in encoder.state_dict().items()}
+    not_finite = [name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if not_finite:
+        raise ValueError(f"checkpoint {loaded.path}: the encoder's weights hold NaN or inf ({', '.join(not_finite[:3])}"
+                         f"{', ...' if len(not_finite) > 3 else ''}): the run diverged; export an earlier checkpoint")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / EXPORT_WEIGHTS
     partial = out_dir / f".tmp-{os.getpid()}-{EXPORT_WEIGHTS}"
     save_file(state, str(partial), metadata={"format": "pt"})
     give_default_mode(partial)  # safetensors creates it 0600; the other files follow the umask
