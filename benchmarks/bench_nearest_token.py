@@ -153,13 +153,16 @@ def bench_shape(bench: Bench, shape: Shape, generator: torch.Generator, with_com
             impls["dense_compiled"] = lambda: compiled_lookup(x, codebook, shape.k)
         for impl in [name for name in impls if name.startswith("dense")]:
             checks[impl] = check(impl, shape, x, codebook, impls[impl](), reference, DENSE_REL_TOL[shape.dtype])
-    for peer in NEAREST_TOKEN_PEERS:
-        lookup = peer.prepare(x, codebook, shape.k, shape.metric)
+    for peer in NEAREST_TOKEN_PEERS if bench.peers else ():
+        try:  # a peer that cannot run here (e.g. its JIT fails on this machine) is a skipped row, not a lost shape
+            lookup = peer.prepare(x, codebook, shape.k, shape.metric)
+            index = lookup() if not isinstance(lookup, str) else None
+        except Exception as err:  # noqa: BLE001 - recorded as the skip reason
+            lookup = f"failed to run here: {type(err).__name__}: {err}"
         if isinstance(lookup, str):
             bench.skip(FAMILY, peer.name, lookup)
             continue
         impls[peer.name] = lookup
-        index = lookup()
         checks[peer.name] = check(peer.name, shape, x, codebook,
                                   (exact_distances(x, codebook, index, shape.metric).float(), index), reference,
                                   DENSE_REL_TOL[shape.dtype])

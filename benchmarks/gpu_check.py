@@ -16,7 +16,8 @@ its own start-up included, ends within it. Stages, a failed one stopping none of
 3. ``info``: ``python -m pacofr info --json`` (versions, device, backends).
 4. ``triton-check``: every benchmark family's headline shape checked on the GPU with the triton
    backend against the torch reference (the training step: its loss terms and gradient), each run
-   once, nothing timed and no compiled baseline: the correctness evidence, while ``_C`` compiles.
+   once, nothing timed, no compiled baseline, no peer library: the correctness evidence, while
+   ``_C`` compiles.
 5. ``headline`` (after ``build-C`` ends): the headline shapes timed: torch, ``torch.compile`` of
    the reference, triton, and cuda when ``_C`` built (checked before it is timed); the training step.
 6. ``gpu-tests``: the ``gpu``-marked tests, op tests first, one line per test as it ends (``-v``),
@@ -215,7 +216,7 @@ def stages(python: str, paths: Paths, *, cpu: bool, arch: str, jobs: int) -> lis
         _build_stage(python, paths, arch, jobs, cpu),
         Stage("info", (python, "-m", "pacofr", "info", "--json"), min_s=5, max_s=60, stdout_file="info.json"),
         Stage("triton-check", (*run, "--shapes", "headline", *gpu_only, "--fused-backends", "triton", "--no-compile",
-                               "--out", str(check)), min_s=30, weight=110),
+                               "--no-peers", "--out", str(check)), min_s=30, weight=110),
         Stage("headline", (*run, "--shapes", "headline", *ceilings, "--out", str(bench)), min_s=30, weight=140,
               after="build-C"),
         Stage("gpu-tests", (python, "-m", "pytest", "-m", "gpu", "-v", "-rA", "-p", "no:cacheprovider",

@@ -251,7 +251,8 @@ class Bench:
     ceilings, :meth:`record` runs ``fn`` once and stores no time, memory or floor (those fields are
     None). ``cpu_timing=True`` is the CPU performance tier: :meth:`record` stores :func:`time_cpu_ms`
     (no memory, no floor). ``fused`` are the fused backends this session may run (the others are
-    skipped rows); ``selection`` and ``compile_policy`` pick the shapes and the compiled baselines.
+    skipped rows); ``selection`` and ``compile_policy`` pick the shapes and the compiled baselines;
+    ``peers=False`` leaves the peer libraries out.
     Between :meth:`open` and :meth:`write` every row and skip is appended to the family's JSON Lines
     file as it happens.
     """
@@ -264,6 +265,7 @@ class Bench:
     fused: tuple[str, ...] = FUSED_BACKENDS
     selection: str = "all"
     compile_policy: str = "headline"
+    peers: bool = True  #: time the installed peer libraries (benchmarks.peers) beside pacofr
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     log: Path | None = None  #: the open family's JSON Lines file

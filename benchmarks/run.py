@@ -17,9 +17,9 @@ Options the GPU check (:mod:`benchmarks.gpu_check`) uses to bring the most valua
 rest`` the others; ``torch.compile`` baselines are built for the headline shape only unless
 ``--compile-all`` (or none with ``--no-compile``); ``--check-only`` checks every implementation on
 the GPU and runs it once without timing it; ``--fused-backends triton`` leaves ``cuda`` out (a
-skipped row says so); ``--append`` adds runs to the family files in ``--out`` instead of starting
-them afresh; ``--ceilings FILE`` reads the device ceilings from FILE, or measures and writes them
-there, so the stages of one check measure them once.
+skipped row says so) and ``--no-peers`` the peer libraries; ``--append`` adds runs to the family
+files in ``--out`` instead of starting them afresh; ``--ceilings FILE`` reads the device ceilings
+from FILE, or measures and writes them there, so the stages of one check measure them once.
 
 The quick and full tiers need a CUDA device (without one this exits with status 2 and says so).
 ``--cpu-smoke`` runs every family on tiny shapes with the CPU backends (torch eager; triton through
@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="GPU tiers: check every implementation and run it once, time nothing")
     parser.add_argument("--fused-backends", choices=FUSED_BACKENDS, action="append",
                         help="fused backends to run (repeatable; default: triton and cuda)")
+    parser.add_argument("--no-peers", dest="peers", action="store_false",
+                        help="leave out the peer libraries (flash-kmeans, KeOps, vector-quantize-pytorch)")
     parser.add_argument("--append", action="store_true",
                         help="add this run to the family files in --out instead of starting them afresh")
     parser.add_argument("--ceilings", type=Path,
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     bench = Bench.start(smoke=smoke, cpu=cpu, check_only=args.check_only and not (smoke or cpu),
                         ceilings_file=args.ceilings, fused=tuple(args.fused_backends or FUSED_BACKENDS),
-                        selection=args.shapes, compile_policy=args.compile_policy or "headline")
+                        selection=args.shapes, compile_policy=args.compile_policy or "headline", peers=args.peers)
     if bench.ceilings:
         logger.info("ceilings of this device: %s", bench.ceilings)
     failed = []

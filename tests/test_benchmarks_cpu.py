@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
     sys.path.insert(0, str(REPO))
 
-from benchmarks import (bench_nearest_token, bench_patches, bench_soft_assign, bench_train_step, plots,  # noqa: E402
-                        report, result_files, row_log, run)
+from benchmarks import (bench_nearest_token, bench_patches, bench_soft_assign, bench_train_step, peers,  # noqa: E402
+                        plots, report, result_files, row_log, run)
 from benchmarks.harness import SMOKE_TIER, Bench  # noqa: E402
 from pacofr.ops._dispatch import backend_status  # noqa: E402
 
@@ -171,6 +171,21 @@ def test_an_interrupted_family_keeps_its_rows(tmp_path: Path, monkeypatch: pytes
     data = _load(tmp_path, "nearest_token")
     assert data["status"] == "interrupted" and data["rows"]
     assert {json.dumps(row["shape"]) for row in data["rows"]} == {json.dumps(asdict(calls[0]))}
+
+
+def test_a_peer_that_fails_to_run_is_a_skipped_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str) -> Any:
+        raise RuntimeError("JIT failed")
+
+    monkeypatch.setattr(bench_nearest_token, "NEAREST_TOKEN_PEERS", (peers.Peer("broken", "torch", broken),))
+    base = ["--cpu-smoke", "--only", "nearest_token", "--shapes", "headline", "--no-compile"]
+    assert run.main([*base, "--out", str(tmp_path / "with")]) == 0
+    data = _load(tmp_path / "with", "nearest_token")
+    assert data["status"] == "ok" and {"reference", "dense"} <= {row["impl"] for row in data["rows"]}
+    assert {"family": "nearest_token", "impl": "broken", "reason": "failed to run here: RuntimeError: JIT failed"} \
+        in data["skipped"]
+    assert run.main([*base, "--no-peers", "--out", str(tmp_path / "without")]) == 0
+    assert not any(entry["impl"] == "broken" for entry in _load(tmp_path / "without", "nearest_token")["skipped"])
 
 
 def test_train_step_gate_rejects_a_different_loss() -> None:
