@@ -3,7 +3,8 @@
 // csrc/ranking_tiles.h; fragment layouts: csrc/mma_layout.h; keys and lists: csrc/rank_keys.h;
 // scores: csrc/ranking_epilogue.h.
 //
-// Per block: the query tile (kRows rows) and a kStages-deep cp.async ring of 64-byte code chunks;
+// Per block: the query tile (kRows rows) and a kStages-deep cp.async ring of 64-byte code chunks
+// (each stage with room for a tile's code terms, loaded with the tile's last chunk);
 // the flat sequence of (code tile, D chunk) steps is pipelined across code tiles, so the loads of
 // the next tile overlap the epilogue of this one. After the last chunk of a code tile each lane
 // turns its fp32 accumulators into keys and inserts them into its rows' lists; at the end the four
@@ -167,7 +168,7 @@ struct SimtFp32 {
 struct KernelArgs {
   const uint8_t* queries;
   const uint8_t* codes;
-  const float* code_term;
+  const float* code_term;  // 16-byte aligned
   const float* row_squared_norm;
   float* distances;
   void* indices;
@@ -177,23 +178,58 @@ struct KernelArgs {
   int32_t k_out;
   bool int64_indices;
   bool cosine;
-  bool resident;  // query tile kept in shared memory for the whole codebook
   rank::NanRank nan_rank;
 };
 
-// Copy `rows` rows of one 64-byte chunk (or `vectors_per_row` 16-byte vectors of every row) into
-// shared memory; rows at or beyond `row_limit` and bytes at or beyond dim_bytes are zero-filled.
-__device__ __forceinline__ void load_rows(uint32_t destination, int pitch, const uint8_t* source, int64_t first_row,
-                                          int rows, int64_t row_limit, int32_t dim_bytes, int32_t first_byte,
-                                          int vectors_per_row, int thread) {
-  const int vectors = rows * vectors_per_row;
-  for (int v = thread; v < vectors; v += kThreads) {
-    const int r = v / vectors_per_row;
-    const int byte = 16 * (v - r * vectors_per_row);
-    const int64_t row = first_row + r;
-    const bool valid = row < row_limit && first_byte + byte < dim_bytes;
-    const uint8_t* from = valid ? source + row * dim_bytes + first_byte + byte : source;
-    mma::cp_async_16(destination + r * pitch + byte, from, valid);
+// Position of a step in the flat (code tile, D chunk) sequence the kernels walk, and its ring stage.
+struct RingCursor {
+  int32_t tile = 0, chunk = 0, stage = 0;
+
+  __device__ __forceinline__ void advance(int32_t chunks) {
+    if (++chunk == chunks) {
+      chunk = 0;
+      ++tile;
+    }
+    if (++stage == kStages) stage = 0;
+  }
+};
+
+// Copy `rows` rows of `vectors_per_row` 16-byte vectors each (from byte first_byte of every row)
+// into shared memory; rows at or beyond `row_limit` and bytes at or beyond dim_bytes are zero-filled.
+// Compile-time sizes (the ring stages) unroll; the resident query tile passes runtime ones.
+__device__ __forceinline__ void load_vector(uint32_t destination, int pitch, const uint8_t* source, int64_t first_row,
+                                            int vector, int vectors_per_row, int64_t row_limit, int32_t dim_bytes,
+                                            int32_t first_byte) {
+  const int r = vector / vectors_per_row;
+  const int byte = 16 * (vector - r * vectors_per_row);
+  const int64_t row = first_row + r;
+  const bool valid = row < row_limit && first_byte + byte < dim_bytes;
+  const uint8_t* from = valid ? source + row * dim_bytes + first_byte + byte : source;
+  mma::cp_async_16(destination + r * pitch + byte, from, valid);
+}
+
+template <int kRowsLoaded>
+__device__ __forceinline__ void load_chunk(uint32_t destination, const uint8_t* source, int64_t first_row,
+                                           int64_t row_limit, int32_t dim_bytes, int32_t first_byte, int thread) {
+  constexpr int kVectorsPerRow = kChunkBytes / 16;
+  constexpr int kVectors = kRowsLoaded * kVectorsPerRow;
+#pragma unroll
+  for (int i = 0; i < (kVectors + kThreads - 1) / kThreads; ++i) {
+    const int v = thread + i * kThreads;
+    if (kVectors % kThreads == 0 || v < kVectors) {
+      load_vector(destination, kStagePitch, source, first_row, v, kVectorsPerRow, row_limit, dim_bytes, first_byte);
+    }
+  }
+}
+
+// The kCodes code terms of tile `tile` (zeros past n_codes) into `destination`, 16 bytes per thread.
+__device__ __forceinline__ void load_terms(uint32_t destination, const float* code_term, int32_t tile,
+                                           int32_t n_codes, int thread) {
+  if (thread < kTermBytes / 16) {
+    const int64_t first = static_cast<int64_t>(tile) * kCodes + 4 * thread;
+    const int64_t left = n_codes - first;
+    const int bytes = left >= 4 ? 16 : (left > 0 ? static_cast<int>(4 * left) : 0);
+    mma::cp_async_prefix(destination + 16 * thread, bytes > 0 ? code_term + first : code_term, bytes);
   }
 }
 
@@ -207,12 +243,54 @@ __device__ __forceinline__ void zero_accumulators(float (&acc)[M_TILES][kNTiles]
       for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
 }
 
-template <class Math, int KP>
+// The four lanes of a quad hold disjoint codes of the same rows: butterfly-merge their lists.
+template <int KP, int kSlots>
+__device__ __forceinline__ void quad_merge(rank::Key (&lists)[kSlots][KP]) {
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s) {
+#pragma unroll
+    for (int offset = 1; offset < 4; offset <<= 1) {
+      rank::Key other[KP];
+#pragma unroll
+      for (int j = 0; j < KP; ++j) other[j] = __shfl_xor_sync(0xffffffffu, lists[s][j], offset);
+      rank::merge_lists<KP>(lists[s], other);
+    }
+  }
+}
+
+// Write row `row`'s k_out results from its merged list (nothing for a padding row).
+template <int KP>
+__device__ __forceinline__ void store_row(const KernelArgs& args, int64_t row, const rank::Key (&list)[KP]) {
+  if (row >= args.n_rows) return;
+  const float squared_norm = args.distances != nullptr ? args.row_squared_norm[row] : 0.0f;
+#pragma unroll
+  for (int j = 0; j < KP; ++j) {
+    if (j >= args.k_out) break;
+    const int64_t out = row * args.k_out + j;
+    int64_t index = rank::key_index(list[j]);
+    if (args.distances != nullptr) {
+      const float distance = rank::reported_distance(rank::key_score(list[j]), squared_norm, args.cosine);
+      args.distances[out] = distance;
+      if (distance != distance) index = -1;
+    }
+    if (args.int64_indices) {
+      static_cast<int64_t*>(args.indices)[out] = index;
+    } else {
+      static_cast<int32_t*>(args.indices)[out] = static_cast<int32_t>(index);
+    }
+  }
+}
+
+// kResident: the query tile stays in shared memory for the whole codebook; else every ring stage
+// carries the query chunk too.
+template <class Math, int KP, bool kResident>
 __global__ void __launch_bounds__(kThreads, 1) rank_codes_kernel(const KernelArgs args) {
   constexpr int kMTiles = m_tiles_for(KP);
   constexpr int kRows = block_rows_for(KP);
   constexpr int kWarpRows = 16 * kMTiles;
   constexpr int kSlots = 2 * kMTiles;
+  constexpr int kStageBytes = static_cast<int>(stage_bytes(kRows, kResident));
+  constexpr int kTermOffset = kStageBytes - kTermBytes;
   static_assert(kRows * KP * sizeof(rank::Key) <= static_cast<size_t>(kStages) * kCodes * kStagePitch,
                 "the cross-warp merge reuses the ring");
 
@@ -227,37 +305,36 @@ __global__ void __launch_bounds__(kThreads, 1) rank_codes_kernel(const KernelArg
   const int32_t chunks = static_cast<int32_t>(chunks_for(args.dim_bytes));
   const int32_t tiles = (args.n_codes + kCodes - 1) / kCodes;
   const int64_t total_steps = static_cast<int64_t>(tiles) * chunks;
-  const int q_pitch = args.resident ? static_cast<int>(resident_pitch(args.dim_bytes)) : kStagePitch;
+  const int q_pitch = kResident ? static_cast<int>(resident_pitch(args.dim_bytes)) : kStagePitch;
   const uint32_t query_region = mma::shared_address(shared);
-  const uint32_t ring = query_region + (args.resident ? kRows * q_pitch : 0);
-  const int stage_bytes = (kCodes + (args.resident ? 0 : kRows)) * kStagePitch;
+  const uint32_t ring = query_region + (kResident ? kRows * q_pitch : 0);
 
-  // Ring stage s holds a code chunk (kCodes rows), then in streaming mode the query chunk (kRows
-  // rows). Steps are issued in order; counters instead of divisions track (tile, chunk, stage).
+  // Ring stage s holds a code chunk (kCodes rows), in streaming mode the query chunk (kRows rows),
+  // and after a tile's last chunk the tile's code terms. Steps are issued in order; counters instead
+  // of divisions track (tile, chunk, stage).
   int64_t issued = 0;
-  int32_t issue_tile = 0, issue_chunk = 0, issue_stage = 0;
+  RingCursor issue;
   const auto issue_next_step = [&]() {
     if (issued < total_steps) {
-      const uint32_t stage = ring + issue_stage * stage_bytes;
-      load_rows(stage, kStagePitch, args.codes, static_cast<int64_t>(issue_tile) * kCodes, kCodes, args.n_codes,
-                args.dim_bytes, issue_chunk * kChunkBytes, kChunkBytes / 16, thread);
-      if (!args.resident) {
-        load_rows(stage + kCodes * kStagePitch, kStagePitch, args.queries, row0, kRows, args.n_rows, args.dim_bytes,
-                  issue_chunk * kChunkBytes, kChunkBytes / 16, thread);
+      const uint32_t stage = ring + issue.stage * kStageBytes;
+      load_chunk<kCodes>(stage, args.codes, static_cast<int64_t>(issue.tile) * kCodes, args.n_codes, args.dim_bytes,
+                         issue.chunk * kChunkBytes, thread);
+      if constexpr (!kResident) {
+        load_chunk<kRows>(stage + kCodes * kStagePitch, args.queries, row0, args.n_rows, args.dim_bytes,
+                          issue.chunk * kChunkBytes, thread);
       }
+      if (issue.chunk == chunks - 1) load_terms(stage + kTermOffset, args.code_term, issue.tile, args.n_codes, thread);
       ++issued;
-      if (++issue_chunk == chunks) {
-        issue_chunk = 0;
-        ++issue_tile;
-      }
-      if (++issue_stage == kStages) issue_stage = 0;
+      issue.advance(chunks);
     }
     mma::cp_async_commit();  // possibly empty: keeps one group per step for cp_async_wait
   };
 
-  if (args.resident) {
-    load_rows(query_region, q_pitch, args.queries, row0, kRows, args.n_rows, args.dim_bytes, 0, chunks * kChunkBytes / 16,
-              thread);
+  if constexpr (kResident) {
+    const int vectors_per_row = chunks * kChunkBytes / 16;
+    for (int v = thread; v < kRows * vectors_per_row; v += kThreads) {
+      load_vector(query_region, q_pitch, args.queries, row0, v, vectors_per_row, args.n_rows, args.dim_bytes, 0);
+    }
     mma::cp_async_commit();
   }
 #pragma unroll
@@ -269,47 +346,38 @@ __global__ void __launch_bounds__(kThreads, 1) rank_codes_kernel(const KernelArg
   float acc[kMTiles][kNTiles][4];
   zero_accumulators(acc);
 
-  const auto term_at = [&](int64_t code) { return __ldg(args.code_term + code); };
-  int32_t tile = 0, chunk = 0, read_stage = 0;
+  RingCursor read;
   for (int64_t step = 0; step < total_steps; ++step) {
     mma::cp_async_wait<kStages - 2>();
     __syncthreads();  // this step's chunk is visible to all; everyone is done with step - 1's stage
     issue_next_step();  // step + kStages - 1, into the stage step - 1 used
 
-    const uint32_t stage = ring + read_stage * stage_bytes;
-    if (++read_stage == kStages) read_stage = 0;
+    const RingCursor at = read;
+    read.advance(chunks);
+    const int stage_offset = static_cast<int>(ring - query_region) + at.stage * kStageBytes;
+    const uint32_t stage = query_region + stage_offset;
     const uint32_t b_base = stage + warp_n * kWarpCodes * kStagePitch;
-    const uint32_t a_base = args.resident ? query_region + warp_m * kWarpRows * q_pitch + chunk * kChunkBytes
-                                          : stage + (kCodes + warp_m * kWarpRows) * kStagePitch;
+    const uint32_t a_base = kResident ? query_region + warp_m * kWarpRows * q_pitch + at.chunk * kChunkBytes
+                                      : stage + (kCodes + warp_m * kWarpRows) * kStagePitch;
 #pragma unroll
     for (int slab = 0; slab < kChunkBytes / mma::kSlabBytes; ++slab) {
       Math::template slab<kMTiles>(a_base + slab * mma::kSlabBytes, q_pitch, b_base + slab * mma::kSlabBytes,
                                    kStagePitch, lane, acc);
     }
 
-    if (++chunk == chunks) {
-      rank::insert_tile_scores<KP, kMTiles, kNTiles>(lane, acc,
-                                                      static_cast<int64_t>(tile) * kCodes + warp_n * kWarpCodes,
-                                                      args.n_codes, term_at, args.cosine, args.nan_rank, lists);
+    if (at.chunk == chunks - 1) {  // the stage also holds this tile's code terms (loaded with its last chunk)
+      const float* terms = reinterpret_cast<const float*>(shared + stage_offset + kTermOffset);
+      const int64_t tile_first = static_cast<int64_t>(at.tile) * kCodes;
+      const auto term_at = [&](int64_t code) { return terms[code - tile_first]; };
+      rank::insert_tile_scores<KP, kMTiles, kNTiles>(lane, acc, tile_first + warp_n * kWarpCodes, args.n_codes,
+                                                      term_at, args.cosine, args.nan_rank, lists);
       zero_accumulators(acc);
-      chunk = 0;
-      ++tile;
     }
   }
   mma::cp_async_wait<0>();
   __syncthreads();  // the ring is free: reuse it for the cross-warp merge
 
-  // The four lanes of a quad hold disjoint codes of the same rows: butterfly-merge their lists.
-#pragma unroll
-  for (int s = 0; s < kSlots; ++s) {
-#pragma unroll
-    for (int offset = 1; offset < 4; offset <<= 1) {
-      rank::Key other[KP];
-#pragma unroll
-      for (int j = 0; j < KP; ++j) other[j] = __shfl_xor_sync(0xffffffffu, lists[s][j], offset);
-      rank::merge_lists<KP>(lists[s], other);
-    }
-  }
+  quad_merge<KP, kSlots>(lists);
 
   rank::Key* exchange = reinterpret_cast<rank::Key*>(shared + (ring - query_region));
   const bool quad_leader = (lane & 3) == 0;
@@ -330,25 +398,7 @@ __global__ void __launch_bounds__(kThreads, 1) rank_codes_kernel(const KernelArg
 #pragma unroll
     for (int j = 0; j < KP; ++j) other[j] = exchange[local_row * KP + j];
     rank::merge_lists<KP>(lists[s], other);
-    const int64_t row = row0 + local_row;
-    if (row >= args.n_rows) continue;
-    const float squared_norm = args.distances != nullptr ? args.row_squared_norm[row] : 0.0f;
-#pragma unroll
-    for (int j = 0; j < KP; ++j) {
-      if (j >= args.k_out) break;
-      const int64_t out = row * args.k_out + j;
-      int64_t index = rank::key_index(lists[s][j]);
-      if (args.distances != nullptr) {
-        const float distance = rank::reported_distance(rank::key_score(lists[s][j]), squared_norm, args.cosine);
-        args.distances[out] = distance;
-        if (distance != distance) index = -1;
-      }
-      if (args.int64_indices) {
-        static_cast<int64_t*>(args.indices)[out] = index;
-      } else {
-        static_cast<int32_t*>(args.indices)[out] = static_cast<int32_t>(index);
-      }
-    }
+    store_row(args, row0 + local_row, lists[s]);
   }
 }
 

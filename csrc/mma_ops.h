@@ -22,14 +22,18 @@ __device__ __forceinline__ uint32_t shared_address(const void* pointer) {
 
 // Copy 16 bytes from `source` to shared `destination`, or write 16 zero bytes when !valid (the
 // source is then not read, but must still be a mapped address).
-__device__ __forceinline__ void cp_async_16(uint32_t destination, const void* source, bool valid) {
+// Copy the first `bytes` (0..16) of the 16 bytes at `source` to shared `destination` and zero the rest.
+__device__ __forceinline__ void cp_async_prefix(uint32_t destination, const void* source, int bytes) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  const int bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(source), "r"(bytes)
                : "memory");
 #else
   PACOFR_NEEDS_SM80();
 #endif
+}
+
+__device__ __forceinline__ void cp_async_16(uint32_t destination, const void* source, bool valid) {
+  cp_async_prefix(destination, source, valid ? 16 : 0);
 }
 
 __device__ __forceinline__ void cp_async_commit() {

@@ -84,7 +84,7 @@ void nearest_token_op(const at::Tensor& x_in, const at::Tensor& codebook_in, con
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor x = checks::padded_rows(x_in);
   const at::Tensor codebook = checks::padded_rows(codebook_in);
-  const at::Tensor code_term = code_term_in.contiguous();
+  const at::Tensor code_term = checks::aligned_contiguous(code_term_in);
   const int64_t n_rows = x.size(0);
   at::Tensor squared_norms = at::empty({n_rows}, x.options().dtype(at::kFloat));
   dispatch_floats(x.scalar_type(), "x", [&](auto tag) {

@@ -80,15 +80,21 @@ inline dim3 grid(const char* op, int64_t x, int64_t y = 1) {
   return dim3(static_cast<unsigned int>(x), static_cast<unsigned int>(y));
 }
 
+// `t` contiguous with its first element 16-byte aligned (the ranking kernel reads it with 16-byte
+// cp.async copies): `t` itself when it already is, else a copy.
+inline at::Tensor aligned_contiguous(const at::Tensor& t) {
+  at::Tensor out = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 != 0) return out.clone();
+  return out;
+}
+
 // Rows of a (R, D) float tensor as the ranking kernel reads them: contiguous, 16-byte aligned,
 // and D zero-padded to a multiple of 16 bytes (zeros change no dot product).
 inline at::Tensor padded_rows(const at::Tensor& t) {
   const int64_t per_vector = 16 / static_cast<int64_t>(t.element_size());
   const int64_t padded = (t.size(1) + per_vector - 1) / per_vector * per_vector;
-  at::Tensor out = t.contiguous();
-  if (padded != t.size(1)) return at::constant_pad_nd(out, {0, padded - t.size(1)});
-  if (reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 != 0) return out.clone();
-  return out;
+  if (padded != t.size(1)) return at::constant_pad_nd(t.contiguous(), {0, padded - t.size(1)});
+  return aligned_contiguous(t);
 }
 
 }  // namespace checks

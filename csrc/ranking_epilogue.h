@@ -37,34 +37,90 @@ PACOFR_HD int list_row(int lane, int slot) {
   return 16 * (slot >> 1) + mma::accumulator_position(lane, 2 * (slot & 1)).row;
 }
 
-// Insert one code tile's scores into this lane's row lists. term_at(code) gives the code term;
-// codes at or beyond n_codes (the ragged last tile) are skipped.
-template <int KP, int M_TILES, int N_TILES, typename TermAt>
-PACOFR_HD void insert_tile_scores(int lane, const float (&acc)[M_TILES][N_TILES][4], int64_t code_base,
-                                  int64_t n_codes, const TermAt& term_at, bool cosine, NanRank nan_rank,
-                                  Key (&lists)[2 * M_TILES][KP]) {
+// fn(ni, half, code, term) for each of this lane's codes of the tile (accumulator column 8 ni +
+// 2 (lane % 4) + half), in increasing code order; codes at or beyond n_codes (the ragged last
+// tile) are skipped. Slot s of a lane is row 16 (s / 2) + lane / 4 + 8 (s % 2) of the warp tile.
+template <int N_TILES, typename TermAt, typename Fn>
+PACOFR_HD void for_each_lane_code(int lane, int64_t code_base, int64_t n_codes, const TermAt& term_at, const Fn& fn) {
 #pragma unroll
   for (int ni = 0; ni < N_TILES; ++ni) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int64_t code = code_base + 8 * ni + mma::accumulator_position(lane, half).byte;
       if (code >= n_codes) continue;
-      const float term = term_at(code);
-#pragma unroll
-      for (int mi = 0; mi < M_TILES; ++mi) {
-#pragma unroll
-        for (int row_half = 0; row_half < 2; ++row_half) {
-          const float score = score_of(acc[mi][ni][2 * row_half + half], term, cosine);
-          insert_key<KP>(lists[2 * mi + row_half], make_key(score, static_cast<uint32_t>(code), nan_rank));
-        }
-      }
+      fn(ni, half, code, term_at(code));
     }
   }
 }
 
+// Whether `score` (of a later code) goes before `best` (of an earlier one) in the key order, for
+// scores already mapped by nan_rank (kAsInfinity: NaN -> +inf; kLast: NaN stays NaN): smaller
+// first, a number before NaN, and among equal scores (-0 == +0) the earlier code.
+PACOFR_HD bool better_than(float score, float best) {
+  return score < best || (best != best && score == score);
+}
+
+// k = 1: the best of this lane's codes of the tile for each row kept as an fp32 (score, code) pair
+// (the lane's codes arrive in increasing order), then one key per row into its one-key list. The
+// pair starts as (NaN, the lane's first code): any number replaces it, and a NaN-only row keeps its
+// first code, as the key order does.
+template <int M_TILES, int N_TILES, typename TermAt>
+PACOFR_HD void insert_tile_best(int lane, const float (&acc)[M_TILES][N_TILES][4], int64_t code_base,
+                                int64_t n_codes, const TermAt& term_at, bool cosine, NanRank nan_rank,
+                                Key (&lists)[2 * M_TILES][1]) {
+  const int64_t first_code = code_base + mma::accumulator_position(lane, 0).byte;
+  if (first_code >= n_codes) return;  // codes grow along the loops below: none of this lane's is real
+  float best[2 * M_TILES];
+  uint32_t best_code[2 * M_TILES];
+#pragma unroll
+  for (int slot = 0; slot < 2 * M_TILES; ++slot) {
+    best[slot] = bits_to_float(0x7FC00000u);  // NaN
+    best_code[slot] = static_cast<uint32_t>(first_code);
+  }
+  for_each_lane_code<N_TILES>(lane, code_base, n_codes, term_at, [&](int ni, int half, int64_t code, float term) {
+#pragma unroll
+    for (int slot = 0; slot < 2 * M_TILES; ++slot) {
+      float score = score_of(acc[slot >> 1][ni][2 * (slot & 1) + half], term, cosine);
+      if (nan_rank == NanRank::kAsInfinity && score != score) score = bits_to_float(kPositiveInfinityBits);
+      const bool better = better_than(score, best[slot]);
+      best[slot] = better ? score : best[slot];
+      best_code[slot] = better ? static_cast<uint32_t>(code) : best_code[slot];
+    }
+  });
+#pragma unroll
+  for (int slot = 0; slot < 2 * M_TILES; ++slot) {
+    lists[slot][0] = min_key(lists[slot][0], make_key(best[slot], best_code[slot], nan_rank));
+  }
+}
+
+// Insert one code tile's scores into this lane's row lists. term_at(code) gives the code term;
+// codes at or beyond n_codes (the ragged last tile) are skipped.
+template <int KP, int M_TILES, int N_TILES, typename TermAt>
+PACOFR_HD void insert_tile_scores(int lane, const float (&acc)[M_TILES][N_TILES][4], int64_t code_base,
+                                  int64_t n_codes, const TermAt& term_at, bool cosine, NanRank nan_rank,
+                                  Key (&lists)[2 * M_TILES][KP]) {
+  if constexpr (KP == 1) {
+    insert_tile_best<M_TILES, N_TILES>(lane, acc, code_base, n_codes, term_at, cosine, nan_rank, lists);
+  } else {
+    for_each_lane_code<N_TILES>(lane, code_base, n_codes, term_at, [&](int ni, int half, int64_t code, float term) {
+#pragma unroll
+      for (int slot = 0; slot < 2 * M_TILES; ++slot) {
+        const float score = score_of(acc[slot >> 1][ni][2 * (slot & 1) + half], term, cosine);
+        insert_key<KP>(lists[slot], make_key(score, static_cast<uint32_t>(code), nan_rank));
+      }
+    });
+  }
+}
+
+// Largest fp32 squared row norm nearest_token ranks (2^124): a row outside it (NaN, inf, larger)
+// reports NaN distances, and so index -1, in every slot (pacofr/ops/nearest_token.py's rule).
+constexpr float kMaxSquaredNorm = 2.1267647932558654e37f;  // 2^124
+
 // nearest_token's reported distance of a score (see pacofr/ops/nearest_token.py):
-// l2 max(||x||^2 + 2 score, 0); cosine 1 + score / ||x|| (a zero row has distance 1).
+// l2 max(||x||^2 + 2 score, 0); cosine 1 + score / ||x|| (a zero row has distance 1); NaN for a
+// row outside kMaxSquaredNorm.
 PACOFR_HD float reported_distance(float score, float squared_norm, bool cosine) {
+  if (!(squared_norm <= kMaxSquaredNorm)) return bits_to_float(0x7FC00000u);  // NaN
 #if defined(__CUDA_ARCH__)
   if (cosine) {
     const float inv_norm = squared_norm > 0.0f ? __fdiv_rn(1.0f, __fsqrt_rn(squared_norm)) : 0.0f;

@@ -9,7 +9,9 @@
 // codebook ("resident") when it fits next to the ring; otherwise each ring stage also carries the
 // query chunk ("streaming", every code tile re-reads the query tile from L2).
 // Row pitches are 16 bytes more than a multiple of 64 so that ldmatrix's eight 16-byte row reads
-// fall in distinct banks.
+// fall in distinct banks. Every ring stage also has room for the kCodes fp32 code terms of a tile:
+// the step that loads a tile's last D chunk loads its terms too, so the epilogue that follows reads
+// them from shared memory instead of making dependent global loads.
 #pragma once
 
 #include <cstddef>
@@ -28,7 +30,8 @@ constexpr int kWarpCodes = 8 * kNTiles;        // 64
 constexpr int kCodes = kWarpsN * kWarpCodes;   // 128 codes per block tile
 constexpr int kChunkBytes = 64;                // D bytes per ring stage
 constexpr int kStagePitch = kChunkBytes + 16;  // bytes per row in a ring stage
-constexpr int kStages = 3;
+constexpr int kTermBytes = 4 * kCodes;         // fp32 code terms of one tile per ring stage
+constexpr int kStages = 3;  // 4 would push the bf16 D = 768 query tile out of sm_90's 227 KiB
 
 PACOFR_HD constexpr int m_tiles_for(int kp) { return kp <= 4 ? 2 : 1; }
 PACOFR_HD constexpr int block_rows_for(int kp) { return kWarpsM * 16 * m_tiles_for(kp); }
@@ -38,12 +41,26 @@ PACOFR_HD int64_t chunks_for(int64_t dim_bytes) { return (dim_bytes + kChunkByte
 // Row pitch of the resident query tile.
 PACOFR_HD int64_t resident_pitch(int64_t dim_bytes) { return chunks_for(dim_bytes) * kChunkBytes + 16; }
 
-PACOFR_HD int64_t resident_shared_bytes(int rows, int64_t dim_bytes) {
-  return rows * resident_pitch(dim_bytes) + static_cast<int64_t>(kStages) * kCodes * kStagePitch;
+// Bytes of one ring stage: the code chunk, the query chunk when streaming, the tile's code terms.
+PACOFR_HD constexpr int64_t stage_bytes(int rows, bool resident) {
+  return static_cast<int64_t>(kCodes + (resident ? 0 : rows)) * kStagePitch + kTermBytes;
 }
 
-PACOFR_HD int64_t streaming_shared_bytes(int rows) {
-  return static_cast<int64_t>(kStages) * (kCodes + rows) * kStagePitch;
+PACOFR_HD int64_t resident_shared_bytes(int rows, int64_t dim_bytes) {
+  return rows * resident_pitch(dim_bytes) + kStages * stage_bytes(rows, true);
+}
+
+PACOFR_HD int64_t streaming_shared_bytes(int rows) { return kStages * stage_bytes(rows, false); }
+
+// The Hopper kernel (csrc/code_ranking_sm90.h): 128 resident query rows (two warpgroups of 64) in
+// wgmma core-matrix layout (no padding), and kStages ring stages of a kCodes x 64-byte code chunk
+// with the tile's code terms.
+constexpr int kWgmmaRows = 128;
+
+PACOFR_HD constexpr int64_t wgmma_stage_bytes() { return static_cast<int64_t>(kCodes) * kChunkBytes + kTermBytes; }
+
+PACOFR_HD int64_t wgmma_shared_bytes(int64_t dim_bytes) {
+  return kWgmmaRows * chunks_for(dim_bytes) * kChunkBytes + kStages * wgmma_stage_bytes();
 }
 
 }  // namespace ranking

@@ -45,20 +45,22 @@ struct SortedEntries {
   }
 };
 
-// Pass 1 for one (chunk, column). value(position, code, column) -> float is the entry's
-// contribution; store(part, chunk, code, column, sum) writes a whole result or a partial.
+// Pass 1 for one (chunk, column). value(position, code, column) is the entry's contribution (float,
+// or double where sums must stay exact beyond 2^24, e.g. counts); sums are kept in its type;
+// store(part, chunk, code, column, sum) writes a whole result or a partial.
 template <typename Value, typename Store>
 PACOFR_HD void reduce_chunk_column(const SortedEntries& entries, int32_t chunk, int32_t column, const Value& value,
                                    const Store& store) {
   const int32_t begin = entries.chunk_begin(chunk), end = entries.chunk_end(chunk);
-  float sum = 0.0f;
+  using Sum = decltype(value(int32_t{0}, int64_t{0}, int32_t{0}));
+  Sum sum = 0;
   for (int32_t p = begin; p < end; ++p) {
     const int64_t code = entries.codes[p];
     if (!code_in_range(code, entries.num_codes)) continue;
     sum += value(p, code, column);
     if (p + 1 == end || entries.codes[p + 1] != code) {
       store(classify(entries.starts[code], entries.starts[code + 1], begin, end), chunk, code, column, sum);
-      sum = 0.0f;
+      sum = 0;
     }
   }
 }
@@ -74,7 +76,7 @@ PACOFR_HD void finish_tail_column(const SortedEntries& entries, int32_t chunk, i
   if (!code_in_range(code, entries.num_codes)) return;
   const int64_t segment_end = entries.starts[code + 1];
   if (classify(entries.starts[code], segment_end, begin, end) != Part::kTail) return;
-  float total = partial(Part::kTail, chunk, column);
+  auto total = partial(Part::kTail, chunk, column);  // the type pass 1 summed in
   const int32_t last = static_cast<int32_t>((segment_end - 1) / kChunkEntries);
   for (int32_t c = chunk + 1; c <= last; ++c) total += partial(Part::kHead, c, column);
   store(code, column, total);

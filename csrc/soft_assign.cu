@@ -10,8 +10,9 @@
 //                         the gradient of q (written once) and of the m chosen rows: fp32 atomicAdd
 //                         into a K x D buffer, or (deterministic) per-pair coefficients reduced per
 //                         code by the fixed-order segment reduction (csrc/segment_reduce.h).
-//   codebook_stats        counts/sums by fp32 atomics or by the segment reduction; an index outside
-//                         [0, K) is skipped on both paths.
+//   codebook_stats        counts (fp64, exact to 2^53) and sums (fp32) by atomics (fp64 for the
+//                         counts) or by the segment reduction (fp64 sums); an index outside [0, K) is
+//                         skipped on both paths.
 //
 // Conventions: q (N, D), codebook (K, D) of one float dtype; code_stat (K,) fp32 = ||e|| (cosine)
 // or ||e||^2 (l2); tau a one-element fp32 tensor; 1 <= m <= min(16, K). Per-row kernels keep the m
@@ -229,40 +230,41 @@ void with_list_length(int64_t m, Fn&& fn) {
 
 // Where pass 1 and pass 2 put their sums: whole segments and finished tails into the output
 // (out(code, column)), partials into (chunk, head|tail, column) of a scratch buffer.
-template <typename Output>
+// Sums (and partials) are of type Sum: float, or double for sums that must stay exact past 2^24.
+template <typename Output, typename Sum>
 struct SegmentStore {
   Output output;
-  float* partial;
+  Sum* partial;
   int32_t columns;
 
-  __device__ float& slot(segments::Part part, int32_t chunk, int32_t column) const {
+  __device__ Sum& slot(segments::Part part, int32_t chunk, int32_t column) const {
     return partial[(static_cast<int64_t>(chunk) * 2 + (part == segments::Part::kTail ? 1 : 0)) * columns + column];
   }
-  __device__ void operator()(segments::Part part, int32_t chunk, int64_t code, int32_t column, float sum) const {
+  __device__ void operator()(segments::Part part, int32_t chunk, int64_t code, int32_t column, Sum sum) const {
     if (part == segments::Part::kWhole) {
       output(code, column, sum);
     } else {
       slot(part, chunk, column) = sum;
     }
   }
-  __device__ void operator()(int64_t code, int32_t column, float total) const { output(code, column, total); }
-  __device__ float operator()(segments::Part part, int32_t chunk, int32_t column) const {
+  __device__ void operator()(int64_t code, int32_t column, Sum total) const { output(code, column, total); }
+  __device__ Sum operator()(segments::Part part, int32_t chunk, int32_t column) const {
     return slot(part, chunk, column);
   }
 };
 
-template <typename Value, typename Output>
+template <typename Value, typename Output, typename Sum>
 __global__ void __launch_bounds__(kSegmentColumns * kSegmentChunks) segment_reduce_kernel(
-    segments::SortedEntries entries, int32_t n_chunks, int32_t columns, Value value, SegmentStore<Output> store) {
+    segments::SortedEntries entries, int32_t n_chunks, int32_t columns, Value value, SegmentStore<Output, Sum> store) {
   const int32_t chunk = blockIdx.x * kSegmentChunks + threadIdx.y;
   const int32_t column = blockIdx.y * kSegmentColumns + threadIdx.x;
   if (chunk >= n_chunks || column >= columns) return;
   segments::reduce_chunk_column(entries, chunk, column, value, store);
 }
 
-template <typename Output>
+template <typename Output, typename Sum>
 __global__ void __launch_bounds__(kSegmentColumns * kSegmentChunks) segment_finish_kernel(
-    segments::SortedEntries entries, int32_t n_chunks, int32_t columns, SegmentStore<Output> store) {
+    segments::SortedEntries entries, int32_t n_chunks, int32_t columns, SegmentStore<Output, Sum> store) {
   const int32_t chunk = blockIdx.x * kSegmentChunks + threadIdx.y;
   const int32_t column = blockIdx.y * kSegmentColumns + threadIdx.x;
   if (chunk >= n_chunks || column >= columns) return;
@@ -289,10 +291,11 @@ void run_segment_reduction(const char* op, const Sorted& sorted, int64_t num_cod
   if (n_entries == 0) return;
   checks::fits_int32(op, "N * m (assignment entries)", n_entries);
   const int64_t n_chunks = launch::ceil_div(n_entries, segments::kChunkEntries);
-  at::Tensor partial = at::empty({n_chunks, 2, columns}, sorted.codes.options().dtype(at::kFloat));
+  using Sum = decltype(value(int32_t{0}, int64_t{0}, int32_t{0}));
+  at::Tensor partial = at::empty({n_chunks, 2, columns}, sorted.codes.options().dtype(c10::CppTypeToScalarType<Sum>::value));
   const segments::SortedEntries entries{sorted.codes.data_ptr<int64_t>(), sorted.starts.data_ptr<int64_t>(),
                                         static_cast<int32_t>(n_entries), num_codes};
-  const SegmentStore<Output> store{output, partial.data_ptr<float>(), columns};
+  const SegmentStore<Output, Sum> store{output, partial.data_ptr<Sum>(), columns};
   const dim3 grid = checks::grid(op, launch::ceil_div(n_chunks, kSegmentChunks), launch::ceil_div(columns, kSegmentColumns));
   const dim3 block(kSegmentColumns, kSegmentChunks);
   segment_reduce_kernel<<<grid, block, 0, stream>>>(entries, static_cast<int32_t>(n_chunks), columns, value, store);
@@ -346,7 +349,8 @@ struct RowsOutput {
   }
 };
 
-// codebook_stats columns: 0..D-1 weighted sums of x, then the weight (count) itself.
+// codebook_stats columns: 0..D-1 weighted sums of x, then the weight (count) itself. Summed in fp64
+// (counts stay exact to 2^53; the fp32 products w * x are exact in fp64 too), sums written as fp32.
 template <typename x_t>
 struct StatsValue {
   const int64_t* order;
@@ -355,20 +359,21 @@ struct StatsValue {
   int64_t dim;
   int32_t m;
 
-  __device__ float operator()(int32_t p, int64_t, int32_t column) const {
+  __device__ double operator()(int32_t p, int64_t, int32_t column) const {
     const int32_t entry = static_cast<int32_t>(order[p]);
     const float w = weights != nullptr ? weights[entry] : 1.0f;
-    return column < dim ? w * static_cast<float>(x[(entry / m) * dim + column]) : w;
+    return column < dim ? static_cast<double>(w) * static_cast<double>(static_cast<float>(x[(entry / m) * dim + column]))
+                        : static_cast<double>(w);
   }
 };
 
 struct StatsOutput {
-  float* counts;
+  double* counts;
   float* sums;
   int64_t dim;
-  __device__ void operator()(int64_t code, int32_t column, float value) const {
+  __device__ void operator()(int64_t code, int32_t column, double value) const {
     if (column < dim) {
-      sums[code * dim + column] = value;
+      sums[code * dim + column] = static_cast<float>(value);
     } else {
       counts[code] = value;
     }
@@ -378,13 +383,13 @@ struct StatsOutput {
 template <typename index_t, typename x_t>
 __global__ void __launch_bounds__(kAtomicThreads) stats_atomic_kernel(
     const index_t* __restrict__ indices, const float* __restrict__ weights, const x_t* __restrict__ x,
-    float* __restrict__ counts, float* __restrict__ sums, int64_t num_codes, int64_t dim, int m) {
+    double* __restrict__ counts, float* __restrict__ sums, int64_t num_codes, int64_t dim, int m) {
   const int64_t row = blockIdx.x;
   for (int j = 0; j < m; ++j) {
     const int64_t code = static_cast<int64_t>(indices[row * m + j]);
     if (!segments::code_in_range(code, num_codes)) continue;  // the deterministic path's rule too
     const float w = weights != nullptr ? weights[row * m + j] : 1.0f;
-    if (threadIdx.x == 0) atomicAdd(counts + code, w);
+    if (threadIdx.x == 0) atomicAdd(counts + code, static_cast<double>(w));  // fp64: exact to 2^53
     if (x == nullptr) continue;
     for (int64_t d = threadIdx.x; d < dim; d += kAtomicThreads) {
       atomicAdd(sums + code * dim + d, w * static_cast<float>(x[row * dim + d]));
@@ -591,7 +596,7 @@ std::tuple<at::Tensor, at::Tensor> codebook_stats(const at::Tensor& indices_in, 
   const at::Tensor x = x_in.has_value() ? x_in->contiguous() : at::Tensor();
   const int64_t dim = x.defined() ? x.size(1) : 0;
   const auto f32 = indices.options().dtype(at::kFloat);
-  at::Tensor counts = at::zeros({num_codes}, f32);
+  at::Tensor counts = at::zeros({num_codes}, indices.options().dtype(at::kDouble));  // exact past 2^24
   at::Tensor sums = at::zeros({num_codes, dim}, f32);
   if (indices.numel() == 0) return {counts, sums};
   const float* w_ptr = w.defined() ? w.data_ptr<float>() : nullptr;
@@ -603,14 +608,14 @@ std::tuple<at::Tensor, at::Tensor> codebook_stats(const at::Tensor& indices_in, 
       checks::fits_int32(kStats, "D + 1 (columns)", dim + 1);
       run_segment_reduction(kStats, sorted, num_codes, static_cast<int32_t>(dim + 1),
                             StatsValue<x_t>{sorted.order.data_ptr<int64_t>(), w_ptr, x_ptr, dim, static_cast<int32_t>(m)},
-                            StatsOutput{counts.data_ptr<float>(), sums.data_ptr<float>(), dim}, stream);
+                            StatsOutput{counts.data_ptr<double>(), sums.data_ptr<float>(), dim}, stream);
       return;
     }
     const dim3 grid = checks::grid(kStats, n);
     const auto launch = [&](auto index_tag) {
       using index_t = decltype(index_tag);
       stats_atomic_kernel<index_t, x_t><<<grid, kAtomicThreads, 0, stream>>>(
-          indices.data_ptr<index_t>(), w_ptr, x_ptr, counts.data_ptr<float>(),
+          indices.data_ptr<index_t>(), w_ptr, x_ptr, counts.data_ptr<double>(),
           x.defined() ? sums.data_ptr<float>() : nullptr, num_codes, dim, static_cast<int>(m));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };

@@ -293,11 +293,15 @@ def reference_key(score: np.float32, index: int, nan_rank: int) -> int:
     return (word << 32) | index
 
 
-@pytest.mark.parametrize("kp,m_tiles", [(1, 2), (2, 2), (4, 2), (8, 1), (16, 1), (16, 2), (1, 1)])
+@pytest.mark.parametrize("kp,m_tiles,n_tiles", [(1, 2, 8), (2, 2, 8), (4, 2, 8), (8, 1, 8), (16, 1, 8), (16, 2, 8),
+                                                (1, 1, 8), (1, 1, 16), (4, 1, 16), (16, 1, 16)])
 @pytest.mark.parametrize("cosine", [False, True])
-def test_epilogue_keeps_each_rows_k_best_codes(driver: Driver, kp: int, m_tiles: int, cosine: bool) -> None:
+def test_epilogue_keeps_each_rows_k_best_codes(driver: Driver, kp: int, m_tiles: int, n_tiles: int,
+                                               cosine: bool) -> None:
+    """Warp tiles of n_tiles n8 MMA tiles (8: the mma.sync kernel; 16: the wgmma kernel's 128 codes);
+    the driver's two warps take alternate code tiles."""
     rng = np.random.default_rng()
-    n_tiles, tile_codes = 8, 64  # warp tiles of 8 n8 MMA tiles; the two warps take alternate tiles
+    tile_codes = 8 * n_tiles
     tiles = int(rng.integers(1, 6))
     n_codes = int(rng.integers(max(1, (tiles - 1) * tile_codes + 1), tiles * tile_codes + 1))  # ragged last tile
     rows = 16 * m_tiles
@@ -331,6 +335,9 @@ def test_reported_distance_follows_the_reference_formulas(driver: Driver) -> Non
     scores = np.concatenate([rng.standard_normal(n).astype(np.float32) * 10, np.float32([np.nan, -np.inf, 0.0])])
     norms = np.concatenate([np.abs(rng.standard_normal(n)).astype(np.float32) * 5, np.float32([1.0, 4.0, 0.0])])
     norms[:20] = 0.0
+    # nearest_token's finite-range rule: a squared norm that is not <= 2^124 (NaN, inf, larger) gives NaN
+    norms[20:26] = np.float32([np.nan, np.inf, 2.0 ** 124, np.nextafter(np.float32(2.0 ** 124), np.float32(np.inf)),
+                               3e38, 1e30])
     cosine = rng.integers(0, 2, size=len(scores))
     text = f"distance {len(scores)} " + " ".join(f"{s} {q} {c}" for s, q, c in zip(bits(scores), bits(norms), cosine))
     got = from_bits(np.array([int(v) for v in driver(text)]))
@@ -340,6 +347,8 @@ def test_reported_distance_follows_the_reference_formulas(driver: Driver) -> Non
         l2 = (norms + np.float32(2) * scores).astype(np.float32)
         l2 = np.where(l2 < 0, np.float32(0), l2)  # NaN stays NaN
     want = np.where(cosine == 1, cos, l2)
+    want = np.where(norms <= np.float32(2.0 ** 124), want, np.float32(np.nan))
+    assert np.isnan(got[20:26]).tolist() == [True, True, False, True, True, False]
     assert (np.isnan(got) == np.isnan(want)).all()
     assert (got[~np.isnan(want)] == want[~np.isnan(want)]).all()
 
@@ -451,3 +460,66 @@ def test_launch_limits(driver: Driver) -> None:
     ]
     lines = driver(f"limits {len(cases)} " + " ".join(join(c) for c, _ in cases))
     assert [tuple(int(v) for v in line.split()) for line in lines] == [want for _, want in cases]
+
+
+# ------------------------------------------------------------------------------------------
+# the Hopper (wgmma) kernel's shared-memory layout, matrix descriptors and kernel choice
+# ------------------------------------------------------------------------------------------
+
+def wgmma_read_address(start: int, leading: int, stride: int, row: int, byte: int) -> int:
+    """Where wgmma reads byte ``byte`` (along K) of row ``row`` (along M or N) of a K-major operand without
+    swizzle (PTX ISA, "Shared Memory Matrix Layout"): core matrices of 8 rows x 16 bytes, rows 16 bytes
+    apart inside one, core matrices ``leading`` bytes apart along K and ``stride`` bytes apart along M/N."""
+    return start + (row // 8) * stride + (byte // 16) * leading + (row % 8) * 16 + byte % 16
+
+
+def decode_descriptor(value: int) -> tuple[int, int, int, int, int]:
+    """(start address, leading byte offset, stride byte offset, base offset, swizzle) of a wgmma matrix
+    descriptor: bits 0-13, 16-29, 32-45 hold the three byte values >> 4, 49-51 the base offset,
+    62-63 the swizzle mode."""
+    field = lambda low, bits: (value >> low) & ((1 << bits) - 1)  # noqa: E731
+    return field(0, 14) << 4, field(16, 14) << 4, field(32, 14) << 4, field(49, 3), field(62, 2)
+
+
+@pytest.mark.parametrize("rows,columns", [(128, 4), (128, 16), (64, 48)])
+def test_wgmma_layout_is_what_the_descriptors_read(driver: Driver, rows: int, columns: int) -> None:
+    """The kernel writes the 16-byte vector (row, column) at core_offset(row, column, columns) and hands
+    wgmma descriptors with leading offset 128 and stride offset columns * 128: every byte of every k16
+    slab and 64-row (A) or 128-row (B) operand must then be read from where it was written."""
+    offsets = np.array([[int(v) for v in line.split()] for line in driver(f"wgmma_layout {rows} {columns}")])
+    assert offsets.shape == (rows, columns)
+    assert len(set(offsets.ravel())) == rows * columns and offsets.max() + 16 == rows * columns * 16  # dense
+    for first_row in range(0, rows, 64):
+        for slab in range(columns // 2):
+            start = int(offsets[first_row, 2 * slab])
+            for row in range(first_row, min(rows, first_row + 64)):
+                for byte in range(0, 32, 16):
+                    written = int(offsets[row, 2 * slab + byte // 16])
+                    assert wgmma_read_address(start, 128, columns * 128, row - first_row, byte) == written
+
+
+def test_wgmma_descriptor_fields(driver: Driver) -> None:
+    cases = [(0x400, 128, 512), (0x3FFF0, 128, 16 * 128), (0x12340, 256, 6144), (0x10, 16, 0x3FFF0)]
+    lines = driver(f"descriptor {len(cases)} " + " ".join(join(c) for c in cases))
+    for (address, leading, stride), line in zip(cases, lines):
+        assert decode_descriptor(int(line)) == (address, leading, stride, 0, 0)  # no swizzle, base offset 0
+
+
+def test_kernel_choice(driver: Driver) -> None:
+    """The wgmma kernel only for an enabled dispatch, capability 9.0, 16-bit inputs, its sm_90a image and a
+    query tile that fits; otherwise mma.sync."""
+    fits = (1024, 200 * 1024, 227 * 1024)
+    cases = [((9, 0, 1, 1, *fits, 1), 1), ((9, 0, 1, 1, *fits, 0), 0), ((8, 0, 1, 1, *fits, 1), 0),
+             ((9, 1, 1, 1, *fits, 1), 0), ((10, 0, 1, 1, *fits, 1), 0), ((9, 0, 0, 1, *fits, 1), 0),
+             ((9, 0, 1, 0, *fits, 1), 0), ((9, 0, 1, 1, 1024, 227 * 1024, 227 * 1024, 1), 0)]
+    lines = driver(f"dispatch {len(cases)} " + " ".join(join(c) for c, _ in cases))
+    assert [int(v) for v in lines] == [want for _, want in cases]
+
+
+def test_wgmma_shared_memory(driver: Driver) -> None:
+    """128 resident query rows of D bytes (rounded up to 64) and 3 stages of 128 x 64-byte code chunks with
+    their 128 fp32 terms; bf16 D = 768 still fits sm_90's 227 KiB (with 1 KiB static)."""
+    dims = [16, 512, 1536]
+    got = [int(v) for v in driver(f"wgmma_shared {len(dims)} {join(dims)}")]
+    assert got == [128 * (-(-d // 64) * 64) + 3 * (128 * 64 + 128 * 4) for d in dims]
+    assert got[-1] + 1024 <= 227 * 1024

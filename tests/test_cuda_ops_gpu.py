@@ -168,6 +168,32 @@ def test_out_of_range_indices_are_skipped_the_same_way_on_both_paths(with_x, gen
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_counts_are_exact_past_2_to_the_24(deterministic) -> None:
+    """fp32 sums stop at 2^24 (2^24 + 1 rounds back to 2^24); the op's fp64 counts must not."""
+    big = (1 << 24) + 3
+    indices = torch.zeros(big + 5, 1, dtype=torch.int32, device="cuda")
+    indices[big:] = 1
+    counts, _ = ops().codebook_stats(indices, 2, None, None, deterministic)
+    assert counts.dtype == torch.float64
+    assert counts.tolist() == [float(big), 5.0]
+
+
+def test_rows_outside_the_finite_range_report_nan_and_no_index(generator) -> None:
+    """nearest_token's rule: a row whose fp32 squared norm is NaN, inf or above 2^124 gets NaN distances
+    and index -1 in every slot (pacofr/ops/nearest_token.py); the other rows are untouched."""
+    x, cb = nearest_inputs("gaussian", 6, 50, 32, torch.float32, generator)
+    x[1, 0] = float("nan")
+    x[2, 3] = 1e20  # squared: 1e40, inf in fp32
+    x[3, :] = 2.0 ** 62  # squared norm 32 * 2^124 > 2^124, finite
+    distances = torch.empty(6, 2, device="cuda")
+    indices = torch.empty(6, 2, dtype=torch.int64, device="cuda")
+    ops().nearest_token(x.cuda(), cb.cuda(), code_terms(cb.cuda(), "l2"), False, "ieee", distances, indices)
+    outside = torch.tensor([False, True, True, True, False, False])
+    assert torch.isnan(distances.cpu()[outside]).all() and (indices.cpu()[outside] == -1).all()
+    assert torch.isfinite(distances.cpu()[~outside]).all() and (indices.cpu()[~outside] >= 0).all()
+
+
 def test_outputs_allocated_in_cpp_are_fully_written(generator) -> None:
     """Fill the caching allocator's free blocks with NaN, then run: no NaN may leak out."""
     junk = torch.full((64 << 20,), float("nan"), device="cuda")

@@ -4,6 +4,9 @@
 usage of every kernel for sm_80 and sm_90:
 * the code-ranking kernels shared by nearest_token and soft_assign run on tensor cores (HMMA,
   fed by ldmatrix and cp.async) for fp16/bf16/tf32/3xTF32, and the exact-fp32 variant on FFMA;
+* the sm_90a image holds the Hopper ranking kernel on warpgroup MMAs (HGMMA), and only there: the
+  sm_80 / sm_90 images of it are trapping stubs;
+* the epilogues read the code terms from shared memory (LDS), not with per-tile global loads;
 * no kernel spills or keeps arrays in local memory (no stack, no local bytes);
 * the element-wise patch kernels contain no integer-division sequence (FastDivmod and 2-D grids).
 """
@@ -54,7 +57,7 @@ def kernels(table: dict, arch: str, fragment: str) -> dict[str, object]:
                                                 ("7MmaTf32ILb1", 48)])
 def test_ranking_kernels_run_on_tensor_cores(sass, arch: str, math: str, mma_per_chunk: int) -> None:
     found = kernels(sass, arch, f"rank_codes_kernelINS0_{math}")
-    assert len(found) == 5, sorted(found)  # KP = 1, 2, 4, 8, 16
+    assert len(found) == 10, sorted(found)  # KP = 1, 2, 4, 8, 16, each with a resident and a streaming query tile
     for name, ops in found.items():
         assert ops.get("HMMA", 0) >= mma_per_chunk, (name, ops.get("HMMA"))  # one warp tile of one chunk
         assert ops.get("LDSM", 0) > 0 and ops.get("LDGSTS", 0) > 0, name  # ldmatrix from a cp.async ring
@@ -86,3 +89,38 @@ def test_patch_element_kernels_do_no_integer_division(sass, arch: str, kernel: s
     for name, ops in kernels(sass, arch, kernel + "I").items():
         divisions = {op: n for op, n in ops.items() if op.startswith("I2F") and ".RP" in op}
         assert not divisions, (name, divisions)
+
+
+WGMMA_KERNEL = "rank_codes_wgmma_kernel"
+
+
+@pytest.fixture(scope="module")
+def sm90a(sass) -> dict[str, dict[str, int]]:
+    found = {name: ops for (a, name), ops in sass.items() if a == "sm_90a" and WGMMA_KERNEL in name}
+    if not found:
+        pytest.skip("pacofr._C was built without an sm_90a image (TORCH_CUDA_ARCH_LIST lacks 9.0a)")
+    return found
+
+
+def test_hopper_ranking_kernel_runs_on_warpgroup_mmas(sm90a) -> None:
+    assert len(sm90a) == 10, sorted(sm90a)  # fp16 / bf16 x KP = 1, 2, 4, 8, 16
+    for name, ops in sm90a.items():
+        # one m64n128k16 per 32-byte k-slab: two per 64-byte D chunk, no mma.sync
+        assert ops.get("HGMMA.64x128x16.F32", 0) + ops.get("HGMMA.64x128x16.F32.BF16", 0) >= 2, name
+        assert ops.get("HMMA", 0) == 0 and ops.get("LDGSTS", 0) > 0, name
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_hopper_ranking_kernel_is_a_stub_off_sm90a(sass, arch: str) -> None:
+    for name, ops in kernels(sass, arch, WGMMA_KERNEL).items():
+        assert ops.get("HGMMA", 0) == 0 and ops.get("BPT", 0) >= 1, name  # the wgmma wrappers compile to traps
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_ranking_epilogue_reads_code_terms_from_shared_memory(sass, arch: str) -> None:
+    """The k = 1 bf16 kernel with a resident query tile: its only global loads are cp.async copies (the
+    code terms travel with the last D chunk of each tile), no LDG in the score loop's epilogue."""
+    for name, ops in kernels(sass, arch, "rank_codes_kernelINS0_8Mma16BitILb1EEELi1ELb1EEE").items():
+        assert ops.get("LDGSTS", 0) > 0 and ops.get("LDS", 0) >= 16, (name, ops.get("LDS"))
+        # the four rows' squared norms at the store (distances) are the only plain global loads left
+        assert ops.get("LDG", 0) <= 4, (name, ops.get("LDG"))

@@ -20,6 +20,10 @@
 //                                            (KP = 1, 2, 4, 8, 16), then a last line of the constants
 //                                            "THREADS CODES STAGE_PITCH STAGES ROWS_KP1 .. ROWS_KP16"
 //   tiling N (ROWS VALUES)*N               -> N lines "THREADS_X THREADS_Y BLOCKS_X BLOCKS_Y"
+//   wgmma_layout ROWS COLUMNS              -> ROWS lines of COLUMNS core-matrix byte offsets (wgmma_ops.h)
+//   descriptor N (ADDRESS LEADING STRIDE)*N -> N lines "DESCRIPTOR" (64-bit, decimal)
+//   dispatch N (MAJOR MINOR SIXTEEN IMAGE STATIC DYNAMIC LIMIT ENABLED)*N -> N lines "KERNEL" (0 mma.sync, 1 wgmma)
+//   wgmma_shared N DIM_BYTES*N             -> N lines "BYTES" (dynamic shared memory of the Hopper kernel)
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -36,9 +40,11 @@
 #include "../mma_layout.h"
 #include "../patch_index.h"
 #include "../rank_keys.h"
+#include "../ranking_dispatch.h"
 #include "../ranking_epilogue.h"
 #include "../ranking_tiles.h"
 #include "../segment_reduce.h"
+#include "../wgmma_ops.h"
 
 using pacofr::rank::Key;
 using pacofr::rank::NanRank;
@@ -308,6 +314,45 @@ void run_tiles(std::istream& in) {
   std::printf("\n");
 }
 
+void run_wgmma_layout(std::istream& in) {
+  const int rows = static_cast<int>(read_u32(in)), columns = static_cast<int>(read_u32(in));
+  for (int r = 0; r < rows; ++r) {
+    for (int c = 0; c < columns; ++c) std::printf(c ? " %u" : "%u", pacofr::wgmma::core_offset(r, c, columns));
+    std::printf("\n");
+  }
+}
+
+void run_descriptor(std::istream& in) {
+  const uint32_t n = read_u32(in);
+  for (uint32_t i = 0; i < n; ++i) {
+    const uint32_t address = read_u32(in), leading = read_u32(in), stride = read_u32(in);
+    std::printf("%llu\n", static_cast<unsigned long long>(pacofr::wgmma::descriptor(address, leading, stride)));
+  }
+}
+
+void run_dispatch(std::istream& in) {
+  const uint32_t n = read_u32(in);
+  for (uint32_t i = 0; i < n; ++i) {
+    pacofr::ranking::DispatchFacts facts;
+    facts.major = static_cast<int>(read_u32(in));
+    facts.minor = static_cast<int>(read_u32(in));
+    facts.sixteen_bit = read_u32(in) != 0;
+    facts.wgmma_image = read_u32(in) != 0;
+    facts.static_shared = read_u32(in);
+    facts.wgmma_dynamic = read_u32(in);
+    facts.shared_limit = read_u32(in);
+    const bool enabled = read_u32(in) != 0;
+    std::printf("%d\n", static_cast<int>(pacofr::ranking::choose_kernel(facts, enabled)));
+  }
+}
+
+void run_wgmma_shared(std::istream& in) {
+  const uint32_t n = read_u32(in);
+  for (uint32_t i = 0; i < n; ++i) {
+    std::printf("%lld\n", static_cast<long long>(pacofr::ranking::wgmma_shared_bytes(read_u32(in))));
+  }
+}
+
 void run_tiling(std::istream& in) {
   const uint32_t n = read_u32(in);
   for (uint32_t i = 0; i < n; ++i) {
@@ -338,6 +383,8 @@ int main() {
   const std::map<std::string, void (*)(std::istream&)> simple = {
       {"keys", run_keys},         {"distance", run_distance}, {"divmod", run_divmod}, {"patch", run_patch},
       {"segments", run_segments}, {"limits", run_limits},     {"tiles", run_tiles},   {"tiling", run_tiling},
+      {"wgmma_layout", run_wgmma_layout}, {"descriptor", run_descriptor}, {"dispatch", run_dispatch},
+      {"wgmma_shared", run_wgmma_shared},
   };
   std::string command;
   std::cin >> command;
@@ -356,8 +403,9 @@ int main() {
     }
   } else if (command == "epilogue") {
     const uint32_t kp = read_u32(std::cin), mt = read_u32(std::cin), nt = read_u32(std::cin);
-    const bool ok = (nt == 8) && ((mt == 1 && dispatch_epilogue_kp<1, 8>(kp, std::cin)) ||
-                                  (mt == 2 && dispatch_epilogue_kp<2, 8>(kp, std::cin)));
+    const bool ok = (nt == 8 && mt == 1 && dispatch_epilogue_kp<1, 8>(kp, std::cin)) ||
+                     (nt == 8 && mt == 2 && dispatch_epilogue_kp<2, 8>(kp, std::cin)) ||
+                     (nt == 16 && mt == 1 && dispatch_epilogue_kp<1, 16>(kp, std::cin));  // the wgmma warp tile
     if (!ok) {
       std::fprintf(stderr, "epilogue: unsupported KP=%u MT=%u NT=%u\n", kp, mt, nt);
       return 2;
