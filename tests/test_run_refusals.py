@@ -139,3 +139,26 @@ def test_eval_refuses_an_export_whose_files_disagree_in_one_line(run_dir: Path, 
     with pytest.raises(ValueError, match=expected) as info:
         load_encoder(str(folder))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config", "demo", "--set", "model.preset=tiny"], "model.img_size 64 -> 32"),
+    (["--set", "model.r_mask=0.5"], "model.r_mask 0.75 -> 0.5"),
+    (["--set", "model.mask_mode=random"], "model.mask_mode 'region' -> 'random'"),
+    (["--set", "model.w_sc=0.2"], "model.w_sc 0.1 -> 0.2"),
+])
+def test_a_resume_under_other_model_settings_is_refused_before_anything_is_written(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], expected: str) -> None:
+    run = _copy_run(run_dir, tmp_path / "run")
+    before = {p.relative_to(run).as_posix(): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["pretrain", "--resume", str(run), "--out", str(run), *QUICK, *args]) == 2
+    line = error_line(capsys)
+    assert "the run was trained with other model settings" in line and expected in line, line
+    assert {p.relative_to(run).as_posix(): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_resume_may_change_where_the_ops_run(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy_run(run_dir, tmp_path / "run")
+    assert main(["pretrain", "--resume", str(run), "--out", str(run), *QUICK, "--set", "model.codebook_precision=ieee",
+                 "--set", "train.max_steps=3"]) == 0
+    assert (run / "checkpoints" / "step_00000003").is_dir()

@@ -46,9 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _resolve_config(args: argparse.Namespace) -> tuple[PretrainConfig, Path | None]:
     """The run's config and the checkpoint to resume from (None for a fresh run). Resuming from a
     run or checkpoints folder takes its newest intact checkpoint (corrupted newer ones are skipped,
-    each named with the reason)."""
+    each named with the reason). A resume under other model settings is refused."""
     from pacofr import checkpoint as ckpt
-    from pacofr.train.config import PretrainConfig, apply_overrides, load_config
+    from pacofr.train.config import apply_overrides, load_config
     from pacofr.train.fields import ConfigError
 
     if args.out is not None and not args.out.strip():
@@ -67,18 +67,50 @@ def _resolve_config(args: argparse.Namespace) -> tuple[PretrainConfig, Path | No
         if args.resume is None:
             return cfg, None
         resume_from = Path(args.resume) if args.resume else Path(cfg.train.out_dir)
-        return cfg, ckpt.find_intact_checkpoint(resume_from)
+        checkpoint = ckpt.find_intact_checkpoint(resume_from)
+        _check_same_model(_stored_config(checkpoint), cfg, checkpoint)
+        return cfg, checkpoint
     if not args.resume and args.out is None:
         raise ConfigError("--resume without PATH needs --config or --out to know which run to continue")
     checkpoint = ckpt.find_intact_checkpoint(Path(args.resume or args.out))
+    stored = _stored_config(checkpoint)
+    cfg = apply_overrides(stored, overrides)
+    _check_same_model(stored, cfg, checkpoint)
+    return cfg, checkpoint
+
+
+#: Model settings a resumed run may change: where and how precisely the ops run, not what is learnt.
+RESUMABLE_MODEL_CHANGES = ("backend", "codebook_precision")
+
+
+def _stored_config(checkpoint: Path) -> PretrainConfig:
+    """The run config stored in ``checkpoint`` (ConfigError naming the checkpoint when it has none
+    or it does not load)."""
+    from pacofr import checkpoint as ckpt
+    from pacofr.train.config import PretrainConfig
+    from pacofr.train.fields import ConfigError
+
     stored = ckpt.read_meta(checkpoint).get("config")
     if not isinstance(stored, dict):
         raise ConfigError(f"checkpoint {checkpoint}: its {ckpt.META_FILE} holds no run config; pass --config")
     try:
-        cfg = PretrainConfig.from_dict(stored)
+        return PretrainConfig.from_dict(stored)
     except ConfigError as err:
         raise ConfigError(f"checkpoint {checkpoint / ckpt.META_FILE}: {err}") from None
-    return apply_overrides(cfg, overrides), checkpoint
+
+
+def _check_same_model(stored: PretrainConfig, cfg: PretrainConfig, checkpoint: Path) -> None:
+    """Refuse a resume whose model settings differ from the checkpoint's (other than
+    :data:`RESUMABLE_MODEL_CHANGES`), naming each change, before anything is written."""
+    from pacofr.train.fields import ConfigError
+
+    before, after = stored.model.to_dict(), cfg.model.to_dict()
+    changed = [f"model.{key} {before[key]!r} -> {after[key]!r}" for key in after
+               if before.get(key) != after[key] and key not in RESUMABLE_MODEL_CHANGES]
+    if changed:
+        raise ConfigError(f"--resume {checkpoint}: the run was trained with other model settings ("
+                          f"{'; '.join(changed[:5])}{'; ...' if len(changed) > 5 else ''}); resume with the run's "
+                          "own settings (leave out --config to use them), or start a new run in another --out")
 
 
 def run(args: argparse.Namespace) -> int:
