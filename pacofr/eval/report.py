@@ -3,7 +3,10 @@
 A grid (:func:`pacofr.eval.grid.evaluate_grid`) becomes one table per protocol: a row per
 (row, feature pool), a column per task, cells ``mean ± std`` over seeds in the task's unit. An
 encoder cell that does not beat HOG under the same protocol (HOG's linear probe for fine-tunes)
-is marked :data:`BELOW_HOG`.
+is marked :data:`BELOW_HOG`. A classification task's table also gives the score of always
+answering the test split's majority class and the chance score (1 / classes), and a cell no
+better than the majority class (within one test image) is marked :data:`COLLAPSED`: the head
+may answer one class for every face.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pacofr.version import __version__
 
 _PACKAGES = ("timm", "numpy", "scikit-image", "safetensors", "triton")
 BELOW_HOG = "†"
+COLLAPSED = "‡"
 HOG_ROW = "HOG"
 PROTOCOL_TITLES = {"linear": "Linear probe (frozen features; ridge for age and landmarks)",
                    "knn": "k-NN (cosine, k = 20, frozen features)",
@@ -89,13 +93,59 @@ def _anchor(rows: Sequence[dict[str, Any]], task: str, protocol: str) -> dict[st
     return found[0] if found else None
 
 
-def _cell(result: dict[str, Any], anchor: dict[str, Any] | None, is_encoder: bool) -> str:
+def class_references(task: dict[str, Any]) -> dict[str, Any] | None:
+    """For a classification task's result dict (its ``data`` as ``describe_data`` writes it): the
+    test accuracy (%) of always answering the test split's majority class, of chance (100 /
+    classes), the majority class and the test size; None for other targets or an empty test split."""
+    counts = task.get("data", {}).get("per_class", {}).get("test")
+    if not counts or sum(counts.values()) == 0:
+        return None
+    total = sum(counts.values())
+    majority = max(counts, key=lambda name: counts[name])
+    return {"majority": 100.0 * counts[majority] / total, "chance": 100.0 / len(counts),
+            "majority_class": majority, "test_n": total}
+
+
+def is_collapsed(result: dict[str, Any], references: dict[str, Any] | None) -> bool:
+    """Whether a classification ``result`` is no better than always answering the majority class:
+    its mean test accuracy is at most one test image (100 / n %) above the majority share."""
+    if references is None or result.get("mean") is None or math.isnan(result["mean"]):
+        return False
+    return result["mean"] <= references["majority"] + 100.0 / references["test_n"]
+
+
+def reference_line(name: str, task: dict[str, Any]) -> str | None:
+    """One line giving a classification task's majority-class and chance scores and naming every
+    result no better than the majority class; None for other targets."""
+    refs = class_references(task)
+    if refs is None:
+        return None
+    line = (f"{name}: always answering the majority class ({refs['majority_class']}) scores "
+            f"{refs['majority']:.2f} % on test, chance {refs['chance']:.2f} % ({len(task['data']['per_class']['test'])} "
+            "classes)")
+    collapsed = [f"{r['protocol']}/{r['pool']}" for r in task.get("results", []) if is_collapsed(r, refs)]
+    if collapsed:
+        line += (f"; {', '.join(collapsed)} no better than that: the head may answer one class for every face "
+                 "(collapsed), not a score to compare")
+    return line
+
+
+def _cell(result: dict[str, Any], anchor: dict[str, Any] | None, is_encoder: bool,
+          references: dict[str, Any] | None = None) -> str:
     text = f"{_fmt(result['mean'])} ± {_fmt(result['std'], result['mean'])}"
     if is_encoder and anchor is not None:
         mean, ref = result["mean"], anchor["mean"]
         if mean is None or ref is None or not (mean > ref if result["higher_is_better"] else mean < ref):
             text += f" {BELOW_HOG}"
+    if is_collapsed(result, references):
+        text += f" {COLLAPSED}"
     return text
+
+
+def _task_references(rows: Sequence[dict[str, Any]], task: str) -> dict[str, Any] | None:
+    """:func:`class_references` of ``task`` from the first row that ran it (every row sees the same split)."""
+    found = next((row["tasks"][task] for row in rows if task in row["tasks"]), None)
+    return class_references(found) if found is not None else None
 
 
 def protocol_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str], protocol: str,
@@ -111,10 +161,15 @@ def protocol_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str], protoco
             cells = []
             for task in tasks:
                 found = [r for r in _results(row, task, protocol) if r["pool"] == pool]
-                cells.append(_cell(found[0], _anchor(rows, task, protocol), row["kind"] == "encoder") if found else "-")
+                cells.append(_cell(found[0], _anchor(rows, task, protocol), row["kind"] == "encoder",
+                                   _task_references(rows, task)) if found else "-")
             lines.append("| " + " | ".join([label, *cells]) + " |")
     if not lines:
         return []
+    references = [_task_references(rows, task) for task in tasks]
+    if any(references):
+        lines.append("| " + " | ".join(["majority class / chance", *(
+            f"{_fmt(r['majority'])} / {_fmt(r['chance'])}" if r else "-" for r in references)]) + " |")
     head = ["row (features)", *[titles.get(t, t) for t in tasks]]
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines]
 
@@ -170,6 +225,10 @@ def grid_tables(rows: Sequence[dict[str, Any]], tasks: Sequence[str], titles: di
     if any(r["name"] == HOG_ROW for r in rows):
         out += [f"{BELOW_HOG}: does not beat HOG on that task (HOG under the same protocol; for fine-tunes, HOG's "
                 "linear probe).", ""]
+    if any(_task_references(rows, task) for task in tasks):
+        out += ["majority class / chance: the test accuracy of always answering the test split's most common class, "
+                f"and 100 / classes. {COLLAPSED}: no better than the majority class (within one test image): the "
+                "head may answer one class for every face (collapsed).", ""]
     return out
 
 

@@ -1,0 +1,42 @@
+"""Classification results are reported beside the majority-class and chance scores, and a result no
+better than the majority class is flagged as collapsed (tables and the one-line summary)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pacofr.eval.report import COLLAPSED, class_references, grid_tables, is_collapsed, reference_line
+
+
+def _task(test_counts: dict[str, int], means: list[float]) -> dict[str, Any]:
+    results = [{"protocol": "linear", "pool": f"pool{i}", "mean": m, "std": 0.0, "metric": "accuracy", "unit": "%",
+                "higher_is_better": True, "val_mean": m} for i, m in enumerate(means)]
+    return {"data": {"target": "class", "per_class": {"test": test_counts}}, "results": results}
+
+
+def test_references_are_counted_from_the_test_split() -> None:
+    # 35 of 48 test faces are 'a': always answering 'a' scores 72.92 %; chance is 1/2
+    refs = class_references(_task({"a": 35, "b": 13}, [80.0]))
+    assert refs == {"majority": 100 * 35 / 48, "chance": 50.0, "majority_class": "a", "test_n": 48}
+    assert class_references({"data": {"target": "regression"}, "results": []}) is None
+
+
+def test_a_result_at_the_majority_share_is_collapsed_and_one_image_better_is_not() -> None:
+    refs = class_references(_task({"a": 35, "b": 13}, []))
+    step = 100 / 48  # one test image
+    assert is_collapsed({"mean": 100 * 35 / 48}, refs)  # exactly the majority share, as in the issue
+    assert is_collapsed({"mean": 100 * 35 / 48 + step}, refs)  # within one image: not distinguishable
+    assert not is_collapsed({"mean": 100 * 35 / 48 + 2 * step}, refs)
+    assert not is_collapsed({"mean": float("nan")}, refs)
+
+
+def test_the_line_and_the_tables_give_the_references_and_flag_a_collapse() -> None:
+    task = _task({"a": 35, "b": 13}, [100 * 35 / 48, 90.0])
+    line = reference_line("fer", task)
+    assert line is not None
+    assert "majority class (a) scores 72.92 %" in line and "chance 50.00 %" in line
+    assert "linear/pool0 no better than that" in line and "pool1" not in line
+    rows = [{"name": "enc", "kind": "encoder", "tasks": {"fer": task}}]
+    text = "\n".join(grid_tables(rows, ["fer"], {"fer": "FER"}))
+    assert "| majority class / chance | 72.9 / 50.0 |" in text
+    assert f"72.9 ± 0.0 {COLLAPSED}" in text and f"90.0 ± 0.0 {COLLAPSED}" not in text and "90.0 ± 0.0" in text
