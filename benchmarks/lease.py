@@ -294,7 +294,8 @@ def probe_wheel(folder: Path) -> Path:
     with zipfile.ZipFile(path, "w") as archive:
         for name, data in files.items():
             archive.writestr(name, data)
-        archive.writestr("pacofr_lease_probe-1.0.dist-info/RECORD", record + "pacofr_lease_probe-1.0.dist-info/RECORD,,\n")
+        record_name = "pacofr_lease_probe-1.0.dist-info/RECORD"
+        archive.writestr(record_name, f"{record}{record_name},,\n")
     return path
 
 
