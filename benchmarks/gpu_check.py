@@ -49,7 +49,6 @@ passed, 1 otherwise, 2 for a usage error.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import logging
@@ -77,7 +76,6 @@ STOP_STEPS: tuple[tuple[int, float], ...] = ((signal.SIGINT, 5.0), (signal.SIGTE
 REFRESH_S = 30.0  #: summary and bundle are also refreshed this often while a stage runs
 POLL_S = 0.2
 BUNDLE_FILE_LIMIT = 4 * 2**20  #: a bigger file goes into the bundle as its last this many bytes
-PEERS: tuple[str, ...] = ("flash_kmeans", "pykeops", "vector_quantize_pytorch")
 #: gpu test files in the order their evidence matters; other test files with gpu tests follow
 GPU_TEST_ORDER: tuple[str, ...] = ("tests/test_info.py", "tests/test_nearest_token.py", "tests/test_soft_assign.py",
                                    "tests/test_patches.py", "tests/test_cuda_ops_gpu.py")
@@ -488,7 +486,8 @@ def c_extension_verdict(results: list[StageResult]) -> dict:
 
 
 def machine() -> dict:
-    """What this machine is, read without importing torch: nvidia-smi, Python, CPUs, peers found."""
+    """What this machine is, read without importing torch: nvidia-smi, Python, CPUs, ``PYTHONPATH``
+    (the carried wheels; whether each peer imports is in the benchmark rows' skip reasons)."""
     try:
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_cap",
                               "--format=csv,noheader"], capture_output=True, text=True, timeout=30,
@@ -496,8 +495,7 @@ def machine() -> dict:
     except (OSError, subprocess.SubprocessError):
         gpu = None
     return {"gpu": gpu, "python": platform.python_version(), "executable": sys.executable,
-            "cpus": os.cpu_count(), "platform": platform.platform(), "pythonpath": os.environ.get("PYTHONPATH"),
-            "peers_found": [name for name in PEERS if importlib.util.find_spec(name) is not None]}
+            "cpus": os.cpu_count(), "platform": platform.platform(), "pythonpath": os.environ.get("PYTHONPATH")}
 
 
 def write_summary(out: Path, results: list[StageResult], clock: Clock, context: dict) -> dict:

@@ -50,6 +50,8 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
+from benchmarks.gpu_check import DEFAULT_BUDGET_S
+
 logger = logging.getLogger("benchmarks.lease")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +60,7 @@ CARRY: tuple[str, ...] = (WHEELS,)
 TRAVEL_LIMIT = 64 * 2**20  #: what one call of the device tool sends (working tree, shared/, carried paths)
 OUT_LIMITS = {"files": 8, "file_bytes": 16 * 2**20, "total_bytes": 64 * 2**20}  #: what $OUT returns
 OUT_NAME = re.compile(r"[A-Za-z0-9._-]+")
-BUDGET_S = 480
+BUDGET_S = int(DEFAULT_BUDGET_S)
 TIMEOUT_S = BUDGET_S + 60  #: the wheel install and the check's own margin inside the call's limit
 DEVICE_PACKAGES_FILE = Path(__file__).with_name("lease_device_packages.txt")
 #: peers published as wheels: fetched for the GPU machine's Python (3.12, manylinux x86-64)
