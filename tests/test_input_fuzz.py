@@ -1,4 +1,5 @@
-"""Fuzz suite for what users hand in: index records, recipe values, file names and config values
+"""Fuzz suite for what users hand in: index records, recipe values, archive members, image arrays and
+config values
 (hypothesis, derandomised, a few dozen examples each so the file stays well under a minute).
 
 Every input either works or is refused with a ValueError (the CLI's one ``error: ...`` line)
@@ -14,17 +15,21 @@ import math
 import os
 import shutil
 import signal
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pacofr.data.datasets import AlignedFaceDataset
 from pacofr.data.demo import demo_root
+from pacofr.data.image_io import UnreadableImageError
+from pacofr.data.image_sets import ZipImages, open_image_set
 from pacofr.data.storage import INDEX_NAME, RECIPE_NAME, read_index
 from pacofr.train.config import load_config
 from pacofr.train.fields import ConfigError
@@ -216,3 +221,35 @@ def test_any_config_value_gives_a_config_or_one_config_error_naming_the_key(key:
         assert key in str(err) and "\n" not in str(err), str(err)
         return
     assert cfg.model.parameter_lower_bound() <= 2**32 and cfg.model.num_patches <= 2**14
+
+
+@FUZZ
+@given(sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=4), cap=st.integers(1, 2500))
+def test_a_zip_member_is_read_only_up_to_the_byte_cap(tmp_path_factory: pytest.TempPathFactory, sizes: list[int],
+                                                      cap: int) -> None:
+    archive = tmp_path_factory.mktemp("zip") / "faces.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as handle:
+        for number, size in enumerate(sizes):
+            handle.writestr(f"m{number}.png", b"\0" * size)  # deflates to a few bytes: a small zip bomb
+    images = ZipImages(archive, [f"m{number}.png" for number in range(len(sizes))], max_bytes=cap)
+    for number, size in enumerate(sizes):
+        if size > cap:
+            with pytest.raises(UnreadableImageError, match=f"more than max_bytes={cap}"):
+                images._encoded(number)
+        else:
+            assert images._encoded(number) == b"\0" * size
+
+
+@pytest.mark.parametrize("array, expected", [
+    (np.full((3, 8, 8), np.nan, dtype=np.float32), "3 of 3 images hold NaN or inf"),
+    (np.concatenate([np.zeros((2, 8, 8, 3)), np.full((1, 8, 8, 3), np.inf)]), "1 of 3 images hold NaN or inf"),
+    (np.zeros((3, 0, 8), dtype=np.uint8), "at least 1 x 1 pixels, got height 0"),
+    (np.zeros((3, 8, 0, 3), dtype=np.uint8), "width 0"),
+])
+def test_npz_images_that_are_not_finite_or_empty_are_refused_naming_the_file(tmp_path: Path, array: np.ndarray,
+                                                                           expected: str) -> None:
+    path = tmp_path / "faces.npz"
+    np.savez(path, images=array)
+    with pytest.raises(ValueError, match=expected) as info:
+        open_image_set(path)
+    assert "faces.npz:images" in str(info.value)

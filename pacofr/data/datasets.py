@@ -105,7 +105,8 @@ class _SkippingDataset(Dataset):
                 logger.warning("skipping item %d: %s", current, err)
                 continue
             return make_item(pixels, landmarks, current, uint8=self.uint8, augment=self.augment)
-        raise RuntimeError(f"none of the {count} items of {type(self).__name__} could be read")
+        raise ValueError(f"none of the {count} items of {type(self).__name__} could be read (each was skipped with a "
+                         "warning naming it and why): the data set holds no readable image")
 
 
 class _IndexedFaceDataset(_SkippingDataset):

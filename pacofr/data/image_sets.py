@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from pacofr.data.decode import decode_crop, hwc_to_chw, resize_square
-from pacofr.data.image_io import (DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_name, load_image,
-                                  read_regular_file, scan_folder)
+from pacofr.data.image_io import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_name,
+                                  load_image, read_regular_file, scan_folder)
 
 
 #: npz keys tried, in order, for the pixels of an image array file.
@@ -121,13 +121,15 @@ class FileImages(_EncodedSet):
 
 
 class ZipImages(_EncodedSet):
-    """Members of a zip archive, read in place (the archive is opened once per process)."""
+    """Members of a zip archive, read in place (the archive is opened once per process); a member
+    larger than ``max_bytes`` uncompressed is unreadable (never inflated into memory)."""
 
     def __init__(self, archive: str | os.PathLike, members: Sequence[str],
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.archive = Path(archive)
         self.keys = list(members)
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
         self._zip: zipfile.ZipFile | None = None
         self._pid = -1
         names = set(self._open().namelist())
@@ -146,9 +148,17 @@ class ZipImages(_EncodedSet):
 
     def _encoded(self, index: int) -> bytes:
         try:
-            return self._open().read(self.keys[index])
-        except (OSError, zipfile.BadZipFile, KeyError) as err:
+            archive = self._open()
+            declared = archive.getinfo(self.keys[index]).file_size
+            if declared <= self.max_bytes:
+                with archive.open(self.keys[index]) as member:  # the header may lie: read at most the cap
+                    data = member.read(self.max_bytes + 1)
+        except (OSError, zipfile.BadZipFile, KeyError, EOFError) as err:
             raise UnreadableImageError(self.describe(index), str(err)) from err
+        if declared > self.max_bytes or len(data) > self.max_bytes:
+            raise UnreadableImageError(self.describe(index), f"member holds more than max_bytes={self.max_bytes} "
+                                                             "bytes uncompressed")
+        return data
 
     def describe(self, index: int) -> str:
         return f"{self.archive}:{self.keys[index]}"
@@ -167,6 +177,13 @@ class ArrayImages(ImageSet):
         array = np.asarray(array)
         if array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[3] not in (1, 3)):
             raise ValueError(f"{name}: images must be (N, H, W) or (N, H, W, 1|3), got shape {array.shape}")
+        if array.shape[1] < 1 or array.shape[2] < 1:
+            raise ValueError(f"{name}: images must be at least 1 x 1 pixels, got height {array.shape[1]} and width "
+                             f"{array.shape[2]} (shape {array.shape})")
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            bad = int((~np.isfinite(array.reshape(array.shape[0], -1))).any(axis=1).sum())
+            raise ValueError(f"{name}: {bad} of {array.shape[0]} images hold NaN or inf values (pixels must be "
+                             "finite: uint8, or floats in [0, 1])")
         if array.dtype != np.uint8:
             if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(array.dtype, np.integer):
                 raise ValueError(f"{name}: images must be uint8 or floats in [0, 1], got dtype {array.dtype}")
