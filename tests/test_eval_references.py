@@ -1,10 +1,17 @@
 """Classification results are reported beside the majority-class and chance scores, and a result no
-better than the majority class is flagged as collapsed (tables and the one-line summary)."""
+better than the majority class is flagged as collapsed (tables and the one-line summary); feature
+extraction shows its progress."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import pytest
+
+from pacofr.data.image_sets import ArrayImages
+from pacofr.eval.encoders import load_encoder
+from pacofr.eval.extractors import EncoderExtractor, extract_features
 from pacofr.eval.report import COLLAPSED, class_references, grid_tables, is_collapsed, reference_line
 
 
@@ -40,3 +47,12 @@ def test_the_line_and_the_tables_give_the_references_and_flag_a_collapse() -> No
     text = "\n".join(grid_tables(rows, ["fer"], {"fer": "FER"}))
     assert "| majority class / chance | 72.9 / 50.0 |" in text
     assert f"72.9 ± 0.0 {COLLAPSED}" in text and f"90.0 ± 0.0 {COLLAPSED}" not in text and "90.0 ± 0.0" in text
+
+
+def test_feature_extraction_shows_its_progress(capsys: pytest.CaptureFixture[str]) -> None:
+    images = ArrayImages(np.zeros((7, 16, 16), dtype=np.uint8))
+    extract_features(EncoderExtractor(load_encoder("random:tiny")), images, ["cls"], batch_size=3, progress=True)
+    err = capsys.readouterr().err
+    assert "features" in err and "7/7" in err  # a bar counting the images
+    extract_features(EncoderExtractor(load_encoder("random:tiny")), images, ["cls"], batch_size=3)
+    assert capsys.readouterr().err == ""  # not a terminal here: no bar in logs

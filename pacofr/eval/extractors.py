@@ -11,7 +11,6 @@ a training checkpoint or an export folder (:func:`pacofr.eval.encoders.load_enco
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,6 @@ from pacofr.eval.baselines import BASELINE_SIZE, BASELINE_TITLES, BASELINES, bas
 from pacofr.eval.encoders import LoadedEncoder, load_encoder
 from pacofr.eval.features import encoder_features, image_batches, to_input
 
-logger = logging.getLogger(__name__)
 
 BASELINE_PREFIX = "baseline:"
 ENCODER_GLOBAL_POOLS = ("cls", "mean")
@@ -136,15 +134,19 @@ def default_name(encoder: LoadedEncoder) -> str:
 
 
 def extract_features(extractor: Extractor, images: ImageSet, pools: Sequence[str], *, batch_size: int = 64,
-                     device: str = "cpu", indices: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+                     device: str = "cpu", indices: Sequence[int] | None = None,
+                     progress: bool | None = None) -> dict[str, torch.Tensor]:
     """float32 (N, F) features of ``images`` (or of the images ``indices``) for every pool,
-    decoding and encoding ``batch_size`` images at a time."""
+    decoding and encoding ``batch_size`` images at a time. ``progress``: a tqdm bar on stderr
+    (None: only when stderr is a terminal)."""
+    from tqdm import tqdm
+
     order = list(range(len(images))) if indices is None else list(indices)
     chunks: dict[str, list[torch.Tensor]] = {pool: [] for pool in pools}
-    with extractor.running(device):
-        for number, batch in enumerate(image_batches(images, order, batch_size)):
+    with extractor.running(device), tqdm(total=len(order), unit="img", desc=f"features {extractor.name}",
+                                         disable=None if progress is None else not progress, leave=False) as bar:
+        for batch in image_batches(images, order, batch_size):
             for pool, values in extractor.features(batch, pools).items():
                 chunks[pool].append(values)
-            if number % 50 == 0:
-                logger.debug("%s: features %d/%d", extractor.name, min((number + 1) * batch_size, len(order)), len(order))
+            bar.update(len(batch))
     return {pool: torch.cat(parts) if parts else torch.empty(0, 0) for pool, parts in chunks.items()}
