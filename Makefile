@@ -43,7 +43,8 @@ GPU_STACK_TESTS ?= tests/test_dispatch.py tests/test_nearest_token.py tests/test
 	tests/test_model_parts.py tests/test_model_paco.py tests/test_model_backends.py tests/test_step_buffers.py \
 	tests/test_precision.py
 
-.PHONY: all demo test unit-tests static-check gpu-stack-venv gpu-stack-tests wheel-check venv wheel info clean
+.PHONY: all demo test unit-tests static-check gpu-stack-venv gpu-stack-tests wheel-check venv wheel info clean \
+	lease-prepare lease-dry-run
 
 all: test
 
@@ -95,6 +96,15 @@ wheel-check: $(STAMP)
 	PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) TORCH_CUDA_ARCH_LIST="$(ARCHES)" MAX_JOBS=2 \
 		$(PYTHON) .ci/wheel_check.py --python $(PY) --out $(WHEEL_OUT) --torch "$(TORCH_PINS)" \
 		$(if $(filter 1,$(BUILD_CUDA)),--with-cuda)
+
+# before a GPU lease: size check, peer wheels into .whl/, the device run call (docs/gpu-lease.md)
+lease-prepare: $(STAMP)
+	$(PY) -m benchmarks.lease prepare
+
+# the lease rehearsed here: its exact command with --cpu and a pacofr._C build that fails on purpose
+# (tests/test_lease.py runs the same inside unit-tests)
+lease-dry-run: $(STAMP)
+	$(PY) -m benchmarks.lease dry-run
 
 demo: $(STAMP)
 	$(PY) -m pacofr info
