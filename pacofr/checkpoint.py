@@ -65,6 +65,19 @@ class CorruptCheckpointError(ValueError):
     The message is one line naming the checkpoint folder and the file."""
 
 
+class TrainingState(dict):
+    """The training-state dict of a checkpoint (``state.pt``): reading a part it lacks raises a
+    one-line :class:`CorruptCheckpointError` naming the checkpoint and the part, not a KeyError."""
+
+    def __init__(self, folder: Path, parts: dict[str, Any]) -> None:
+        super().__init__(parts)
+        self.folder = folder
+
+    def __missing__(self, key: str) -> Any:
+        raise CorruptCheckpointError(f"checkpoint {self.folder}: {STATE_FILE} holds no {key!r} (it holds "
+                                     f"{sorted(map(str, self))[:8]}): not written by this version's trainer, or edited")
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint read from disk: its folder, meta data and training state (weights load apart)."""
@@ -428,7 +441,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not isinstance(state, dict):
         raise CorruptCheckpointError(f"checkpoint {folder}: {STATE_FILE} holds a {type(state).__name__}, "
                                      "not the training-state dict")
-    return Checkpoint(path=folder, meta=meta, state=state)
+    return Checkpoint(path=folder, meta=meta, state=TrainingState(folder, state))
 
 
 def load_weights(model: torch.nn.Module, source: str | Path | Checkpoint, strict: bool = True) -> None:

@@ -107,7 +107,7 @@ def test_export_refuses_weights_that_are_not_finite(run_dir: Path, tmp_path: Pat
     with torch.no_grad():
         model.encoder.blocks[0].attn.qkv.weight[0, 0] = float("nan")
     directory = tmp_path / "run" / "checkpoints"
-    ckpt.save_checkpoint(directory, model, source.state, source.meta)
+    ckpt.save_checkpoint(directory, model, dict(source.state), source.meta)
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 2
     line = error_line(capsys)
     assert "weights hold NaN or inf (blocks.0.attn.qkv.weight)" in line, line
@@ -162,3 +162,16 @@ def test_a_resume_may_change_where_the_ops_run(run_dir: Path, tmp_path: Path) ->
     assert main(["pretrain", "--resume", str(run), "--out", str(run), *QUICK, "--set", "model.codebook_precision=ieee",
                  "--set", "train.max_steps=3"]) == 0
     assert (run / "checkpoints" / "step_00000003").is_dir()
+
+
+def test_a_state_without_the_optimiser_is_one_line(run_dir: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    source = ckpt.load_checkpoint(run_dir)
+    model = build_model(PretrainConfig.from_dict(source.config).model)
+    ckpt.load_weights(model, source)
+    state = {key: value for key, value in source.state.items() if key != "optimizer"}
+    run = tmp_path / "run"
+    ckpt.save_checkpoint(run / "checkpoints", model, state, source.meta)  # checksums fit: only the content is at fault
+    assert main(["pretrain", "--resume", str(run), "--out", str(run), *QUICK, "--set", "train.max_steps=3"]) == 2
+    line = error_line(capsys)
+    assert "state.pt holds no 'optimizer'" in line, line
