@@ -123,14 +123,30 @@ def round_to_bf16(x):
 
 
 @triton.jit
+def dot_operand(tile, CAST_BF16: tl.constexpr, UPCAST: tl.constexpr):
+    """A loaded tile as ``tl.dot`` takes it: rounded to bf16 (``CAST_BF16``), upcast to fp32 (``UPCAST``)."""
+    if CAST_BF16 and UPCAST:
+        tile = round_to_bf16(tile)
+    elif CAST_BF16:
+        tile = tile.to(tl.bfloat16)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
 def best_codes(
     x_ptr, codebook_ptr, code_term_ptr, rows, row_mask, n_codes, dim,
     stride_xn, stride_xd, stride_en, stride_ed,
     KP: tl.constexpr, COSINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, CAST_BF16: tl.constexpr, UPCAST: tl.constexpr,
+    RESIDENT: tl.constexpr,
 ):
     """Keys ``(BLOCK_N, KP)`` (unordered) of the ``KP`` lowest-scoring codes of query ``rows``.
 
+    ``RESIDENT`` (the launcher sets it when ``BLOCK_D >= dim``): the query tile is loaded once and
+    stays on chip across all code tiles, and the loop over code tiles is the only loop (Triton
+    pipelines it over ``num_stages`` code tiles); otherwise each code tile loops over D chunks.
     Slots that no code filled (``n_codes < KP``) hold distinct keys above every real key.
     """
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
@@ -140,28 +156,30 @@ def best_codes(
     # registers (no reduction across threads per tile) and merged into a key once at the end
     lane_score = tl.full((BLOCK_N, BLOCK_K), float("nan"), tl.float32)
     lane_code = tl.full((BLOCK_N, BLOCK_K), -1, tl.int32)
+    if RESIDENT:
+        all_ds = tl.arange(0, BLOCK_D)
+        x_resident = dot_operand(tl.load(x_rows + all_ds.to(tl.int64)[None, :] * stride_xd,
+                                         mask=row_mask[:, None] & (all_ds < dim)[None, :], other=0.0),
+                                 CAST_BF16, UPCAST)
     for code_start in range(0, n_codes, BLOCK_K):
         cols = code_start + tl.arange(0, BLOCK_K)
         col_mask = cols < n_codes
         e_cols = codebook_ptr + cols.to(tl.int64)[None, :] * stride_en
-        dots = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for d_start in range(0, dim, BLOCK_D):
-            ds = d_start + tl.arange(0, BLOCK_D)
-            d_mask = ds < dim
-            x_tile = tl.load(x_rows + ds.to(tl.int64)[None, :] * stride_xd,
-                             mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            e_tile = tl.load(e_cols + ds.to(tl.int64)[:, None] * stride_ed,
-                             mask=d_mask[:, None] & col_mask[None, :], other=0.0)
-            if CAST_BF16 and UPCAST:
-                x_tile = round_to_bf16(x_tile)
-                e_tile = round_to_bf16(e_tile)
-            elif CAST_BF16:
-                x_tile = x_tile.to(tl.bfloat16)
-                e_tile = e_tile.to(tl.bfloat16)
-            if UPCAST:
-                x_tile = x_tile.to(tl.float32)
-                e_tile = e_tile.to(tl.float32)
-            dots = tl.dot(x_tile, e_tile, dots, input_precision=INPUT_PRECISION)
+        if RESIDENT:
+            e_tile = tl.load(e_cols + all_ds.to(tl.int64)[:, None] * stride_ed,
+                             mask=(all_ds < dim)[:, None] & col_mask[None, :], other=0.0)
+            dots = tl.dot(x_resident, dot_operand(e_tile, CAST_BF16, UPCAST), input_precision=INPUT_PRECISION)
+        else:
+            dots = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for d_start in range(0, dim, BLOCK_D):
+                ds = d_start + tl.arange(0, BLOCK_D)
+                d_mask = ds < dim
+                x_tile = tl.load(x_rows + ds.to(tl.int64)[None, :] * stride_xd,
+                                 mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+                e_tile = tl.load(e_cols + ds.to(tl.int64)[:, None] * stride_ed,
+                                 mask=d_mask[:, None] & col_mask[None, :], other=0.0)
+                dots = tl.dot(dot_operand(x_tile, CAST_BF16, UPCAST), dot_operand(e_tile, CAST_BF16, UPCAST), dots,
+                              input_precision=INPUT_PRECISION)
         term = tl.load(code_term_ptr + cols, mask=col_mask, other=0.0)
         if COSINE:
             scores = -dots * term[None, :]

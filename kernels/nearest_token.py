@@ -26,7 +26,7 @@ def nearest_token_kernel(
     stride_xn, stride_xd, stride_en, stride_ed, max_squared_norm,
     K_OUT: tl.constexpr, KP: tl.constexpr, COSINE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, CAST_BF16: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, CAST_BF16: tl.constexpr, UPCAST: tl.constexpr, RESIDENT: tl.constexpr,
 ):
     """Write the ``K_OUT`` nearest codes of rows ``[pid * BLOCK_N, ...)`` to ``dist``/``index`` (row stride ``K_OUT``).
 
@@ -36,7 +36,7 @@ def nearest_token_kernel(
     row_mask = rows < n_rows
     best = best_codes(x_ptr, codebook_ptr, code_term_ptr, rows, row_mask, n_codes, dim,
                       stride_xn, stride_xd, stride_en, stride_ed,
-                      KP, COSINE, BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION, CAST_BF16, UPCAST)
+                      KP, COSINE, BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION, CAST_BF16, UPCAST, RESIDENT)
 
     # ||x||^2 in fp32 (the row constant of the reported distance, never part of the comparison)
     squared_norm = squared_norms_of_rows(x_ptr, rows, row_mask, dim, stride_xn, stride_xd, BLOCK_D)

@@ -40,7 +40,7 @@ def soft_assign_fwd_kernel(
     M: tl.constexpr, M_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DE: tl.constexpr,
     COSINE: tl.constexpr, HARD: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, CAST_BF16: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, CAST_BF16: tl.constexpr, UPCAST: tl.constexpr, RESIDENT: tl.constexpr,
 ):
     """code_stat: (K,) fp32 code norms (cosine) or squared norms (l2); rank_term: (K,) fp32
     ``1 / max(||e||, eps)`` (cosine) or ``0.5 ||e||^2`` (l2), the ranking's per-code term. Outputs
@@ -55,7 +55,7 @@ def soft_assign_fwd_kernel(
     # ---- 1. ranking: the M_PAD best keys per row ------------------------------------------------
     best = best_codes(q_ptr, cb_ptr, rank_term_ptr, rows, row_ok, K, D,
                       stride_qn, stride_qd, stride_cbk, stride_cbd,
-                      M_PAD, COSINE, BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION, CAST_BF16, UPCAST)
+                      M_PAD, COSINE, BLOCK_N, BLOCK_K, BLOCK_D, INPUT_PRECISION, CAST_BF16, UPCAST, RESIDENT)
 
     # ---- 2. epilogue: the M winners in order, their exact scores, softmax, weighted sum -----------
     ordered = tl.full((BLOCK_N, M_PAD), KEY_PAD, tl.int64)

@@ -301,7 +301,7 @@ def _triton_search(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
     kp = next_power_of_two(k)
     on_interpreter = interpreting(x.device)
     input_precision, cast_bf16 = kernel_precision(precision, x.dtype)
-    tiles = ranking_tiles(x.dtype, input_precision, cast_bf16, kp, on_interpreter)
+    tiles = ranking_tiles(x.dtype, input_precision, cast_bf16, kp, dim, on_interpreter)
     terms = code_terms(codebook, metric, squared_row_norms_triton(codebook))
     distances, indices = _outputs(n, k, index_dtype, x.device)
     kernels.nearest_token_kernel[(cdiv(n, tiles.block_n),)](
@@ -310,7 +310,7 @@ def _triton_search(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
         x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1), MAX_SQUARED_NORM,
         K_OUT=k, KP=kp, COSINE=metric == "cosine",
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_D=tiles.block_d,
-        INPUT_PRECISION=input_precision, CAST_BF16=cast_bf16,
+        INPUT_PRECISION=input_precision, CAST_BF16=cast_bf16, RESIDENT=tiles.resident,
         # the interpreter's tl.dot is wrong on bf16 tiles: give it exact fp32 copies of the values
         UPCAST=on_interpreter and (x.dtype == torch.bfloat16 or cast_bf16),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=tiles.max_registers,

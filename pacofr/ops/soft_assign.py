@@ -423,14 +423,14 @@ def _triton_forward(q: torch.Tensor, codebook: torch.Tensor, tau: torch.Tensor, 
     m_pad = next_power_of_two(m)
     on_interpreter = interpreting(device)
     input_precision, cast_bf16 = kernel_precision(precision, q.dtype)
-    tiles = ranking_tiles(q.dtype, input_precision, cast_bf16, m_pad, on_interpreter)
+    tiles = ranking_tiles(q.dtype, input_precision, cast_bf16, m_pad, dim, on_interpreter)
     kernels.soft_assign_fwd_kernel[(cdiv(n, tiles.block_n),)](
         q, codebook, code_stat, _rank_term(code_stat, metric), tau, token, indices, weights, raw, q_norm,
         n, codebook.shape[0], dim, q.stride(0), q.stride(1), codebook.stride(0), codebook.stride(1), NORM_EPS,
         M=m, M_PAD=m_pad, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_D=tiles.block_d,
         BLOCK_DE=gather_block_d(FWD_GATHER_ELEMENTS, tiles.block_n, m_pad, dim, high=32),
         COSINE=metric == "cosine",
-        HARD=straight_through, INPUT_PRECISION=input_precision, CAST_BF16=cast_bf16,
+        HARD=straight_through, INPUT_PRECISION=input_precision, CAST_BF16=cast_bf16, RESIDENT=tiles.resident,
         # the interpreter's tl.dot is wrong on bf16 tiles: give it exact fp32 copies of the values
         UPCAST=on_interpreter and (q.dtype == torch.bfloat16 or cast_bf16),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=tiles.max_registers)
