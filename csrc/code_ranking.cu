@@ -1,10 +1,11 @@
 // Launcher of the code-ranking kernels: the mma.sync kernel (csrc/code_ranking_kernel.h) with the
 // math for the input type and precision, the list length KP for k, the resident or streaming query
-// tile for the shared memory the device has; or, where csrc/ranking_dispatch.h chooses it (not yet:
-// kWgmmaDispatch is off until the GPU tests ran it), the sm_90a wgmma kernel
+// tile for the shared memory the device has; or, where csrc/ranking_dispatch.h chooses it (only with
+// PACOFR_CUDA_WGMMA=1 until the GPU tests ran it), the sm_90a wgmma kernel
 // (csrc/code_ranking_sm90.h). Checks the launch limits and launches. No torch headers here.
 #include "code_ranking.h"
 
+#include <cstdlib>
 #include <sstream>
 
 #include "code_ranking_kernel.h"
@@ -127,7 +128,8 @@ std::string rank_codes(const Problem& problem, cudaStream_t stream) {
   const bool sixteen_bit = problem.input != InputType::kFloat32;
 
   Plan plan;
-  if (kWgmmaDispatch && major == 9 && minor == 0 && sixteen_bit) {
+  const bool wgmma_allowed = wgmma_enabled(std::getenv("PACOFR_CUDA_WGMMA"));
+  if (wgmma_allowed && major == 9 && minor == 0 && sixteen_bit) {
     std::string failure;
     DispatchFacts facts;
     facts.major = major;
@@ -143,7 +145,7 @@ std::string rank_codes(const Problem& problem, cudaStream_t stream) {
     facts.static_shared = attributes.sharedSizeBytes;
     facts.wgmma_dynamic = static_cast<size_t>(wgmma_shared_bytes(dim_bytes));
     facts.shared_limit = limit;
-    if (choose_kernel(facts) == RankingKernel::kWgmma) {
+    if (choose_kernel(facts, wgmma_allowed) == RankingKernel::kWgmma) {
       plan = {kernel, launch::ceil_div(problem.n_rows, kWgmmaRows), facts.wgmma_dynamic};
     }
   }

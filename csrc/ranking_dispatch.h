@@ -4,7 +4,8 @@
 // sm_90a image of it loaded (a fatbin built without "9.0a" only has trapping stubs), 16-bit inputs,
 // and its resident query tile within the block's shared-memory limit; anything else runs the
 // mma.sync kernel (csrc/code_ranking_kernel.h). kWgmmaDispatch keeps the Hopper kernel switched
-// off until the GPU tests (tests/test_cuda_ops_gpu.py) have passed on it: it has not run yet.
+// off by default until the GPU tests (tests/test_cuda_ops_gpu.py) have passed on it: it has not run
+// yet. The environment variable PACOFR_CUDA_WGMMA=1 switches it on for a process (those tests).
 #pragma once
 
 #include <cstddef>
@@ -30,7 +31,12 @@ struct DispatchFacts {
   size_t shared_limit = 0;      // cudaDevAttrMaxSharedMemoryPerBlockOptin
 };
 
-PACOFR_HD RankingKernel choose_kernel(const DispatchFacts& facts, bool wgmma_enabled = kWgmmaDispatch) {
+// Whether the Hopper kernel may be chosen: kWgmmaDispatch, or PACOFR_CUDA_WGMMA=1 (value given).
+inline bool wgmma_enabled(const char* environment_value) {
+  return kWgmmaDispatch || (environment_value != nullptr && environment_value[0] == '1' && environment_value[1] == '\0');
+}
+
+PACOFR_HD RankingKernel choose_kernel(const DispatchFacts& facts, bool wgmma_enabled) {
   const bool hopper = facts.major == 9 && facts.minor == 0;
   const bool fits = launch::shared_memory_fits(facts.static_shared, facts.wgmma_dynamic, facts.shared_limit);
   return wgmma_enabled && hopper && facts.sixteen_bit && facts.wgmma_image && fits ? RankingKernel::kWgmma

@@ -516,6 +516,12 @@ def test_kernel_choice(driver: Driver) -> None:
     assert [int(v) for v in lines] == [want for _, want in cases]
 
 
+def test_wgmma_kernel_is_off_unless_asked_for(driver: Driver) -> None:
+    """Off by default until the GPU tests have run it; PACOFR_CUDA_WGMMA=1 (exactly) switches it on."""
+    values = ["-", "1", "0", "10", "yes"]
+    assert [int(v) for v in driver(f"wgmma_switch {len(values)} {' '.join(values)}")] == [0, 1, 0, 0, 0]
+
+
 def test_wgmma_shared_memory(driver: Driver) -> None:
     """128 resident query rows of D bytes (rounded up to 64) and 3 stages of 128 x 64-byte code chunks with
     their 128 fp32 terms; bf16 D = 768 still fits sm_90's 227 KiB (with 1 KiB static)."""

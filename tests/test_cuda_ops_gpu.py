@@ -57,6 +57,38 @@ def test_nearest_token_matches_the_oracle(dtype, n, codes, dim, k, metric, gener
     assert_matches_oracle(x, codebook, k, metric, distances.cpu(), indices.cpu())
 
 
+@pytest.fixture()
+def hopper_wgmma(monkeypatch) -> None:
+    """Switch on the sm_90a wgmma ranking kernel (csrc/ranking_dispatch.h) for a test; skip off Hopper."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma ranking kernel needs a compute capability 9.0 device")
+    monkeypatch.setenv("PACOFR_CUDA_WGMMA", "1")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("n,codes,dim", NEAREST_SHAPES)
+@pytest.mark.parametrize("k", [1, 3, 8, 16])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_hopper_wgmma_kernel_matches_the_oracle(hopper_wgmma, dtype, n, codes, dim, k, metric, generator) -> None:
+    """The same oracle as the mma.sync kernel's (shapes over many tiles, chunks, ragged N, K and D)."""
+    x, codebook = nearest_inputs("clustered", n, codes, dim, dtype, generator)
+    distances, indices = nearest_token(x.cuda(), codebook.cuda(), k, metric, backend="cuda")
+    assert_matches_oracle(x, codebook, k, metric, distances.cpu(), indices.cpu())
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 5])
+def test_hopper_wgmma_kernel_breaks_ties_to_the_smallest_index(hopper_wgmma, k, generator) -> None:
+    """Duplicates of the nearest code in other warps' columns, later tiles and the ragged last tile (bf16:
+    the small integers are exact)."""
+    x, codebook = integer_inputs(200, 4500, 24, generator)
+    twins = [70, 130, 2000, 4497]
+    codebook[twins] = codebook[5]
+    x[:] = codebook[5]
+    distances, indices = nearest_token(x.cuda().bfloat16(), codebook.cuda().bfloat16(), k, backend="cuda")
+    assert (indices.cpu() == torch.tensor([5, *twins][:k])).all()
+    assert (distances.cpu() == 0).all()
+
+
 @pytest.mark.parametrize("precision", ["ieee", "tf32", "tf32x3"])
 @pytest.mark.parametrize("n,codes,dim", [(300, 5000, 256), (129, 700, 1000)])
 def test_fp32_input_precisions_are_within_their_tolerance(precision, n, codes, dim, generator) -> None:

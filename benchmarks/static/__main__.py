@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-benchmarks", action="store_true", help="only the model presets' training steps")
     parser.add_argument("--no-models", action="store_true", help="only the benchmark shapes")
     parser.add_argument("--no-cuda", action="store_true", help="skip the pacofr._C SASS table")
+    parser.add_argument("--cuda-binary", action="append", type=Path,
+                        help="read these CUDA binaries (objects or cubins of csrc/ compiled with nvcc, repeatable) "
+                             "instead of the built pacofr._C")
     parser.add_argument("--no-budget", action="store_true",
                         help="skip the cost budget (estimates) of the headline rows (benchmarks.static.cost_budget; "
                              "also skipped with --no-benchmarks)")
@@ -108,14 +111,27 @@ def compile_all(launches: list, jobs: int) -> dict:
     return variants
 
 
-def cost_budget(launches: list, variants: dict, kernels: list) -> list[dict[str, Any]]:
-    """The cost budget rows of the headline calls (estimates): Triton variants, and pacofr._C when built."""
+def cuda_binaries(args: argparse.Namespace) -> tuple[list, dict]:
+    """The CUDA kernels and their SASS listings: of ``--cuda-binary`` files, else of the built pacofr._C."""
+    from benchmarks.static.cuda_sass import cuda_kernels, cuda_listings
+
+    if args.no_cuda:
+        return [], {}
+    paths = args.cuda_binary or [None]
+    kernels, listings = [], {}
+    for path in paths:
+        kernels += cuda_kernels(path)
+        listings.update(cuda_listings(path))
+    return kernels, listings
+
+
+def cost_budget(launches: list, variants: dict, kernels: list, listings: dict) -> list[dict[str, Any]]:
+    """The cost budget rows of the headline calls (estimates): Triton variants, and the CUDA ranking kernels."""
     from benchmarks.static.cost_budget import cuda_budget_rows, triton_budget_rows
-    from benchmarks.static.cuda_sass import cuda_listings
 
     rows = triton_budget_rows(launches, variants)
     if kernels:
-        rows += cuda_budget_rows(kernels, cuda_listings())
+        rows += cuda_budget_rows(kernels, listings)
     return rows
 
 
@@ -141,14 +157,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     from benchmarks.static import policy
-    from benchmarks.static.cuda_sass import cuda_kernels
 
     launches = record_launches(args, arches)
     by_key = compile_all(launches, max(1, args.jobs))
     variants = list(by_key.values())
     triton_rows = [policy.variant_row(v) for v in variants]
-    kernels = [] if args.no_cuda else cuda_kernels()
-    budget = [] if args.no_budget or args.no_benchmarks else cost_budget(launches, by_key, kernels)
+    kernels, listings = cuda_binaries(args)
+    budget = [] if args.no_budget or args.no_benchmarks else cost_budget(launches, by_key, kernels, listings)
     cuda_rows = [policy.cuda_row(k) for k in kernels]
     violations, warnings = policy.triton_checks(variants, spills=args.spills)
     violations += [v for kernel in kernels for v in policy.cuda_violations(kernel)]

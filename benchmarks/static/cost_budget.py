@@ -162,16 +162,20 @@ def _evaluate(node: ast.AST, names: dict[str, int]) -> int:
     raise ValueError(f"csrc/ranking_tiles.h: cannot evaluate {ast.dump(node)}")
 
 
-def cuda_ranking_geometry(row: Headline, kp: int, registers: int, shared_static: int,
-                          tiles: dict[str, int]) -> Geometry:
-    """The ``pacofr._C`` ranking kernel's launch (csrc/ranking_tiles.h, csrc/code_ranking.cu): 2 m-tiles of
-    16 rows per warp for KP <= 4, else 1; kCodes codes per tile; 64-byte D chunks; resident query tile."""
-    m_tiles = 2 if kp <= 4 else 1
-    rows = tiles["kWarpsM"] * 16 * m_tiles
+def cuda_ranking_geometry(row: Headline, kp: int, registers: int, shared_static: int, tiles: dict[str, int],
+                          wgmma: bool) -> Geometry:
+    """A ``pacofr._C`` ranking kernel's launch (csrc/ranking_tiles.h, csrc/code_ranking.cu) with the query tile
+    resident: mma.sync, 2 m-tiles of 16 rows per warp for KP <= 4, else 1, row pitch 16 bytes over the
+    64-byte chunks, stages of kStagePitch-byte code rows; wgmma (csrc/code_ranking_sm90.h), kWgmmaRows rows
+    and 64-byte code rows without padding. Both: kCodes codes per tile, each stage with the tile's terms."""
     dim_bytes = row.dim * BF16_BYTES
     chunks = math.ceil(dim_bytes / tiles["kChunkBytes"])
-    pitch = chunks * tiles["kChunkBytes"] + 16
-    ring = tiles["kStages"] * tiles["kCodes"] * tiles["kStagePitch"]
+    if wgmma:
+        rows, pitch, code_pitch = tiles["kWgmmaRows"], chunks * tiles["kChunkBytes"], tiles["kChunkBytes"]
+    else:
+        rows = tiles["kWarpsM"] * 16 * (2 if kp <= 4 else 1)
+        pitch, code_pitch = chunks * tiles["kChunkBytes"] + 16, tiles["kStagePitch"]
+    ring = tiles["kStages"] * (tiles["kCodes"] * code_pitch + tiles["kTermBytes"])
     return Geometry(ctas=math.ceil(row.rows / rows), tiles_per_cta=math.ceil(row.codes / tiles["kCodes"]),
                     steps_per_tile=chunks, warps=tiles["kWarpsM"] * tiles["kWarpsN"], registers=registers,
                     shared_bytes=shared_static + rows * pitch + ring)
@@ -271,22 +275,27 @@ def cuda_budget_rows(kernels: list, listings: dict[tuple[str, str], str]) -> lis
             continue
         kp = 1 << (row.k - 1).bit_length()
         for kernel in kernels:
-            arch = kernel.report.arch
-            if not _is_bf16_ranking(kernel.name, kp) or arch not in cost_model.MACHINES:
+            arch = kernel.report.arch.removesuffix("a")  # sm_90a runs on the sm_90 machine
+            wgmma = _bf16_ranking_kind(kernel.name, kp)
+            # the wgmma kernel from the sm_90a image (elsewhere it is a stub), mma.sync from the plain images
+            if wgmma is None or arch not in cost_model.MACHINES or wgmma != (kernel.report.arch == "sm_90a"):
                 continue
-            listing = listings.get((arch, kernel.report.name))
+            listing = listings.get((kernel.report.arch, kernel.report.name))
             if listing is None:
                 continue
             geometry = cuda_ranking_geometry(row, kp, kernel.report.resources.registers,
-                                             kernel.report.resources.shared_static, tiles)
+                                             kernel.report.resources.shared_static, tiles, wgmma)
             out.append(budget_row(row, kernel.name, "cuda", arch, flow_counts(listing), geometry))
     return out
 
 
-def _is_bf16_ranking(name: str, kp: int) -> bool:
-    """``rank_codes_kernel<pacofr::ranking::Mma16Bit<true>, KP, ...>`` (the resident variant when templated)."""
-    match = re.match(r"rank_codes_kernel<pacofr::ranking::Mma16Bit<true>, (\d+)(?:, (true|false))?>", name)
-    return match is not None and int(match.group(1)) == kp and match.group(2) in (None, "true")
+def _bf16_ranking_kind(name: str, kp: int) -> bool | None:
+    """True for the bf16 wgmma ranking kernel of list length ``kp``, False for the bf16 mma.sync one (its
+    resident-query variant), None for any other kernel."""
+    if (found := re.match(r"rank_codes_wgmma_kernel<true, (\d+)>", name)) is not None:
+        return True if int(found.group(1)) == kp else None
+    found = re.match(r"rank_codes_kernel<pacofr::ranking::Mma16Bit<true>, (\d+)(?:, (true|false))?>", name)
+    return False if found is not None and int(found.group(1)) == kp and found.group(2) in (None, "true") else None
 
 
 # ----------------------------------------------------------------------------------------------

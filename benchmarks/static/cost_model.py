@@ -72,8 +72,8 @@ H100 = Machine(
     name="H100 SXM", arch="sm_90",
     sms=Constant(132, 132, 132, "torch device properties on the lent H100 (kernels.md section 1)"),
     dense_tflops=Constant(790, 790, 800, "measured: cuBLAS bf16 GEMM 8192^3 on the lent H100 (kernels.md section 1)"),
-    mma_sync_fraction=Constant(0.625, 0.60, 0.65, "assumed: mma.sync reaches 60-65 % of the wgmma rate on Hopper "
-                               "(issue 27; public microbenchmarks of HMMA.16816 on H100)"),
+    mma_sync_fraction=Constant(0.625, 0.60, 0.65, "assumed, not measured: mma.sync reaches 60-65 % of the wgmma rate on "
+                               "Hopper (issue 27's figure)"),
     hbm_tbps=Constant(3.0, 3.0, 3.0, "measured: device-to-device copy, read + write counted (kernels.md section 1)"),
     l2_tbps=Constant(6.25, 5.5, 7.0, "assumed, not measured: L2 -> SM bandwidth 5.5-7 TB/s (issue 27)"),
     clock_ghz=Constant(1.83, 1.7, 1.98, "NVIDIA H100 SXM boost clock 1.98 GHz; about 1.7-1.75 GHz sustained under "

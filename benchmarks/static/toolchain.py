@@ -95,7 +95,7 @@ class FunctionReport:
 _ARCH_RE = re.compile(r"^arch = (sm_\d+a?)", re.M)
 _FUNC_RES_RE = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 _SASS_FUNC_RE = re.compile(r"^\s*Function : (\S+)\s*$", re.M)
-_OPCODE_RE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_.]+)?)")
+_OPCODE_RE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_.]+)?)")
 
 
 def _fatbin_sections(text: str) -> Iterator[tuple[str, str]]:

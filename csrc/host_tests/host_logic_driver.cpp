@@ -23,6 +23,7 @@
 //   wgmma_layout ROWS COLUMNS              -> ROWS lines of COLUMNS core-matrix byte offsets (wgmma_ops.h)
 //   descriptor N (ADDRESS LEADING STRIDE)*N -> N lines "DESCRIPTOR" (64-bit, decimal)
 //   dispatch N (MAJOR MINOR SIXTEEN IMAGE STATIC DYNAMIC LIMIT ENABLED)*N -> N lines "KERNEL" (0 mma.sync, 1 wgmma)
+//   wgmma_switch N VALUE*N                 -> N lines "ENABLED" for PACOFR_CUDA_WGMMA=VALUE ("-" for unset)
 //   wgmma_shared N DIM_BYTES*N             -> N lines "BYTES" (dynamic shared memory of the Hopper kernel)
 #include <algorithm>
 #include <cstdint>
@@ -346,6 +347,15 @@ void run_dispatch(std::istream& in) {
   }
 }
 
+void run_wgmma_switch(std::istream& in) {
+  const uint32_t n = read_u32(in);
+  for (uint32_t i = 0; i < n; ++i) {
+    std::string value;
+    in >> value;
+    std::printf("%d\n", pacofr::ranking::wgmma_enabled(value == "-" ? nullptr : value.c_str()) ? 1 : 0);
+  }
+}
+
 void run_wgmma_shared(std::istream& in) {
   const uint32_t n = read_u32(in);
   for (uint32_t i = 0; i < n; ++i) {
@@ -384,7 +394,7 @@ int main() {
       {"keys", run_keys},         {"distance", run_distance}, {"divmod", run_divmod}, {"patch", run_patch},
       {"segments", run_segments}, {"limits", run_limits},     {"tiles", run_tiles},   {"tiling", run_tiling},
       {"wgmma_layout", run_wgmma_layout}, {"descriptor", run_descriptor}, {"dispatch", run_dispatch},
-      {"wgmma_shared", run_wgmma_shared},
+      {"wgmma_shared", run_wgmma_shared}, {"wgmma_switch", run_wgmma_switch},
   };
   std::string command;
   std::cin >> command;
