@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from pacofr.data.batch_augment import BatchAugment
 from pacofr.data.demo import demo_dataset
 from pacofr.data.loading import DeviceBatches, default_num_workers, local_world_size
-from pacofr.data.rank_shards import ShardRankSampler, assign_shards
+from pacofr.data.rank_shards import ShardRankSampler, assign_shards, rank_shard_sampler
 
 
 def uint8_loader(count: int = 12, size: int = 32) -> DataLoader:
@@ -101,3 +101,22 @@ def test_cuda_batches_match_the_cpu_ones():
         assert b["image"].device.type == "cuda" and torch.equal(a["landmarks"], b["landmarks"])
         # grid_sample on CUDA and on the CPU: float32 roundings of the grid (test_data_batch_augment)
         torch.testing.assert_close(b["image"].cpu(), a["image"], atol=2 * 8 * 2.0**-24 * 32, rtol=0)
+
+
+def test_float_batches_pass_without_a_second_augmentation():
+    loader = DataLoader(torch.utils.data.Subset(demo_dataset(image_size=32), range(8)), batch_size=4)
+    for got, sent in zip(DeviceBatches(loader, "cpu", augment=BatchAugment(seed=1)), loader):
+        assert torch.equal(got["image"], sent["image"]) and torch.equal(got["landmarks"], sent["landmarks"])
+
+
+def test_rank_shard_sampler_only_for_several_ranks_over_enough_shards():
+    class Sharded(torch.utils.data.Dataset):
+        def __init__(self, records):
+            self.records = records
+
+    records = shard_records([3, 3, 2])
+    assert rank_shard_sampler(Sharded(records), 1, 0, seed=0) is None  # one rank: the usual order
+    assert rank_shard_sampler(Sharded(records), 4, 0, seed=0) is None  # fewer shards than ranks
+    assert rank_shard_sampler(Sharded([{"file": "a.jpg"}] * 4), 2, 0, seed=0) is None  # image files
+    sampler = rank_shard_sampler(Sharded(records), 2, 1, seed=0)
+    assert isinstance(sampler, ShardRankSampler) and sampler.num_samples == 4

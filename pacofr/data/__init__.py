@@ -11,6 +11,7 @@ the optional detector packages."""
 
 from pacofr.data.alignment import TEMPLATE_224, AlignmentRecipe, align_face, similarity_transform
 from pacofr.data.augment import Augment
+from pacofr.data.batch_augment import BatchAugment
 from pacofr.data.datasets import AlignedFaceDataset, RawFolderDataset, ShardFaceDataset
 from pacofr.data.demo import demo_dataset, demo_root
 from pacofr.data.detection import Detection, FaceDetector, MissingDependencyError, create_detector
@@ -19,7 +20,7 @@ from pacofr.data.regions import REGION_NAMES, landmark_region_ids, region_overla
 
 __all__ = [
     "TEMPLATE_224", "AlignmentRecipe", "align_face", "similarity_transform",
-    "Augment", "AlignedFaceDataset", "RawFolderDataset", "ShardFaceDataset", "demo_dataset", "demo_root",
+    "Augment", "BatchAugment", "AlignedFaceDataset", "RawFolderDataset", "ShardFaceDataset", "demo_dataset", "demo_root",
     "Detection", "FaceDetector", "MissingDependencyError", "create_detector", "MTCNNDetector",
     "REGION_NAMES", "landmark_region_ids", "region_overlay", "template_region_ids",
 ]

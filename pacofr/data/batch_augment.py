@@ -57,6 +57,10 @@ class BatchAugment:
         self.generator = torch.Generator().manual_seed(int(seed))
         self.cpu_chunk_bytes = cpu_chunk_bytes
 
+    def manual_seed(self, seed: int) -> None:
+        """Restart the random stream from ``seed``."""
+        self.generator.manual_seed(int(seed))
+
     def state_dict(self) -> dict[str, Any]:
         """The generator's state (a uint8 tensor): what a checkpoint keeps."""
         return {"generator": self.generator.get_state()}

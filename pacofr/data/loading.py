@@ -69,8 +69,10 @@ class DeviceBatches:
         batches: CPU batches ``{"image": uint8 (B, 3, S, S) (float in [0, 1] is accepted too),
             "landmarks": float (B, 5, 2), ...}`` (e.g. a DataLoader over ``uint8=True`` items).
         device: the training device.
-        augment: augments each batch on ``device`` (its random stream advances one batch at a
-            time, in order, whatever the prefetching); None: no augmentation.
+        augment: augments each uint8 batch on ``device`` (its random stream advances one batch
+            at a time, in order, whatever the prefetching); None: no augmentation. A float batch
+            is taken as it is: its dataset applied the per-image ``Augment`` already, or was
+            asked not to.
     Yields:
         the batch with ``image`` float32 (B, 3, S, S) in [0, 1] on ``device`` and ``landmarks``
         float32 (B, 5, 2) on the CPU (augmented with the images); other keys as they came.
@@ -110,7 +112,7 @@ class DeviceBatches:
         else:
             images = images.to(self.device)
         landmarks = batch["landmarks"].to(torch.float32)
-        if self.augment is None:
+        if self.augment is None or images.dtype != torch.uint8:
             return {**batch, "image": uint8_to_unit(images), "landmarks": landmarks}
         images, landmarks = self.augment(images, landmarks)
         return {**batch, "image": images, "landmarks": landmarks}

@@ -12,12 +12,15 @@ The order is a pure function of ``(seed, epoch, rank)`` and can start mid-epoch
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
+
+logger = logging.getLogger(__name__)
 
 
 def assign_shards(shard_of_item: Sequence[str], world_size: int) -> list[list[int]]:
@@ -89,3 +92,17 @@ class ShardRankSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples - self.start
+
+
+def rank_shard_sampler(dataset: Dataset, num_replicas: int, rank: int, seed: int) -> ShardRankSampler | None:
+    """A :class:`ShardRankSampler` for a multi-rank run over tar shards (``dataset.records`` with a
+    ``"shard"`` each, as ``ShardFaceDataset`` has), or None: one rank, not shards, or fewer shards
+    than ranks (then every rank reads every shard, as ``DistributedSampler`` deals; logged)."""
+    records = getattr(dataset, "records", None)
+    if num_replicas < 2 or not records or any("shard" not in record for record in records):
+        return None
+    shards = len({record["shard"] for record in records})
+    if shards < num_replicas:
+        logger.info("%d shard(s) for %d ranks: every rank reads every shard", shards, num_replicas)
+        return None
+    return ShardRankSampler(records, num_replicas, rank, seed)

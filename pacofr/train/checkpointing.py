@@ -2,8 +2,8 @@
 
 The on-disk format (atomic folders, checksums, pruning) is :mod:`pacofr.checkpoint`'s. A training
 checkpoint saves the weights and, in ``state.pt``: the counters (:class:`TrainState`), optimiser,
-schedule, gradient scaler, every random generator per rank (the global ones and the mask
-generator), the loss means of the steps not yet logged per rank, and the batch layout. Resuming
+schedule, gradient scaler, every random generator per rank (the global ones, the mask
+generator and the batch augmentation's), the loss means of the steps not yet logged per rank, and the batch layout. Resuming
 restores all of it, so the continued run is the uninterrupted one, down to its scalars.
 """
 
@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 from pacofr import checkpoint as ckpt
+from pacofr.data.batch_augment import BatchAugment
 from pacofr.train.distributed import DistInfo, barrier, gather_objects
 from pacofr.train.metrics import TensorMeans
 from pacofr.train.schedule import LRSchedule
-from pacofr.train.seeding import MASK_STREAM, capture_global_rng, derive_seed, restore_global_rng, seed_everything
+from pacofr.train.seeding import (AUGMENT_STREAM, MASK_STREAM, capture_global_rng, derive_seed, restore_global_rng,
+                                  seed_everything)
 from pacofr.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ class Resumable:
 
     ``geometry``: the batch layout (:data:`GEOMETRY_KEYS`); ``seed``: ``train.seed``, which re-seeds
     the random streams when a run resumes with another number of processes; ``device``: where the
-    loss means live.
+    loss means live; ``augment``: the batch augmentation on the device (None: none).
     """
 
     model: nn.Module
@@ -63,6 +65,7 @@ class Resumable:
     geometry: Mapping[str, int]
     seed: int
     device: torch.device
+    augment: BatchAugment | None = None
 
 
 class TrainingCheckpoints:
@@ -85,6 +88,8 @@ class TrainingCheckpoints:
         parts = self.parts
         rng = capture_global_rng()
         rng["mask_generator"] = parts.mask_generator.get_state()
+        if parts.augment is not None:
+            rng["augment"] = parts.augment.state_dict()
         return {
             "step": state.step, "epoch": state.epoch,
             "batch_in_epoch": state.batch_in_epoch,
@@ -148,6 +153,11 @@ class TrainingCheckpoints:
             rng = st["rng"][rank]
             restore_global_rng(rng)
             parts.mask_generator.set_state(rng["mask_generator"])
+            if parts.augment is not None and "augment" in rng:
+                parts.augment.load_state_dict(rng["augment"])
+            elif parts.augment is not None:
+                logger.warning("the checkpoint holds no batch-augmentation state (written before augmentation "
+                               "moved to the device): its random stream starts from its seed")
             if "means" in st:
                 parts.means.load_state_dict(st["means"][rank], parts.device)
         else:
@@ -156,4 +166,6 @@ class TrainingCheckpoints:
                            st["world_size"], self.dist.world_size)
             seed_everything(derive_seed(parts.seed, state.step), rank)
             parts.mask_generator.manual_seed(derive_seed(parts.seed, MASK_STREAM, rank, state.step))
+            if parts.augment is not None:
+                parts.augment.manual_seed(derive_seed(parts.seed, AUGMENT_STREAM, rank, state.step))
         return state, loaded.path

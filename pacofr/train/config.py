@@ -43,13 +43,15 @@ class DataConfig:
 
     root: str = "demo"
     layout: DataLayout = "prepared"
-    augment: bool = True  # flip (with left/right landmark swap), small similarity and colour jitter
-    num_workers: int = 0
+    augment: bool = True  # flip (with left/right landmark swap), small similarity and colour jitter,
+    #                       drawn per image and applied to the whole batch on the training device
+    num_workers: int = -1  # loader processes; -1: the cores this process may use, less one, shared by
+    #                        the ranks on this host, on CUDA; 0 (load in the training process) on the CPU
     pin_memory: bool = True  # only takes effect on CUDA
 
     def __post_init__(self) -> None:
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.num_workers < -1:
+            raise ValueError(f"num_workers must be >= 0, or -1 for the default, got {self.num_workers}")
         most = max_data_workers()
         if self.num_workers > most:
             raise ValueError(f"num_workers={self.num_workers} is more than {most} (4 per CPU core of the "

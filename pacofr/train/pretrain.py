@@ -23,15 +23,15 @@ UNSET_ROOT = "???"
 def build_dataset(data: DataConfig, image_size: int) -> Dataset:
     """The training set of ``data`` at ``image_size`` px: the packaged demo faces (``root="demo"``),
     a folder prepared as image files or as tar shards (``layout="prepared"``), or already-cropped
-    faces in a folder, ``.zip`` or ``.npz`` (``layout="crops"``), read where they are."""
-    from pacofr.data import AlignedFaceDataset, Augment, ShardFaceDataset, demo_dataset
+    faces in a folder, ``.zip`` or ``.npz`` (``layout="crops"``), read where they are. Its items
+    are uint8 (the trainer augments each batch on the device when ``data.augment``)."""
+    from pacofr.data import AlignedFaceDataset, ShardFaceDataset, demo_dataset
     from pacofr.data.datasets import CroppedFaceDataset
     from pacofr.data.image_sets import open_image_set
     from pacofr.data.storage import INDEX_NAME, SHARDS_DIR
 
-    augment = Augment() if data.augment else None
     if data.root == "demo":
-        return demo_dataset(image_size=image_size, augment=augment)
+        return demo_dataset(image_size=image_size, uint8=True)
     if data.root in ("", UNSET_ROOT):
         raise ConfigError("data.root is not set: pass --set data.root=DIR with a folder written by "
                           "`pacofr prepare` (or of face crops with data.layout=crops), or data.root=demo "
@@ -39,7 +39,7 @@ def build_dataset(data: DataConfig, image_size: int) -> Dataset:
     root = Path(data.root).expanduser()
     if data.layout == "crops":
         try:
-            return CroppedFaceDataset(open_image_set(root), image_size=image_size, augment=augment)
+            return CroppedFaceDataset(open_image_set(root), image_size=image_size, uint8=True)
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"data.root={data.root!r} (data.layout=crops): {err}") from err
     if not root.is_dir():
@@ -49,7 +49,7 @@ def build_dataset(data: DataConfig, image_size: int) -> Dataset:
                           "for a folder (or .zip / .npz) of images that are already face crops, pass "
                           "--set data.layout=crops")
     cls = ShardFaceDataset if (root / SHARDS_DIR).is_dir() else AlignedFaceDataset
-    return cls(root, image_size=image_size, augment=augment)
+    return cls(root, image_size=image_size, uint8=True)
 
 
 def alignment_recipe_of(dataset: Dataset) -> dict[str, Any]:

@@ -25,6 +25,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from pacofr.data.augment import Augment
+from pacofr.data.batch_augment import BatchAugment, uint8_to_unit
+from pacofr.data.loading import DeviceBatches, default_num_workers
+from pacofr.data.rank_shards import rank_shard_sampler
 from pacofr.train.checkpointing import Resumable, TrainingCheckpoints, TrainState
 from pacofr.train.config import PretrainConfig, dump_config
 from pacofr.train.contract import PretrainingModel, StepMaintenance
@@ -110,8 +114,12 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
 
         self.dataset = EpochSeededDataset(dataset, derive_seed(self.tc.seed, AUGMENT_STREAM))
-        self.sampler = ResumableSampler(self.dataset, self.dist.world_size, self.dist.rank,
-                                        seed=derive_seed(self.tc.seed, ORDER_STREAM))
+        # uint8 batches are augmented on the device (a float batch comes augmented by its dataset)
+        self.batch_augment = (BatchAugment(Augment(), seed=derive_seed(self.tc.seed, AUGMENT_STREAM, self.dist.rank))
+                              if cfg.data.augment else None)
+        order_seed = derive_seed(self.tc.seed, ORDER_STREAM)
+        self.sampler = (rank_shard_sampler(dataset, self.dist.world_size, self.dist.rank, order_seed)
+                        or ResumableSampler(self.dataset, self.dist.world_size, self.dist.rank, seed=order_seed))
         self.batches_per_epoch = (self.sampler.num_samples // self.tc.batch_size) // self.tc.accum_steps \
             * self.tc.accum_steps
         if self.batches_per_epoch == 0:
@@ -139,7 +147,7 @@ class Trainer:
         self.checkpoints = TrainingCheckpoints(
             self.run_folder.checkpoints,
             Resumable(self.model, self.optimizer, self.schedule, self.scaler, self.mask_generator, self.means,
-                      geometry, self.tc.seed, self.device),
+                      geometry, self.tc.seed, self.device, self.batch_augment),
             self.dist, {"config": cfg.to_dict(), "alignment_recipe": self.recipe}, keep_last=self.tc.keep_last)
 
         self.scalars: ScalarCSV | None = None  # opened by fit() once the output folder is claimed
@@ -174,15 +182,18 @@ class Trainer:
         return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
 
     def _loader(self, epoch: int, start_batch: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches ``start_batch ..`` of epoch ``epoch`` (order fixed by seed and epoch)."""
+        """Micro-batches ``start_batch ..`` of epoch ``epoch`` (order fixed by seed and epoch), on the
+        device as float images in [0, 1], the next one already on its way (:class:`DeviceBatches`)."""
         self.dataset.epoch = epoch
         self.sampler.set_position(epoch, start_batch * self.tc.batch_size)
         generator = torch.Generator().manual_seed(derive_seed(self.tc.seed, LOADER_STREAM, self.dist.rank, epoch))
+        workers = self.cfg.data.num_workers
         loader = DataLoader(self.dataset, batch_size=self.tc.batch_size, sampler=self.sampler,
-                            num_workers=self.cfg.data.num_workers, drop_last=True,
-                            pin_memory=self.cfg.data.pin_memory and self.device.type == "cuda",
+                            num_workers=workers if workers >= 0 else default_num_workers(self.device.type),
+                            drop_last=True, pin_memory=self.cfg.data.pin_memory and self.device.type == "cuda",
                             worker_init_fn=dataloader_worker_init, generator=generator)
-        return itertools.islice(iter(loader), self.batches_per_epoch - start_batch)
+        batches = itertools.islice(iter(loader), self.batches_per_epoch - start_batch)
+        return iter(DeviceBatches(batches, self.device, self.batch_augment))
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
@@ -312,7 +323,7 @@ class Trainer:
         from pacofr.viz import GRID_ROWS, save_reconstruction_grid
 
         batch = self._viz_inputs()
-        images = batch["image"].to(self.device)
+        images = uint8_to_unit(batch["image"].to(self.device))
         region_ids = self.region_fn(batch).to(self.device)
         was_training = self.model.training
         self.model.eval()
