@@ -7,7 +7,7 @@ import torch
 
 from pacofr.data.alignment import template_for_size
 from pacofr.data.regions import NUM_FACE_REGIONS, NUM_REGIONS, landmark_region_ids, template_region_ids
-from pacofr.masking import MaskSets, MaskSpec, sample_masks
+from pacofr.models.masking import MaskSets, MaskSpec, sample_masks
 from pacofr.models.config import ModelConfig
 
 MODES = ("region", "random", "block")

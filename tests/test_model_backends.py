@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pacofr.data.regions import template_region_ids
-from pacofr.models import ModelConfig, PaCoFR
+from pacofr.models import ModelConfig, build_model
 from pacofr.ops import backend_status
 
 pytestmark = pytest.mark.skipif(not backend_status("triton", torch.device("cuda" if torch.cuda.is_available()
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not backend_status("triton", torch.device("cuda"
                                 reason="triton cannot run here (on CPU it needs TRITON_INTERPRET=1)")
 
 
-def _run(model: PaCoFR, images: torch.Tensor, region_ids: torch.Tensor, incubation: bool
+def _run(model: torch.nn.Module, images: torch.Tensor, region_ids: torch.Tensor, incubation: bool
          ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     out = model(images, region_ids, incubation=incubation, generator=torch.Generator().manual_seed(7))
@@ -34,8 +34,8 @@ def _run(model: PaCoFR, images: torch.Tensor, region_ids: torch.Tensor, incubati
 def test_triton_backend_matches_torch_backend(method: str, incubation: bool) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    reference = PaCoFR(ModelConfig.preset("tiny", method=method, backend="torch")).to(device)
-    fused = PaCoFR(ModelConfig.preset("tiny", method=method, backend="triton")).to(device)
+    reference = build_model(ModelConfig.preset("tiny", method=method, backend="torch")).to(device)
+    fused = build_model(ModelConfig.preset("tiny", method=method, backend="triton")).to(device)
     fused.load_state_dict(reference.state_dict())
     cfg = reference.cfg
     g = torch.Generator().manual_seed(1)

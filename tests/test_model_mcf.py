@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from _peer_helpers import demo_batch, params_without_gradient, tiny_peer
-from pacofr.masking import sample_masks
+from pacofr.models.masking import sample_masks
 from pacofr.models import MCF, ModelConfig, build_model
 from pacofr.models.momentum import encode_kept
 from pacofr.models.vit import normalised_images

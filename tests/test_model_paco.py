@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pacofr.data.regions import template_region_ids
-from pacofr.models import ModelConfig, PaCoFR
+from pacofr.models import MAEFace, ModelConfig, PaCoFR, build_model
 from pacofr.ops import patch_targets
 
 BATCH = 4
@@ -82,7 +82,7 @@ def test_every_flag_runs_forward_backward(overrides: dict, generator: torch.Gene
     """In each phase every trainable parameter gets a finite gradient that is not zero (a gradient
     tensor full of zeros, as a constant softmax over one candidate gives, counts as none)."""
     cfg = tiny(**overrides)
-    model = PaCoFR(cfg)
+    model = build_model(cfg)  # PaCoFR, or MAEFace for method=mae
     images, region_ids = face_batch(cfg, seed=int(torch.randint(1000, (1,), generator=generator)))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     maintenance = model.step_maintenance()
@@ -228,9 +228,8 @@ def test_replaced_patches_never_outweigh_masked_ones(generator: torch.Generator)
 
 def test_mae_control(generator: torch.Generator) -> None:
     cfg = tiny(method="mae")
-    model = PaCoFR(cfg)
-    assert model.patch_codebook is None and model.teacher is None and model.sc_proj is None
-    assert model.layout_head is None
+    model = build_model(cfg)
+    assert type(model) is MAEFace and {name for name, _ in model.named_children()} == {"encoder", "decoder"}
     images, region_ids = face_batch(cfg)
     out = model(images, region_ids, incubation=True, generator=generator)
     assert set(out.losses) == {"rec", "rec_masked"} and out.stats == {}
@@ -264,7 +263,7 @@ def _train(model: PaCoFR, images: torch.Tensor, region_ids: torch.Tensor, incuba
 def test_training_reduces_the_loss(method: str) -> None:
     torch.manual_seed(0)
     cfg = tiny(method=method, r_mask=0.5, mae_mask_ratio=0.5)  # half the patches: room to learn in 40 steps
-    model = PaCoFR(cfg)
+    model = build_model(cfg)
     images, region_ids = face_batch(cfg, batch=8)
     phases = (True, False) if method == "paco" else (False,)
     for incubation in phases:
@@ -287,7 +286,7 @@ def test_reconstruct_shapes_range_and_pasting(generator: torch.Generator) -> Non
         assert image.min() >= 0 and image.max() <= 1
     assert torch.equal(panels["input"], images)
     # the same masks again, to know which patches were visible / masked
-    from pacofr.masking import sample_masks
+    from pacofr.models.masking import sample_masks
 
     masks = sample_masks(region_ids, cfg, torch.Generator().manual_seed(5))
     p, g = cfg.patch_size, cfg.grid_size

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pacofr.models import ModelConfig
-from pacofr.models.belief import BeliefPredictor, MaintenanceInput, PatchCodebook
+from pacofr.models.patch_codebook import BeliefPredictor, MaintenanceInput, PatchCodebook
 from pacofr.models.consistency import (
     LayoutHead,
     ema_update,

@@ -194,7 +194,7 @@ def test_triton_bf16_soft_assign_follows_rounded_ranking(generator: torch.Genera
 # the model
 # --------------------------------------------------------------------------------------------
 def test_patch_codebook_passes_its_precision(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pacofr.models import belief
+    from pacofr.models import patch_codebook as belief
     from pacofr.models.config import ModelConfig
 
     seen: list[str] = []
@@ -218,7 +218,7 @@ def test_patch_codebook_passes_its_precision(monkeypatch: pytest.MonkeyPatch) ->
 def test_patch_codebook_labels_ignore_autocast(generator: torch.Generator) -> None:
     # inside the model's bf16 autocast forward the torch backend's score GEMM must stay fp32, so the
     # nearest-prototype labels are the exact ones (bf16 scores flip near ties; they did before)
-    from pacofr.models import belief
+    from pacofr.models import patch_codebook as belief
     from pacofr.models.config import ModelConfig
 
     cfg = ModelConfig.preset("tiny", backend="torch", codebook_precision="ieee")

@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pacofr.models.config import ModelConfig
+from pacofr.models.masking import MaskSets
+from pacofr.models.vit import normalised_images
 from pacofr.ops.precision import full_precision
 
 
@@ -217,3 +220,45 @@ def equivariance_loss(student_map: torch.Tensor, teacher_map: torch.Tensor, thet
         weight = covered.float()
         loss = ((1.0 - cos) * weight).sum() / weight.sum().clamp_min(1.0)
     return loss, {"sc_overlap": weight.mean().detach()}
+
+
+def teacher_features(teacher: nn.Module, images: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """(B, L, D) patch features of the (EMA) ``teacher`` encoder for full ``images`` (B, 3, S, S) in
+    [0, 1] (no gradient)."""
+    with torch.no_grad():
+        return teacher.forward_features(normalised_images(images, cfg))[:, 1:]
+
+
+def spatial_consistency_loss(cfg: ModelConfig, images: torch.Tensor, region_ids: torch.Tensor, masks: MaskSets,
+                             latent: torch.Tensor, hidden: torch.Tensor, generator: torch.Generator | None,
+                             stats: dict[str, torch.Tensor], *, layout_head: LayoutHead | None,
+                             sc_proj: nn.Module | None, teacher: nn.Module | None) -> torch.Tensor:
+    """L_sc (0-d fp32) per ``cfg.sc``: the region layout predicted by ``layout_head`` from the encoder
+    output ``latent``'s kept tokens, or the relation / equivariance of the decoder's ``hidden``
+    states projected by ``sc_proj`` against the ``teacher``'s features. Parts go into ``stats``."""
+    if cfg.sc == "layout":
+        kept = latent[:, 1:]
+        if cfg.encoder_mask == "mask_token":
+            kept = torch.gather(kept, 1, masks.ids_keep.unsqueeze(-1).expand(-1, -1, kept.shape[-1]))
+        predicted = layout_head(kept.mean(dim=1))
+        loss, parts = layout_loss(predicted, region_ids, layout_head.pairs, cfg.grid_size, cfg.num_regions)
+        stats.update(parts)
+        return loss
+    student = sc_proj(hidden[:, 1:])  # (B, L, D)
+    if cfg.sc == "relation":
+        loss, parts = relation_loss(student, teacher_features(teacher, images, cfg), region_ids, cfg.num_regions,
+                                    masks.ids_masked, cfg.sc_beta)
+    else:
+        batch, grid = images.shape[0], cfg.grid_size
+        theta = random_similarity(batch, cfg.eq_max_rotation, cfg.eq_max_scale, cfg.eq_max_shift,
+                                  generator, images.device)
+        with torch.no_grad(), full_precision(images.device):
+            view = warp(images.float(), theta)
+        teacher = teacher_features(teacher, view, cfg)
+
+        def as_map(x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(1, 2).reshape(batch, -1, grid, grid)
+
+        loss, parts = equivariance_loss(as_map(student), as_map(teacher), theta, cfg.eq_min_overlap)
+    stats.update(parts)
+    return loss

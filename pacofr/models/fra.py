@@ -35,7 +35,7 @@ from pacofr.models.codebook import Codebook
 from pacofr.models.config import ModelConfig
 from pacofr.models.consistency import invert_affine, make_teacher, random_similarity, warp
 from pacofr.models.momentum import MLPHead, MomentumModel
-from pacofr.models.paco import ModelOutput
+from pacofr.models.output import ModelOutput
 from pacofr.models.peer_losses import PROB_FLOOR, cosine_regression, sinkhorn, soft_cross_entropy
 from pacofr.ops.precision import full_precision
 from pacofr.models.vit import build_encoder, normalised_images

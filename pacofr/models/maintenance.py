@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from pacofr.models.belief import MaintenanceInput, PatchCodebook
+from pacofr.models.patch_codebook import MaintenanceInput, PatchCodebook
 
 
 @dataclass

@@ -3,7 +3,7 @@
 The MAE-face control (same encoder, decoder, random ``mae_mask_ratio`` mask, norm-pix
 reconstruction) extended with MCF's two other objectives. One training forward:
 
-1. two views of every face, each with its own random mask (:func:`pacofr.masking.sample_masks`);
+1. two views of every face, each with its own random mask (:func:`pacofr.models.masking.sample_masks`);
 2. per view: the encoder on its visible patches, the MAE decoder, ``L_rec`` at its masked patches,
    and ``L_feat``: a linear head on the decoder's hidden states predicts the target features
    at the masked patches (``1 - cos``); the target is the EMA teacher's patch features of the full
@@ -25,11 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pacofr.masking import MaskSets, sample_masks
+from pacofr.models.masking import MaskSets, sample_masks
 from pacofr.models.config import ModelConfig
-from pacofr.models.consistency import make_teacher
+from pacofr.models.consistency import make_teacher, teacher_features
 from pacofr.models.momentum import MLPHead, MomentumModel, encode_kept
-from pacofr.models.paco import ModelOutput, PaCoFR
+from pacofr.models.mae import MAEFace
+from pacofr.models.output import ModelOutput
+from pacofr.models.reconstruction_loss import reconstruction_loss
 from pacofr.models.peer_losses import info_nce
 from pacofr.ops.precision import full_precision
 from pacofr.models.target_network import FrozenTargetNetwork, load_target_network
@@ -39,7 +41,7 @@ logger = logging.getLogger(__name__)
 EMA_TARGET = "ema"
 
 
-class MCF(MomentumModel, PaCoFR):
+class MCF(MomentumModel, MAEFace):
     """MCF-style model (``cfg.method="mcf"``).
 
     Submodules: those of the MAE-face control (``encoder``, ``decoder``), ``teacher`` (EMA of the
@@ -92,7 +94,7 @@ class MCF(MomentumModel, PaCoFR):
         for masks in views:
             latent = encode_kept(self.encoder, images, masks.ids_keep, cfg)
             hidden = self.decoder(latent, masks.ids_restore)
-            rec.append(self._reconstruction_loss(images, masks, hidden, {}))
+            rec.append(reconstruction_loss(self.decoder, hidden, images, masks, cfg, {}))
             if target is not None:
                 feat.append(self._feature_loss(hidden, target, masks))
             queries.append(self.predictor(self.projector(latent[:, 0])))
@@ -119,7 +121,7 @@ class MCF(MomentumModel, PaCoFR):
     def _feature_target(self, images: torch.Tensor) -> torch.Tensor:
         """(B, L, C) target features of the full faces (no gradient): the EMA teacher's or the frozen network's."""
         if self.target_network is None:
-            return self._teacher_features(images)
+            return teacher_features(self.teacher, images, self.cfg)
         return self.target_network.patch_features(images, self.cfg.grid_size)
 
     def _feature_loss(self, hidden: torch.Tensor, target: torch.Tensor, masks: MaskSets) -> torch.Tensor:

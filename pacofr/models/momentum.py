@@ -21,7 +21,7 @@ from torch import nn
 from pacofr.models.config import ModelConfig
 from pacofr.models.consistency import ema_update, make_teacher
 from pacofr.models.maintenance import TeacherUpdate
-from pacofr.models.paco import PaCoFR
+from pacofr.models.mae import MAEFace
 from pacofr.models.vit import add_positions, embed_patches, run_encoder
 from pacofr.ops import gather_patches
 
@@ -83,15 +83,16 @@ class MomentumModel(nn.Module):
     encoder: VisionTransformer
     teacher: nn.Module
     momentum: MomentumBranch
-    #: parameter-name prefixes kept out of weight decay besides PaCoFR's rules (cosine-scored tables)
+    #: parameter-name prefixes kept out of weight decay besides MAEFace's rules (cosine-scored tables)
     no_decay_prefixes: tuple[str, ...] = ()
 
-    _check_inputs = PaCoFR._check_inputs  # images (B, 3, S, S) and region ids (B, L), as PaCoFR checks them
+    table_prefixes: tuple[str, ...] = ()  # MAEFace's own rule: none here
+    _check_inputs = MAEFace._check_inputs  # images (B, 3, S, S) and region ids (B, L), as MAEFace checks them
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """:meth:`PaCoFR.param_groups` (decay on weight matrices only; frozen parameters left out),
+        """:meth:`MAEFace.param_groups` (decay on weight matrices only; frozen parameters left out),
         with the parameters under :attr:`no_decay_prefixes` moved to the group without decay."""
-        decay, no_decay = PaCoFR.param_groups(self, weight_decay)
+        decay, no_decay = MAEFace.param_groups(self, weight_decay)
         skip = {id(p) for name, p in self.named_parameters() if name.startswith(self.no_decay_prefixes)}
         return [{"params": [p for p in decay["params"] if id(p) not in skip], "weight_decay": weight_decay},
                 {"params": no_decay["params"] + [p for p in decay["params"] if id(p) in skip], "weight_decay": 0.0}]

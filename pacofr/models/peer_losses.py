@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pacofr.models.belief import world_size
+from pacofr.models.patch_codebook import world_size
 from pacofr.ops.precision import full_precision
 
 #: probabilities are clamped to this before a log (the smallest normal fp32: log = -87.3)
