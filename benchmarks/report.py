@@ -1,7 +1,7 @@
-"""Generate the README's benchmark tables from the committed JSON (never hand-copied numbers).
+"""Generate the performance page's benchmark tables from the committed JSON (never hand-copied numbers).
 
-    python -m benchmarks.report                 # rewrite README.md between the markers
-    python -m benchmarks.report --check         # exit 1 if README.md is not up to date
+    python -m benchmarks.report                 # rewrite docs/performance.md between the markers
+    python -m benchmarks.report --check         # exit 1 if docs/performance.md is not up to date
     python -m benchmarks.report --results DIR --markdown OUT.md   # the section alone, into a file
 
 Reads every family JSON under ``--results`` (default ``benchmarks/results/``) and writes, for the
@@ -14,9 +14,10 @@ shows the latest static GPU-readiness record (``static.json`` of ``python -m ben
 registers, spills, shared memory and tensor-core instructions of every kernel, compiled for
 sm_80/sm_90 without a GPU) instead.
 
-The README must contain the two marker lines ``<!-- benchmarks:start -->`` and
-``<!-- benchmarks:end -->``; everything between them is replaced. Exit status: 0 done / up to
-date, 1 ``--check`` found the README out of date, 2 markers missing or bad arguments.
+The page (``--page``, default ``docs/performance.md``, which the README links) must contain the
+two marker lines ``<!-- benchmarks:start -->`` and ``<!-- benchmarks:end -->``; everything between
+them is replaced. Exit status: 0 done / up to date, 1 ``--check`` found the page out of date, 2
+markers missing or bad arguments.
 """
 
 from __future__ import annotations
@@ -215,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results",
                         help="folder searched recursively for family JSON (default benchmarks/results)")
-    parser.add_argument("--readme", type=Path, default=REPO / "README.md", help="README to update")
-    parser.add_argument("--check", action="store_true", help="only verify the README is up to date")
+    parser.add_argument("--page", "--readme", dest="readme", type=Path, default=REPO / "docs" / "performance.md",
+                        help="markdown page to update (default docs/performance.md)")
+    parser.add_argument("--check", action="store_true", help="only verify the page is up to date")
     parser.add_argument("--markdown", type=Path, help="write the generated section to this file instead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

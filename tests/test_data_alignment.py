@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_data_support import demo_face, demo_records, photo_from_face, similarity
+from _data_support import demo_face, demo_records, photo_from_face, similarity
 
 from pacofr.data.alignment import (
     ARCFACE_TEMPLATE_112,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from _landmark_spots import landmark_spots, spot_centre
-from test_data_support import StubDetector, demo_records, jpeg_bytes, stub_photo, write_bytes
+from _data_support import StubDetector, demo_records, jpeg_bytes, stub_photo, write_bytes
 from PIL import Image
 from torch.utils.data import DataLoader
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from test_data_support import HAS_FACES_EXTRA, NO_FACES_EXTRA, demo_face, photo_from_face, similarity
+from _data_support import HAS_FACES_EXTRA, NO_FACES_EXTRA, demo_face, photo_from_face, similarity
 
 from pacofr.cli import main as cli_main
 from pacofr.data.alignment import TEMPLATE_224, align_face, invert_affine, transform_points

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, features
-from test_data_support import jpeg_bytes, stub_photo, write_bytes
+from _data_support import jpeg_bytes, stub_photo, write_bytes
 
 import pacofr.data.detection as detection
 import pacofr.data.mtcnn as mtcnn

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_data_support import DenseStubDetector, StubDetector, jpeg_bytes, stub_photo, write_bytes
+from _data_support import DenseStubDetector, StubDetector, jpeg_bytes, stub_photo, write_bytes
 
 from pacofr.cli import main as cli_main
 from pacofr.data.alignment import TEMPLATE_224, AlignmentRecipe
@@ -60,7 +60,7 @@ def start_slow_prepare(src: Path, dst: Path, journal_lines: int) -> subprocess.P
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(TESTS_DIR)!r})
-        from test_data_support import StubDetector
+        from _data_support import StubDetector
         from pacofr.data.prepare import prepare_faces
         prepare_faces({str(src)!r}, {str(dst)!r}, detector_factory=StubDetector(delay=0.3))
     """)

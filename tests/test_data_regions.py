@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data_support import demo_face
+from _data_support import demo_face
 
 from pacofr.data.alignment import FLIP_PERMUTATION, TEMPLATE_224, template_for_size
 from pacofr.data.regions import (
