@@ -20,7 +20,8 @@ from pacofr.eval.encoders import load_encoder, random_encoder
 from pacofr.eval.extractors import extract_features, open_extractor
 from pacofr.eval.finetune import FinetuneConfig, run_finetune
 from pacofr.eval.proxy import PROXIES, demo_overlap
-from pacofr.eval.readers import open_data, read_labelled
+from pacofr.eval.data_sources import open_data
+from pacofr.eval.readers import read_labelled
 from pacofr.eval.user_tasks import DATA_HELP
 from pacofr.models import PaCoFR
 from pacofr.models.config import ModelConfig

@@ -23,7 +23,7 @@ from pacofr.eval.finetune import FinetuneConfig, run_finetune
 from pacofr.eval.labelled import LabelledSet, check_labelled, describe_data
 from pacofr.eval.protocols import FROZEN_PROTOCOLS, ProbeConfig, applies, run_frozen
 from pacofr.eval.splits import SPLITS
-from pacofr.eval.tasks import PROTOCOLS
+from pacofr.eval.choices import PROTOCOLS
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from pacofr.eval.face_tasks import FACE_TASKS
-from pacofr.eval.tasks import PROTOCOLS, EvalTask, TaskContext, register
+from pacofr.eval.choices import PROTOCOLS
+from pacofr.eval.tasks import EvalTask, TaskContext, register
 from pacofr.eval.user_tasks import float_grid, positive_int
 
 if TYPE_CHECKING:

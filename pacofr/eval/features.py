@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pacofr.data.image_sets import ImageSet
-from pacofr.eval.tasks import POOLS
+from pacofr.eval.choices import POOLS
 from pacofr.models.vit import normalise_pixels
 
 

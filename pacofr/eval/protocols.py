@@ -36,7 +36,7 @@ from pacofr.eval.heads import (
 )
 from pacofr.eval.labelled import Targets
 from pacofr.eval.metrics import Metric, SeedRun, metric_of, score, summarise
-from pacofr.eval.tasks import PROTOCOLS
+from pacofr.eval.choices import PROTOCOLS
 
 
 FROZEN_PROTOCOLS = PROTOCOLS[:3]  # linear, knn, mlp

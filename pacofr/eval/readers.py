@@ -1,5 +1,6 @@
 """Labelled sets from files a user has: a class-per-folder tree, a CSV (paths on disk or members of a
-zip), or an ``.npz`` of images and labels; plus the offline ``proxy:NAME`` sets.
+zip), or an ``.npz`` of images and labels (the offline ``proxy:NAME`` sets are :mod:`pacofr.eval.proxy`'s;
+:func:`pacofr.eval.data_sources.open_data` takes either).
 
 * folder ``root/<class>/<image>``: class labels;
 * CSV with a ``path`` column and a label column (``--label``, default ``label``; a column named
@@ -199,15 +200,3 @@ def read_labelled(source: str | Path, options: DataOptions | None = None) -> Lab
             raise ValueError("--images applies to a CSV; an .npz holds its own images")
         return read_npz(path, options)
     raise ValueError(f"data must be a folder of class sub-folders, a .csv or an .npz file, got {source!r}")
-
-
-def open_data(source: str | Path, scratch: Path, options: DataOptions | None = None) -> LabelledSet:
-    """The labelled set of a ``--data`` value: ``proxy:NAME`` (written under ``scratch``) or a
-    folder, CSV or npz (:func:`read_labelled`)."""
-    from pacofr.eval.proxy import is_proxy, open_proxy
-
-    if is_proxy(str(source)):
-        if options is not None and options != DataOptions():
-            raise ValueError("a proxy set takes no --label / --regression / --split-column / --group-column / --images")
-        return open_proxy(str(source), scratch)
-    return read_labelled(source, options)

@@ -23,10 +23,6 @@ if TYPE_CHECKING:
     from pacofr.eval.extractors import Extractor
 
 TASK_MODULES: tuple[str, ...] = ("pacofr.eval.user_tasks", "pacofr.eval.face_task_commands")
-#: protocols of :mod:`pacofr.eval.evaluate` (frozen-feature ones first) and encoder feature pools
-#: of :mod:`pacofr.eval.features`, named here so the command line is built without importing torch
-PROTOCOLS: tuple[str, ...] = ("linear", "knn", "mlp", "finetune")
-POOLS: tuple[str, ...] = ("cls", "mean", "cls+mean", "tokens")
 
 
 @dataclass(frozen=True)

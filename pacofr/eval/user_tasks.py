@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from pacofr.eval.tasks import POOLS, EvalTask, TaskContext, register
+from pacofr.eval.choices import POOLS
+from pacofr.eval.tasks import EvalTask, TaskContext, register
 
 if TYPE_CHECKING:
     from pacofr.eval.extractors import Extractor
@@ -73,7 +74,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_user_data(args: argparse.Namespace, context: TaskContext) -> LabelledSet:
     """The labelled set of ``--data`` and its options (errors name ``--data``)."""
-    from pacofr.eval.readers import DataOptions, open_data
+    from pacofr.eval.data_sources import open_data
+    from pacofr.eval.readers import DataOptions
 
     options = DataOptions(label=args.label, regression=args.regression, unit=args.unit, split=args.split_column,
                           group=args.group_column, images=args.images)
