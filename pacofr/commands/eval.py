@@ -161,7 +161,7 @@ def _names(text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
 
 
 def run_faces(args: argparse.Namespace) -> int:
-    from pacofr.eval.baselines import BASELINE_TITLES, BASELINES
+    from pacofr.eval.baselines import BASELINE_TITLES, BASELINES, require_dependencies
     from pacofr.eval.extractors import BaselineExtractor
     from pacofr.eval.face_tasks import FACE_TASKS, load_tasks, parse_task_list
     from pacofr.eval.grid import Row, evaluate_grid, plan_dict
@@ -170,6 +170,7 @@ def run_faces(args: argparse.Namespace) -> int:
     try:
         device = _device(args.device)
         baselines = _names(args.baselines, BASELINES, "baselines")
+        require_dependencies(baselines)  # before any work: a missing scikit-image is one line naming the extra
         names = parse_task_list(args.tasks)
         if not args.checkpoint and not baselines:
             raise ValueError("--checkpoint / --baselines: nothing to evaluate")

@@ -14,11 +14,14 @@ Each works on the image converted to grey (ITU-R 601 luma) and resized to ``size
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib.util
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+from pacofr.data.detection import MissingDependencyError
 
 BASELINES = ("raw", "pca", "hog", "lbp")
 BASELINE_TITLES = {"raw": "raw pixels", "pca": "PCA (eigenfaces)", "hog": "HOG", "lbp": "LBP histograms"}
@@ -26,6 +29,18 @@ BASELINE_SIZE = 64
 PCA_COMPONENTS = 100
 LBP_GRID = 4
 _LBP_CODES = 59  # nri_uniform codes of 8 neighbours
+#: the optional module each baseline needs, and the pacofr extra that installs it
+_NEEDS = {"hog": "skimage", "lbp": "skimage"}
+_EXTRA = "eval"
+
+
+def require_dependencies(names: Iterable[str]) -> None:
+    """Raise :class:`MissingDependencyError` naming the extra to install when a baseline of ``names``
+    needs a package that is not installed (call it before any work)."""
+    missing = [name for name in names if name in _NEEDS and importlib.util.find_spec(_NEEDS[name]) is None]
+    if missing:
+        raise MissingDependencyError(f"the {' and '.join(missing)} baseline(s) need scikit-image, which is not "
+                                     f"installed: pip install 'pacofr[{_EXTRA}]' (or scikit-image)")
 
 
 def grey(image: np.ndarray, size: int) -> np.ndarray:

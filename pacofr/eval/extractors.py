@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from pacofr.data.image_sets import ImageSet
-from pacofr.eval.baselines import BASELINE_SIZE, BASELINE_TITLES, BASELINES, baseline_features, fit_pca
+from pacofr.eval.baselines import (BASELINE_SIZE, BASELINE_TITLES, BASELINES, baseline_features, fit_pca,
+                                   require_dependencies)
 from pacofr.eval.encoders import LoadedEncoder, load_encoder
 from pacofr.eval.features import encoder_features, image_batches, to_input
 
@@ -95,6 +96,7 @@ class BaselineExtractor(Extractor):
     def __post_init__(self) -> None:
         if self.baseline not in BASELINES:
             raise ValueError(f"unknown baseline {self.baseline!r}; known: {[BASELINE_PREFIX + b for b in BASELINES]}")
+        require_dependencies([self.baseline])
         self.name = self.name or BASELINE_TITLES[self.baseline]
         self.global_pools = (self.baseline,)
         self.spatial_pool = self.baseline
