@@ -186,7 +186,8 @@ def run_faces(args: argparse.Namespace) -> int:
             sets = load_tasks(names, data_root(args))
         except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"--data-root {args.data_root}: {err}") from err
-        grid = evaluate_grid(rows, sets, plan)
+        # each finished row is written to OUT/rows/ as it finishes (a run stopped later keeps it; a rerun reuses it)
+        grid = evaluate_grid(rows, sets, plan, cache_dir=Path(args.out) / "rows")
     except (ValueError, FileNotFoundError) as err:
         logger.error("%s", err)
         return 2
