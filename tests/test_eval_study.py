@@ -15,7 +15,7 @@ from _eval_helpers import run_eval, write_face_root
 from PIL import Image
 
 from pacofr.eval.encoders import load_encoder
-from pacofr.eval.study import Variant, parse_variant
+from pacofr.eval.study_variants import StudyConfig, Variant, parse_variant
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,7 +110,7 @@ def test_a_second_run_reuses_finished_runs_and_rows(study: tuple[Path, Path, Pat
 def test_equal_compute_reruns_only_variants_outside_the_tolerance(monkeypatch: pytest.MonkeyPatch) -> None:
     """A variant whose step count at the first one's CPU budget is within compute_tolerance of its
     equal-steps count keeps its equal-steps run (marked); the others train again at that count."""
-    from pacofr.eval import study as study_module
+    from pacofr.eval import compute_budget
 
     per_step = {"PaCo-FR": 0.40, "near": 0.41, "cheap": 0.30, "dear": 0.80}
     calls: list[tuple[str, int, str]] = []
@@ -121,27 +121,27 @@ def test_equal_compute_reruns_only_variants_outside_the_tolerance(monkeypatch: p
         return {"variant": {"name": variant.name}, "budget": budget, "steps": steps,
                 "cpu_s": per_step[variant.name] * steps, "cpu_s_per_step": per_step[variant.name]}
 
-    monkeypatch.setattr(study_module, "_pretrain", fake_pretrain)
+    monkeypatch.setattr(compute_budget, "_pretrain", fake_pretrain)
     variants = tuple(Variant(name, "paco") for name in per_step)
-    cfg = study_module.StudyConfig(data_root="unused", variants=variants, steps=700, compute_tolerance=0.05)
-    runs = study_module.pretrain_all(cfg, Path("unused"), dataset=None)
+    cfg = StudyConfig(data_root="unused", variants=variants, steps=700, compute_tolerance=0.05)
+    runs = compute_budget.pretrain_all(cfg, Path("unused"), dataset=None)
     assert calls == [*[(name, 700, "equal-steps") for name in per_step],
                      ("cheap", round(280 / 0.30), "equal-compute"), ("dear", 350, "equal-compute")]
     near = runs[1]
-    assert near["budget"] == study_module.MATCHED_BUDGET and near["steps"] == 700
+    assert near["budget"] == compute_budget.MATCHED_BUDGET and near["steps"] == 700
     assert near["steps_at_compute_target"] == round(280 / 0.41) and near["compute_target_cpu_s"] == 280
-    assert [r["budget"] for r in runs] == ["equal-steps", study_module.MATCHED_BUDGET, "equal-steps", "equal-steps",
+    assert [r["budget"] for r in runs] == ["equal-steps", compute_budget.MATCHED_BUDGET, "equal-steps", "equal-steps",
                                            "equal-compute", "equal-compute"]
-    strict = study_module.StudyConfig(data_root="unused", variants=variants, steps=700, compute_tolerance=0.0)
+    strict = StudyConfig(data_root="unused", variants=variants, steps=700, compute_tolerance=0.0)
     calls.clear()
-    study_module.pretrain_all(strict, Path("unused"), dataset=None)
+    compute_budget.pretrain_all(strict, Path("unused"), dataset=None)
     assert [c for c in calls if c[2] == "equal-compute"][0] == ("near", round(280 / 0.41), "equal-compute")
     per_step["near"] = 0.40  # the very same step count at the budget: tolerance 0 still trains it again
     calls.clear()
-    study_module.pretrain_all(strict, Path("unused"), dataset=None)
+    compute_budget.pretrain_all(strict, Path("unused"), dataset=None)
     assert ("near", 700, "equal-compute") in calls
     with pytest.raises(ValueError, match="compute_tolerance"):
-        study_module.StudyConfig(data_root="unused", compute_tolerance=1.5)
+        StudyConfig(data_root="unused", compute_tolerance=1.5)
 
 
 def test_variant_specs() -> None:

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from _eval_helpers import run_eval, write_face_root
 
-from pacofr.eval.study import StudyConfig, Variant, _same_config, flops_per_image, parse_variant, pretrain_config
+from pacofr.eval.compute_budget import _same_config, flops_per_image
+from pacofr.eval.study_variants import StudyConfig, Variant, parse_variant, pretrain_config
 from pacofr.models import ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -204,8 +204,8 @@ def run_faces(args: argparse.Namespace) -> int:
 def run_study(args: argparse.Namespace) -> int:
     from pacofr.eval.baselines import BASELINES
     from pacofr.eval.face_tasks import parse_task_list
-    from pacofr.eval.study import StudyConfig, parse_variant, pretrain_config
     from pacofr.eval.study import run_study as study
+    from pacofr.eval.study_variants import StudyConfig, parse_variant, pretrain_config
 
     try:
         device = _device(args.device)

@@ -13,7 +13,8 @@ Modules, one job each:
   ridge, MLP head, k-NN and fine-tune, hyper-parameters picked on val;
 - :mod:`~pacofr.eval.metrics`: scores per target kind and the final-epoch summary over seeds;
 - :mod:`~pacofr.eval.evaluate`: the one code path of a row on labelled sets; :mod:`~pacofr.eval.grid`: many rows;
-- :mod:`~pacofr.eval.study`: pre-training variants at equal steps and equal compute, then the grid;
+- :mod:`~pacofr.eval.study`: pre-training variants at equal steps and equal compute, then the grid
+  (its parts: :mod:`~pacofr.eval.study_variants`, :mod:`~pacofr.eval.compute_budget`, :mod:`~pacofr.eval.study_report`);
 - :mod:`~pacofr.eval.report`: JSON, markdown tables and the plot;
 - :mod:`~pacofr.eval.tasks`: the registry behind ``pacofr eval <task>`` (:mod:`~pacofr.eval.user_tasks`,
   :mod:`~pacofr.eval.face_task_commands` register the tasks).
