@@ -141,7 +141,7 @@ def write_ytf(root: Path, rng: np.random.Generator, identities: int = 12, per_id
 
 
 def write_face_root(root: Path, seed: int = 0) -> Path:
-    """Every face set of :mod:`pacofr.eval.face_tasks`, tiny and synthetic, under ``root``."""
+    """Every face set of :mod:`pacofr.eval.face_protocols`, tiny and synthetic, under ``root``."""
     rng = np.random.default_rng(seed)
     write_fer(root, rng)
     write_utkface(root, rng)

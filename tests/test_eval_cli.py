@@ -22,7 +22,7 @@ from pacofr.eval.finetune import FinetuneConfig, run_finetune
 from pacofr.eval.proxy import PROXIES, demo_overlap
 from pacofr.eval.data_sources import open_data
 from pacofr.eval.readers import read_labelled
-from pacofr.eval.user_tasks import DATA_HELP
+from pacofr.eval.user_data_commands import DATA_HELP
 from pacofr.models import PaCoFR
 from pacofr.models.config import ModelConfig
 from pacofr.train.config import PretrainConfig

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from _eval_helpers import run_eval, write_face_root
 
-from pacofr.eval.face_tasks import FACE_TASKS, load_tasks, parse_task_list
-from pacofr.eval.tasks import all_tasks
+from pacofr.eval.face_protocols import FACE_TASKS, load_tasks, parse_task_list
+from pacofr.eval.task_registry import all_tasks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,10 +13,10 @@ from pacofr.eval.baselines import baseline_features, fit_pca
 from pacofr.eval.encoders import load_encoder
 from pacofr.eval.extractors import BaselineExtractor, EncoderExtractor, extract_features
 from pacofr.eval.features import pool_tokens
-from pacofr.eval.heads import KNN_TEMPERATURE, Ridge, knn_predict
+from pacofr.eval.probe_heads import KNN_TEMPERATURE, Ridge, knn_predict
 from pacofr.eval.labelled import Targets
 from pacofr.eval.metrics import Metric, score, summarise, SeedRun
-from pacofr.eval.protocols import ProbeConfig, pick_on_val, run_frozen
+from pacofr.eval.probe_protocols import ProbeConfig, pick_on_val, run_frozen
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

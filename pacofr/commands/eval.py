@@ -26,8 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pacofr.eval.face_task_commands import add_plan_arguments, data_root, plan_from_args
-from pacofr.eval.user_tasks import positive_int
+from pacofr.eval.face_protocol_commands import add_plan_arguments, data_root, plan_from_args
+from pacofr.eval.user_data_commands import positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def _common_arguments(sub: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from pacofr.eval.tasks import all_tasks
+    from pacofr.eval.task_registry import all_tasks
 
     parser = subparsers.add_parser(
         "eval", help="evaluate encoders and baselines: probes, k-NN, fine-tune, face tasks, pre-training study",
@@ -132,7 +132,7 @@ def _open(spec: str, **kwargs: Any) -> Any:
 
 def run_task(args: argparse.Namespace) -> int:
     from pacofr.eval.report import environment, write_json
-    from pacofr.eval.tasks import TaskContext, get_task
+    from pacofr.eval.task_registry import TaskContext, get_task
 
     task = get_task(args.eval_task)
     try:
@@ -163,7 +163,7 @@ def _names(text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
 def run_faces(args: argparse.Namespace) -> int:
     from pacofr.eval.baselines import BASELINE_TITLES, BASELINES, require_dependencies
     from pacofr.eval.extractors import BaselineExtractor
-    from pacofr.eval.face_tasks import FACE_TASKS, load_tasks, parse_task_list
+    from pacofr.eval.face_protocols import FACE_TASKS, load_tasks, parse_task_list
     from pacofr.eval.grid import Row, evaluate_grid, plan_dict
     from pacofr.eval.report import environment, grid_tables, metric_line, write_json
 
@@ -203,7 +203,7 @@ def run_faces(args: argparse.Namespace) -> int:
 
 def run_study(args: argparse.Namespace) -> int:
     from pacofr.eval.baselines import BASELINES
-    from pacofr.eval.face_tasks import parse_task_list
+    from pacofr.eval.face_protocols import parse_task_list
     from pacofr.eval.study import run_study as study
     from pacofr.eval.study_variants import StudyConfig, parse_variant, pretrain_config
 

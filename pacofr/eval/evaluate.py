@@ -2,7 +2,7 @@
 
 :func:`evaluate_sets` extracts each image set's features once per row (streamed, see
 :func:`pacofr.eval.extractors.extract_features`; sets sharing their images share them), then
-for every set and feature pool runs the frozen protocols (:mod:`pacofr.eval.protocols`) and, for
+for every set and feature pool runs the frozen protocols (:mod:`pacofr.eval.probe_protocols`) and, for
 encoders, the fine-tune (:mod:`pacofr.eval.finetune`). Global targets (classes, attributes,
 numbers) use the row's global pools (an encoder's ``cls`` and ``mean``), landmarks its spatial
 pool (``tokens``).
@@ -21,7 +21,7 @@ import torch
 from pacofr.eval.extractors import Extractor, extract_features
 from pacofr.eval.finetune import FinetuneConfig, run_finetune
 from pacofr.eval.labelled import LabelledSet, check_labelled, describe_data
-from pacofr.eval.protocols import FROZEN_PROTOCOLS, ProbeConfig, applies, run_frozen
+from pacofr.eval.probe_protocols import FROZEN_PROTOCOLS, ProbeConfig, applies, run_frozen
 from pacofr.eval.splits import SPLITS
 from pacofr.eval.choices import PROTOCOLS
 

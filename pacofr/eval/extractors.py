@@ -1,7 +1,7 @@
 """What a row of an evaluation table measures: an encoder or a classic baseline, as features.
 
 Every row goes through the same code path: :func:`extract_features` streams a set's images
-through the row's :class:`Extractor` batch by batch, the protocols (:mod:`pacofr.eval.protocols`)
+through the row's :class:`Extractor` batch by batch, the protocols (:mod:`pacofr.eval.probe_protocols`)
 fit their heads on the result. An extractor offers *pools*: an encoder ``cls`` and ``mean``
 (global tasks) and ``tokens`` (spatial tasks, e.g. landmarks); a baseline its one descriptor
 for both. ``--checkpoint`` values name extractors: ``baseline:raw|pca|hog|lbp``, ``random:PRESET``,

@@ -23,10 +23,10 @@ from torch import nn
 
 from pacofr.eval.encoders import LoadedEncoder
 from pacofr.eval.features import image_batches, pooled_features, to_input
-from pacofr.eval.heads import Standardiser, regression_matrix
+from pacofr.eval.probe_heads import Standardiser, regression_matrix
 from pacofr.eval.labelled import LabelledSet, Targets
 from pacofr.eval.metrics import SeedRun, classification_loss, metric_of, score, summarise
-from pacofr.eval.protocols import CLASSIFICATION_KINDS, pick_on_val
+from pacofr.eval.probe_protocols import CLASSIFICATION_KINDS, pick_on_val
 from pacofr.models.vit import normalise_pixels
 from pacofr.train.schedule import warmup_cosine
 

@@ -10,7 +10,7 @@ batch at a time) with :class:`Targets`:
   the distance between points ``iod_points``).
 
 :mod:`pacofr.eval.readers` builds them from folders, CSV files, zips and npz files;
-:mod:`pacofr.eval.face_tasks` from the face sets with fixed protocols.
+:mod:`pacofr.eval.face_protocols` from the face sets with fixed protocols.
 """
 
 from __future__ import annotations

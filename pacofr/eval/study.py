@@ -40,7 +40,7 @@ from typing import Any
 from pacofr.eval.baselines import BASELINE_TITLES
 from pacofr.eval.compute_budget import pretrain_all
 from pacofr.eval.extractors import BaselineExtractor, EncoderExtractor
-from pacofr.eval.face_tasks import FACE_TASKS, load_tasks
+from pacofr.eval.face_protocols import FACE_TASKS, load_tasks
 from pacofr.eval.grid import Row, evaluate_grid, plan_dict
 from pacofr.eval.report import environment, score_vs_time_plot, write_json
 from pacofr.eval.study_report import caveats, markdown_report, row_label

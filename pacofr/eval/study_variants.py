@@ -9,7 +9,7 @@ from typing import Any
 
 from pacofr.eval.baselines import BASELINES
 from pacofr.eval.evaluate import EvalPlan
-from pacofr.eval.face_tasks import FACE_TASKS
+from pacofr.eval.face_protocols import FACE_TASKS
 
 METHOD_NAMES = {"paco": "PaCo-FR", "mae": "MAE-face", "mcf": "MCF-style", "fra": "FRA-style"}
 #: the face tasks whose train images (train and val splits) are the study's pre-training set

@@ -56,7 +56,7 @@ class FaceTask:
 def _need(path: Path, what: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the {what} set is expected there (--data-root points at a folder "
-                                "laid out as /work/shared/data; see pacofr/eval/face_tasks.py)")
+                                "laid out as /work/shared/data; see pacofr/eval/face_protocols.py)")
     return path
 
 

@@ -11,7 +11,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from pacofr.eval.choices import POOLS
-from pacofr.eval.tasks import EvalTask, TaskContext, register
+from pacofr.eval.task_registry import EvalTask, TaskContext, register
 
 if TYPE_CHECKING:
     from pacofr.eval.extractors import Extractor
@@ -129,7 +129,7 @@ def _probe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_probe(extractor: Extractor, args: argparse.Namespace, context: TaskContext) -> dict[str, Any]:
-    from pacofr.eval.protocols import ProbeConfig
+    from pacofr.eval.probe_protocols import ProbeConfig
 
     if min(args.lr) <= 0:
         raise ValueError(f"--lr values must be > 0, got {args.lr}")
@@ -145,7 +145,7 @@ def _knn_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_knn(extractor: Extractor, args: argparse.Namespace, context: TaskContext) -> dict[str, Any]:
-    from pacofr.eval.protocols import ProbeConfig
+    from pacofr.eval.probe_protocols import ProbeConfig
 
     return run_protocol("knn", extractor, args, context, probe=ProbeConfig(seeds=context.seeds, knn_k=args.k),
                         finetune=None)

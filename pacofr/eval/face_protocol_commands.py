@@ -1,4 +1,4 @@
-"""``pacofr eval <face task>``: one command per task with a fixed protocol (:mod:`pacofr.eval.face_tasks`).
+"""``pacofr eval <face task>``: one command per task with a fixed protocol (:mod:`pacofr.eval.face_protocols`).
 
 Example::
 
@@ -15,10 +15,10 @@ import argparse
 import os
 from typing import TYPE_CHECKING, Any
 
-from pacofr.eval.face_tasks import FACE_TASKS
+from pacofr.eval.face_protocols import FACE_TASKS
 from pacofr.eval.choices import PROTOCOLS
-from pacofr.eval.tasks import EvalTask, TaskContext, register
-from pacofr.eval.user_tasks import float_grid, positive_int
+from pacofr.eval.task_registry import EvalTask, TaskContext, register
+from pacofr.eval.user_data_commands import float_grid, positive_int
 
 if TYPE_CHECKING:
     from pacofr.eval.evaluate import EvalPlan
@@ -58,7 +58,7 @@ def plan_from_args(args: argparse.Namespace, seeds: tuple[int, ...], device: str
     """The :class:`~pacofr.eval.evaluate.EvalPlan` of :func:`add_plan_arguments`' options."""
     from pacofr.eval.evaluate import EvalPlan
     from pacofr.eval.finetune import FinetuneConfig
-    from pacofr.eval.protocols import ProbeConfig
+    from pacofr.eval.probe_protocols import ProbeConfig
 
     if min(args.finetune_lr) <= 0:
         raise ValueError(f"--finetune-lr values must be > 0, got {args.finetune_lr}")
@@ -70,8 +70,8 @@ def plan_from_args(args: argparse.Namespace, seeds: tuple[int, ...], device: str
 def _run(name: str) -> Any:
     def run(extractor: Extractor, args: argparse.Namespace, context: TaskContext) -> dict[str, Any]:
         from pacofr.eval.evaluate import evaluate_sets
-        from pacofr.eval.face_tasks import load_tasks
-        from pacofr.eval.user_tasks import headline
+        from pacofr.eval.face_protocols import load_tasks
+        from pacofr.eval.user_data_commands import headline
 
         try:
             sets = load_tasks([name], data_root(args))

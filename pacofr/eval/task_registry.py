@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pacofr.eval.extractors import Extractor
 
-TASK_MODULES: tuple[str, ...] = ("pacofr.eval.user_tasks", "pacofr.eval.face_task_commands")
+TASK_MODULES: tuple[str, ...] = ("pacofr.eval.user_data_commands", "pacofr.eval.face_protocol_commands")
 
 
 @dataclass(frozen=True)

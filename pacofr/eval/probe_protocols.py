@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pacofr.eval.heads import (
+from pacofr.eval.probe_heads import (
     Ridge,
     Standardiser,
     knn_predict,
