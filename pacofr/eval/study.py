@@ -87,7 +87,6 @@ def study_rows(cfg: StudyConfig, runs: list[dict[str, Any]]) -> list[Row]:
 
 def run_study(cfg: StudyConfig, out_dir: str | Path, work_dir: str | Path) -> dict[str, Any]:
     """Pre-train, evaluate every row on every task, write the report files; return the JSON data."""
-    from pacofr.data import Augment
     from pacofr.data.datasets import CroppedFaceDataset
 
     start = time.perf_counter()
@@ -95,8 +94,8 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, work_dir: str | Path) -> di
     pre_sets = load_tasks(list(PRETRAIN_TASKS), cfg.data_root)
     images, counts = pretraining_images(pre_sets)
     probe_cfg = pretrain_config(cfg, cfg.variants[0], cfg.steps, work / "probe")
-    dataset = CroppedFaceDataset(images, image_size=probe_cfg.model.img_size,
-                                 augment=Augment() if probe_cfg.data.augment else None)
+    # uint8 items: the trainer augments whole batches on the training device (data.augment)
+    dataset = CroppedFaceDataset(images, image_size=probe_cfg.model.img_size, uint8=True)
     runs = pretrain_all(cfg, work, dataset)
     sets = load_tasks(list(cfg.tasks), cfg.data_root)
     grid = evaluate_grid(study_rows(cfg, runs), sets, cfg.plan, cache_dir=work / "rows")
