@@ -7,21 +7,28 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from pacofr.cli import error_line, expected_errors
 from pacofr.commands import eval as eval_command
 
 
 def run_eval(argv: list[str]) -> int:
-    """``pacofr eval ...`` through the command module (independent of pacofr.cli's module list)."""
+    """``pacofr eval ...`` through the command module (independent of pacofr.cli's module list); an
+    expected error is printed as pacofr.cli.main prints it (one ``error: ...`` line on stderr), exit 2."""
     parser = argparse.ArgumentParser(prog="pacofr")
     eval_command.add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["eval", *argv])
-    return args.func(args)
+    try:
+        return args.func(args)
+    except expected_errors() as err:
+        print(error_line(err), file=sys.stderr)
+        return 2
 
 
 def blob_image(rng: np.random.Generator, height: int, width: int, centre: tuple[float, float],

@@ -227,37 +227,38 @@ def test_proxy_set_is_labelled_as_documented(tmp_path: Path) -> None:
     assert "lfw-face-vs-nonface" in DATA_HELP and set(PROXIES) == {"lfw-face-vs-nonface"}
 
 
-def _error(argv: list[str], caplog: pytest.LogCaptureFixture) -> str:
-    caplog.clear()
-    with caplog.at_level(logging.ERROR):
-        assert run_eval(argv) == 2
-    return caplog.text
+def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The stderr of a refused ``pacofr eval`` (exit 2): exactly one ``error: ...`` line."""
+    capsys.readouterr()
+    assert run_eval(argv) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    return stderr
 
 
 def test_bad_arguments_name_the_argument(tiny_checkpoint, tmp_path: Path,
-                                         caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture) -> None:
+                                         capsys: pytest.CaptureFixture) -> None:
     path, _ = tiny_checkpoint
     out = ["--out", str(tmp_path / "x")]
     proxy = ["--data", "proxy:lfw-face-vs-nonface"]
-    assert "--checkpoint" in _error(["linear-probe", "--checkpoint", str(tmp_path / "none"), *proxy, *out], caplog)
-    text = _error(["linear-probe", "--checkpoint", "random:huge", *proxy, *out], caplog)
+    assert "--checkpoint" in _error(["linear-probe", "--checkpoint", str(tmp_path / "none"), *proxy, *out], capsys)
+    text = _error(["linear-probe", "--checkpoint", "random:huge", *proxy, *out], capsys)
     assert "--checkpoint random:huge" in text and "preset must be one of" in text
-    assert "--data" in _error(["linear-probe", "--checkpoint", "random:tiny", "--data", str(tmp_path / "no"), *out], caplog)
-    text = _error(["linear-probe", "--checkpoint", "random:tiny", "--data", "proxy:cats", *out], caplog)
+    assert "--data" in _error(["linear-probe", "--checkpoint", "random:tiny", "--data", str(tmp_path / "no"), *out], capsys)
+    text = _error(["linear-probe", "--checkpoint", "random:tiny", "--data", "proxy:cats", *out], capsys)
     assert "--data proxy:cats" in text and "unknown proxy set" in text
     export_encoder(path, tmp_path / "export")
-    assert "--teacher" in _error(["linear-probe", "--checkpoint", str(tmp_path / "export"), "--teacher", *proxy, *out],
-                                 caplog)
+    assert "--teacher" in _error(["linear-probe", "--checkpoint", str(tmp_path / "export"), "--teacher", *proxy, *out], capsys)
     one_class = tmp_path / "one.csv"
     (tmp_path / "img").mkdir()
     for i in range(3):
         Image.new("RGB", (8, 8)).save(tmp_path / "img" / f"{i}.png")
     one_class.write_text("path,label\n" + "".join(f"img/{i}.png,a\n" for i in range(3)))
-    text = _error(["linear-probe", "--checkpoint", "random:tiny", "--data", str(one_class), *out], caplog)
+    text = _error(["linear-probe", "--checkpoint", "random:tiny", "--data", str(one_class), *out], capsys)
     assert f"--data {one_class}" in text and "has 1 class(es) ['a']; a classifier needs at least 2" in text
-    assert "--checkpoint" in _error(["finetune", "--checkpoint", "baseline:hog", *proxy, *out], caplog)
-    assert "--teacher" in _error(["knn", "--checkpoint", "baseline:hog", "--teacher", *proxy, *out], caplog)
-    assert "unknown baseline" in _error(["knn", "--checkpoint", "baseline:sift", *proxy, *out], caplog)
+    assert "--checkpoint" in _error(["finetune", "--checkpoint", "baseline:hog", *proxy, *out], capsys)
+    assert "--teacher" in _error(["knn", "--checkpoint", "baseline:hog", "--teacher", *proxy, *out], capsys)
+    assert "unknown baseline" in _error(["knn", "--checkpoint", "baseline:sift", *proxy, *out], capsys)
     assert not (tmp_path / "x").exists()  # nothing written on errors
     for bad, name in ((["--seeds", "0"], "--seeds"), (["--pool", "max"], "--pool"), (["--epochs", "-1"], "--epochs"),
                       (["--lr", "fast"], "--lr"), (["--l2", "-1"], "--l2")):
@@ -266,17 +267,18 @@ def test_bad_arguments_name_the_argument(tiny_checkpoint, tmp_path: Path,
         assert exit_info.value.code == 2 and f"argument {name}" in capsys.readouterr().err
 
 
-def test_small_sets_without_a_test_split_are_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_small_sets_without_a_test_split_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for cls in ("a", "b"):
         (tmp_path / "tiny" / cls).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / "tiny" / cls / "0.png")
     assert read_labelled(tmp_path / "tiny").splits == ["train", "val"]  # fixed by the hash of the names
     text = _error(["linear-probe", "--checkpoint", "random:tiny", "--data", str(tmp_path / "tiny"),
-                   "--out", str(tmp_path / "o")], caplog)
+                   "--out", str(tmp_path / "o")], capsys)
     assert "--data" in text and "the test split of the 2 labelled images is empty" in text
 
 
-def test_empty_labels_and_single_image_classes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_empty_labels_and_single_image_classes(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 18 item 10: empty label cells made a class named ''; a class with one image scored 0.0
     without a warning."""
     (tmp_path / "img").mkdir()
@@ -285,7 +287,7 @@ def test_empty_labels_and_single_image_classes(tmp_path: Path, caplog: pytest.Lo
     rows = [f"img/{i}.png,{'dark' if i < 20 else 'light'}" for i in range(40)]
     (tmp_path / "empty.csv").write_text("path,label\n" + "\n".join(rows[:5] + ["img/5.png,"] + rows[6:]) + "\n")
     text = _error(["linear-probe", "--checkpoint", "baseline:raw", "--data", str(tmp_path / "empty.csv"),
-                   "--out", str(tmp_path / "o")], caplog)
+                   "--out", str(tmp_path / "o")], capsys)
     assert "--data" in text and "empty label" in text and "row 7 (img/5.png)" in text
     (tmp_path / "single.csv").write_text("path,label\n" + "\n".join(rows[:39] + ["img/39.png,grey"]) + "\n")
     caplog.clear()

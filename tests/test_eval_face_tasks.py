@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -111,13 +110,14 @@ def test_a_face_task_command_runs_every_protocol(face_root: Path, tmp_path: Path
     assert linear["mean"] < 10.0
 
 
-def test_faces_grid_writes_one_table(face_root: Path, tmp_path: Path) -> None:
+def test_faces_grid_writes_one_table(face_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_eval(["faces", "--checkpoint", "random:tiny", "--baselines", "hog,raw", "--tasks",
                      "utkface-gender,utkface-age", "--protocols", "linear,knn", "--data-root", str(face_root),
                      "--out", str(tmp_path), *FAST]) == 0
     payload = json.loads((tmp_path / "faces.json").read_text())
     assert [r["name"] for r in payload["rows"]] == ["HOG", "raw pixels", "random init (tiny)"]
     table = (tmp_path / "faces.md").read_text()
+    assert table in capsys.readouterr().out  # printed as well as written
     hog = next(r for r in payload["rows"] if r["name"] == "HOG")
     linear = next(r for r in hog["tasks"]["utkface-age"]["results"] if r["protocol"] == "linear")
     digits = 1 if abs(linear["mean"]) >= 10 else 2  # the table's rounding
@@ -126,15 +126,14 @@ def test_faces_grid_writes_one_table(face_root: Path, tmp_path: Path) -> None:
     assert "UTKFace age (MAE, years): MAE in years, lower is better" in table
 
 
-def test_face_tasks_name_what_is_missing(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+def test_face_tasks_name_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PACOFR_DATA_ROOT", raising=False)
     for argv, expected in ((["fer2013", "--checkpoint", "baseline:hog", "--out", str(tmp_path)], "--data-root is required"),
                            (["fer2013", "--checkpoint", "baseline:hog", "--data-root", str(tmp_path), "--out",
                              str(tmp_path / "o")], "fer2013.npz is missing")):
-        caplog.clear()
-        with caplog.at_level(logging.ERROR):
-            assert run_eval(argv) == 2
-        assert expected in caplog.text
+        assert run_eval(argv) == 2
+        stderr = capsys.readouterr().err
+        assert stderr.startswith("error: ") and stderr.count("\n") == 1 and expected in stderr, stderr
     with pytest.raises(SystemExit):
         run_eval(["fer2013", "--checkpoint", "baseline:hog", "--protocols", "linear,svm", "--out", str(tmp_path)])

@@ -156,7 +156,7 @@ def test_variant_specs() -> None:
             parse_variant(bad)
 
 
-def test_bad_study_arguments_fail_before_any_training(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_study_arguments_fail_before_any_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "data"
     root.mkdir()
     base = ["study", "--data-root", str(root), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]
@@ -166,10 +166,9 @@ def test_bad_study_arguments_fail_before_any_training(tmp_path: Path, caplog: py
                             (["--tasks", "mnist"], "comma-separated list"),
                             (["--baselines", "sift"], "--baselines"),
                             ([], "utkface_crop_part1/labels.csv is missing")):
-        caplog.clear()
-        with caplog.at_level(logging.ERROR):
-            assert run_eval([*base, *extra]) == 2
-        assert expected in caplog.text, (extra, caplog.text)
+        assert run_eval([*base, *extra]) == 2
+        stderr = capsys.readouterr().err
+        assert stderr.startswith("error: ") and stderr.count("\n") == 1 and expected in stderr, (extra, stderr)
     assert not (tmp_path / "o").exists() and not any((tmp_path / "w").glob("*/checkpoints"))
 
 

@@ -21,7 +21,6 @@ hyper-parameters picked on val, the split, the row's source, versions and date. 
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ from typing import Any
 from pacofr.eval.face_protocol_commands import add_plan_arguments, data_root, plan_from_args
 from pacofr.eval.user_data_commands import positive_int
 
-logger = logging.getLogger(__name__)
 
 CHECKPOINT_HELP = ("what to evaluate: a pacofr training checkpoint (step_* folder, checkpoints folder or run "
                    "folder: its newest), a folder written by `pacofr export`, random:PRESET (a freshly "
@@ -131,23 +129,26 @@ def _open(spec: str, **kwargs: Any) -> Any:
 
 
 def run_task(args: argparse.Namespace) -> int:
-    from pacofr.eval.report import environment, write_json
+    """One task on one encoder: prints the headline, for classification the majority-class and chance
+    scores (naming a collapsed result), and writes the JSON. Errors propagate to :func:`pacofr.cli.main`."""
+    from pacofr.eval.report import class_references, environment, reference_line, write_json
     from pacofr.eval.task_registry import TaskContext, get_task
 
     task = get_task(args.eval_task)
-    try:
-        device = _device(args.device)
-        extractor = _open(args.checkpoint, teacher=args.teacher, init_seed=args.init_seed)
-        with tempfile.TemporaryDirectory(prefix="pacofr-eval-") as scratch:
-            context = TaskContext(seeds=tuple(range(args.seeds)), device=device, scratch=Path(scratch),
-                                  batch_size=args.feature_batch)
-            result = task.run(extractor, args, context)
-    except (ValueError, FileNotFoundError) as err:
-        logger.error("%s", err)
-        return 2
-    payload = {"task": task.name, "row": extractor.describe(), "environment": environment(device), **result}
+    device = _device(args.device)
+    extractor = _open(args.checkpoint, teacher=args.teacher, init_seed=args.init_seed)
+    with tempfile.TemporaryDirectory(prefix="pacofr-eval-") as scratch:
+        context = TaskContext(seeds=tuple(range(args.seeds)), device=device, scratch=Path(scratch),
+                              batch_size=args.feature_batch)
+        result = task.run(extractor, args, context)
+    references = class_references(result)
+    payload = {"task": task.name, "row": extractor.describe(), "environment": environment(device), **result,
+               **({"references": references} if references else {})}
     path = write_json(Path(args.out) / f"{task.name.replace('-', '_')}.json", payload)
     print(result["headline"])
+    line = reference_line(task.name, result)
+    if line:
+        print(line)
     print(f"written {path}")
     return 0
 
@@ -167,36 +168,34 @@ def run_faces(args: argparse.Namespace) -> int:
     from pacofr.eval.grid import Row, evaluate_grid, plan_dict
     from pacofr.eval.report import environment, grid_tables, metric_line, write_json
 
+    device = _device(args.device)
+    baselines = _names(args.baselines, BASELINES, "baselines")
+    require_dependencies(baselines)  # before any work: a missing scikit-image is one line naming the extra
+    names = parse_task_list(args.tasks)
+    if not args.checkpoint and not baselines:
+        raise ValueError("--checkpoint / --baselines: nothing to evaluate")
+    plan = plan_from_args(args, tuple(range(args.seeds)), device, args.feature_batch)
+    rows = [Row(BASELINE_TITLES[b], lambda b=b: BaselineExtractor(b), kind="baseline") for b in baselines]
+    for spec in args.checkpoint:
+        extractor = _open(spec)  # fails early on a bad spec; opened again when its row runs
+        name = extractor.name if all(extractor.name != row.name for row in rows) else spec
+        rows.append(Row(name, lambda s=spec: _open(s), kind="encoder" if extractor.encoder is not None
+                        else "baseline", info={"spec": spec}))
+        del extractor
     try:
-        device = _device(args.device)
-        baselines = _names(args.baselines, BASELINES, "baselines")
-        require_dependencies(baselines)  # before any work: a missing scikit-image is one line naming the extra
-        names = parse_task_list(args.tasks)
-        if not args.checkpoint and not baselines:
-            raise ValueError("--checkpoint / --baselines: nothing to evaluate")
-        plan = plan_from_args(args, tuple(range(args.seeds)), device, args.feature_batch)
-        rows = [Row(BASELINE_TITLES[b], lambda b=b: BaselineExtractor(b), kind="baseline") for b in baselines]
-        for spec in args.checkpoint:
-            extractor = _open(spec)  # fails early on a bad spec; opened again when its row runs
-            name = extractor.name if all(extractor.name != row.name for row in rows) else spec
-            rows.append(Row(name, lambda s=spec: _open(s), kind="encoder" if extractor.encoder is not None
-                            else "baseline", info={"spec": spec}))
-            del extractor
-        try:
-            sets = load_tasks(names, data_root(args))
-        except (ValueError, FileNotFoundError) as err:
-            raise ValueError(f"--data-root {args.data_root}: {err}") from err
-        # each finished row is written to OUT/rows/ as it finishes (a run stopped later keeps it; a rerun reuses it)
-        grid = evaluate_grid(rows, sets, plan, cache_dir=Path(args.out) / "rows")
+        sets = load_tasks(names, data_root(args))
     except (ValueError, FileNotFoundError) as err:
-        logger.error("%s", err)
-        return 2
+        raise ValueError(f"--data-root {args.data_root}: {err}") from err
+    # each finished row is written to OUT/rows/ as it finishes (a run stopped later keeps it; a rerun reuses it)
+    grid = evaluate_grid(rows, sets, plan, cache_dir=Path(args.out) / "rows")
     titles = {name: FACE_TASKS[name].title for name in names}
     payload = {"environment": environment(device), "plan": plan_dict(plan), "tasks": list(names),
                "task_protocols": {n: d.protocol for n, d in sets}, "rows": grid}
     out = Path(args.out)
     write_json(out / "faces.json", payload)
-    (out / "faces.md").write_text("\n".join([metric_line(grid, names, titles), "", *grid_tables(grid, names, titles)]))
+    report = "\n".join([metric_line(grid, names, titles), "", *grid_tables(grid, names, titles)])
+    (out / "faces.md").write_text(report)
+    print(report)
     print(f"written {out / 'faces.json'}, faces.md")
     return 0
 
@@ -207,24 +206,20 @@ def run_study(args: argparse.Namespace) -> int:
     from pacofr.eval.study import run_study as study
     from pacofr.eval.study_variants import StudyConfig, parse_variant, pretrain_config
 
-    try:
-        device = _device(args.device)
-        variants = tuple(parse_variant(v) for v in (args.variant or ["paco", "mae"]))
-        cfg = StudyConfig(data_root=data_root(args), config=args.config, overrides=tuple(args.overrides),
-                          variants=variants, steps=args.steps, equal_compute=not args.no_equal_compute,
-                          compute_tolerance=args.compute_tolerance,
-                          tasks=tuple(parse_task_list(args.tasks)), baselines=_names(args.baselines, BASELINES,
-                                                                                       "baselines"),
-                          plan=plan_from_args(args, tuple(range(args.seeds)), device, args.feature_batch))
-        for variant in variants:  # a bad config or override fails before any pre-training
-            try:
-                pretrain_config(cfg, variant, cfg.steps, Path(args.work) / "check")
-            except ValueError as err:
-                raise ValueError(f"--config {args.config} / --set / --variant {variant.name}: {err}") from err
-        result = study(cfg, args.out, args.work)
-    except (ValueError, FileNotFoundError) as err:
-        logger.error("%s", err)
-        return 2
+    device = _device(args.device)
+    variants = tuple(parse_variant(v) for v in (args.variant or ["paco", "mae"]))
+    cfg = StudyConfig(data_root=data_root(args), config=args.config, overrides=tuple(args.overrides),
+                      variants=variants, steps=args.steps, equal_compute=not args.no_equal_compute,
+                      compute_tolerance=args.compute_tolerance,
+                      tasks=tuple(parse_task_list(args.tasks)), baselines=_names(args.baselines, BASELINES,
+                                                                                   "baselines"),
+                      plan=plan_from_args(args, tuple(range(args.seeds)), device, args.feature_batch))
+    for variant in variants:  # a bad config or override fails before any pre-training
+        try:
+            pretrain_config(cfg, variant, cfg.steps, Path(args.work) / "check")
+        except ValueError as err:
+            raise ValueError(f"--config {args.config} / --set / --variant {variant.name}: {err}") from err
+    result = study(cfg, args.out, args.work)
     print(f"written {Path(args.out) / 'study.json'}, study.md, study.png "
           f"({len(result['rows'])} rows, {len(result['tasks'])} tasks)")
     return 0
