@@ -4,10 +4,14 @@ extraction shows its progress."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from _eval_helpers import run_eval
+from PIL import Image
 
 from pacofr.data.image_sets import ArrayImages
 from pacofr.eval.encoders import load_encoder
@@ -56,3 +60,18 @@ def test_feature_extraction_shows_its_progress(capsys: pytest.CaptureFixture[str
     assert "features encoder" in err and "/7 [" in err  # a bar counting the 7 images (the last refresh may be skipped)
     extract_features(EncoderExtractor(load_encoder("random:tiny")), images, ["cls"], batch_size=3)
     assert capsys.readouterr().err == ""  # not a terminal here: no bar in logs
+
+
+def test_an_eval_command_prints_and_stores_the_references(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "img").mkdir()
+    for i in range(40):
+        Image.fromarray(np.full((8, 8), 6 * i, dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+    (tmp_path / "faces.csv").write_text("path,label\n" + "".join(
+        f"img/{i}.png,{'dark' if i < 20 else 'light'}\n" for i in range(40)))
+    assert run_eval(["knn", "--checkpoint", "baseline:raw", "--data", str(tmp_path / "faces.csv"),
+                     "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    stored = json.loads(next((tmp_path / "o").glob("*.json")).read_text())["references"]
+    counts = stored["test_n"], stored["majority"] * stored["test_n"] / 100  # the majority is a whole count
+    assert abs(counts[1] - round(counts[1])) < 1e-9 and stored["chance"] == 50.0
+    assert f"scores {stored['majority']:.2f} % on test, chance 50.00 % (2 classes)" in out
