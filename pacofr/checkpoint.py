@@ -273,9 +273,20 @@ def checkpoint_step(name: str | Path) -> int:
 
 def remove_checkpoints_after(directory: str | Path, step: int) -> list[Path]:
     """Delete the checkpoints in ``directory`` taken after optimiser step ``step`` (a run resumed
-    from an earlier checkpoint abandons them); returns what was deleted."""
-    newer = [path for path in list_checkpoints(directory) if _NAME_RE.match(path.name)
-             and checkpoint_step(path) > step]
+    from an earlier checkpoint abandons them); returns what was deleted.
+
+    A folder whose ``meta.json`` is of another step than its name says (renamed by hand) was never
+    taken by this run: it is left in place with a warning, not deleted."""
+    newer = []
+    for path in list_checkpoints(directory):
+        if not _NAME_RE.match(path.name) or checkpoint_step(path) <= step:
+            continue
+        try:
+            _check_named_after_its_step(path)
+        except (CorruptCheckpointError, FileNotFoundError) as err:
+            logger.warning("left in place, not deleted with the abandoned checkpoints: %s", err)
+            continue
+        newer.append(path)
     for path in newer:
         delete_checkpoint(path)
     return newer

@@ -97,6 +97,9 @@ def test_a_renamed_checkpoint_is_not_taken_for_the_newest(run_dir: Path, tmp_pat
     with pytest.raises(ckpt.CorruptCheckpointError, match="meta.json is of step 1, not of the step its name says"):
         ckpt.verify_checkpoint(run / "checkpoints" / "step_00000009")
     assert ckpt.find_intact_checkpoint(run) == run / "checkpoints" / "step_00000002"
+    # resuming from step 1 abandons the genuine step 2, but never the renamed copy it did not take
+    assert ckpt.remove_checkpoints_after(run / "checkpoints", 1) == [run / "checkpoints" / "step_00000002"]
+    assert (run / "checkpoints" / "step_00000009").is_dir()
 
 
 def test_export_refuses_weights_that_are_not_finite(run_dir: Path, tmp_path: Path,
