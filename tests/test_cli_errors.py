@@ -172,3 +172,18 @@ def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str], command: li
     text = capsys.readouterr().out
     assert expected in " ".join(text.split())  # help lines are wrapped
     assert "(default: None)" not in text and "(default: False)" not in text and "(default: )" not in text
+
+
+def test_pretrain_print_config_shows_every_field_with_the_overrides(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`pretrain --help` cannot list config defaults (they live in the presets): --print-config does."""
+    import yaml
+
+    from pacofr.train.config import load_config
+
+    assert main(["pretrain", "--config", "demo", "--set", "train.epochs=3", "--out", str(tmp_path / "r"),
+                 "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = load_config("demo", ["train.epochs=3", f"train.out_dir={tmp_path / 'r'}"]).to_dict()
+    assert printed == expected and printed["train"]["epochs"] == 3
+    assert not (tmp_path / "r").exists()  # nothing trained, nothing written

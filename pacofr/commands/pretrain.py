@@ -23,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "pretrain", help="pre-train PaCo-FR (or the MAE-face control)",
         description="Pre-train PaCo-FR on aligned faces. Writes config.yaml, scalars.csv, checkpoints/, "
-                    "loss_curve.png and reconstructions.png into the output folder.")
+                    "loss_curve.png and reconstructions.png into the output folder. The config fields and "
+                    "their values (the defaults of a preset, after --set): --print-config.")
     parser.add_argument("--config", default=None,
                         help="a packaged preset (demo, vit_tiny, vit_small, vit_base) or a YAML file; with "
                              "--resume and no --config, the config stored in the checkpoint")
@@ -40,6 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", default=None, metavar="METHOD",
                         help="shorthand for --set model.method=METHOD: paco (PaCo-FR), mae (the MAE-face "
                              "control), mcf or fra (the MCF-style / FRA-style peers)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print every config field of the run (preset or YAML, --set, --method, --out "
+                             "applied) as YAML and exit without training")
     parser.set_defaults(func=run)
 
 
@@ -115,9 +119,13 @@ def _check_same_model(stored: PretrainConfig, cfg: PretrainConfig, checkpoint: P
 
 def run(args: argparse.Namespace) -> int:
     """Train; errors propagate to :func:`pacofr.cli.main`, which reports them in one line."""
+    from pacofr.train.config import dump_config
     from pacofr.train.pretrain import run_pretraining
 
     cfg, resume = _resolve_config(args)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
     result = run_pretraining(cfg, resume=resume, overwrite=args.overwrite)
     if result.checkpoint is not None:  # rank 0
         print(f"pre-training finished at step {result.step}; files in {result.out_dir}:")
