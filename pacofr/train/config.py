@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from pacofr.data.regions import NUM_REGIONS
+from pacofr.eval.choices import POOLS
 from pacofr.models.config import ModelConfig
 from pacofr.train.fields import ConfigError, from_dict, merge_into, set_by_path, to_dict
 
@@ -102,6 +103,13 @@ class TrainConfig:
     keep_last: int = 3
     progress: bool = True  # tqdm progress bar (rank 0)
     tensorboard: bool = False  # also log scalars to TensorBoard when it is installed
+    # online monitoring (pacofr.train.monitor): a k-NN probe of the encoder on a small labelled set,
+    # logged as monitor/knn_acc and monitor/majority with the scalars row of its step (rank 0)
+    monitor_every: int = 0  # optimiser steps between probes, a multiple of log_every (0: off)
+    monitor_data: str = ""  # a labelled set as `pacofr eval --data` takes it, class labels (folder, CSV, proxy:NAME)
+    monitor_k: int = 20  # neighbours that vote
+    monitor_max_images: int = 500  # the most images taken from each of its train and test splits
+    monitor_pool: str = "mean"  # feature pool: cls, mean, cls+mean or tokens
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -122,6 +130,24 @@ class TrainConfig:
                              "from base_lr down to min_lr)")
         if not self.out_dir.strip():
             raise ValueError("out_dir must name a folder, got an empty string")
+        self._check_monitor()
+
+    def _check_monitor(self) -> None:
+        if self.monitor_every < 0:
+            raise ValueError(f"monitor_every must be >= 0, got {self.monitor_every}")
+        for name in ("monitor_k", "monitor_max_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.monitor_pool not in POOLS:
+            raise ValueError(f"monitor_pool must be one of {POOLS}, got {self.monitor_pool!r}")
+        if not self.monitor_every:
+            return
+        if not self.monitor_data.strip():
+            raise ValueError("monitor_every > 0 needs monitor_data: a labelled set with class labels (a class-per-"
+                             "folder tree, a CSV or npz file, or proxy:NAME)")
+        if not self.log_every or self.monitor_every % self.log_every:
+            raise ValueError(f"monitor_every={self.monitor_every} must be a multiple of log_every={self.log_every} "
+                             "(the probe is logged with the scalars row of its step)")
 
 
 @dataclass

@@ -35,6 +35,7 @@ from pacofr.train.contract import PretrainingModel, StepMaintenance
 from pacofr.train.distributed import DistInfo, all_reduce_mean, all_true, barrier
 from pacofr.train.fields import ConfigError
 from pacofr.train.metrics import ScalarCSV, TensorBoardLog, TensorMeans, peak_memory_mb
+from pacofr.train.monitor import KnnMonitor
 from pacofr.train.run_folder import (CONFIG_FILE, LOSS_CURVE_FILE, RECONSTRUCTIONS_FILE, SCALARS_FILE,
                                      TENSORBOARD_DIR, VIZ_DIR, RunFolder)
 from pacofr.train.sampling import EpochSeededDataset, ResumableSampler
@@ -150,6 +151,7 @@ class Trainer:
                       geometry, self.tc.seed, self.device, self.batch_augment),
             self.dist, {"config": cfg.to_dict(), "alignment_recipe": self.recipe}, keep_last=self.tc.keep_last)
 
+        self.monitor = self._build_monitor()
         self.scalars: ScalarCSV | None = None  # opened by fit() once the output folder is claimed
         self.tensorboard: TensorBoardLog | None = None
         self._viz_batch: dict[str, torch.Tensor] | None = None
@@ -167,6 +169,34 @@ class Trainer:
         if not available:
             raise ConfigError(f"model.backend={backend!r} cannot run on {device}: {why}; use model.backend=auto "
                               "(the fastest available) or torch")
+
+    def _build_monitor(self) -> KnnMonitor | None:
+        """The k-NN monitor of ``train.monitor_*`` (built on rank 0; None when off and on other ranks).
+        Its data is read here, so a bad ``train.monitor_data`` stops every rank before any work."""
+        if not self.tc.monitor_every:
+            return None
+        if not isinstance(getattr(self.model, "encoder", None), nn.Module):
+            raise ConfigError(f"train.monitor_every={self.tc.monitor_every}: the model "
+                              f"{type(self.model).__name__} has no encoder module to probe")
+        monitor, error = None, None
+        if self.dist.is_main:
+            mc = self.cfg.model
+            try:
+                monitor = KnnMonitor(self.tc.monitor_data, k=self.tc.monitor_k, max_images=self.tc.monitor_max_images,
+                                     pool=self.tc.monitor_pool, img_size=mc.img_size, mean=mc.pixel_mean,
+                                     std=mc.pixel_std, batch_size=self.tc.batch_size)
+            except ConfigError as err:
+                error = err
+        if not all_true(error is None, self.dist):
+            raise error or ConfigError(f"train.monitor_data={self.tc.monitor_data!r} could not be read (rank 0 "
+                                       "names why)")
+        return monitor
+
+    def _monitor_scalars(self, last: bool) -> dict[str, float]:
+        """The k-NN monitor's scalars when this step is one of its steps (or the last), else {}."""
+        if self.monitor is None or not (self._every(self.tc.monitor_every) or last):
+            return {}
+        return self.monitor(self.model.encoder)  # type: ignore[attr-defined]
 
     def _autocast_dtype(self) -> torch.dtype | None:
         if self.tc.precision == "fp32":
@@ -288,10 +318,11 @@ class Trainer:
             logger.warning("%d unreadable image(s) skipped so far (each replaced by the next readable one; "
                            "the dataset's warnings name them)", self.state.skipped_images)
 
-    def _log(self, lr: float, grad_norm: float, images_per_s: float, keep_means: bool = False) -> dict[str, float]:
-        """Append a scalars row. ``keep_means``: the means since the last row go on accumulating (a row
-        off the ``log_every`` grid, so that the next row on it covers the same steps as in a run that
-        was never stopped)."""
+    def _log(self, lr: float, grad_norm: float, images_per_s: float, keep_means: bool = False,
+             extra: Mapping[str, float] | None = None) -> dict[str, float]:
+        """Append a scalars row (with ``extra``, e.g. the monitor's scalars). ``keep_means``: the means
+        since the last row go on accumulating (a row off the ``log_every`` grid, so that the next row
+        on it covers the same steps as in a run that was never stopped)."""
         reduce = (lambda t: all_reduce_mean(t, self.dist)) if self.dist.distributed else None
         row: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch}
         row.update(self.means.peek(reduce) if keep_means else self.means.pop(reduce))
@@ -299,7 +330,7 @@ class Trainer:
         row.update({"lr": lr, "grad_norm": grad_norm, "images_per_s": images_per_s,
                     "peak_mem_mb": peak_memory_mb(self.device),
                     "skipped_nonfinite": self.state.skipped_nonfinite,
-                    "skipped_images": self.state.skipped_images})
+                    "skipped_images": self.state.skipped_images, **(extra or {})})
         if self.scalars is not None:
             self.scalars.append(row)
         if self.tensorboard is not None:
@@ -398,7 +429,8 @@ class Trainer:
                 on_grid = self._every(self.tc.log_every)
                 if on_grid or last:
                     elapsed = time.perf_counter() - interval_start
-                    row = self._log(lr, grad_norm, interval_images / max(elapsed, 1e-9), keep_means=not on_grid)
+                    row = self._log(lr, grad_norm, interval_images / max(elapsed, 1e-9), keep_means=not on_grid,
+                                    extra=self._monitor_scalars(last))
                     interval_start, interval_images = time.perf_counter(), 0
                     progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}",
                                          lr=f"{lr:.2e}", refresh=False)
