@@ -312,3 +312,30 @@ def test_a_grey_npz_with_its_own_split(tmp_path: Path) -> None:
     assert payload["data"]["split_sizes"]["test"] == 20 and payload["data"]["names"] == ["neutral", "smile"]
     assert "split as given" in payload["data"]["protocol"]
     assert _result(payload, "knn", "mean")["mean"] > 90
+
+
+def test_linear_probe_reports_the_pool_picked_on_validation(stripes: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_eval(["linear-probe", "--checkpoint", "random:tiny", "--data", str(stripes), "--seeds", "1",
+                     "--epochs", "10", "--out", str(tmp_path)]) == 0
+    payload = _read(tmp_path, "linear_probe")
+    results = {r["pool"]: r for r in payload["results"]}
+    assert set(results) == {"cls", "mean"}  # every pool stays in the JSON
+    best_val = max(r["val_mean"] for r in payload["results"])
+    expected = next(r for r in payload["results"] if r["val_mean"] == best_val)  # first of a tie, as the study
+    assert payload["picked"] == {"pool": expected["pool"], "by": "validation", "mean": expected["mean"],
+                                 "std": expected["std"], "val_mean": expected["val_mean"]}
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert f"linear/{expected['pool']} {expected['mean']:.4g}" in first_line and "picked on validation" in first_line
+
+
+def test_pick_pool_reads_validation_never_test() -> None:
+    from pacofr.eval.user_data_commands import pick_pool
+
+    results = [{"protocol": "linear", "pool": "cls", "mean": 90.0, "std": 0.0, "val_mean": 70.0, "higher_is_better": True},
+               {"protocol": "linear", "pool": "mean", "mean": 60.0, "std": 1.0, "val_mean": 80.0, "higher_is_better": True}]
+    assert pick_pool(results)["pool"] == "mean"
+    errors = [{**r, "higher_is_better": False} for r in results]  # an error (lower is better): the smaller val
+    assert pick_pool(errors)["pool"] == "cls"
+    assert pick_pool(results[:1]) is None  # one pool: nothing to pick
+    assert pick_pool([{**r, "val_mean": float("nan")} for r in results]) is None  # no val split: report all

@@ -193,3 +193,29 @@ def test_summary_table_picks_the_pool_on_validation_and_marks_differences_beyond
     assert lines[2] == "| ref (reference) | 50.0 ± 0.5 (cls) | 10.0 ± 0.0 (tokens) |"
     assert lines[3] == "| better | 51.0 ± 0.2 (cls), Δ +1.00 ▲ | 9.50 ± 0.00 (tokens), Δ -0.50 ▲ |"
     assert lines[4] == "| noise | 50.3 ± 0.4 (cls), Δ +0.30 | 10.2 ± 0.0 (tokens), Δ +0.20 ▼ |"
+
+
+def test_pretrain_only_trains_lists_the_runs_and_evaluates_nothing(study: tuple[Path, Path, Path], tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    out, work, root = study
+    config = json.loads((out / "study.json").read_text())["config"]
+    common = ["study", "--pretrain-only", "--config", config, "--tasks", "olivetti", "--data-root", str(root),
+              "--compute-tolerance", "0", "--device", "cpu"]
+    # a fresh work folder: one variant trained, its run listed, no study files, no row evaluated
+    with caplog.at_level(logging.INFO):
+        assert run_eval([*common, "--variant", "paco", "--no-equal-compute", "--work", str(tmp_path / "w"),
+                         "--out", str(tmp_path / "o")]) == 0
+    listing = json.loads((tmp_path / "o" / "pretraining.json").read_text())
+    assert [(r["variant"]["name"], r["budget"], r["steps"]) for r in listing["pretraining"]] == [
+        ("PaCo-FR", "equal-steps", 5)]
+    assert Path(listing["pretraining"][0]["checkpoint"]).is_dir()
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["pretraining.json"]
+    assert not (tmp_path / "w" / "rows").exists() and "features of" not in caplog.text
+    # the fixture's work folder: the study's runs are reused, not trained again, and listed as the study lists them
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert run_eval([*common, "--variant", "paco", "--variant", "MAE-face=mae:model.mae_mask_ratio=0.7",
+                         "--work", str(work), "--out", str(tmp_path / "o2")]) == 0
+    assert caplog.text.count("reusing the finished run") == 3 and "training 5 steps" not in caplog.text
+    listed = json.loads((tmp_path / "o2" / "pretraining.json").read_text())["pretraining"]
+    assert listed == json.loads((out / "study.json").read_text())["pretraining"]

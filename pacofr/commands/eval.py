@@ -12,6 +12,8 @@ Examples::
         --data-root /work/shared/data --out eval/faces
     pacofr eval study --config study_cpu --variant paco --variant mae --data-root /work/shared/data \\
         --work runs/study --out docs/eval
+    pacofr eval study --pretrain-only --variant paco --variant mae --data-root /work/shared/data \\
+        --work runs/study --out runs/study
 
 Every task writes ``OUT/<task>.json``: final-epoch test scores (mean and std over seeds), the
 hyper-parameters picked on val, the split, the row's source, versions and date. ``faces`` and
@@ -95,6 +97,10 @@ def _add_study_parser(tasks: argparse._SubParsersAction) -> None:
     sub.add_argument("--steps", type=positive_int, default=None,
                      help="equal-steps budget (default: the config's train.total_steps)")
     sub.add_argument("--no-equal-compute", action="store_true", help="skip the equal-compute runs")
+    sub.add_argument("--pretrain-only", action="store_true",
+                     help="pre-train the variants (equal steps and equal compute as above) and evaluate nothing: "
+                          "writes the run list, pretraining.json, into --out; a later study with the same --work "
+                          "reuses the runs")
     sub.add_argument("--compute-tolerance", type=float, default=0.10, metavar="FRACTION",
                      help="a variant whose step count at the compute budget is within this fraction of its "
                           "equal-steps count is not run again (default 0.10; CPU seconds per step vary by "
@@ -203,6 +209,7 @@ def run_faces(args: argparse.Namespace) -> int:
 def run_study(args: argparse.Namespace) -> int:
     from pacofr.eval.baselines import BASELINES
     from pacofr.eval.face_protocols import parse_task_list
+    from pacofr.eval.study import PRETRAINING_FILE, run_pretraining_only
     from pacofr.eval.study import run_study as study
     from pacofr.eval.study_variants import StudyConfig, parse_variant, pretrain_config
 
@@ -219,6 +226,13 @@ def run_study(args: argparse.Namespace) -> int:
             pretrain_config(cfg, variant, cfg.steps, Path(args.work) / "check")
         except ValueError as err:
             raise ValueError(f"--config {args.config} / --set / --variant {variant.name}: {err}") from err
+    if args.pretrain_only:
+        listing = run_pretraining_only(cfg, args.out, args.work)
+        for run in listing["pretraining"]:
+            print(f"{run['variant']['name']} ({run['budget']}): {run['steps']} steps, {run['cpu_s']} CPU s, "
+                  f"{run['checkpoint']}")
+        print(f"written {Path(args.out) / PRETRAINING_FILE} ({len(listing['pretraining'])} runs, nothing evaluated)")
+        return 0
     result = study(cfg, args.out, args.work)
     print(f"written {Path(args.out) / 'study.json'}, study.md, study.png "
           f"({len(result['rows'])} rows, {len(result['tasks'])} tasks)")

@@ -174,14 +174,21 @@ def protocol_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str], protoco
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines]
 
 
-def best_pool_by_val(row: dict[str, Any], task: str, protocol: str = "linear") -> dict[str, Any] | None:
-    """The ``protocol`` result of ``row`` on ``task`` whose feature pool scores best on *validation*
-    (so the choice of pool never looks at test); None when the row did not run it."""
-    found = [r for r in _results(row, task, protocol) if r.get("val_mean") is not None]
+def pick_by_val(results: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The result of ``results`` (one protocol, several feature pools) that scores best on
+    *validation* (so the choice never looks at test; a tie goes to the first); None when none has
+    a validation score."""
+    found = [r for r in results if r.get("val_mean") is not None and not math.isnan(r["val_mean"])]
     if not found:
         return None
     sign = 1.0 if found[0]["higher_is_better"] else -1.0
     return max(found, key=lambda r: sign * r["val_mean"])
+
+
+def best_pool_by_val(row: dict[str, Any], task: str, protocol: str = "linear") -> dict[str, Any] | None:
+    """The ``protocol`` result of ``row`` on ``task`` whose feature pool scores best on validation
+    (:func:`pick_by_val`); None when the row did not run it."""
+    return pick_by_val(_results(row, task, protocol))
 
 
 def summary_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str], titles: dict[str, str],

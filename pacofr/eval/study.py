@@ -20,7 +20,8 @@
   forward pass are counted with ``torch.utils.flop_counter``.
 
 :func:`run_study` writes ``study.json``, ``study.md`` and ``study.png`` (score vs pre-training CPU
-seconds). Finished runs and rows are kept in the work folder and reused when the study is run
+seconds); :func:`run_pretraining_only` pre-trains the same runs and writes only their list,
+``pretraining.json``, evaluating nothing. Finished runs and rows are kept in the work folder and reused when the study is run
 again with the same settings.
 
 The parts: the variants and the study's settings (:mod:`pacofr.eval.study_variants`), pre-training
@@ -49,6 +50,7 @@ from pacofr.eval.study_variants import PRETRAIN_TASKS, StudyConfig, pretrain_con
 logger = logging.getLogger(__name__)
 
 RESULT_FILES = ("study.json", "study.md", "study.png")
+PRETRAINING_FILE = "pretraining.json"  # the run list of a pre-training-only study
 
 
 def pretraining_images(sets: Sequence[tuple[str, Any]]) -> tuple[Any, dict[str, int]]:
@@ -85,33 +87,56 @@ def study_rows(cfg: StudyConfig, runs: list[dict[str, Any]]) -> list[Row]:
     return rows
 
 
-def run_study(cfg: StudyConfig, out_dir: str | Path, work_dir: str | Path) -> dict[str, Any]:
-    """Pre-train, evaluate every row on every task, write the report files; return the JSON data."""
+def _pretrain_variants(cfg: StudyConfig, work: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Pre-train every variant under the compute budget on the study's pre-training set (finished
+    runs in ``work`` are reused); the run records and what describes the set and the encoder."""
     from pacofr.data.datasets import CroppedFaceDataset
 
-    start = time.perf_counter()
-    out_dir, work = Path(out_dir), Path(work_dir)
     pre_sets = load_tasks(list(PRETRAIN_TASKS), cfg.data_root)
     images, counts = pretraining_images(pre_sets)
-    probe_cfg = pretrain_config(cfg, cfg.variants[0], cfg.steps, work / "probe")
+    model = pretrain_config(cfg, cfg.variants[0], cfg.steps, work / "probe").model
     # uint8 items: the trainer augments whole batches on the training device (data.augment)
-    dataset = CroppedFaceDataset(images, image_size=probe_cfg.model.img_size, uint8=True)
+    dataset = CroppedFaceDataset(images, image_size=model.img_size, uint8=True)
     runs = pretrain_all(cfg, work, dataset)
+    header = {
+        "config": cfg.config, "overrides": list(cfg.overrides), "variants": [asdict(v) for v in cfg.variants],
+        "data_root": cfg.data_root, "pretraining_images": len(images), "pretraining_counts": counts,
+        "encoder": (f"ViT {model.img_size} px, patch {model.patch_size}, {model.embed_dim}-d, {model.depth} blocks, "
+                    f"{model.num_heads} heads (a timm VisionTransformer with these arguments)"),
+        "img_size": model.img_size, "compute_tolerance": cfg.compute_tolerance,
+    }
+    return runs, header
+
+
+def run_pretraining_only(cfg: StudyConfig, out_dir: str | Path, work_dir: str | Path) -> dict[str, Any]:
+    """Pre-train every variant as :func:`run_study` does and evaluate nothing: write the run list
+    (``pretraining.json``: each run's record with its checkpoint, steps, budget and CPU seconds) to
+    ``out_dir``; return its data. A later study with the same ``work_dir`` reuses these runs."""
+    start = time.perf_counter()
+    runs, header = _pretrain_variants(cfg, Path(work_dir))
+    listing = {"title": f"Pre-training runs: {', '.join(v.name for v in cfg.variants)} (no evaluation)",
+               "environment": environment(cfg.plan.device), **header, "pretraining": runs,
+               "wall_s": round(time.perf_counter() - start, 1)}
+    write_json(Path(out_dir) / PRETRAINING_FILE, listing)
+    logger.info("pre-training run list written to %s", Path(out_dir) / PRETRAINING_FILE)
+    return listing
+
+
+def run_study(cfg: StudyConfig, out_dir: str | Path, work_dir: str | Path) -> dict[str, Any]:
+    """Pre-train, evaluate every row on every task, write the report files; return the JSON data."""
+    start = time.perf_counter()
+    out_dir, work = Path(out_dir), Path(work_dir)
+    runs, header = _pretrain_variants(cfg, work)
     sets = load_tasks(list(cfg.tasks), cfg.data_root)
     grid = evaluate_grid(study_rows(cfg, runs), sets, cfg.plan, cache_dir=work / "rows")
-    model = probe_cfg.model
     titles = {name: FACE_TASKS[name].title for name in cfg.tasks}
     study = {
         "title": f"Pre-training study: {', '.join(v.name for v in cfg.variants)} vs random init and classic baselines",
-        "environment": environment(cfg.plan.device), "config": cfg.config, "overrides": list(cfg.overrides),
-        "variants": [asdict(v) for v in cfg.variants], "data_root": cfg.data_root,
-        "pretraining_images": len(images), "pretraining_counts": counts,
-        "encoder": (f"ViT {model.img_size} px, patch {model.patch_size}, {model.embed_dim}-d, {model.depth} blocks, "
-                    f"{model.num_heads} heads (a timm VisionTransformer with these arguments)"),
-        "pretraining": runs, "compute_tolerance": cfg.compute_tolerance, "plan": plan_dict(cfg.plan), "tasks": list(cfg.tasks), "task_titles": titles,
+        "environment": environment(cfg.plan.device), **{k: v for k, v in header.items() if k != "img_size"},
+        "pretraining": runs, "plan": plan_dict(cfg.plan), "tasks": list(cfg.tasks), "task_titles": titles,
         "task_protocols": {name: data.protocol for name, data in sets},
         "split_sizes": {name: data.split_sizes() for name, data in sets},
-        "rows": grid, "caveats": caveats(runs, model.img_size), "wall_s": round(time.perf_counter() - start, 1),
+        "rows": grid, "caveats": caveats(runs, header["img_size"]), "wall_s": round(time.perf_counter() - start, 1),
     }
     write_json(out_dir / RESULT_FILES[0], study)
     (out_dir / RESULT_FILES[1]).write_text(markdown_report(study))

@@ -85,18 +85,47 @@ def open_user_data(args: argparse.Namespace, context: TaskContext) -> LabelledSe
         raise ValueError(f"--data {args.data}: {err}") from err
 
 
+def _result_text(result: dict[str, Any]) -> str:
+    return f"{result['protocol']}/{result['pool']} {result['mean']:.4g} +- {result['std']:.4g}"
+
+
 def headline(name: str, task: dict[str, Any]) -> str:
-    """One line: every result's protocol / pool and mean +- std over seeds, and the test size."""
+    """One line: the result of the pool picked on validation (when one was picked: ``task["picked"]``)
+    or every result's protocol / pool, with mean +- std over seeds and the test size."""
     sizes = task["data"]["split_sizes"]
-    parts = [f"{r['protocol']}/{r['pool']} {r['mean']:.4g} +- {r['std']:.4g}" for r in task["results"]]
     first = task["results"][0] if task["results"] else {"metric": "", "unit": ""}
-    return (f"{name}: {first['metric']} ({first['unit']}) " + "; ".join(parts)
-            + f" (final epoch, mean +- std over seeds; test n={sizes['test']})")
+    picked = task.get("picked")
+    if picked is not None:
+        chosen = next(r for r in task["results"] if r["pool"] == picked["pool"])
+        others = "; ".join(f"{r['pool']} val {r['val_mean']:.4g}, test {r['mean']:.4g}"
+                           for r in task["results"] if r is not chosen)
+        body = (f"{_result_text(chosen)} (pool picked on validation: val {chosen['val_mean']:.4g}; "
+                f"the others: {others})")
+    else:
+        body = "; ".join(_result_text(r) for r in task["results"])
+    return (f"{name}: {first['metric']} ({first['unit']}) {body} "
+            f"(final epoch, mean +- std over seeds; test n={sizes['test']})")
+
+
+def pick_pool(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """When ``results`` hold several feature pools: the one scoring best on validation, as the study
+    picks it (:func:`pacofr.eval.report.pick_by_val`), as ``{pool, by, mean, std, val_mean}``; None
+    with a single pool or no validation score (then every result is reported)."""
+    from pacofr.eval.report import pick_by_val
+
+    if len({r["pool"] for r in results}) < 2:
+        return None
+    best = pick_by_val(results)
+    if best is None:
+        return None
+    return {"pool": best["pool"], "by": "validation", **{k: best[k] for k in ("mean", "std", "val_mean")}}
 
 
 def run_protocol(protocol: str, extractor: Extractor, args: argparse.Namespace, context: TaskContext,
                  **plan_args: Any) -> dict[str, Any]:
-    """Evaluate ``extractor`` on ``--data`` with one protocol (the common code path)."""
+    """Evaluate ``extractor`` on ``--data`` with one protocol (the common code path). With several
+    feature pools, the one picked on validation is the result (``picked``); every pool's result is
+    kept in ``results``."""
     from pacofr.eval.evaluate import EvalPlan, evaluate_sets
 
     data = open_user_data(args, context)
@@ -107,14 +136,18 @@ def run_protocol(protocol: str, extractor: Extractor, args: argparse.Namespace, 
         task = evaluate_sets(extractor, [(args.data, data)], plan)[args.data]
     except ValueError as err:
         raise ValueError(f"--data {args.data}: {err}") from err
+    picked = pick_pool(task["results"])
+    if picked is not None:
+        task = {**task, "picked": picked}
     return {**task, "headline": headline(protocol, task)}
 
 
 def _pool_argument(parser: argparse.ArgumentParser, default: str | None) -> None:
     parser.add_argument("--pool", choices=POOLS, default=default,
                         help="encoder features: the class token, the mean of the patch tokens, both, or the patch "
-                             "tokens on their grid (default: cls and mean for labels, tokens for landmarks); "
-                             "a baseline has its one descriptor")
+                             "tokens on their grid (default: cls and mean for labels, tokens for landmarks, the "
+                             "one scoring best on validation reported as the result); a baseline has its one "
+                             "descriptor")
 
 
 def _probe_arguments(parser: argparse.ArgumentParser) -> None:
