@@ -68,6 +68,8 @@ def test_stage_runner_runs_every_stage_and_reports_each_failure(tmp_path: Path) 
         stages = json.loads(summary.read_text())["stages"]
         assert [(s["stage"], s["passed"], s["status"]) for s in stages] == [
             ("first", True, 0), ("broken-one", False, 3), ("last", True, 0)]
-    finally:  # the real `make test` summary is not ours to keep overwritten
+    finally:  # the real `make test` summary is not ours to overwrite, nor a fake one ours to leave
         if before is not None:
             summary.write_text(before)
+        else:
+            summary.unlink(missing_ok=True)
