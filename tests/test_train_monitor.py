@@ -116,14 +116,24 @@ def test_max_images_takes_an_even_spread_of_each_split(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("train, message", [
-    ({"monitor_every": 4}, "needs monitor_data"),
-    ({"monitor_every": 3, "monitor_data": "x", "log_every": 2}, "multiple of log_every"),
     ({"monitor_pool": "max"}, "monitor_pool must be one of"),
     ({"monitor_k": 0}, "monitor_k must be >= 1"),
+    ({"monitor_max_images": 0}, "monitor_max_images must be >= 1"),
 ])
-def test_bad_monitor_settings_are_refused_naming_the_key(train: dict, message: str) -> None:
+def test_bad_monitor_fields_are_refused_naming_the_key(train: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         PretrainConfig.from_dict({"train": train})
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"monitor_every": 4}, "needs train.monitor_data"),
+    ({"monitor_every": 3, "monitor_data": "x", "log_every": 2}, "multiple of train.log_every=2"),
+])
+def test_monitor_settings_that_do_not_fit_together_stop_the_run_before_any_work(
+        tmp_path: Path, train: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _run(tmp_path / "run", max_steps=2, **train)
+    assert not (tmp_path / "run").exists()
 
 
 def test_unreadable_monitor_data_stops_the_run_before_any_work(tmp_path: Path) -> None:

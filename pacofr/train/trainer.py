@@ -175,6 +175,12 @@ class Trainer:
         Its data is read here, so a bad ``train.monitor_data`` stops every rank before any work."""
         if not self.tc.monitor_every:
             return None
+        if not self.tc.monitor_data.strip():
+            raise ConfigError(f"train.monitor_every={self.tc.monitor_every} needs train.monitor_data: a labelled set "
+                              "with class labels (a class-per-folder tree, a CSV or npz file, or proxy:NAME)")
+        if not self.tc.log_every or self.tc.monitor_every % self.tc.log_every:
+            raise ConfigError(f"train.monitor_every={self.tc.monitor_every} must be a multiple of train.log_every="
+                              f"{self.tc.log_every} (the probe is logged with the scalars row of its step)")
         if not isinstance(getattr(self.model, "encoder", None), nn.Module):
             raise ConfigError(f"train.monitor_every={self.tc.monitor_every}: the model "
                               f"{type(self.model).__name__} has no encoder module to probe")
