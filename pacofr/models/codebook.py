@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pacofr.ops import nearest_token
-from pacofr.models.checks import check_int, check_tensor
+from pacofr.ops.checks import check_int, check_tensor
 from pacofr.ops.soft_assign import NORM_EPS, SoftAssignment, codebook_stats, soft_assign
 
 #: Two candidates closer than this fraction of the candidates' mean squared norm are copies.

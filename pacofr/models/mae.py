@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from pacofr.models.checks import check_tensor
+from pacofr.ops.checks import check_tensor
 from pacofr.models.config import ModelConfig
 from pacofr.models.decoder import MAEDecoder
 from pacofr.models.maintenance import TeacherUpdate

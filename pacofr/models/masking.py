@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pacofr.models.checks import check_choice, check_int, check_tensor
+from pacofr.ops.checks import check_choice, check_int, check_tensor
 
 if TYPE_CHECKING:  # imported for annotations only: pacofr.models imports this module
     from pacofr.models.config import ModelConfig

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pacofr.ops._checks import (
+from pacofr.ops.checks import (
     FLOAT_DTYPES,
     check_choice,
     check_int,

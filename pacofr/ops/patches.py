@@ -63,7 +63,7 @@ from typing import Union
 
 import torch
 
-from pacofr.ops._checks import check_int, check_same_device, check_tensor
+from pacofr.ops.checks import check_int, check_same_device, check_tensor
 from pacofr.ops._dispatch import get_op, register
 from pacofr.ops._patches_fused import CUDA_KERNELS, TRITON_KERNELS, register_backend
 

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from pacofr.ops._checks import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_same_dtype, check_tensor
+from pacofr.ops.checks import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_same_dtype, check_tensor
 from pacofr.ops._dispatch import get_op, register
 from pacofr.ops._launch import cdiv, interpreting, new_output, next_power_of_two
 from pacofr.ops._norms import squared_row_norms, squared_row_norms_triton

@@ -1,4 +1,4 @@
-"""Argument validation shared by the ops: every error names the argument and what was expected."""
+"""Argument checks shared by the ops and the models: every error names the argument and what was expected."""
 
 from __future__ import annotations
 
