@@ -142,3 +142,39 @@ def test_unreadable_monitor_data_stops_the_run_before_any_work(tmp_path: Path) -
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="has no encoder module"):
         _run(tmp_path / "run2", model_cls=StandInModel, monitor_every=2, monitor_data=str(tmp_path), max_steps=2)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, monitor_data: str, result_file: str) -> None:
+    import torch.distributed as dist
+
+    from pacofr.train.distributed import init_distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = tiny_config(out_dir, max_steps=2, epochs=3, monitor_every=1, monitor_data=monitor_data)
+        torch.manual_seed(cfg.train.seed)
+        try:
+            trainer = Trainer(cfg, MonitoredStandIn(random=False), TinyFaces(8), dist_info=init_distributed("cpu"),
+                              region_fn=region_fn)
+        except ConfigError as err:
+            torch.save({"error": str(err)}, f"{result_file}.{rank}")
+            return
+        result = trainer.fit()
+        torch.save({"monitor": trainer.monitor is not None, "scalars": str(result.scalars)}, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_rank_0_probes_and_a_bad_set_stops_every_rank(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    data = _write_classes(tmp_path / "labelled")
+    for name, source in (("good", str(data)), ("bad", str(tmp_path / "missing"))):
+        mp.spawn(_ddp_worker, args=(2, str(tmp_path / f"init-{name}"), str(tmp_path / name), source,
+                                    str(tmp_path / f"result-{name}")), nprocs=2, join=True)
+    good = [torch.load(tmp_path / f"result-good.{r}", weights_only=True) for r in range(2)]
+    assert [g["monitor"] for g in good] == [True, False]
+    rows = _rows(Path(good[0]["scalars"]))
+    assert [rows[s][KNN_SCALAR] != "" for s in ("1", "2")] == [True, True]
+    bad = [torch.load(tmp_path / f"result-bad.{r}", weights_only=True) for r in range(2)]
+    assert "train.monitor_data=" in bad[0]["error"] and "could not be read" in bad[1]["error"]  # no rank hangs
