@@ -140,6 +140,11 @@ def test_unreadable_monitor_data_stops_the_run_before_any_work(tmp_path: Path) -
     with pytest.raises(ConfigError, match="train.monitor_data="):
         _run(tmp_path / "run", monitor_every=2, monitor_data=str(tmp_path / "missing"), max_steps=2)
     assert not (tmp_path / "run").exists()
+    data = _write_classes(tmp_path / "labelled")
+    (data / "c1" / "05.png").write_bytes(b"not a png")
+    with pytest.raises(ConfigError, match=r"train.monitor_data=.*05\.png"):  # a damaged image, named
+        _run(tmp_path / "run", monitor_every=2, monitor_data=str(data), max_steps=2)
+    assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="has no encoder module"):
         _run(tmp_path / "run2", model_cls=StandInModel, monitor_every=2, monitor_data=str(tmp_path), max_steps=2)
 

@@ -72,24 +72,27 @@ class KnnMonitor:
         self.targets: dict[str, Targets] = {}
         with tempfile.TemporaryDirectory(prefix="pacofr-monitor-") as scratch:  # a proxy set is written there
             try:
-                data = open_data(source, Path(scratch))
-            except (ValueError, FileNotFoundError, OSError) as err:
+                self._load(source, Path(scratch), max_images)
+            except (ValueError, OSError) as err:  # unreadable files and images included
                 raise ConfigError(f"train.monitor_data={source!r}: {err}") from None
-            if data.targets.kind != "class":
-                raise ConfigError(f"train.monitor_data={source!r} holds {data.targets.kind} targets; the k-NN monitor "
-                                  "needs class labels")
-            for split in _SPLITS:
-                chosen = spread_evenly(data.indices(split), max_images)
-                if not chosen:
-                    raise ConfigError(f"train.monitor_data={source!r}: its {split} split is empty "
-                                      f"({data.split_sizes()}); the monitor needs train and test images")
-                self.images[split] = [resize_rgb(image, img_size)
-                                      for batch in image_batches(data.images, chosen, batch_size) for image in batch]
-                self.targets[split] = data.targets.select(chosen)
         test = self.targets["test"].values
         self.majority = 100.0 * float(torch.bincount(test).max()) / len(test)
         logger.info("k-NN monitor on %s: %d train and %d test images, k = %d, pool %s", source,
                     len(self.images["train"]), len(self.images["test"]), k, pool)
+
+    def _load(self, source: str, scratch: Path, max_images: int) -> None:
+        """Read the set, take the split's images, decode and resize them once (ValueError if unfit)."""
+        data = open_data(source, scratch)
+        if data.targets.kind != "class":
+            raise ValueError(f"it holds {data.targets.kind} targets; the k-NN monitor needs class labels")
+        for split in _SPLITS:
+            chosen = spread_evenly(data.indices(split), max_images)
+            if not chosen:
+                raise ValueError(f"its {split} split is empty ({data.split_sizes()}); the monitor needs train and "
+                                 "test images")
+            self.images[split] = [resize_rgb(image, self.img_size)
+                                  for batch in image_batches(data.images, chosen, self.batch_size) for image in batch]
+            self.targets[split] = data.targets.select(chosen)
 
     def features(self, encoder: nn.Module, split: str) -> torch.Tensor:
         """float32 (N, F) features of the cached images of ``split`` (the caller sets eval mode)."""

@@ -191,7 +191,7 @@ class Trainer:
                 monitor = KnnMonitor(self.tc.monitor_data, k=self.tc.monitor_k, max_images=self.tc.monitor_max_images,
                                      pool=self.tc.monitor_pool, img_size=mc.img_size, mean=mc.pixel_mean,
                                      std=mc.pixel_std, batch_size=self.tc.batch_size)
-            except ConfigError as err:
+            except Exception as err:  # noqa: BLE001 -- re-raised below, once the other ranks know (no hang)
                 error = err
         if not all_true(error is None, self.dist):
             raise error or ConfigError(f"train.monitor_data={self.tc.monitor_data!r} could not be read (rank 0 "
