@@ -8,7 +8,9 @@
 #               virtualenv runs the demo, export, a timm load, a linear probe and the op tests)
 #
 # .venv gets the pinned torch below, every other package at the version in .ci/constraints-dev.txt
-# (what CI last passed with; upgraded on purpose, in a commit of its own). Where nvcc is on PATH the CUDA extension pacofr._C is built
+# (what CI last passed with; upgraded on purpose, in a commit of its own). pacofr._C is compiled in
+# place (build/temp.*, pacofr/_C*.so) before the editable install, so the wheel check's build of the
+# wheel with _C reuses the same objects instead of compiling everything a second time. Where nvcc is on PATH the CUDA extension pacofr._C is built
 # too (PACOFR_BUILD_CUDA=1: a failed build is an error) and the tests check that it loads.
 # .venv-gpu-stack holds the torch/Triton of the GPU machine (torch 2.11 + Triton 3.6), so an API
 # difference fails here rather than in a GPU lease; pacofr._C is not built there.
@@ -22,7 +24,7 @@ TORCH_PINS  ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS      ?= test,bench,faces
 HAVE_NVCC   := $(shell command -v nvcc >/dev/null 2>&1 && echo 1 || echo 0)
 BUILD_CUDA  ?= $(if $(filter 1,$(HAVE_NVCC)),1,0)
-ARCHES      ?= 8.0;9.0
+ARCHES      ?= 8.0;9.0;9.0a
 STAMP       := $(VENV)/.pacofr-installed
 CONSTRAINTS ?= .ci/constraints-dev.txt
 GPU_STACK_CONSTRAINTS ?= .ci/constraints-gpu-stack.txt
@@ -52,8 +54,9 @@ $(STAMP): setup.py pyproject.toml $(CONSTRAINTS) $(wildcard csrc/*)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "setuptools>=69" wheel ninja
 	$(PY) -m pip install -q -c $(CONSTRAINTS) $(TORCH_PINS)
-	PACOFR_BUILD_CUDA=$(BUILD_CUDA) TORCH_CUDA_ARCH_LIST="$(ARCHES)" MAX_JOBS=2 \
-		$(PY) -m pip install -q -c $(CONSTRAINTS) --no-build-isolation -e ".[$(EXTRAS)]"
+	$(if $(filter 1,$(BUILD_CUDA)),PACOFR_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$(ARCHES)" MAX_JOBS=2 \
+		$(PY) setup.py -q build_ext --inplace)
+	PACOFR_BUILD_CUDA=0 $(PY) -m pip install -q -c $(CONSTRAINTS) --no-build-isolation -e ".[$(EXTRAS)]"
 	@touch $@
 
 venv: $(STAMP)

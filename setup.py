@@ -6,7 +6,8 @@ PACOFR_BUILD_CUDA   "auto" (default): build `_C` when torch is a CUDA build and 
                     found; a failed build then warns and installs without `_C`.
                     "1": `_C` is required; anything missing or a failed build is an error.
                     "0": never build `_C`.
-TORCH_CUDA_ARCH_LIST  respected as given; defaults to "8.0;9.0" (sm_80 and sm_90).
+TORCH_CUDA_ARCH_LIST  respected as given; defaults to "8.0;9.0;9.0a" (sm_80, sm_90, and sm_90a for the
+                    Hopper wgmma ranking kernel).
 CUDA_HOME           the toolkit root; found from nvcc (following wrapper scripts) when unset.
 MAX_JOBS            parallel compile jobs for ninja (torch's own switch).
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0;9.0a"
 BUILD_MODES = ("auto", "0", "1")
 
 

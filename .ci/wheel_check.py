@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch", default="torch==2.14.1 torchvision==0.29.1",
                         help="what the fresh virtualenv installs beside the wheel (space-separated pins)")
     parser.add_argument("--with-cuda", action="store_true", help="also build, install and load the wheel with _C")
-    parser.add_argument("--arches", default=os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0"))
+    parser.add_argument("--arches", default=os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0;9.0a"))
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

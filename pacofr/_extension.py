@@ -63,9 +63,10 @@ def has_op(name: str) -> bool:
 
 
 def compiled_arches() -> list[str]:
-    """The ``sm_XY`` targets the extension was compiled for (empty when it is not built)."""
+    """The ``sm_XY`` targets the extension was compiled for, each once (empty when it is not built);
+    ``9.0a`` counts as ``sm_90``, since nvcc lists it as 900 like ``9.0``."""
     mod = module()
-    return [] if mod is None else [f"sm_{a // 10}" for a in mod.compiled_arches()]
+    return [] if mod is None else sorted({f"sm_{a // 10}" for a in mod.compiled_arches()})
 
 
 def kernel_image_status(device_index: int = 0) -> tuple[bool, str]:
