@@ -29,6 +29,9 @@ STAMP       := $(VENV)/.pacofr-installed
 CONSTRAINTS ?= .ci/constraints-dev.txt
 GPU_STACK_CONSTRAINTS ?= .ci/constraints-gpu-stack.txt
 WHEEL_OUT   ?= build/wheel-check
+# pytest-xdist workers of the test stages (one test file per worker at a time: --dist loadfile)
+TEST_WORKERS ?= 2
+PYTEST_PAR  := -n $(TEST_WORKERS) --dist loadfile
 # the stages of `make test`, in order; each runs even when an earlier one failed
 TEST_STAGES ?= venv unit-tests static-check gpu-stack-venv gpu-stack-tests wheel-check
 DEMO_OUT    ?= runs/demo
@@ -68,7 +71,7 @@ test:
 	@$(PYTHON) .ci/stages.py $(TEST_STAGES)
 
 unit-tests: $(STAMP)
-	PACOFR_EXPECT_C=$(BUILD_CUDA) $(PY) -m pytest -q tests
+	PACOFR_EXPECT_C=$(BUILD_CUDA) $(PY) -m pytest -q $(PYTEST_PAR) tests
 
 # compiles without a GPU, so Triton's interpreter must be off in this process
 static-check: $(STAMP)
@@ -89,7 +92,7 @@ gpu-stack-venv: $(GPU_STACK_STAMP)
 # every preset's training step. Triton 3.6 spills 8-24 B in some exact-fp32 / bf16-cast ranking
 # variants off the training path (3.8 spills none): those are warnings there, training-path spills fail
 gpu-stack-tests: $(GPU_STACK_STAMP)
-	$(GPU_STACK_PY) -m pytest -q -p no:cacheprovider $(GPU_STACK_TESTS)
+	$(GPU_STACK_PY) -m pytest -q -p no:cacheprovider $(PYTEST_PAR) $(GPU_STACK_TESTS)
 	env -u TRITON_INTERPRET $(GPU_STACK_PY) -m benchmarks.static --check --no-cuda --tiers quick --spills training \
 		--json $(STATIC_OUT)/static-gpu-stack.json --markdown $(STATIC_OUT)/static-gpu-stack.md
 

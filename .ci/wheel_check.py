@@ -160,7 +160,8 @@ def installed_run(venv: Path, work: Path, log: Path, torch_pins: list[str], whee
     tests = work / "tests"
     shutil.copytree(ROOT / "tests", tests, ignore=shutil.ignore_patterns("__pycache__"))
     (work / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs a CUDA device\n    slow: long-running\n")
-    run([str(bin_ / "pytest"), "-q", "-p", "no:cacheprovider", *(f"tests/{name}" for name in INSTALLED_OP_TESTS)],
+    run([str(bin_ / "pytest"), "-q", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile",
+         *(f"tests/{name}" for name in INSTALLED_OP_TESTS)],
         log, work, env)
     done.append(f"op tests against the installed wheel: {', '.join(INSTALLED_OP_TESTS)} passed")
     return done
