@@ -88,18 +88,27 @@ __device__ float normalised_pixel(const pixel_t* images, int64_t offset, uint32_
   return x;
 }
 
-// Sum of `value` over the block (blockDim.x == kThreads); every thread gets the result.
-__device__ float block_sum(float value, float* scratch) {
+struct SumOp {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// `op` of `value` over the block (blockDim.x == kThreads), starting from `identity`; every thread gets
+// the result. Warps reduce by shuffles, then thread 0 combines the warps in order.
+template <typename Op>
+__device__ float block_reduce(float value, float* scratch, Op op, float identity) {
   for (int offset = 16; offset > 0; offset >>= 1) {
-    value += __shfl_down_sync(0xffffffffu, value, offset);
+    value = op(value, __shfl_down_sync(0xffffffffu, value, offset));
   }
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   if (lane == 0) scratch[warp] = value;
   __syncthreads();
-  float total = 0.0f;
+  float total = identity;
   if (threadIdx.x == 0) {
-    for (int w = 0; w < kThreads / 32; ++w) total += scratch[w];
+    for (int w = 0; w < kThreads / 32; ++w) total = op(total, scratch[w]);
     scratch[kThreads / 32] = total;
   }
   __syncthreads();
@@ -107,6 +116,11 @@ __device__ float block_sum(float value, float* scratch) {
   __syncthreads();
   return total;
 }
+
+__device__ float block_sum(float value, float* scratch) { return block_reduce(value, scratch, SumOp{}, 0.0f); }
+
+// largest of non-negative values (0 for none)
+__device__ float block_max(float value, float* scratch) { return block_reduce(value, scratch, MaxOp{}, 0.0f); }
 
 // ------------------------------------------------------------------------------------------
 // kernels
@@ -141,7 +155,10 @@ __global__ void gather_patches_backward_kernel(const grad_t* __restrict__ grad_o
 }
 
 // Per-patch statistics (mean, 1/sqrt(unbiased var + eps)) of the normalised pixels of one patch
-// row, by the whole block. Returns false (mean 0, rstd 1) for a bad index.
+// row, by the whole block. Returns false (mean 0, rstd 1) for a bad index. As in the torch and Triton
+// backends, the variance is summed over the centred values divided by their largest magnitude s
+// (rstd = 1 / (s sqrt(sum (c / s)^2 / (P - 1) + eps / s / s)); s = 1 for a constant patch), so the
+// squares of pixels normalised by a tiny std neither overflow nor underflow in fp32.
 template <typename pixel_t, typename index_t>
 __device__ bool patch_statistics(const pixel_t* images, const index_t* ids, const float* channel_mean,
                                  const float* channel_std, const PatchIndexer& g, uint32_t row, float eps,
@@ -157,15 +174,23 @@ __device__ bool patch_statistics(const pixel_t* images, const index_t* ids, cons
     sum += normalised_pixel(images, *base + g.value_offset(k), g.value_channel(k), channel_mean, channel_std);
   }
   const float mu = block_sum(sum, scratch) / g.patch_dim;
+  float largest = 0.0f;
+  for (uint32_t k = threadIdx.x; k < g.patch_dim; k += blockDim.x) {
+    largest = fmaxf(largest, fabsf(normalised_pixel(images, *base + g.value_offset(k), g.value_channel(k),
+                                                    channel_mean, channel_std) - mu));
+  }
+  float scale = block_max(largest, scratch);
+  if (!(scale > 0.0f)) scale = 1.0f;
   float squares = 0.0f;
   for (uint32_t k = threadIdx.x; k < g.patch_dim; k += blockDim.x) {
     const float d =
-        normalised_pixel(images, *base + g.value_offset(k), g.value_channel(k), channel_mean, channel_std) - mu;
+        (normalised_pixel(images, *base + g.value_offset(k), g.value_channel(k), channel_mean, channel_std) - mu) /
+        scale;
     squares += d * d;
   }
-  const float var = block_sum(squares, scratch) / (g.patch_dim - 1);
+  const float var_scaled = block_sum(squares, scratch) / (g.patch_dim - 1);
   *patch_mean = mu;
-  *patch_rstd = 1.0f / sqrtf(var + eps);
+  *patch_rstd = (1.0f / sqrtf(var_scaled + eps / scale / scale)) / scale;
   return true;
 }
 
