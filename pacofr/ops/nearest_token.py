@@ -323,15 +323,14 @@ def _cuda_search(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str, i
     """``csrc/nearest_token.cu``: fp16/bf16 on 16-bit tensor-core MMAs, fp32 by the precision given
     (``"ieee"`` exact fp32 FMAs, ``"tf32"``, ``"tf32x3"``; no ``"bf16"`` path for fp32 inputs).
 
-    The op takes the code terms (layout-independent, :func:`code_terms`); the query range rule is
-    applied here until the kernel applies it itself (notes/ops-cuda-interface.md).
+    The op takes the code terms (layout-independent, :func:`code_terms`) and applies the query range
+    rule itself, from the row norms it computes (NaN distances and index -1 past it).
     """
     input_precision = cuda_input_precision(OP_NAME, precision, x.dtype)
     distances, indices = _outputs(x.shape[0], k, index_dtype, x.device)
     torch.ops.pacofr_cuda.nearest_token(x, codebook, code_terms(codebook, metric), metric == "cosine",
                                         input_precision, distances, indices)
-    outside = ~in_range(squared_row_norms(x))[:, None]
-    return torch.where(outside, math.nan, distances), torch.where(outside, -1, indices)
+    return distances, indices
 
 
 _register_backend(NearestTokenKernels("triton", _triton_search))
