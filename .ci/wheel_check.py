@@ -110,7 +110,7 @@ def user_env(venv: Path) -> dict[str, str]:
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["VIRTUAL_ENV"] = str(venv)
     env["TRITON_INTERPRET"] = "1"
-    env["PACOFR_TESTS_INSTALLED"] = str(ROOT)  # tests/conftest.py refuses a pacofr imported from the tree
+    env["PACOFR_TESTS_INSTALLED"] = str(venv)  # tests/conftest.py refuses a pacofr imported from elsewhere
     return env
 
 
@@ -127,8 +127,8 @@ def installed_run(venv: Path, work: Path, log: Path, torch_pins: list[str], whee
     env = user_env(venv)
     where = run([str(bin_ / "python"), "-c", "import pacofr, pacofr.kernels, pacofr.train; print(pacofr.__file__)"],
                 log, work, env).strip()
-    if Path(where).resolve().is_relative_to(ROOT):
-        raise CheckFailed(f"pacofr was imported from the source tree ({where}), not from the wheel")
+    if not Path(where).resolve().is_relative_to(venv.resolve()):
+        raise CheckFailed(f"pacofr was imported from {where}, not from the wheel installed in {venv}")
     done.append(f"pacofr imports from {where}")
     info = run([str(bin_ / "pacofr"), "info"], log, work, env)
     if "not built" not in info:

@@ -34,7 +34,7 @@ def _load() -> tuple[ModuleType | None, str, str]:
     try:
         from pacofr import _C
     except (ImportError, OSError) as err:
-        return None, LOAD_FAILED, (f"pacofr._C is built but fails to load ({err}); it was probably built "
+        return None, LOAD_FAILED, (f"pacofr._C is built but failed to load ({err}); it was probably built "
                                    f"against another torch: {REBUILD_HINT}")
     return _C, LOADED, "pacofr._C loaded"
 

@@ -22,11 +22,12 @@ import pytest  # noqa: E402  (after the environment is set)
 
 import pacofr  # noqa: E402
 
-# The wheel check (.ci/wheel_check.py) runs a copy of these tests against the installed wheel and sets
-# PACOFR_TESTS_INSTALLED to the source tree: a pacofr imported from there would test the wrong thing.
-_SOURCE_TREE = os.environ.get("PACOFR_TESTS_INSTALLED")
-if _SOURCE_TREE and os.path.realpath(pacofr.__file__).startswith(os.path.realpath(_SOURCE_TREE) + os.sep):
-    raise pytest.UsageError(f"pacofr was imported from the source tree ({pacofr.__file__}), not the installed wheel")
+# The wheel check (.ci/wheel_check.py) runs a copy of these tests against the wheel it installed and sets
+# PACOFR_TESTS_INSTALLED to that virtualenv: a pacofr imported from anywhere else (the source tree)
+# would test the wrong thing.
+_INSTALLED_IN = os.environ.get("PACOFR_TESTS_INSTALLED")
+if _INSTALLED_IN and not os.path.realpath(pacofr.__file__).startswith(os.path.realpath(_INSTALLED_IN) + os.sep):
+    raise pytest.UsageError(f"pacofr was imported from {pacofr.__file__}, not from the wheel installed in {_INSTALLED_IN}")
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -60,7 +60,8 @@ def ranking_tiles(dtype: torch.dtype, input_precision: str, cast_bf16: bool, kp:
     16-bit operands (bf16/fp16 inputs, or fp32 cast to bf16) take 64-wide D chunks for the MMA,
     TF32 ones 32, unless D is at most :data:`RESIDENT_MAX_D`: then the whole query tile is
     loaded once per program (the code tiles stream past it). The exact fp32 path multiplies on
-    CUDA cores, where 64-row tiles keep its accumulator and candidate keys in registers. 3xTF32
+    CUDA cores, where 64-row tiles and 16-wide D chunks keep its accumulator and candidate keys in
+    registers (32-wide chunks spilled 8 B on sm_90 with the k = 1 running minimum). 3xTF32
     holds a high and a low part of both operand tiles, so it takes 64-row tiles and 16-wide D
     chunks (128 rows spilled on sm_80, and 32-wide chunks 8 B with the k = 1 running minimum),
     never resident. Under Triton's interpreter big tiles run fastest.
@@ -72,7 +73,7 @@ def ranking_tiles(dtype: torch.dtype, input_precision: str, cast_bf16: bool, kp:
         return RankingTiles(block_n=64, block_k=64, block_d=32, num_warps=4, num_stages=1)
     sixteen_bit = dtype != torch.float32 or cast_bf16
     if not sixteen_bit and input_precision == "ieee":
-        return RankingTiles(block_n=64, block_k=64, block_d=32, num_warps=8, num_stages=3)
+        return RankingTiles(block_n=64, block_k=64, block_d=16, num_warps=8, num_stages=3)
     if input_precision == "tf32x3" and not sixteen_bit:
         return RankingTiles(block_n=64, block_k=64, block_d=16, num_warps=8, num_stages=3)
     block_n = 128 if kp <= 4 else 64
