@@ -13,7 +13,7 @@ from torch.utils.data import default_collate
 
 from pacofr.data.alignment import FLIP_PERMUTATION, TEMPLATE_224, resize_points
 from pacofr.data.augment import Augment
-from pacofr.data.batch_augment import BatchAugment
+from pacofr.data.batch_augment import BatchAugment, _grid_terms
 from pacofr.data.demo import demo_dataset
 
 FLOAT32_EPS = 2.0**-24  # unit roundoff of float32
@@ -133,6 +133,19 @@ def test_chunks_and_input_dtype_do_not_change_the_result():
     # the uint8 path folds the 1/255 into the colour gains: a few float32 roundings of values <= 2
     torch.testing.assert_close(floats[0], whole[0], atol=16 * FLOAT32_EPS, rtol=0)
     assert torch.equal(floats[1], whole[1])
+
+
+def test_the_planar_grid_is_affine_grids():
+    """The grid the warp samples at equals ``F.affine_grid`` (the truth here) for random maps."""
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
+    size = 37
+    rows, (column_gain, centres) = _grid_terms(theta, size)
+    ours = torch.addcmul(rows, column_gain, centres).permute(0, 2, 3, 1)
+    expected = torch.nn.functional.affine_grid(theta, [5, 3, size, size], align_corners=False)
+    # both sum three float32 products of |theta| times centres in [-1, 1] in another order: a few
+    # roundings (say 4) of the largest term
+    bound = 4 * FLOAT32_EPS * float(theta.abs().sum(2).max())
+    torch.testing.assert_close(ours, expected, atol=bound, rtol=0)
 
 
 def test_bad_inputs_are_named():
