@@ -19,8 +19,10 @@ Rows:
   ``float+augment`` items (per-image ``Augment`` in the loader);
 * ``augment``: per batch of 64 at S on the CPU, ``BatchAugment`` (uint8 batch in, augmented float
   batch out, for several CPU chunk sizes and its default) beside ``Augment`` on each image of the
-  same batch (float in, as the old loader gave it; alone, and with the stacking into a batch),
-  measured alternately in the same run;
+  same batch (each image made float just before, as the old loader gave it; alone, and with the
+  stacking into a batch; and on a float batch made beforehand, the first results' baseline),
+  and the part of its cost no batched version avoids (``floor: grid_sample alone per image``),
+  measured alternately in the same run (``--augment-only`` measures these rows alone);
 * ``cores``: loader cores a training step needs to be fed at given images/s
   (``ceil(rate / uint8 images/s per core)`` of the prepared shards at S).
 
@@ -49,6 +51,7 @@ from typing import Any
 import numpy as np
 import PIL
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
@@ -178,9 +181,14 @@ def loader_rows(layouts: dict[str, tuple[type, Path]], size: int, count: int, re
 
 
 def augment_rows(size: int, repeats: int) -> list[dict[str, Any]]:
-    """BatchAugment per CPU chunk (and its default) beside per-image Augment on the same batch:
-    alone (issue 30's baseline) and followed by the stacking into a batch that the old loader's
-    collate did (the batched path writes its batch directly). Measured alternately."""
+    """BatchAugment per CPU chunk (and its default) beside per-image Augment on the same uint8
+    batch, each image made float in [0, 1] just before its ``Augment`` (as the old loader's freshly
+    decoded item; BatchAugment converts too): alone (issue 30's baseline) and followed by the
+    stacking into a batch that the old loader's collate did (the batched path writes its batch
+    directly); the floor of :func:`floor_runs`; and ``Augment`` on the slices of a float batch
+    made beforehand, the baseline of the first results (2026-12-07): reading each image from a
+    38 MB batch that left the cache made it about 1 ms per image dearer at 224 px than the same
+    ``Augment`` on an image just made. Measured alternately."""
     dataset = AlignedFaceDataset(demo_root(), image_size=size, uint8=True)
     batch = default_collate([dataset[i % len(dataset)] for i in range(BATCH)])
     pixels, landmarks = batch["image"], batch["landmarks"]
@@ -188,7 +196,10 @@ def augment_rows(size: int, repeats: int) -> list[dict[str, Any]]:
     per_image = Augment()
     generator = torch.Generator().manual_seed(0)
 
-    def one_by_one() -> list[torch.Tensor]:
+    def one_by_one() -> list[torch.Tensor]:  # each image made float just before, as a loader's fresh item
+        return [per_image(pixels[i].to(torch.float32).div_(255.0), landmarks[i], generator)[0] for i in range(BATCH)]
+
+    def from_float_batch() -> list[torch.Tensor]:  # the 2026-12-07 baseline: slices of a float batch in memory
         return [per_image(floats[i], landmarks[i], generator)[0] for i in range(BATCH)]
 
     image_bytes = 3 * size * size * 4
@@ -196,8 +207,10 @@ def augment_rows(size: int, repeats: int) -> list[dict[str, Any]]:
                for c in CHUNKS}
     batched["BatchAugment default"] = BatchAugment(Augment(), seed=0)
     runs: dict[str, Callable[[], Any]] = {"Augment per image": one_by_one,
-                                          "Augment per image + stack": lambda: torch.stack(one_by_one())}
+                                          "Augment per image + stack": lambda: torch.stack(one_by_one()),
+                                          "Augment per image from a float batch": from_float_batch}
     runs.update({name: (lambda a=augment: a(pixels, landmarks)) for name, augment in batched.items()})
+    runs.update(floor_runs(pixels))
     timings: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):  # alternate, so all see the same load
         for name, fn in runs.items():
@@ -211,8 +224,26 @@ def augment_rows(size: int, repeats: int) -> list[dict[str, Any]]:
             row["cpu_chunk_images"] = max(1, batched[name].cpu_chunk_bytes // image_bytes)
             row["cheaper_than_per_image"] = best["Augment per image"] / best[name]
             row["cheaper_than_per_image_stacked"] = best["Augment per image + stack"] / best[name]
+        elif name.startswith("floor") or name == "Augment per image from a float batch":
+            row["fraction_of_per_image"] = best[name] / best["Augment per image"]
         rows.append(row)
     return rows
+
+
+def floor_runs(pixels: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """A part of any batched augmentation's cost, for reading its ratio: the bilinear
+    ``grid_sample`` alone, one image at a time (each uint8 image made float just before, as
+    BatchAugment does; the grid, a rotation by 3 degrees, made beforehand)."""
+    size = pixels.shape[-1]
+    angle = math.radians(3.0)
+    theta = torch.tensor([[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0]])
+    grid = F.affine_grid(theta[None], [1, 3, size, size], align_corners=False)
+
+    def warps() -> None:
+        for image in pixels.split(1):
+            F.grid_sample(image.to(torch.float32), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    return {"floor: grid_sample alone per image": warps}
 
 
 def cores_rows(rows: list[dict[str, Any]], rates: Sequence[int]) -> list[dict[str, Any]]:
@@ -228,15 +259,16 @@ def cores_rows(rows: list[dict[str, Any]], rates: Sequence[int]) -> list[dict[st
 
 
 def run(out: Path, sizes: Sequence[int], count: int, repeats: int, rates: Sequence[int],
-        crops: Sequence[Path] | None = None) -> Path:
-    """Measure everything and write ``out/data.json``; returns its path."""
+        crops: Sequence[Path] | None = None, augment_only: bool = False) -> Path:
+    """Measure everything (only the ``augment`` rows with ``augment_only``) and write
+    ``out/data.json``; returns its path."""
     torch.set_num_threads(1)
     crops = list(crops) if crops is not None else demo_crops()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="pacofr-bench-data-") as scratch:
         for size in sizes:
-            layouts = build_layouts(Path(scratch), size, crops)
-            rows += loader_rows(layouts, size, count, repeats)
+            if not augment_only:
+                rows += loader_rows(build_layouts(Path(scratch), size, crops), size, count, repeats)
             rows += augment_rows(size, repeats)
     rows += cores_rows(rows, rates)
     payload = {
@@ -245,6 +277,7 @@ def run(out: Path, sizes: Sequence[int], count: int, repeats: int, rates: Sequen
                         "pillow": PIL.__version__, "loadavg_end": list(os.getloadavg()),
                         "cuda_available": torch.cuda.is_available()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "augment_only": augment_only,
         "shapes": {"sizes": list(sizes), "batch": BATCH, "images_per_pass": count, "fixture_crops": len(crops),
                    "layouts": list(LAYOUTS), "stored_crop_side_of_crops_zip_200": STORED_CROP_SIDE,
                    "cpu_chunks": list(CHUNKS)},
@@ -267,7 +300,8 @@ def summary(path: Path) -> str:
         elif row["row"] == "augment":
             ratio = (f" ({row['cheaper_than_per_image']:.2f}x cheaper than per image, "
                      f"{row['cheaper_than_per_image_stacked']:.2f}x with the stacking)"
-                     if "cheaper_than_per_image" in row else "")
+                     if "cheaper_than_per_image" in row else
+                     f" ({row['fraction_of_per_image']:.2f} of per image)" if "fraction_of_per_image" in row else "")
             lines.append(f"augment {row['size']:4d} px {row['impl']}: {row['ms_per_image']:.3f} ms/image{ratio}")
         else:
             lines.append(f"cores {row['size']:4d} px at {row['images_per_s']} images/s: {row['cores']}")
@@ -282,13 +316,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (best is kept)")
     parser.add_argument("--rates", type=int, nargs="+", default=list(TARGET_RATES),
                         help="images/s a step consumes, for the cores rows")
+    parser.add_argument("--augment-only", action="store_true",
+                        help="measure only the augment rows (no loader layouts, no cores rows)")
     args = parser.parse_args(argv)
     bad = [s for s in args.sizes if s < 8] + ([args.images] if args.images < 1 else []) \
         + ([args.repeats] if args.repeats < 1 else []) + [r for r in args.rates if r < 1]
     if bad:
         print(f"error: --sizes must be >= 8 and --images, --repeats, --rates >= 1; got {bad}", file=sys.stderr)
         return 2
-    path = run(args.out, args.sizes, args.images, args.repeats, args.rates)
+    path = run(args.out, args.sizes, args.images, args.repeats, args.rates, augment_only=args.augment_only)
     print(summary(path))
     print(f"wrote {path}")
     return 0

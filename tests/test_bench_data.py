@@ -49,6 +49,23 @@ def test_a_tiny_run_writes_every_row(tmp_path):
     assert "images/s per core" in bench_data.summary(path)
 
 
+def test_augment_only_measures_the_augment_rows_their_floor_and_the_old_baseline(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        assert bench_data.main(["--out", str(tmp_path), "--sizes", "16", "--repeats", "1", "--augment-only"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    payload = json.loads((tmp_path / "data.json").read_text())
+    assert payload["augment_only"] is True
+    rows = payload["rows"]
+    assert {r["row"] for r in rows} == {"augment"}
+    floors = [r for r in rows if r["impl"].startswith("floor") or r["impl"].endswith("from a float batch")]
+    assert len(floors) == 2
+    per_image = next(r for r in rows if r["impl"] == "Augment per image")
+    for row in floors:
+        assert row["fraction_of_per_image"] == row["best_cpu_ms_per_batch"] / per_image["best_cpu_ms_per_batch"]
+
+
 def test_bad_arguments_give_one_error_line(tmp_path, capsys):
     assert bench_data.main(["--out", str(tmp_path), "--sizes", "4"]) == 2
     assert capsys.readouterr().err.startswith("error: --sizes")
