@@ -186,9 +186,8 @@ def augment_rows(size: int, repeats: int) -> list[dict[str, Any]]:
     decoded item; BatchAugment converts too): alone (issue 30's baseline) and followed by the
     stacking into a batch that the old loader's collate did (the batched path writes its batch
     directly); the floor of :func:`floor_runs`; and ``Augment`` on the slices of a float batch
-    made beforehand, the baseline of the first results (2026-12-07): reading each image from a
-    38 MB batch that left the cache made it about 1 ms per image dearer at 224 px than the same
-    ``Augment`` on an image just made. Measured alternately."""
+    made beforehand, the baseline of the first results (2026-12-07), kept to compare with them.
+    Measured alternately."""
     dataset = AlignedFaceDataset(demo_root(), image_size=size, uint8=True)
     batch = default_collate([dataset[i % len(dataset)] for i in range(BATCH)])
     pixels, landmarks = batch["image"], batch["landmarks"]
