@@ -2,7 +2,8 @@
 
 The kernel tests check every op alone; this checks the model wires them in correctly: the same
 weights, batch and mask generator give the same losses and gradients with ``backend="triton"``
-as with ``backend="torch"``, in the incubation and in the end-to-end phase.
+as with ``backend="torch"``, in the incubation and in the end-to-end phase, up to the fp32 rounding
+spread measured on the torch reference (``_rounding_support``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _rounding_support import Results, assert_within_rounding, losses_and_gradients, reference_and_rounding_spread
 from pacofr.data.regions import template_region_ids
 from pacofr.models import ModelConfig, build_model
 from pacofr.ops import backend_status
@@ -19,14 +21,10 @@ pytestmark = pytest.mark.skipif(not backend_status("triton", torch.device("cuda"
                                 reason="triton cannot run here (on CPU it needs TRITON_INTERPRET=1)")
 
 
-def _run(model: torch.nn.Module, images: torch.Tensor, region_ids: torch.Tensor, incubation: bool
-         ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+def _run(model: torch.nn.Module, images: torch.Tensor, region_ids: torch.Tensor, incubation: bool) -> Results:
     model.zero_grad(set_to_none=True)
     out = model(images, region_ids, incubation=incubation, generator=torch.Generator().manual_seed(7))
-    out.loss.backward()
-    losses = {name: float(value) for name, value in out.losses.items()}
-    losses["total"] = float(out.loss.detach())
-    return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return losses_and_gradients(model, out)
 
 
 @pytest.mark.parametrize("incubation", [True, False], ids=["incubation", "end_to_end"])
@@ -42,12 +40,11 @@ def test_triton_backend_matches_torch_backend(method: str, incubation: bool) -> 
     images = torch.rand(3, 3, cfg.img_size, cfg.img_size, generator=g).to(device)
     region_ids = template_region_ids(cfg.grid_size, cfg.img_size).expand(3, -1).contiguous().to(device)
 
-    want_losses, want_grads = _run(reference, images, region_ids, incubation)
-    got_losses, got_grads = _run(fused, images, region_ids, incubation)
+    # the tolerance: ROUNDING_FACTOR times the spread of 3 reruns of the fp32 reference with every
+    # parameter nudged by one ulp (the size of an fp32 rounding error here; derivation in _rounding_support)
+    want, spread = reference_and_rounding_spread(
+        reference, lambda model: _run(model, images, region_ids, incubation), 3, torch.Generator().manual_seed(2))
+    got = _run(fused, images, region_ids, incubation)
 
-    assert got_losses.keys() == want_losses.keys()
-    for name, value in want_losses.items():
-        assert got_losses[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
-    assert got_grads.keys() == want_grads.keys() and want_grads
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    assert any(name.startswith("grad:") for name in want)
+    assert_within_rounding(got, want, spread)
