@@ -1,15 +1,31 @@
-"""DeviceBatches (uint8 batches to float batches on the device, one ahead), worker counts, rank shards."""
+"""DeviceBatches (uint8 batches, or JPEG bytes decoded there, to float batches on the device, one
+ahead), encoded items and the trainer's data.decode_on_device, worker counts, rank shards."""
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from PIL import Image
+from _data_support import StubDetector, jpeg_bytes, stub_photo, write_bytes
+from _train_standin import IMG, StandInModel, region_fn, tiny_config
 from torch.utils.data import DataLoader
 
 from pacofr.data.batch_augment import BatchAugment
-from pacofr.data.demo import demo_dataset
+from pacofr.data.datasets import AlignedFaceDataset, CroppedFaceDataset, ShardFaceDataset
+from pacofr.data.demo import demo_dataset, demo_root
+from pacofr.data.encoded_items import EncodedAlignedFaceDataset, EncodedShardFaceDataset, encoded_items
+from pacofr.data.image_sets import open_image_set
 from pacofr.data.loading import DeviceBatches, default_num_workers, local_world_size
+from pacofr.data.prepare import PrepareConfig, prepare_faces
 from pacofr.data.rank_shards import ShardRankSampler, assign_shards, rank_shard_sampler
+from pacofr.data.storage import read_index
+from pacofr.train.fields import ConfigError
+from pacofr.train.trainer import Trainer
 
 
 def uint8_loader(count: int = 12, size: int = 32) -> DataLoader:
@@ -41,6 +57,70 @@ def test_augmentation_follows_the_batch_order_whatever_the_prefetching():
 
 def test_an_empty_loader_gives_no_batches():
     assert list(DeviceBatches([], "cpu")) == []
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """Stub faces prepared at IMG px (the stand-in model's size) as files and as shards."""
+    root = tmp_path_factory.mktemp("prepared")
+    for number in range(6):
+        write_bytes(root / "src", f"p{number}.jpg", jpeg_bytes(stub_photo(1 + number % 2, seed=number)))
+    for fmt in ("files", "shards"):
+        prepare_faces(root / "src", root / fmt, PrepareConfig(multi_face="all", image_size=IMG, output_format=fmt,
+                                                              shard_size=4), detector_factory=StubDetector())
+    return root
+
+
+def test_encoded_batches_decode_to_the_uint8_batches(prepared):
+    """Same bytes, same decoder: the batches of encoded items decoded (and augmented) where the
+    step runs are those of the uint8 items, bit for bit, for files and shards."""
+    for plain, encoded in ((AlignedFaceDataset, EncodedAlignedFaceDataset), (ShardFaceDataset, EncodedShardFaceDataset)):
+        root = prepared / ("files" if plain is AlignedFaceDataset else "shards")
+        items = encoded(root, image_size=IMG)
+        assert isinstance(items[0]["image"], bytes)
+        expected = list(DeviceBatches(DataLoader(plain(root, image_size=IMG, uint8=True), batch_size=3),
+                                      "cpu", augment=BatchAugment(seed=2)))
+        got = list(DeviceBatches(DataLoader(items, batch_size=3), "cpu", augment=BatchAugment(seed=2)))
+        assert len(got) == len(expected) >= 2
+        for a, b in zip(got, expected):
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["landmarks"], b["landmarks"])
+            assert torch.equal(a["index"], b["index"])
+
+
+def test_encoded_items_only_for_prepared_crops_at_the_training_size(prepared, tmp_path):
+    assert isinstance(encoded_items(demo_dataset(uint8=True)), EncodedAlignedFaceDataset)
+    assert isinstance(encoded_items(ShardFaceDataset(prepared / "shards", image_size=IMG)), EncodedShardFaceDataset)
+    with pytest.raises(ValueError, match="224 px crops, not 64 px"):
+        encoded_items(demo_dataset(image_size=64, uint8=True))
+    with pytest.raises(ValueError, match="CroppedFaceDataset has no stored JPEG crops"):
+        encoded_items(CroppedFaceDataset(open_image_set(demo_root() / "images"), image_size=32))
+    bad = tmp_path / "bad"
+    shutil.copytree(prepared / "files", bad)
+    first = bad / read_index(bad)[0]["file"]
+    first.write_bytes(b"not a jpeg")  # an unusable crop is skipped, as in uint8 items
+    dataset = EncodedAlignedFaceDataset(bad, image_size=IMG)
+    assert dataset[0]["index"] == 1 and dataset.skipped == 1
+
+
+def _train(out: Path, dataset, decode_on_device: bool) -> tuple[Trainer, list[str]]:
+    cfg = tiny_config(str(out), max_steps=4, epochs=2, num_viz=2, viz_every=2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, decode_on_device=decode_on_device))
+    torch.manual_seed(cfg.train.seed)
+    trainer = Trainer(cfg, StandInModel(), dataset, region_fn=region_fn)
+    result = trainer.fit()
+    with open(result.scalars, newline="") as handle:
+        return trainer, [row["loss"] for row in csv.DictReader(handle)]
+
+
+def test_the_trainer_decodes_on_the_device_when_asked(prepared, tmp_path):
+    dataset = ShardFaceDataset(prepared / "shards", image_size=IMG, uint8=True)
+    trainer, losses = _train(tmp_path / "bytes", dataset, True)
+    assert isinstance(trainer.dataset.dataset, EncodedShardFaceDataset) and len(losses) == 4  # it read JPEG bytes
+    assert losses == _train(tmp_path / "pixels", dataset, False)[1]  # and trained on the same pixels
+    assert (tmp_path / "bytes" / "reconstructions.png").is_file()  # the viz batch is decoded too
+    crops = CroppedFaceDataset(open_image_set(demo_root() / "images"), image_size=IMG, uint8=True)
+    with pytest.raises(ConfigError, match="data.decode_on_device=true: a CroppedFaceDataset"):
+        _train(tmp_path / "crops", crops, True)
 
 
 def test_worker_count_follows_the_cores_and_the_ranks(monkeypatch):
@@ -101,6 +181,26 @@ def test_cuda_batches_match_the_cpu_ones():
         assert b["image"].device.type == "cuda" and torch.equal(a["landmarks"], b["landmarks"])
         # grid_sample on CUDA and on the CPU: float32 roundings of the grid (test_data_batch_augment)
         torch.testing.assert_close(b["image"].cpu(), a["image"], atol=2 * 8 * 2.0**-24 * 32, rtol=0)
+
+
+@pytest.mark.gpu
+def test_nvjpeg_batches_match_the_cpu_ones(prepared, tmp_path):
+    """Encoded items decoded by nvJPEG on the side stream, one batch ahead, against the CPU decode
+    (the crops re-encoded grey, so that no chroma upsampling differs between the decoders)."""
+    grey = tmp_path / "grey"
+    shutil.copytree(prepared / "files", grey)
+    for record in read_index(grey):
+        path = grey / record["file"]
+        path.write_bytes(jpeg_bytes(Image.open(path).convert("L")))
+    loader = DataLoader(EncodedAlignedFaceDataset(grey, image_size=IMG), batch_size=3)
+    cpu = list(DeviceBatches(loader, "cpu"))
+    cuda = list(DeviceBatches(loader, "cuda"))
+    assert len(cuda) == len(cpu) >= 2
+    for a, b in zip(cpu, cuda):
+        assert b["image"].device.type == "cuda" and torch.equal(a["landmarks"], b["landmarks"])
+        # the decoders differ only in their IDCT, which IEEE 1180 lets err by at most 1 level per
+        # pixel (as test_data_decode's nvJPEG test); both sides divide by 255 the same way
+        assert float((b["image"].cpu() - a["image"]).abs().max()) <= 1 / 255 + 1e-6
 
 
 def test_float_batches_pass_without_a_second_augmentation():

@@ -8,13 +8,17 @@ PNG...). Both give the same pixels for such a JPEG (``tests/test_data_decode.py`
 read first, so the ``max_pixels`` guard applies before a pixel is decoded. A crop of another side
 than S is resized once, bilinear as PIL resizes (antialiased when it shrinks).
 
-:func:`decode_jpeg_batch_on_device` decodes a whole batch with nvJPEG on a CUDA device.
+:func:`check_batch_jpeg` checks, from the header alone, that a crop is such a JPEG at the training
+size, and :func:`decode_jpeg_batch` decodes a batch of them where the step runs: nvJPEG for the whole
+batch on a CUDA device (``decode_jpeg(device="cuda")``), the fast path's decoder one by one on the
+CPU.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -89,18 +93,72 @@ def decode_crop(data: bytes, name: str, size: int | None = None, *,
     return hwc_to_chw(image if size is None else resize_square(image, size)), stored
 
 
-def decode_jpeg_batch_on_device(encoded: list[bytes], device: torch.device | str) -> list[torch.Tensor]:
-    """Decode a batch of JPEGs with nvJPEG on CUDA ``device``: uint8 (3, H, W) tensors there.
+def check_batch_jpeg(data: bytes, name: str, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Check from its header that ``data`` is a crop :func:`decode_jpeg_batch` decodes as it is: a
+    plain RGB or grey JPEG without EXIF rotation (what ``pacofr prepare`` writes), size x size.
 
-    Only for JPEGs the fast path would take (``pacofr prepare``'s crops); it cannot run without
-    a CUDA device. Raises ``UnreadableImageError`` naming the batch when nvJPEG refuses one.
+    Raises:
+        UnreadableImageError: empty, not an image, too large, not such a JPEG, or another size.
+    """
+    if not data:
+        raise UnreadableImageError(name, "empty file")
+    image_format, stored, fast = _header(data, name, max_pixels)
+    if not fast:
+        raise UnreadableImageError(name, f"a {image_format} image that is not a plain RGB or grey JPEG without "
+                                         "EXIF rotation: it cannot be decoded a batch at a time on the device")
+    if stored != (size, size):
+        raise UnreadableImageError(name, f"crop is {stored[0]}x{stored[1]}, not {size}x{size}: it cannot be "
+                                         "decoded a batch at a time on the device without a resize")
+
+
+def decode_jpeg_batch(encoded: Sequence[bytes], device: torch.device | str,
+                      names: Sequence[str] | None = None) -> torch.Tensor:
+    """Decode a batch of same-size JPEGs (checked by :func:`check_batch_jpeg`) on ``device``.
+
+    On a CUDA device nvJPEG decodes the whole batch in one call; on the CPU torchvision's
+    libjpeg-turbo decoder (the one :func:`decode_crop` uses) decodes them one by one, so a CPU
+    run gives exactly the pixels of ``decode_crop``.
+
+    Args:
+        encoded: the JPEGs' bytes.
+        device: where to decode and put the pixels.
+        names: the items' names for error messages (default: their positions in the batch).
+    Returns:
+        uint8 (B, 3, S, S) on ``device``.
+    Raises:
+        UnreadableImageError: naming the JPEGs that do not decode or are not of the first one's size.
     """
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise ValueError(f"nvJPEG decoding needs a CUDA device, got {device} (CUDA available: "
-                         f"{torch.cuda.is_available()})")
+    names = list(names) if names is not None else [f"item {k} of the batch" for k in range(len(encoded))]
+    if len(names) != len(encoded):
+        raise ValueError(f"{len(names)} names for {len(encoded)} JPEGs")
+    if not encoded:
+        raise ValueError("an empty batch of JPEGs")
     tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in encoded]
     try:
-        return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        if device.type == "cuda":
+            images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        else:
+            images = [decode_jpeg(data, mode=ImageReadMode.RGB) for data in tensors]
     except RuntimeError as err:
-        raise UnreadableImageError(f"a batch of {len(encoded)} JPEGs", f"nvJPEG failed ({err})") from err
+        raise _undecodable(tensors, names, device, err) from err
+    shape = images[0].shape
+    odd = [name for name, image in zip(names, images) if image.shape != shape]
+    if odd:
+        raise UnreadableImageError(", ".join(odd), f"not {shape[2]}x{shape[1]} as the batch's first JPEG")
+    return torch.stack(images)
+
+
+def _undecodable(tensors: list[torch.Tensor], names: list[str], device: torch.device,
+                 error: RuntimeError) -> UnreadableImageError:
+    """The error naming the JPEGs that fail to decode alone on ``device`` (a failed batch call does
+    not say which), or the whole batch when each decodes alone."""
+    failed = []
+    for name, data in zip(names, tensors):
+        try:
+            decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            failed.append(name)
+    if not failed:
+        return UnreadableImageError(f"a batch of {len(names)} JPEGs", f"the batch decode failed ({error})")
+    return UnreadableImageError(", ".join(failed), f"corrupt or truncated JPEG ({error})")

@@ -6,7 +6,9 @@ it hands out batch k, so the copy overlaps the step; on the device the pixels ar
 float32 in [0, 1] and, with a :class:`~pacofr.data.batch_augment.BatchAugment`, augmented there
 as one batch. The landmarks stay on the CPU (they are tiny, and the region ids are computed from
 them there), so nothing waits on the device. A CPU run goes through the same code with CPU
-tensors (no pinning, no stream).
+tensors (no pinning, no stream). A batch of encoded items (:mod:`pacofr.data.encoded_items`:
+``image`` is a list of JPEG bytes) is decoded as a whole where the step runs instead of copied
+(:func:`batch_pixels`: nvJPEG on CUDA, on the side stream, one batch ahead like a copy).
 
 :func:`default_num_workers` sizes the loader from the cores this process may use.
 """
@@ -15,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from pacofr.data.batch_augment import BatchAugment, uint8_to_unit
+from pacofr.data.decode import decode_jpeg_batch
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +65,24 @@ def default_num_workers(device_type: str, ranks_on_host: int | None = None, core
     return max(share - 1, 0)
 
 
+def batch_pixels(images: torch.Tensor | Sequence[bytes], device: torch.device | str,
+                 indices: Sequence[int] | None = None) -> torch.Tensor:
+    """A batch's ``image`` entry on ``device``: a tensor copied there, or a list of JPEG bytes
+    (encoded items) decoded there into uint8 (B, 3, S, S) (``indices``: the items' dataset
+    indices, named if one does not decode)."""
+    if isinstance(images, torch.Tensor):
+        return images.to(device)
+    names = None if indices is None else [f"item {int(index)}" for index in indices]
+    return decode_jpeg_batch(list(images), device, names)
+
+
 class DeviceBatches:
     """Iterate ``batches`` as float batches on ``device``, the next one already on its way.
 
     Args:
         batches: CPU batches ``{"image": uint8 (B, 3, S, S) (float in [0, 1] is accepted too),
-            "landmarks": float (B, 5, 2), ...}`` (e.g. a DataLoader over ``uint8=True`` items).
+            "landmarks": float (B, 5, 2), ...}`` (e.g. a DataLoader over ``uint8=True`` items), or
+            with ``image`` a list of B JPEGs' bytes (encoded items), decoded on ``device``.
         device: the training device.
         augment: augments each uint8 batch on ``device`` (its random stream advances one batch
             at a time, in order, whatever the prefetching); None: no augmentation. A float batch
@@ -94,13 +109,16 @@ class DeviceBatches:
             yield self._finish(current)
 
     def _send(self, batch: Batch | None) -> Batch | None:
-        """Start copying ``batch``'s pixels to the device (non-blocking from pinned memory)."""
+        """Start copying ``batch``'s pixels to the device (non-blocking from pinned memory), or
+        decoding its JPEGs there."""
         if batch is None or self._stream is None:
             return batch
         images = batch["image"]
-        if not images.is_pinned():
-            images = images.pin_memory()
         with torch.cuda.stream(self._stream):
+            if not isinstance(images, torch.Tensor):  # JPEG bytes: nvJPEG decodes them on this stream
+                return {**batch, "image": batch_pixels(images, self.device, batch.get("index"))}
+            if not images.is_pinned():
+                images = images.pin_memory()
             return {**batch, "image": images.to(self.device, non_blocking=True)}
 
     def _finish(self, batch: Batch) -> Batch:
@@ -110,7 +128,7 @@ class DeviceBatches:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
             images.record_stream(torch.cuda.current_stream(self.device))
         else:
-            images = images.to(self.device)
+            images = batch_pixels(images, self.device, batch.get("index"))
         landmarks = batch["landmarks"].to(torch.float32)
         if self.augment is None or images.dtype != torch.uint8:
             return {**batch, "image": uint8_to_unit(images), "landmarks": landmarks}

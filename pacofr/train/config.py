@@ -49,6 +49,9 @@ class DataConfig:
     num_workers: int = -1  # loader processes; -1: the cores this process may use, less one, shared by
     #                        the ranks on this host, on CUDA; 0 (load in the training process) on the CPU
     pin_memory: bool = True  # only takes effect on CUDA
+    decode_on_device: bool = False  # the loader reads each crop's JPEG bytes and the batch is decoded where
+    #                                 the step runs (nvJPEG on CUDA, libjpeg-turbo on the CPU): data.layout=prepared
+    #                                 with crops at model.img_size (pacofr.data.encoded_items)
 
     def __post_init__(self) -> None:
         if self.num_workers < -1:

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from pacofr.data.augment import Augment
 from pacofr.data.batch_augment import BatchAugment, uint8_to_unit
-from pacofr.data.loading import DeviceBatches, default_num_workers
+from pacofr.data.encoded_items import encoded_items
+from pacofr.data.loading import DeviceBatches, batch_pixels, default_num_workers
 from pacofr.data.rank_shards import rank_shard_sampler
 from pacofr.train.checkpointing import Resumable, TrainingCheckpoints, TrainState
 from pacofr.train.config import PretrainConfig, dump_config
@@ -114,6 +115,11 @@ class Trainer:
         if self.tc.compile:  # compiling the DDP wrapper lets DDP split the graph at its buckets
             self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
 
+        if cfg.data.decode_on_device:  # items carry JPEG bytes, DeviceBatches decodes each batch
+            try:
+                dataset = encoded_items(dataset)
+            except ValueError as err:
+                raise ConfigError(f"data.decode_on_device=true: {err}") from err
         self.dataset = EpochSeededDataset(dataset, derive_seed(self.tc.seed, AUGMENT_STREAM))
         # uint8 batches are augmented on the device (a float batch comes augmented by its dataset)
         self.batch_augment = (BatchAugment(Augment(), seed=derive_seed(self.tc.seed, AUGMENT_STREAM, self.dist.rank))
@@ -349,7 +355,8 @@ class Trainer:
             count = min(self.tc.num_viz, n)
             indices = [int(i) for i in np.linspace(0, n - 1, count).round()]
             with isolated_rng(derive_seed(self.tc.seed, VIZ_STREAM), include_cuda=False):
-                self._viz_batch = _collate_first(self.dataset.dataset, indices)
+                batch = _collate_first(self.dataset.dataset, indices)
+            self._viz_batch = {**batch, "image": batch_pixels(batch["image"], "cpu")}  # JPEG bytes decoded
         return self._viz_batch
 
     def save_reconstructions(self) -> Path | None:
