@@ -504,9 +504,11 @@ def _clustered_faces(cfg: ModelConfig, atoms: int, batch: int, generator: torch.
     return tiles.permute(0, 3, 1, 4, 2, 5).reshape(batch, 3, g * p, g * p).clamp(0, 1)
 
 
-def _kmeans_mse(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 50, restarts: int = 3) -> float:
-    """Plain k-means (k-means++ seeding, Lloyd iterations, best of ``restarts``): mean squared error per element."""
-    best = math.inf
+def _kmeans_errors(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 50,
+                   restarts: int = 3) -> torch.Tensor:
+    """Plain k-means of ``x`` (N, D) (k-means++ seeding, Lloyd iterations, best of ``restarts``): every
+    row's mean squared error per element to its nearest centre, (N,) float32."""
+    best = None
     for _ in range(restarts):
         centres = x[torch.randint(x.shape[0], (1,), generator=generator)]
         while centres.shape[0] < k:
@@ -518,15 +520,17 @@ def _kmeans_mse(x: torch.Tensor, k: int, generator: torch.Generator, iters: int 
                 members = x[labels == j]
                 if members.shape[0]:
                     centres[j] = members.mean(dim=0)
-        mse = (x - centres[torch.cdist(x, centres).argmin(dim=1)]).square().mean().item()
-        best = min(best, mse)
+        errors = (x - centres[torch.cdist(x, centres).argmin(dim=1)]).square().mean(dim=1)
+        if best is None or errors.mean() < best.mean():
+            best = errors
     return best
 
 
 def test_prototypes_quantise_patches_as_well_as_kmeans(generator: torch.Generator) -> None:
     """The pixel prototypes are a quantiser of norm-pix patches at least as good as plain k-means with
-    the same K (up to 10 %), after the training steps a short incubation has; the earlier linear
-    code2pix prototypes fit by gradient stayed far behind (0.49 against 0.13 on the demo faces)."""
+    the same K (up to 3 standard errors of the MSE on these patches), after the training steps a short
+    incubation has; the earlier linear code2pix prototypes fit by gradient stayed far behind (0.49
+    against 0.13 on the demo faces)."""
     torch.manual_seed(0)
     cfg = tiny(codebook_size=32, sc="off", dead_code_warmup=5)
     model = PaCoFR(cfg)
@@ -546,8 +550,14 @@ def test_prototypes_quantise_patches_as_well_as_kmeans(generator: torch.Generato
     patches = patch_targets(images, ids, cfg.patch_size, norm_pix=True, eps=cfg.norm_pix_eps).reshape(-1, cfg.patch_dim)
     table = book.prototype_table()
     ours = (patches - table[book.nearest_prototype(patches)]).square().mean().item()
-    reference = _kmeans_mse(patches, cfg.codebook_size, generator)
-    assert ours <= 1.1 * reference + 1e-4, (ours, reference)
+    # the bound: a quantiser's MSE on these 512 patches is a sample mean, with the standard error
+    # std(per-patch errors) / sqrt(512) (about 0.6 % of it here); the prototypes must be no worse than
+    # k-means by more than 3 of those (3 sigma). Measured on 13 fresh seeds: ours at most 0.35 % above
+    # k-means' best restart (z <= 0.6); one missed cluster (the most used prototype replaced by a copy
+    # of another) puts it 1600-2000 standard errors above.
+    errors = _kmeans_errors(patches, cfg.codebook_size, generator)
+    reference, standard_error = errors.mean().item(), (errors.std() / math.sqrt(errors.numel())).item()
+    assert ours <= reference + 3 * standard_error, (ours, reference, standard_error)
 
 
 @pytest.mark.parametrize("proto_patches", ["all", "replaced"])
