@@ -66,26 +66,27 @@ def key_index(keys):
 
 
 @triton.jit
-def running_minimum(lane_score, lane_code, scores, cols, col_mask):
+def running_minimum(lane_score, lane_code, scores, cols):
     """Fold one score tile into the running (score, code) minimum of every (row, column lane).
 
-    Codes reach a lane in increasing order, so a strict ``<`` keeps the smaller code on equal
-    scores (-0.0 equals +0.0). A lane takes its first real code whatever the score (+inf included;
-    ``lane_code < 0`` marks an empty lane) and leaves a NaN score for the first number that comes.
+    A lane starts at (NaN, its first code). Codes reach a lane in increasing order, so a strict fp32
+    ``<`` keeps the smaller code on equal scores (-0.0 equals +0.0); a NaN best is replaced by the
+    first number that comes, a NaN score never replaces anything. Masked columns carry NaN scores
+    (their term is NaN), so they need no test of their own. Per score: one add (the caller's), the
+    compares, two selects; no index arithmetic.
     """
-    first = lane_code < 0
-    was_nan = lane_score != lane_score
-    take = col_mask[None, :] & ((scores < lane_score) | first | (was_nan & (scores == scores)))
+    take = (scores < lane_score) | ((lane_score != lane_score) & (scores == scores))
     lane_score = tl.where(take, scores, lane_score)
     lane_code = tl.where(take, cols[None, :], lane_code)
     return lane_score, lane_code
 
 
 @triton.jit
-def lane_keys(lane_score, lane_code):
-    """int64 keys of the lanes' running minima (empty lanes ``KEY_PAD``), as :func:`score_keys` builds them."""
+def lane_keys(lane_score, lane_code, n_codes):
+    """int64 keys of the lanes' running minima, as :func:`score_keys` builds them; a lane whose first code
+    is past ``n_codes`` saw no code (``KEY_PAD``)."""
     keys = (ordered_score_bits(lane_score).to(tl.int64) << 32) | lane_code.to(tl.int64)
-    return tl.where(lane_code >= 0, keys, KEY_PAD)
+    return tl.where(lane_code < n_codes, keys, KEY_PAD)
 
 
 @triton.jit
@@ -155,7 +156,7 @@ def best_codes(
     # k = 1: a running fp32 minimum and its code per (row, column lane), updated elementwise in
     # registers (no reduction across threads per tile) and merged into a key once at the end
     lane_score = tl.full((BLOCK_N, BLOCK_K), float("nan"), tl.float32)
-    lane_code = tl.full((BLOCK_N, BLOCK_K), -1, tl.int32)
+    lane_code = tl.zeros((BLOCK_N, BLOCK_K), tl.int32) + tl.arange(0, BLOCK_K)[None, :]
     if RESIDENT:
         all_ds = tl.arange(0, BLOCK_D)
         x_resident = dot_operand(tl.load(x_rows + all_ds.to(tl.int64)[None, :] * stride_xd,
@@ -180,17 +181,17 @@ def best_codes(
                                  mask=d_mask[:, None] & col_mask[None, :], other=0.0)
                 dots = tl.dot(dot_operand(x_tile, CAST_BF16, UPCAST), dot_operand(e_tile, CAST_BF16, UPCAST), dots,
                               input_precision=INPUT_PRECISION)
-        term = tl.load(code_term_ptr + cols, mask=col_mask, other=0.0)
+        term = tl.load(code_term_ptr + cols, mask=col_mask, other=float("nan"))  # NaN scores past the codebook
         if COSINE:
             scores = -dots * term[None, :]
         else:
             scores = term[None, :] - dots
         if KP == 1:
-            lane_score, lane_code = running_minimum(lane_score, lane_code, scores, cols, col_mask)
+            lane_score, lane_code = running_minimum(lane_score, lane_code, scores, cols)
         else:
             best = merge_tile(best, score_keys(scores, cols, col_mask), KP)
     if KP == 1:
-        best = tl.min(lane_keys(lane_score, lane_code), axis=1)[:, None]
+        best = tl.min(lane_keys(lane_score, lane_code, n_codes), axis=1)[:, None]
     return best
 
 

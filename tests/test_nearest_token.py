@@ -304,6 +304,29 @@ def test_nan_codes_fill_the_list_only_when_nothing_else_is_left(backend: str, de
     assert dist[0, 0].item() == 1.0 and torch.isnan(dist[0, 1:]).all()
 
 
+@pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_k1_skips_nan_codes_in_every_lane_and_keeps_the_smallest_index(backend: str, device_name: str,
+                                                                      metric: str) -> None:
+    """k = 1 keeps a running minimum per column lane (codes j, j + BLOCK_K, ... for BLOCK_K of 32 or
+    64): a lane whose first codes are NaN takes the first number after them, a later equal code
+    never replaces it, and a codebook of NaN codes only gives NaN / -1. Codes are unit vectors, so
+    the answer is known without computing: the query e_0 is nearest to the codes equal to e_0."""
+    codes, dim = 200, 8
+    codebook = torch.zeros(codes, dim)
+    codebook[:, 1] = 1.0  # every code e_1: distance 2 (l2) / 1 (cosine) from the query
+    nan_codes = [0, 32, 64, 96, 128]  # the first codes of lane 0 whatever the tile width
+    codebook[nan_codes, 0] = float("nan")
+    for nearest in (160, 192):  # lane 0 again, in later tiles: the first of them must win
+        codebook[nearest] = torch.eye(dim)[0]
+    x = torch.eye(dim)[:1].repeat(3, 1)
+    dist, idx = nearest_token(x.to(device_name), codebook.to(device_name), 1, metric, backend=backend)
+    assert (idx.cpu() == 160).all() and (dist.cpu() == 0.0).all()
+    dist, idx = nearest_token(x.to(device_name), torch.full((70, dim), float("nan"), device=device_name), 1, metric,
+                              backend=backend)
+    assert (idx.cpu() == -1).all() and torch.isnan(dist.cpu()).all()
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy overflowing on purpose
 @pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)
 @pytest.mark.parametrize("metric", ["l2", "cosine"])

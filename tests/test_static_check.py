@@ -210,6 +210,53 @@ def test_sass_flow_finds_the_per_tile_epilogue_of_a_flat_step_loop():
     assert flow.once == {"S2R": 1, "EXIT": 1}
 
 
+RESIDENT = _listing(
+    "S2R R0, SR_TID.X",                                 # 0x00 once
+    "LDGSTS.E.BYPASS.128 [R1], desc[UR4][R6.64]",       # 0x10 loop starts: one code tile per iteration
+    "WARPGROUP.ARRIVE",                                 # 0x20
+    "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT",   # 0x30
+    "LDG.E.64 R2, desc[UR4][R4.64]",                    # 0x40 overlaps the asynchronous MMA
+    "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24, gsb0",  # 0x50
+    "WARPGROUP.DEPBAR.LE gsb0, 0x0",                    # 0x60 the scores are ready
+    "FADD R15, -R24, R2",                               # 0x70 epilogue: needs the scores
+    "FMNMX R3, R3, R15, PT",                            # 0x80
+    "@P1 BRA 0x10",                                     # 0x90 loop back
+    "EXIT",                                             # 0xa0
+)
+
+
+def test_sass_flow_takes_the_code_after_the_mma_wait_as_the_epilogue_of_a_resident_loop():
+    """No conditional block in the flat loop: the tile's epilogue is what follows the last MMA's wait (it
+    cannot overlap this CTA's MMAs), the rest of the loop is the step."""
+    from benchmarks.static.sass_flow import flow_counts
+
+    flow = flow_counts(RESIDENT)
+    assert flow.flat
+    assert flow.tile == {"FADD": 1, "FMNMX": 1, "BRA": 1}
+    assert flow.step == {"LDGSTS.E.BYPASS.128": 1, "WARPGROUP.ARRIVE": 1, "HGMMA.64x64x16.F32.BF16": 2,
+                         "LDG.E.64": 1, "WARPGROUP.DEPBAR.LE": 1}
+
+
+def test_moving_loads_count_every_load_inside_a_loop_and_no_pipeline_prologue():
+    """Nested loops: the cp.async before the step loop (inside the tile loop) is the pipeline's prologue, it
+    stands in for the step loads the last iterations predicate off, so it is not added. Flat loop: its tile
+    part lies inside the loop, so a cp.async there is a load of every tile."""
+    from benchmarks.static.cost_budget import Geometry, moving_loads
+    from benchmarks.static.sass_flow import flow_counts
+
+    geometry = Geometry(ctas=1, tiles_per_cta=3, steps_per_tile=4, warps=8, registers=128, shared_bytes=0)
+    prologue = _listing("S2R R0, SR_TID.X", "LDGSTS.E.BYPASS.128 [R1], desc[UR4][R6.64]",  # tile loop, prologue
+                        "LDGSTS.E.BYPASS.128 [R1], desc[UR4][R6.64]",                    # step loop
+                        "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT", "@P0 BRA 0x20",
+                        "LDG.E R2, desc[UR4][R4.64]", "@P1 BRA 0x10", "EXIT")
+    assert moving_loads(flow_counts(prologue), geometry) == {"LDGSTS.E.BYPASS.128": 3 * 4, "LDG.E": 3}
+    flat = _listing("S2R R0, SR_TID.X", "WARPGROUP.ARRIVE",
+                    "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+                    "LDGSTS.E.BYPASS.128 [R1], desc[UR4][R6.64]", "@P1 BRA 0x10", "EXIT")
+    resident = Geometry(ctas=1, tiles_per_cta=3, steps_per_tile=1, warps=8, registers=128, shared_bytes=0)
+    assert moving_loads(flow_counts(flat), resident) == {"LDGSTS.E.BYPASS.128": 3}
+
+
 def test_cost_model_shapes_and_widths():
     from benchmarks.static.cost_model import load_bytes_per_lane, mma_flops
 

@@ -192,14 +192,15 @@ def _group(counts: Counter, prefixes: tuple[str, ...]) -> float:
 def moving_loads(flow: FlowCounts, geometry: Geometry) -> Counter:
     """Global loads per warp and CTA that move bytes: the step loop's loads times its trips, the plain ``LDG``
     of the tile part, and the once-per-CTA ones; cp.async (``LDGSTS``) outside the step loop is the pipeline's
-    prologue, which replaces in-loop loads that the last iterations predicate off (:class:`cost_model.Launch`)."""
+    prologue, which replaces in-loop loads that the last iterations predicate off (:class:`cost_model.Launch`),
+    except in a flat step loop, whose tile part lies inside the loop."""
     def loads(counts: Counter, opcodes: tuple[str, ...]) -> Counter:
         return Counter({op: n for op, n in counts.items() if op.split(".", 1)[0] in opcodes})
 
     if not flow.has_step_loop:
         return Counter({op: n * geometry.tiles_per_cta for op, n in loads(flow.tile, ("LDG", "LDGSTS")).items()})
     tile = Counter({op: n * geometry.steps_per_tile for op, n in loads(flow.step, ("LDG", "LDGSTS")).items()})
-    tile.update(loads(flow.tile, ("LDG",)))
+    tile.update(loads(flow.tile, ("LDG", "LDGSTS") if flow.flat else ("LDG",)))
     total = Counter({op: n * geometry.tiles_per_cta for op, n in tile.items()})
     total.update(loads(flow.once, ("LDG",)))
     return total

@@ -10,7 +10,10 @@ geometry:
   without tensor-core instructions has no tile loop; its outermost loops are its step loops;
 * a **flat** step loop (no tile loop: the CUDA ranking kernel walks (code tile, D chunk) steps in
   one loop) holds its per-tile epilogue as a conditional block: the largest forward-branch region
-  of the step loop without tensor-core instructions or barriers runs once per tile, not per step;
+  of the step loop without tensor-core instructions or barriers runs once per tile, not per step.
+  A flat step loop without such a block walks one whole code tile per iteration (the Triton loop
+  with a resident query tile: all of D in one step); its epilogue is the code after the last
+  tensor-core instruction or warpgroup wait (``WARPGROUP.DEPBAR``), which needs the scores;
 * of an if/else (``@P BRA else`` ... ``BRA join``, ``else:`` ...) only the longer arm is counted;
 * every other loop (load loops, merges) is counted as one iteration, and every other conditional
   block as taken: an estimate, stated as such wherever it is used;
@@ -32,6 +35,7 @@ _INSTRUCTION_RE = re.compile(
     r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_.]+)?)([^;]*);")
 _TARGET_RE = re.compile(r"0x([0-9a-f]+)")
 BARRIER_OPCODES: tuple[str, ...] = ("BAR",)
+MMA_WAIT = "WARPGROUP.DEPBAR"  #: waits for the asynchronous warpgroup MMAs (their results are read after it)
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,8 @@ def skipped_else_arms(code: list[Instruction]) -> list[Span]:
 
 
 def epilogue_region(code: list[Instruction], step: Span) -> Span | None:
-    """The largest forward-branch region of ``step`` without tensor-core instructions or barriers."""
+    """The largest forward-branch region of ``step`` without tensor-core instructions or barriers, else the
+    code of ``step`` after its last tensor-core instruction or warpgroup wait (None when there is none)."""
     best, best_size = None, 0
     for branch in code:
         target = branch.branch_target
@@ -127,7 +132,11 @@ def epilogue_region(code: list[Instruction], step: Span) -> Span | None:
         size = _count(code, region, lambda i: True)
         if size > best_size:
             best, best_size = region, size
-    return best
+    if best is not None:
+        return best
+    waits = [i.address for i in code if step.holds(i.address) and (i.is_mma or i.opcode.startswith(MMA_WAIT))]
+    after = [i.address for i in code if step.holds(i.address) and i.address > max(waits, default=step.last)]
+    return Span(after[0], after[-1]) if after else None
 
 
 @dataclass
