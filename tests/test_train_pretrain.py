@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import statistics
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import Subset
+from torch.utils.data import Subset, default_collate
 
 from pacofr import checkpoint as ckpt
 from pacofr.cli import main
 from pacofr.data import demo_dataset
+from pacofr.data.batch_augment import uint8_to_unit
 from pacofr.models import PaCoFR
 from pacofr.models.vit import normalised_images
 from pacofr.train.config import load_config
@@ -46,12 +49,37 @@ def short_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trainer, TrainR
                                                         "train.base_lr=0.032", "model.sc=relation"])
 
 
+def _rec_masked_per_batch(model: PaCoFR, trainer: Trainer, mask_seed: int) -> list[float]:
+    """``loss/rec_masked`` (end-to-end forward, no gradient) of the run's faces as stored (no augmentation),
+    in batches of 8, with masks drawn from ``mask_seed``."""
+    faces = trainer.dataset.dataset
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(faces), 8):
+            batch = default_collate([faces[i] for i in range(start, start + 8)])
+            out = model(uint8_to_unit(batch["image"]), trainer.region_fn(batch), incubation=False,
+                        generator=torch.Generator().manual_seed(mask_seed))
+            losses.append(out.losses["rec_masked"].item())
+    return losses
+
+
 def test_short_real_run_reduces_the_reconstruction_loss(short_run: tuple[Trainer, TrainResult]) -> None:
     trainer, result = short_run
     rows = _rows(result.scalars)
     assert len(rows) == 12
-    rec = [float(r["loss/rec_masked"]) for r in rows]
-    assert sum(rec[-3:]) / 3 < 0.9 * sum(rec[:3]) / 3, rec
+    # The control: the run's initial weights (same seed, same constructor) on the same faces and masks.
+    # Its losses over 4 batches x 2 mask draws scatter by `noise` (batches and masks alone); a mean over
+    # the 4 batches has a standard error of noise / 2, the gap of two such means noise / sqrt(2).
+    # Learning must put the trained model below its initialisation by 3 of those (a 3-sigma, one-sided
+    # test), not by a fixed factor. Measured: gap 0.58, noise 0.069 (batch to batch, so the bound is
+    # conservative for these paired means): 8.4 noise against the 2.1 required; untrained, the gap is 0.
+    seed_everything(trainer.cfg.train.seed)
+    initial = PaCoFR(trainer.cfg.model).train()
+    before = _rec_masked_per_batch(initial, trainer, mask_seed=0)
+    noise = statistics.stdev(before + _rec_masked_per_batch(initial, trainer, mask_seed=1))
+    after = _rec_masked_per_batch(trainer.model.train(), trainer, mask_seed=0)
+    gap = statistics.mean(before) - statistics.mean(after)
+    assert gap > 3 * noise / math.sqrt(2), (before, after, noise)
     assert all(r["loss/bp"] for r in rows[:4]) and not any(r["loss/bp"] for r in rows[4:])  # incubation only
     assert all(r["loss/align"] for r in rows[4:])
     assert float(rows[-1]["stat/perplexity"]) > 1.0
