@@ -60,7 +60,7 @@ def _check_whole_regions(region_ids: torch.Tensor, masks: MaskSets, structured: 
 
 
 def test_region_mode_masks_whole_regions_up_to_the_budget(generator: torch.Generator) -> None:
-    cfg = ModelConfig()
+    cfg = ModelConfig(mask_mode="region", replace_from="visible")
     region_ids = template_batch(64)
     masks = sample_masks(region_ids, cfg, generator)
     _check_whole_regions(region_ids, masks, masks.mask)
@@ -74,10 +74,11 @@ def test_region_mode_masks_whole_regions_up_to_the_budget(generator: torch.Gener
 
 
 def test_region_masking_budget_matches_mae_face(generator: torch.Generator) -> None:
-    """75 % of the patches are masked by default, as in the MAE-face control, and face patches are
-    masked nearly as often (measured over 40,000 draws: 73.8 % on the template, 73.5 % on the turned
-    face; small regions 73 %, the large periphery ones 76 %; the earlier scheme: 65.8 %)."""
-    cfg = ModelConfig()
+    """Region masking masks 75 % of the patches (the default r_mask), as the MAE-face control does,
+    and face patches nearly as often (measured over 40,000 draws: 73.8 % on the template, 73.5 % on
+    the turned face; small regions 73 %, the large periphery ones 76 %; the earlier scheme: 65.8 %).
+    Replaced patches come from the visible ones here, so the whole structured mask stays masked."""
+    cfg = ModelConfig(mask_mode="region", replace_from="visible")
     assert cfg.r_mask == cfg.mae_mask_ratio == 0.75
     template = torch.from_numpy(template_for_size(224)).double()
     turned = template.clone()
@@ -161,7 +162,7 @@ def _components(cells: torch.Tensor) -> int:
 
 
 def test_block_mode_is_one_contiguous_block(generator: torch.Generator) -> None:
-    cfg = ModelConfig(mask_mode="block", r_mask=0.3, r_rep=0.1)
+    cfg = ModelConfig(mask_mode="block", replace_from="visible", r_mask=0.3, r_rep=0.1)
     masks = sample_masks(template_batch(20), cfg, generator)
     for b in range(20):
         assert _components(masks.mask[b].view(14, 14)) == 1
@@ -177,7 +178,7 @@ def test_mae_control_spec(generator: torch.Generator) -> None:
 
 
 def test_no_codebook_replaces_nothing() -> None:
-    spec = MaskSpec.from_config(ModelConfig(codebook=False))
+    spec = MaskSpec.from_config(ModelConfig(mask_mode="region", codebook=False))
     assert (spec.mode, spec.n_mask, spec.n_rep) == ("region", 147, 0)
 
 
@@ -194,12 +195,12 @@ def test_same_seed_same_masks() -> None:
 def test_landmark_style_per_image_regions(generator: torch.Generator) -> None:
     """Different region maps per image (as the landmark assignment gives) are honoured per image."""
     region_ids = torch.stack([template_region_ids(14, 224), template_region_ids(14, 224).roll(3)])
-    masks = sample_masks(region_ids, ModelConfig(), generator)
+    masks = sample_masks(region_ids, ModelConfig(mask_mode="region", replace_from="visible"), generator)
     _check_whole_regions(region_ids, masks, masks.mask)
 
 
 def test_bad_inputs_are_rejected() -> None:
-    cfg = ModelConfig()
+    cfg = ModelConfig(mask_mode="region")  # the mode that reads the region ids' values
     with pytest.raises(ValueError, match="region_ids must be in"):
         sample_masks(torch.full((2, 196), NUM_REGIONS), cfg)
     with pytest.raises(ValueError, match="L=100"):

@@ -15,9 +15,9 @@ def test_defaults_are_method_md() -> None:
     assert (cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads) == (512, 8, 16)
     assert (cfg.codebook_size, cfg.code_dim, cfg.bp_hidden, cfg.num_candidates, cfg.tau_b) == (4096, 64, 512, 4, 0.1)
     assert (cfg.r_mask, cfg.r_rep, cfg.num_regions, cfg.other_region, cfg.regions) == (0.75, 0.1, 14, -1, "landmarks")
-    assert (cfg.mask_mode, cfg.replace_from, cfg.encoder_mask, cfg.straight_through) == ("region", "visible", "drop", False)
+    assert (cfg.mask_mode, cfg.replace_from, cfg.encoder_mask, cfg.straight_through) == ("random", "masked", "drop", False)
     assert (cfg.bp_after, cfg.bp_input, cfg.code_update, cfg.target, cfg.rec_on, cfg.sc) == (
-        "off", "pixels", "grad", "norm_pix", "masked+replaced", "layout")
+        "off", "pixels", "grad", "norm_pix", "masked+replaced", "relation")
     assert (cfg.codebook, cfg.prototypes, cfg.bp_ste, cfg.low_usage_threshold, cfg.alpha_rep) == (
         True, "table", True, 0.1, 1.0)
     assert (cfg.w_align, cfg.w_ent, cfg.w_sc, cfg.teacher_momentum, cfg.teacher_momentum_end) == (0.5, 0.01, 0.1, 0.996, 1.0)
@@ -45,7 +45,7 @@ def test_preset_names_and_demo_size() -> None:
     ({"img_size": 100}, "multiple of patch_size"),
     ({"embed_dim": 100, "num_heads": 12}, "divisible by num_heads"),
     ({"num_candidates": 8, "codebook_size": 4}, "num_candidates"),
-    ({"r_mask": 0.9, "r_rep": 0.1}, "leave no pixel patch"),
+    ({"replace_from": "visible", "r_mask": 0.9, "r_rep": 0.1}, "leave no pixel patch"),
     ({"replace_from": "masked", "r_mask": 0.1, "r_rep": 0.2}, "replace_from='masked'"),
     ({"tau_b": 0.0}, "tau_b"),
     ({"r_mask": 1.5}, "r_mask"),

@@ -19,9 +19,9 @@ BATCH = 4
 # every non-default flag value of method.md (the default config covers the defaults)
 FLAG_CASES = [
     {},
-    {"mask_mode": "random"},
+    {"mask_mode": "region"},
     {"mask_mode": "block"},
-    {"replace_from": "masked"},
+    {"replace_from": "visible"},
     {"replace_from": "all"},
     {"encoder_mask": "mask_token"},
     {"encoder_pos": "learned"},
@@ -31,7 +31,7 @@ FLAG_CASES = [
     {"code_update": "ema"},
     {"target": "pixels"},
     {"rec_on": "all"},
-    {"sc": "relation"},
+    {"sc": "layout"},
     {"sc": "equivariance"},
     {"sc": "off"},
     {"prototypes": "linear"},
@@ -51,8 +51,7 @@ FLAG_CASES = [
 IDLE = {"r_rep": {"patch_codebook.code2tok.weight", "patch_codebook.code2tok.bias"}}
 IDLE_IN_INCUBATION = {"bp_input": {"context_head.weight", "context_head.bias"},  # the context head starts after it
                       "code_update": {"patch_codebook.codebook.weight"},  # EMA codes in incubation
-                      "regularise_in_incubation": {f"layout_head.net.{i}.{kind}" for i in (0, 2)
-                                                   for kind in ("weight", "bias")}}  # L_sc starts after it
+                      "regularise_in_incubation": {"sc_proj.weight", "sc_proj.bias"}}  # L_sc starts after it
 # without replaced patches nothing uses the codebook once L_bp is off
 IDLE_AFTER_INCUBATION = {"r_rep": {f"patch_codebook.{name}" for name in (
     "codebook.weight", "belief.fc1.weight", "belief.fc1.bias", "belief.fc2.weight", "belief.fc2.bias")}}
@@ -118,7 +117,7 @@ def test_loss_is_the_weighted_sum_of_the_reported_terms(prototypes: str, generat
     t = out.losses
     code = {"code"} if prototypes == "linear" else set()
     assert set(t) == {"rec", "rec_masked", "rec_replaced", "bp", "ent", "sc"} | code
-    n_masked, n_replaced = 12, 2  # tiny: 75 % and 10 % of L = 16
+    n_masked, n_replaced = 10, 2  # tiny: 75 % of L = 16 masked (12), 10 % (2) of them replaced (replace_from=masked)
     share = 0.6 * n_replaced / (n_masked + 0.6 * n_replaced)
     assert torch.allclose(t["rec"], (1 - share) * t["rec_masked"] + share * t["rec_replaced"])
     expected = t["rec"] + 0.7 * t["bp"] + 0.02 * t["ent"] + 0.3 * t["sc"]
@@ -217,7 +216,8 @@ def test_replaced_patches_never_outweigh_masked_ones(generator: torch.Generator)
     n_replaced) for a replaced patch and 1 / (...) for a masked one, so a replaced patch (whose own
     pixels built its token) weighs no more than a masked one, and the replaced set stays a minority."""
     for alpha in (1.0, 0.5, 0.0):
-        cfg = tiny(alpha_rep=alpha, r_mask=0.5, r_rep=0.25)  # 8 masked, 4 replaced of 16
+        # 12 of 16 masked, 4 of those replaced: 8 masked, 4 replaced
+        cfg = tiny(alpha_rep=alpha, replace_from="masked", r_mask=0.75, r_rep=0.25)
         model = PaCoFR(cfg)
         images, region_ids = face_batch(cfg)
         out = model(images, region_ids, incubation=False, generator=generator)
@@ -372,7 +372,7 @@ def test_param_groups() -> None:
     for name in ("encoder.blocks.0.attn.qkv.weight", "decoder.pred.weight", "patch_codebook.code2pix.weight",
                  "patch_codebook.belief.fc1.weight", "sc_proj.weight"):
         assert id(named[name]) in decay, name
-    fixed = PaCoFR(tiny())
+    fixed = PaCoFR(tiny(sc="layout"))
     assert not fixed.encoder.pos_embed.requires_grad
     grouped = {id(p) for g in fixed.param_groups(0.05) for p in g["params"]}
     assert id(fixed.encoder.pos_embed) not in grouped
@@ -621,12 +621,12 @@ def _jittered_region_ids(cfg: ModelConfig, batch: int, generator: torch.Generato
 
 def test_layout_consistency_scores_the_geometry_of_the_face_parts(generator: torch.Generator,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """sc="layout" (default) asks the encoder for the relative layout of the facial regions: a head
+    """sc="layout" asks the encoder for the relative layout of the facial regions: a head
     that outputs each face's true region offsets scores 0, one that outputs another face's layout
     does not, and L_sc sends a gradient into the encoder."""
     from pacofr.models.consistency import region_centroids
 
-    cfg = ModelConfig.preset("demo", depth=1, decoder_depth=1)
+    cfg = ModelConfig.preset("demo", depth=1, decoder_depth=1, sc="layout")
     model = PaCoFR(cfg)
     assert model.teacher is None and model.layout_head is not None
     images = torch.rand(8, 3, cfg.img_size, cfg.img_size, generator=generator)
@@ -649,11 +649,13 @@ def test_layout_consistency_scores_the_geometry_of_the_face_parts(generator: tor
     assert grad is not None and grad.abs().sum() > 0
 
 
-def test_codebook_off_keeps_the_masking_and_the_consistency(generator: torch.Generator) -> None:
-    cfg = tiny(codebook=False)
+@pytest.mark.parametrize("sc, sc_stats", [("relation", {"sc_relation", "sc_cos"}), ("layout", {"sc_layout"})])
+def test_codebook_off_keeps_the_masking_and_the_consistency(sc: str, sc_stats: set, generator: torch.Generator) -> None:
+    cfg = tiny(codebook=False, sc=sc)
     model = PaCoFR(cfg)
-    assert model.patch_codebook is None and model.layout_head is not None
+    assert model.patch_codebook is None
+    assert (model.layout_head is not None) is (sc == "layout") and (model.teacher is not None) is (sc == "relation")
     images, region_ids = face_batch(cfg)
     out = model(images, region_ids, incubation=True, generator=generator)
-    assert set(out.losses) == {"rec", "rec_masked", "sc"} and set(out.stats) == {"sc_layout"}
+    assert set(out.losses) == {"rec", "rec_masked", "sc"} and set(out.stats) == sc_stats
     assert out.step_work is None and model.step_maintenance().apply() == {}

@@ -147,7 +147,7 @@ def test_eval_refuses_an_export_whose_files_disagree_in_one_line(run_dir: Path, 
 @pytest.mark.parametrize("args, expected", [
     (["--config", "demo", "--set", "model.preset=tiny"], "model.img_size 64 -> 32"),
     (["--set", "model.r_mask=0.5"], "model.r_mask 0.75 -> 0.5"),
-    (["--set", "model.mask_mode=random"], "model.mask_mode 'region' -> 'random'"),
+    (["--set", "model.mask_mode=region"], "model.mask_mode 'random' -> 'region'"),
     (["--set", "model.w_sc=0.2"], "model.w_sc 0.1 -> 0.2"),
 ])
 def test_a_resume_under_other_model_settings_is_refused_before_anything_is_written(

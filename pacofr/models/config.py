@@ -88,8 +88,9 @@ class ModelConfig:
     decoder_depth: int = 8
     decoder_heads: int = 16
 
-    # --- structured masking
-    mask_mode: MaskMode = "region"
+    # --- masking: "random" (default) masks r_mask of the patches uniformly at random; "region" masks whole
+    #     facial regions up to the budget (the earlier default); "block" one contiguous block
+    mask_mode: MaskMode = "random"
     # how the data pipeline assigns region ids (the model takes ids): per face from its landmarks
     # (the template map where a face has none or they are degenerate), or the template for every face
     regions: RegionSource = "landmarks"
@@ -97,7 +98,10 @@ class ModelConfig:
     other_region: int = -1  # a region id never masked as a whole region, only to complete the budget; -1: none
     r_mask: float = 0.75  # masked fraction of the patches (MAE-face's mae_mask_ratio by default)
     r_rep: float = 0.1
-    replace_from: ReplaceFrom = "visible"
+    # where the replaced patches come from: "masked" (default) = n_rep of the n_mask masked patches enter the
+    # encoder as code tokens; "visible" (the earlier default) = from the patches left visible; "all" = from
+    # every patch, before the mask is drawn (docs/eval/screening/ for the choice of defaults)
+    replace_from: ReplaceFrom = "masked"
     mae_mask_ratio: float = 0.75  # method="mae" and "mcf" only
 
     # --- patch codebook and Belief Predictor
@@ -131,9 +135,10 @@ class ModelConfig:
     alpha_rep: float = 1.0
 
     # --- spatial consistency
-    # layout (default): predict the relative layout of the facial regions (pairwise centroid offsets in the
-    # augmented image) from the encoder's pooled tokens; relation / equivariance: the earlier feature terms
-    sc: SpatialConsistency = "layout"
+    # relation (default): the EMA teacher's patch-relation term; layout (the earlier default): predict the
+    # relative layout of the facial regions (pairwise centroid offsets in the augmented image) from the
+    # encoder's pooled tokens; equivariance: the feature term under a known similarity transform
+    sc: SpatialConsistency = "relation"
     sc_beta: float = 1.0  # weight of (1 - cos) at masked patches inside L_sc (relation)
     teacher_momentum: float = 0.996  # EMA teacher momentum at the start (cosine ramp to the end)
     teacher_momentum_end: float = 1.0

@@ -1,6 +1,6 @@
 """Spatial consistency between facial parts (method.md "Spatial consistency").
 
-- ``layout`` (default): the relative layout of the facial regions. Each region's centroid comes
+- ``layout`` (the earlier default): the relative layout of the facial regions. Each region's centroid comes
   from the image's own region map (landmark-driven, so it follows the face's pose and the
   augmentation); a :class:`LayoutHead` on the encoder's mean-pooled kept tokens predicts every
   pairwise offset ``c_h - c_g`` (in units of the image side). Both the predictions and the targets
@@ -9,7 +9,7 @@
   pair by the offset's variance over the batch (floor ``(1 / (4 grid))^2``): about 1 for a head
   that predicts the same layout for every face, 0 for an exact one. No teacher.
 - EMA teacher of the encoder (:func:`make_teacher`, :func:`ema_update`) that sees the full image.
-- ``relation``: region-pool student and teacher features, compare the G x G cosine relation
+- ``relation`` (default): region-pool student and teacher features, compare the G x G cosine relation
   matrices (``||A_s - A_t||_F^2`` averaged over the region pairs present in the image, = / G^2
   when all G regions are present) plus ``beta * (1 - cos)`` between student and teacher features
   at the masked patches.
