@@ -72,9 +72,10 @@ def ranking_tiles(dtype: torch.dtype, input_precision: str, cast_bf16: bool, kp:
     16-bit inputs (bf16/fp16) up to :data:`RESIDENT_16BIT_MAX_D` keep the whole query tile on chip
     (128 rows, 64 for lists of 8 or more, 32-code tiles, 4 warps, two blocks per SM). Past it,
     16-bit operands (also fp32 cast to bf16) take 64-wide D chunks for the MMA, TF32 ones 32,
-    unless D is at most :data:`RESIDENT_MAX_D`: then the query tile is resident too. The exact fp32 path multiplies on CUDA cores, where 64-row
-    tiles and 16-wide D chunks keep its accumulator and candidate keys in registers (32-wide chunks
-    spilled 8 B on sm_90 with the k = 1 running minimum). 3xTF32 holds a high and a low part of
+    unless D is at most :data:`RESIDENT_MAX_D`: then the query tile is resident too. The exact
+    fp32 path multiplies on CUDA cores, where 64-row tiles and 16-wide D chunks keep its
+    accumulator and candidate keys in registers (32-wide chunks spilled 8 B on sm_90 with the
+    k = 1 running minimum). 3xTF32 holds a high and a low part of
     both operand tiles, so it takes 64-row tiles and 16-wide D chunks (128 rows spilled on sm_80,
     and 32-wide chunks 8 B with the k = 1 running minimum), never resident. Under Triton's
     interpreter big tiles run fastest.
