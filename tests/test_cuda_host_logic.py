@@ -296,20 +296,24 @@ def reference_key(score: np.float32, index: int, nan_rank: int) -> int:
 @pytest.mark.parametrize("kp,m_tiles,n_tiles", [(1, 2, 8), (2, 2, 8), (4, 2, 8), (8, 1, 8), (16, 1, 8), (16, 2, 8),
                                                 (1, 1, 8), (1, 1, 16), (4, 1, 16), (16, 1, 16)])
 @pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("nan_rank", [NAN_LAST, NAN_AS_INFINITY])
+@pytest.mark.parametrize("ragged", [False, True])
 def test_epilogue_keeps_each_rows_k_best_codes(driver: Driver, kp: int, m_tiles: int, n_tiles: int,
-                                               cosine: bool) -> None:
+                                               cosine: bool, nan_rank: int, ragged: bool) -> None:
     """Warp tiles of n_tiles n8 MMA tiles (8: the mma.sync kernel; 16: the wgmma kernel's 128 codes);
-    the driver's two warps take alternate code tiles."""
+    the driver's two warps take alternate code tiles. Every tile but a ``ragged`` last one is full
+    (the epilogue compiles a loop without code checks for those); an infinite and a NaN code term
+    make +inf and NaN scores, which tie under NAN_AS_INFINITY."""
     rng = np.random.default_rng()
     tile_codes = 8 * n_tiles
-    tiles = int(rng.integers(1, 6))
-    n_codes = int(rng.integers(max(1, (tiles - 1) * tile_codes + 1), tiles * tile_codes + 1))  # ragged last tile
+    tiles = int(rng.integers(2, 6))
+    n_codes = int(rng.integers((tiles - 1) * tile_codes + 1, tiles * tile_codes)) if ragged else tiles * tile_codes
     rows = 16 * m_tiles
-    nan_rank = int(rng.integers(0, 2))
     dots = rng.integers(-3, 4, size=(rows, tiles * tile_codes)).astype(np.float32)  # many exact ties
     dots[rng.integers(0, rows)] = np.nan  # a NaN query row
     terms = rng.choice(np.float32([0.5, 1.0, 2.0]), size=n_codes).astype(np.float32)
-    terms[rng.integers(0, n_codes)] = np.nan  # a NaN code
+    special = rng.choice(n_codes, size=2, replace=False)
+    terms[special] = [np.nan, np.inf]  # a NaN code and an infinite one
     acc = np.zeros((tiles, 32, m_tiles, n_tiles, 4), dtype=np.float32)
     for tile in range(tiles):
         for lane in range(32):
@@ -322,11 +326,12 @@ def test_epilogue_keeps_each_rows_k_best_codes(driver: Driver, kp: int, m_tiles:
             f"{join(bits(acc.reshape(-1)))} {join(bits(terms))}")
     lines = driver(text)
     assert len(lines) == rows
-    for row in range(rows):
-        d = dots[row, :n_codes]
-        scores = (-d) * terms if cosine else terms - d  # fp32, as the kernel: -dot * term, term - dot
-        keys = [reference_key(scores[c], c, nan_rank) for c in range(n_codes)]
-        assert [int(v) for v in lines[row].split()] == expected_top(keys, kp), f"row {row}"
+    with np.errstate(invalid="ignore"):  # inf * 0 and inf - inf: the NaN scores the kernel makes too
+        for row in range(rows):
+            d = dots[row, :n_codes]
+            scores = (-d) * terms if cosine else terms - d  # fp32, as the kernel: -dot * term, term - dot
+            keys = [reference_key(scores[c], c, nan_rank) for c in range(n_codes)]
+            assert [int(v) for v in lines[row].split()] == expected_top(keys, kp), f"row {row}"
 
 
 def test_reported_distance_follows_the_reference_formulas(driver: Driver) -> None:
