@@ -302,8 +302,8 @@ def test_epilogue_keeps_each_rows_k_best_codes(driver: Driver, kp: int, m_tiles:
                                                cosine: bool, nan_rank: int, ragged: bool) -> None:
     """Warp tiles of n_tiles n8 MMA tiles (8: the mma.sync kernel; 16: the wgmma kernel's 128 codes);
     the driver's two warps take alternate code tiles. Every tile but a ``ragged`` last one is full
-    (the epilogue compiles a loop without code checks for those); an infinite and a NaN code term
-    make +inf and NaN scores, which tie under NAN_AS_INFINITY."""
+    (codes past n_codes in it must never be listed); an infinite and a NaN code term make +inf and
+    NaN scores, which tie under NAN_AS_INFINITY."""
     rng = np.random.default_rng()
     tile_codes = 8 * n_tiles
     tiles = int(rng.integers(2, 6))
