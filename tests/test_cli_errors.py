@@ -17,6 +17,7 @@ from _cli_helpers import error_line
 from pacofr.cli import main
 from pacofr.train.config import load_config
 from pacofr.train.fields import ConfigError
+from pacofr.train.run_folder import SCALARS_FILE
 
 QUICK = ["--set", "train.progress=false", "--set", "train.max_steps=1", "--set", "train.num_viz=2"]
 
@@ -139,15 +140,31 @@ def test_a_locked_run_folder_is_one_line_and_verbose_adds_the_traceback(
     assert sorted(p.name for p in out.iterdir()) == [".pacofr-run.lock"]
 
 
+def _with_default_sigint() -> None:
+    """Child-process set-up: SIGINT at its default disposition, as a foreground command in a terminal has it.
+
+    A shell that runs a script in the background (``make test &``, ``nohup ... &``, a CI runner's job) starts
+    it with SIGINT ignored; the ignore is inherited by pytest and its children, and Python then installs no
+    KeyboardInterrupt handler, so Ctrl-C could not be tested at all.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    """Ctrl-C inside the step loop: the signal is sent once the scalars file holds a logged step (not
+    after a fixed sleep, which on a loaded machine could land in the set-up before the loop)."""
     out = tmp_path / "run"
+    scalars = out / SCALARS_FILE
     process = subprocess.Popen([sys.executable, "-m", "pacofr", "pretrain", "--config", "demo", "--set",
                                 "model.preset=tiny", "--set", "train.progress=false", "--set", "train.epochs=1000",
-                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (out / "config.yaml").exists():  # training has started
+                                "--set", "train.log_every=1", "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_with_default_sigint)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and not (
+            scalars.exists() and len(scalars.read_text().splitlines()) >= 2):  # a header and a step's row
         time.sleep(0.05)
-    time.sleep(1.0)  # inside the step loop
+    assert process.poll() is None, process.communicate()[1]
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
