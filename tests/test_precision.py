@@ -6,8 +6,9 @@
   rounded ranking disagree, the result follows a float64 oracle of the rounded operands (and the
   same check fails for the exact ``ieee`` ranking, so the test can tell the two apart).
 * The triton backend under the interpreter: ``bf16`` ranks by the rounded operands as the torch
-  reference does (both multiply exact bf16 values), and both weight with fp32 cosines; TF32 rounding happens only in GPU tensor cores, so the interpreter is held
-  to the documented tolerance in tests/test_nearest_token.py instead.
+  reference does (both multiply exact bf16 values), and both weight with fp32 cosines; TF32
+  rounding happens only in GPU tensor cores, so the interpreter is held to the documented
+  tolerance in tests/test_nearest_token.py instead.
 * The CUDA backend's missing fp32 + ``bf16`` path is a clear ValueError; the model passes its
   ``codebook_precision`` to both ops, and its nearest-prototype labels are exact under bf16 autocast.
 """
