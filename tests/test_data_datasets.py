@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from _landmark_spots import landmark_spots, spot_centre
+from _landmark_spots import SPOT_CENTRE_TOLERANCE_PX, landmark_spots, spot_centre
 from _data_support import StubDetector, demo_records, jpeg_bytes, stub_photo, write_bytes
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -158,7 +158,7 @@ def test_augment_moves_pixels_and_landmarks_together(generator):
         out, moved = augment(image, torch.from_numpy(points).float(), generator=generator)
         spots = [spot_centre(out, point) for point in moved.numpy()]
         for (centre, _), point in zip(spots, moved.numpy()):
-            np.testing.assert_allclose(centre, point, atol=0.35)  # every landmark sits on its spot
+            np.testing.assert_allclose(centre, point, atol=SPOT_CENTRE_TOLERANCE_PX)  # every landmark sits on its spot
         # which original landmark each spot was drawn for, from its brightness order
         drawn_for = tuple(int(k) for k in np.argsort(np.argsort([mass for _, mass in spots])))
         flipped = drawn_for == (1, 0, 2, 4, 3)
