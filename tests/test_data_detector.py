@@ -17,6 +17,7 @@ from pacofr.cli import main as cli_main
 from pacofr.data.alignment import TEMPLATE_224, align_face, invert_affine, transform_points
 from pacofr.data.demo import demo_root
 from pacofr.data.detection import Detection, MissingDependencyError, create_detector, select_faces
+from pacofr.data.image_io import load_image
 from pacofr.data.storage import INDEX_NAME, read_jsonl
 
 needs_faces = pytest.mark.skipif(not HAS_FACES_EXTRA, reason=NO_FACES_EXTRA)
@@ -167,13 +168,16 @@ def test_detector_handles_a_large_photo(detector):
 
 
 @needs_faces
-def test_prepare_command_with_the_real_detector(tmp_path, capsys):
+def test_prepare_command_with_the_real_detector(detector, tmp_path, capsys):
     src = tmp_path / "photos"
     src.mkdir()
+    upright_residuals = []
     for number, (source, angle) in enumerate((("astronaut.png", 15), ("grace_hopper.jpg", -10))):
         face, landmarks = demo_face(source)
         photo, _ = photo_from_face(face, landmarks, similarity(angle, 1.5, (80.0, 60.0), (111.5, 111.5)), 420)
         Image.fromarray(photo).save(src / f"photo{number}.jpg", quality=95)
+        upright_photo, _ = photo_from_face(face, landmarks, similarity(0, 1.0, (90.0, 40.0), (111.5, 111.5)), 400)
+        upright_residuals.append(_template_residual(upright_photo, detector.detect(upright_photo)[0])[0])
     Image.fromarray(np.full((200, 200, 3), 128, dtype=np.uint8)).save(src / "blank.png")
     (src / "broken.jpg").write_bytes(b"\xff\xd8 broken")
     dst = tmp_path / "out"
@@ -183,8 +187,18 @@ def test_prepare_command_with_the_real_detector(tmp_path, capsys):
     assert "faces written: 2 from 2 photos" in out and "no face: 1" in out and "unreadable files: 1" in out
     records = list(read_jsonl(dst / INDEX_NAME))
     assert [r["source"] for r in records] == ["photo0.jpg", "photo1.jpg"]
-    for record in records:
-        assert np.linalg.norm(np.asarray(record["landmarks"]) - TEMPLATE_224, axis=1).mean() < 8.0
+    for record, upright_residual in zip(records, upright_residuals):
+        # prepare's landmarks are the detector's on the decoded photo, aligned: equal to doing it here up to the
+        # index's 3-decimal rounding (half a unit of 1e-3 per coordinate, plus float64 noise)
+        photo = load_image(src / record["source"])
+        found = detector.detect(photo)
+        assert len(found) == 1
+        _, matrix = align_face(photo, found[0].landmarks5)
+        np.testing.assert_allclose(record["landmarks"], transform_points(matrix, found[0].landmarks5), rtol=0,
+                                   atol=5e-4 + 1e-9)
+        # and they sit on the template as well as the upright face's do, within the pose test's mean-shift bound
+        residual, onet_pixel = _template_residual(photo, found[0])
+        assert residual < upright_residual + MEAN_SHIFT_BOUND_ONET_PX * onet_pixel, (residual, upright_residual)
     crop = dst / records[0]["file"]
     assert cli_main(["show-regions", str(crop), "--out", str(tmp_path / "regions.png")]) == 0
     assert Image.open(tmp_path / "regions.png").height == 224
