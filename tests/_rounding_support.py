@@ -20,11 +20,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from _tolerances import U32
 from torch import nn
 
 from pacofr.models.output import ModelOutput
 
-UNIT_ROUNDOFF = 2.0 ** -24
+UNIT_ROUNDOFF = U32
 """fp32's unit roundoff u: storing a value rounds it by at most u relative."""
 
 ROUNDING_FACTOR = 8.0

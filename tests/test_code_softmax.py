@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _tolerances import U32
 
 from pacofr.models.code_softmax import code_cross_entropy, code_kl, mean_code_probs, row_chunks
 from pacofr.ops.precision import round_operands
@@ -33,10 +34,6 @@ def dense_grads(loss_fn, q, codes):
     loss = loss_fn(q64, c64)
     loss.backward()
     return loss.detach(), q64.grad, c64.grad
-
-
-U32 = 2.0 ** -24
-"""Unit roundoff of float32."""
 
 
 def rounding_bound(n: int, k: int, dc: int) -> float:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from _landmark_spots import SPOT_CENTRE_TOLERANCE_PX, landmark_spots, spot_centre
+from _tolerances import U32
 from torch.utils.data import default_collate
 
 from pacofr.data.alignment import FLIP_PERMUTATION, TEMPLATE_224, resize_points
@@ -16,7 +17,6 @@ from pacofr.data.augment import Augment
 from pacofr.data.batch_augment import BatchAugment, _grid_terms
 from pacofr.data.demo import demo_dataset
 
-FLOAT32_EPS = 2.0**-24  # unit roundoff of float32
 
 
 def demo_batch(count: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +37,7 @@ def test_same_seed_same_faces_as_augment_one_by_one():
     # pixels: the sampling grid is float32 here and float64 in Augment; a position error of a few
     # roundings of coordinates up to `size` (about 8 eps size px) times an intensity slope of at most
     # 1 per px, times the colour gain (at most 1.1^3 < 2)
-    bound = 2 * 8 * FLOAT32_EPS * size
+    bound = 2 * 8 * U32 * size
     torch.testing.assert_close(images, torch.stack([r[0] for r in reference]), atol=bound, rtol=0)
 
 
@@ -131,7 +131,7 @@ def test_chunks_and_input_dtype_do_not_change_the_result():
     assert torch.equal(whole[0], single[0]) and torch.equal(whole[1], single[1])
     floats = BatchAugment(seed=2)(pixels.to(torch.float32) / 255.0, landmarks)
     # the uint8 path folds the 1/255 into the colour gains: a few float32 roundings of values <= 2
-    torch.testing.assert_close(floats[0], whole[0], atol=16 * FLOAT32_EPS, rtol=0)
+    torch.testing.assert_close(floats[0], whole[0], atol=16 * U32, rtol=0)
     assert torch.equal(floats[1], whole[1])
 
 
@@ -144,7 +144,7 @@ def test_the_planar_grid_is_affine_grids():
     expected = torch.nn.functional.affine_grid(theta, [5, 3, size, size], align_corners=False)
     # both sum three float32 products of |theta| times centres in [-1, 1] in another order: a few
     # roundings (say 4) of the largest term
-    bound = 4 * FLOAT32_EPS * float(theta.abs().sum(2).max())
+    bound = 4 * U32 * float(theta.abs().sum(2).max())
     torch.testing.assert_close(ours, expected, atol=bound, rtol=0)
 
 
@@ -166,4 +166,4 @@ def test_cuda_batch_matches_the_cpu_batch():
     assert cuda[0].device.type == "cuda" and cuda[1].device.type == "cpu"
     assert torch.equal(cuda[1], cpu[1])  # landmarks are computed on the CPU from the same draws
     # grid_sample on CUDA and on the CPU: float32 roundings of the weights and of the grid (as above)
-    torch.testing.assert_close(cuda[0].cpu(), cpu[0], atol=2 * 8 * FLOAT32_EPS * 64, rtol=0)
+    torch.testing.assert_close(cuda[0].cpu(), cpu[0], atol=2 * 8 * U32 * 64, rtol=0)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from _data_support import StubDetector, jpeg_bytes, stub_photo, write_bytes
+from _tolerances import U32
 from _train_standin import IMG, StandInModel, region_fn, tiny_config
 from torch.utils.data import DataLoader
 
@@ -180,7 +181,7 @@ def test_cuda_batches_match_the_cpu_ones():
     for a, b in zip(cpu, cuda):
         assert b["image"].device.type == "cuda" and torch.equal(a["landmarks"], b["landmarks"])
         # grid_sample on CUDA and on the CPU: float32 roundings of the grid (test_data_batch_augment)
-        torch.testing.assert_close(b["image"].cpu(), a["image"], atol=2 * 8 * 2.0**-24 * 32, rtol=0)
+        torch.testing.assert_close(b["image"].cpu(), a["image"], atol=2 * 8 * U32 * 32, rtol=0)
 
 
 @pytest.mark.gpu

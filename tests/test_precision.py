@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _tolerances import U32
 
 from pacofr.ops import nearest_token
 from pacofr.ops.precision import (
@@ -133,10 +134,6 @@ def follows(scores: torch.Tensor, picked: torch.Tensor, tol: torch.Tensor, best_
     """Per row: is every picked code within ``tol`` of the oracle's optimum at its rank?"""
     ranked = torch.sort(scores, dim=1, descending=best_first == "max").values[:, :picked.shape[1]]
     return ((scores.gather(1, picked.long()) - ranked).abs() <= tol[:, None]).all(dim=1)
-
-
-U32 = 2.0**-24
-"""Unit roundoff of float32."""
 
 
 def l2_score_error(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
