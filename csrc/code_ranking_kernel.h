@@ -181,7 +181,9 @@ struct KernelArgs {
   rank::NanRank nan_rank;
 };
 
-// Position of a step in the flat (code tile, D chunk) sequence the kernels walk, and its ring stage.
+// Position of a step in the flat (code tile, D chunk) sequence the kernels walk, and its stage in a
+// ring of kRingStages.
+template <int kRingStages>
 struct RingCursor {
   int32_t tile = 0, chunk = 0, stage = 0;
 
@@ -190,7 +192,7 @@ struct RingCursor {
       chunk = 0;
       ++tile;
     }
-    if (++stage == kStages) stage = 0;
+    if (++stage == kRingStages) stage = 0;
   }
 };
 
@@ -313,7 +315,7 @@ __global__ void __launch_bounds__(kThreads, 1) rank_codes_kernel(const KernelArg
   // and after a tile's last chunk the tile's code terms. Steps are issued in order; counters instead
   // of divisions track (tile, chunk, stage).
   int64_t issued = 0;
-  RingCursor issue;
+  RingCursor<kStages> issue;
   const auto issue_next_step = [&]() {
     if (issued < total_steps) {
       const uint32_t stage = ring + issue.stage * kStageBytes;
@@ -346,13 +348,13 @@ __global__ void __launch_bounds__(kThreads, 1) rank_codes_kernel(const KernelArg
   float acc[kMTiles][kNTiles][4];
   zero_accumulators(acc);
 
-  RingCursor read;
+  RingCursor<kStages> read;
   for (int64_t step = 0; step < total_steps; ++step) {
     mma::cp_async_wait<kStages - 2>();
     __syncthreads();  // this step's chunk is visible to all; everyone is done with step - 1's stage
     issue_next_step();  // step + kStages - 1, into the stage step - 1 used
 
-    const RingCursor at = read;
+    const RingCursor<kStages> at = read;
     read.advance(chunks);
     const int stage_offset = static_cast<int>(ring - query_region) + at.stage * kStageBytes;
     const uint32_t stage = query_region + stage_offset;

@@ -7,9 +7,10 @@
 // Per block: two warpgroups (8 warps, kThreads threads), each owning 64 of the block's 128 query
 // rows; the query tile stays in shared memory for the whole codebook (resident only: the launcher
 // would fall back to the mma.sync kernel when it does not fit), laid out in wgmma core matrices;
-// code tiles of kCodes = 128 codes stream through the kStages-deep cp.async ring of 64-byte D
-// chunks (each stage with the tile's code terms, loaded with its last chunk). Per step each
-// warpgroup issues two m64n128k16 MMAs (one per 32-byte k-slab), commits and waits; after a tile's
+// code tiles of kCodes = 128 codes stream through the kWgmmaStages-deep cp.async ring of 128-byte D
+// chunks (each stage with the tile's code terms, loaded with its last chunk; csrc/ranking_tiles.h
+// says why 128 bytes and two stages). Per step each warpgroup issues four m64n128k16 MMAs (one per
+// 32-byte k-slab), commits and waits; after a tile's
 // last chunk each lane feeds its accumulators, which have mma.sync's m16n8 layout per 8-code
 // column block (16 rows per warp), to the shared epilogue as one 16-row m-tile of 16 n8 tiles.
 // Each warp owns whole rows, so only the quad butterfly merge remains before the store.
@@ -25,13 +26,14 @@ constexpr int kWgmmaNTiles = wgmma::kN / 8;  // n8 column blocks of one warpgrou
 static_assert(kWgmmaRows == 2 * wgmma::kM, "two warpgroups of query rows per block");
 static_assert(wgmma::kN == kCodes, "one warpgroup MMA spans the code tile");
 static_assert(kThreads == 2 * 128, "two warpgroups per block");
+static_assert(kCodes * (kWgmmaChunkBytes / 16) % kThreads == 0, "every thread loads as many code vectors per step");
 
 template <bool kBFloat16, int KP>
 __global__ void __launch_bounds__(kThreads, 1) rank_codes_wgmma_kernel(const KernelArgs args) {
   constexpr int kSlots = 2;  // rows l/4 and l/4 + 8 of the warp's 16
-  constexpr int kChunkColumns = kChunkBytes / 16;
+  constexpr int kChunkColumns = kWgmmaChunkBytes / 16;
   constexpr int kStageBytes = static_cast<int>(wgmma_stage_bytes());
-  constexpr int kTermOffset = kCodes * kChunkBytes;
+  constexpr int kTermOffset = kCodes * kWgmmaChunkBytes;
 
   extern __shared__ __align__(16) uint8_t shared[];  // wgmma without swizzle needs 16 bytes
   const int thread = threadIdx.x;
@@ -40,7 +42,7 @@ __global__ void __launch_bounds__(kThreads, 1) rank_codes_wgmma_kernel(const Ker
   const int warpgroup = warp >> 2;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kWgmmaRows;
 
-  const int32_t chunks = static_cast<int32_t>(chunks_for(args.dim_bytes));
+  const int32_t chunks = static_cast<int32_t>(wgmma_chunks_for(args.dim_bytes));
   const int32_t tiles = (args.n_codes + kCodes - 1) / kCodes;
   const int64_t total_steps = static_cast<int64_t>(tiles) * chunks;
   const int query_columns = chunks * kChunkColumns;  // 16-byte columns of the resident query tile
@@ -58,7 +60,7 @@ __global__ void __launch_bounds__(kThreads, 1) rank_codes_wgmma_kernel(const Ker
   mma::cp_async_commit();
 
   int64_t issued = 0;
-  RingCursor issue;
+  RingCursor<kWgmmaStages> issue;
   const auto issue_next_step = [&]() {
     if (issued < total_steps) {
       const uint32_t stage = query_region + ring_offset + issue.stage * kStageBytes;
@@ -67,7 +69,7 @@ __global__ void __launch_bounds__(kThreads, 1) rank_codes_wgmma_kernel(const Ker
       for (int i = 0; i < kCodes * kChunkColumns / kThreads; ++i) {
         const int v = thread + i * kThreads;
         const int c = v / kChunkColumns, column = v % kChunkColumns;
-        const int byte = issue.chunk * kChunkBytes + 16 * column;
+        const int byte = issue.chunk * kWgmmaChunkBytes + 16 * column;
         const bool valid = first_code + c < args.n_codes && byte < args.dim_bytes;
         const uint8_t* from = valid ? args.codes + (first_code + c) * args.dim_bytes + byte : args.codes;
         mma::cp_async_16(stage + wgmma::core_offset(c, column, kChunkColumns), from, valid);
@@ -79,7 +81,7 @@ __global__ void __launch_bounds__(kThreads, 1) rank_codes_wgmma_kernel(const Ker
     mma::cp_async_commit();
   };
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) issue_next_step();
+  for (int s = 0; s < kWgmmaStages - 1; ++s) issue_next_step();
 
   rank::Key lists[kSlots][KP];
 #pragma unroll
@@ -89,19 +91,19 @@ __global__ void __launch_bounds__(kThreads, 1) rank_codes_wgmma_kernel(const Ker
 
   const uint32_t query_stride = static_cast<uint32_t>(query_columns) * wgmma::kCoreBytes;
   const uint32_t query_base = query_region + wgmma::core_offset(warpgroup * wgmma::kM, 0, query_columns);
-  RingCursor read;
+  RingCursor<kWgmmaStages> read;
   for (int64_t step = 0; step < total_steps; ++step) {
-    mma::cp_async_wait<kStages - 2>();
+    mma::cp_async_wait<kWgmmaStages - 2>();
     wgmma::fence_async_shared();
     __syncthreads();  // this step's chunk is visible to all; everyone is done with step - 1's stage
     issue_next_step();
 
-    const RingCursor at = read;
+    const RingCursor<kWgmmaStages> at = read;
     read.advance(chunks);
     const int stage_offset = ring_offset + at.stage * kStageBytes;
     wgmma::fence();
 #pragma unroll
-    for (int slab = 0; slab < kChunkBytes / wgmma::kKBytes; ++slab) {
+    for (int slab = 0; slab < kWgmmaChunkBytes / wgmma::kKBytes; ++slab) {
       const int column = 2 * slab;  // two 16-byte core-matrix columns per k-slab
       const uint64_t a = wgmma::descriptor(query_base + (at.chunk * kChunkColumns + column) * wgmma::kCoreBytes,
                                            wgmma::kCoreBytes, query_stride);

@@ -53,14 +53,24 @@ PACOFR_HD int64_t resident_shared_bytes(int rows, int64_t dim_bytes) {
 PACOFR_HD int64_t streaming_shared_bytes(int rows) { return kStages * stage_bytes(rows, false); }
 
 // The Hopper kernel (csrc/code_ranking_sm90.h): 128 resident query rows (two warpgroups of 64) in
-// wgmma core-matrix layout (no padding), and kStages ring stages of a kCodes x 64-byte code chunk
-// with the tile's code terms.
+// wgmma core-matrix layout (no padding), and kWgmmaStages ring stages of a kCodes x 128-byte code
+// chunk with the tile's code terms. A 128-byte step carries four k16 MMAs per warpgroup for one
+// barrier, fence and commit/wait (64-byte steps had two); two stages keep the same prefetch distance
+// as three 64-byte ones (128 bytes of D ahead) in shared memory that still fits two blocks per SM at
+// bf16 D = 256 (97 KiB each; three 128-byte stages would need 114.5 KiB, and two such blocks plus
+// their reserved 1 KiB each exceed the SM's 228 KiB) and one block at D = 768 (225 KiB).
 constexpr int kWgmmaRows = 128;
+constexpr int kWgmmaChunkBytes = 128;
+constexpr int kWgmmaStages = 2;
 
-PACOFR_HD constexpr int64_t wgmma_stage_bytes() { return static_cast<int64_t>(kCodes) * kChunkBytes + kTermBytes; }
+PACOFR_HD int64_t wgmma_chunks_for(int64_t dim_bytes) { return (dim_bytes + kWgmmaChunkBytes - 1) / kWgmmaChunkBytes; }
+
+PACOFR_HD constexpr int64_t wgmma_stage_bytes() {
+  return static_cast<int64_t>(kCodes) * kWgmmaChunkBytes + kTermBytes;
+}
 
 PACOFR_HD int64_t wgmma_shared_bytes(int64_t dim_bytes) {
-  return kWgmmaRows * chunks_for(dim_bytes) * kChunkBytes + kStages * wgmma_stage_bytes();
+  return kWgmmaRows * wgmma_chunks_for(dim_bytes) * kWgmmaChunkBytes + kWgmmaStages * wgmma_stage_bytes();
 }
 
 }  // namespace ranking

@@ -486,7 +486,7 @@ def decode_descriptor(value: int) -> tuple[int, int, int, int, int]:
     return field(0, 14) << 4, field(16, 14) << 4, field(32, 14) << 4, field(49, 3), field(62, 2)
 
 
-@pytest.mark.parametrize("rows,columns", [(128, 4), (128, 16), (64, 48)])
+@pytest.mark.parametrize("rows,columns", [(128, 4), (128, 8), (128, 16), (64, 48)])
 def test_wgmma_layout_is_what_the_descriptors_read(driver: Driver, rows: int, columns: int) -> None:
     """The kernel writes the 16-byte vector (row, column) at core_offset(row, column, columns) and hands
     wgmma descriptors with leading offset 128 and stride offset columns * 128: every byte of every k16
@@ -528,9 +528,11 @@ def test_wgmma_kernel_is_off_unless_asked_for(driver: Driver) -> None:
 
 
 def test_wgmma_shared_memory(driver: Driver) -> None:
-    """128 resident query rows of D bytes (rounded up to 64) and 3 stages of 128 x 64-byte code chunks with
-    their 128 fp32 terms; bf16 D = 768 still fits sm_90's 227 KiB (with 1 KiB static)."""
+    """128 resident query rows of D bytes (rounded up to 128) and 2 stages of 128 x 128-byte code chunks with
+    their 128 fp32 terms: bf16 D = 256 fits two blocks per SM (228 KiB, 1 KiB static and 1 KiB reserved per
+    block), bf16 D = 768 one block (227 KiB per block)."""
     dims = [16, 512, 1536]
     got = [int(v) for v in driver(f"wgmma_shared {len(dims)} {join(dims)}")]
-    assert got == [128 * (-(-d // 64) * 64) + 3 * (128 * 64 + 128 * 4) for d in dims]
+    assert got == [128 * (-(-d // 128) * 128) + 2 * (128 * 128 + 128 * 4) for d in dims]
+    assert 2 * (got[1] + 1024 + 1024) <= 228 * 1024
     assert got[-1] + 1024 <= 227 * 1024

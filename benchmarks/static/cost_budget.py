@@ -166,16 +166,20 @@ def cuda_ranking_geometry(row: Headline, kp: int, registers: int, shared_static:
                           wgmma: bool) -> Geometry:
     """A ``pacofr._C`` ranking kernel's launch (csrc/ranking_tiles.h, csrc/code_ranking.cu) with the query tile
     resident: mma.sync, 2 m-tiles of 16 rows per warp for KP <= 4, else 1, row pitch 16 bytes over the
-    64-byte chunks, stages of kStagePitch-byte code rows; wgmma (csrc/code_ranking_sm90.h), kWgmmaRows rows
-    and 64-byte code rows without padding. Both: kCodes codes per tile, each stage with the tile's terms."""
+    64-byte chunks, kStages stages of kStagePitch-byte code rows; wgmma (csrc/code_ranking_sm90.h), kWgmmaRows
+    rows, kWgmmaChunkBytes chunks without padding, kWgmmaStages stages. Both: kCodes codes per tile, each stage
+    with the tile's terms."""
     dim_bytes = row.dim * BF16_BYTES
-    chunks = math.ceil(dim_bytes / tiles["kChunkBytes"])
     if wgmma:
-        rows, pitch, code_pitch = tiles["kWgmmaRows"], chunks * tiles["kChunkBytes"], tiles["kChunkBytes"]
+        chunk = tiles["kWgmmaChunkBytes"]
+        chunks = math.ceil(dim_bytes / chunk)
+        rows, pitch, code_pitch, stages = tiles["kWgmmaRows"], chunks * chunk, chunk, tiles["kWgmmaStages"]
     else:
+        chunks = math.ceil(dim_bytes / tiles["kChunkBytes"])
         rows = tiles["kWarpsM"] * 16 * (2 if kp <= 4 else 1)
         pitch, code_pitch = chunks * tiles["kChunkBytes"] + 16, tiles["kStagePitch"]
-    ring = tiles["kStages"] * (tiles["kCodes"] * code_pitch + tiles["kTermBytes"])
+        stages = tiles["kStages"]
+    ring = stages * (tiles["kCodes"] * code_pitch + tiles["kTermBytes"])
     return Geometry(ctas=math.ceil(row.rows / rows), tiles_per_cta=math.ceil(row.codes / tiles["kCodes"]),
                     steps_per_tile=chunks, warps=tiles["kWarpsM"] * tiles["kWarpsN"], registers=registers,
                     shared_bytes=shared_static + rows * pitch + ring)
