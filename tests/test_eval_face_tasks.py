@@ -60,6 +60,8 @@ def test_utkface_split_is_80_20_by_file_name_with_duplicates_together(sets: dict
     for pair in ((0, 1), (2, 3)):  # duplicate groups
         assert gender.splits[pair[0]] == gender.splits[pair[1]]
     test_share = gender.split_sizes()["test"] / len(gender)
+    # the hash sends each of the 88 groups (90 images) to test with probability 0.2: a binomial(88, 0.2) falls
+    # below 5 % or above 40 % with probability 3e-5 and 6e-6 (measured on this root: 16 of 90)
     assert 0.05 < test_share < 0.4
 
 
@@ -81,7 +83,8 @@ def test_landmark_split_is_identity_disjoint(sets: dict, face_root: Path) -> Non
     data = sets["ytf-landmarks"]
     assert data.targets.kind == "landmarks" and data.targets.values.shape[1:] == (68, 2)
     arrays = np.load(face_root / "ytf_udacity68" / "ytf_udacity68.npz")
-    np.testing.assert_allclose(data.targets.values.numpy() * 128, arrays["landmarks"], rtol=1e-6)
+    # float32 points divided by 128, a power of two: exact, and so is multiplying back
+    np.testing.assert_array_equal(data.targets.values.numpy() * 128, arrays["landmarks"])
     by_split: dict[str, set[str]] = {}
     for group, split in zip(data.groups, data.splits, strict=True):
         by_split.setdefault(split, set()).add(group)
@@ -89,7 +92,7 @@ def test_landmark_split_is_identity_disjoint(sets: dict, face_root: Path) -> Non
     assert by_split["val"] and data.images.read(0).shape == (32, 32, 3)
 
 
-def test_a_face_task_command_runs_every_protocol(face_root: Path, tmp_path: Path) -> None:
+def test_a_face_task_command_runs_every_protocol(face_root: Path, sets: dict, tmp_path: Path) -> None:
     assert run_eval(["olivetti", "--checkpoint", "random:tiny", "--data-root", str(face_root), "--out", str(tmp_path),
                      "--finetune-steps", "3", "--finetune-lr", "1e-3", *FAST]) == 0
     payload = json.loads((tmp_path / "olivetti.json").read_text())
@@ -105,9 +108,15 @@ def test_a_face_task_command_runs_every_protocol(face_root: Path, tmp_path: Path
     landmarks = json.loads((tmp_path / "ytf_landmarks.json").read_text())
     assert {r["protocol"] for r in landmarks["results"]} == {"linear", "mlp", "knn"}
     assert all(r["metric"] == "NME" and not r["higher_is_better"] for r in landmarks["results"])
-    # the blob follows the landmarks: HOG + ridge beats predicting the mean shape
+    # the blob follows the landmarks: HOG + ridge beats predicting the training rows' mean shape, by a factor 3
+    # (measured: 4.4 % against 29.2 %), computed here from the stored points
+    points = np.load(face_root / "ytf_udacity68" / "ytf_udacity68.npz")["landmarks"].astype(np.float64)
+    split = np.asarray(sets["ytf-landmarks"].splits)
+    test = points[split == "test"]
+    errors = np.linalg.norm(test - points[split == "train"].mean(0), axis=-1).mean(1)
+    mean_shape_nme = 100 * float((errors / np.linalg.norm(test[:, 36] - test[:, 45], axis=-1)).mean())
     linear = next(r for r in landmarks["results"] if r["protocol"] == "linear")
-    assert linear["mean"] < 10.0
+    assert linear["mean"] < mean_shape_nme / 3
 
 
 def test_faces_grid_writes_one_table(face_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
