@@ -96,10 +96,11 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from pacofr.data.detection import MissingDependencyError
     from pacofr.ops import BackendUnavailableError
     from pacofr.train.lock import RunFolderLockedError
+    from pacofr.train.stop_signals import TrainingStopped
     from pacofr.train.trainer import NonFiniteLossError
 
     return (ValueError, OSError, MissingDependencyError, BackendUnavailableError, RunFolderLockedError,
-            NonFiniteLossError)
+            NonFiniteLossError, TrainingStopped)
 
 
 def error_line(err: BaseException) -> str:
@@ -115,8 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"error: pacofr {args.command} interrupted (Ctrl-C); what was finished is kept, and prepare and "
-              "pretrain continue where they stopped when run again", file=sys.stderr)
+        print(f"error: pacofr {args.command} interrupted (Ctrl-C); what was finished is kept: prepare continues "
+              "where it stopped when run again, pretrain from its last checkpoint with --resume", file=sys.stderr)
         return 130
     except Exception as err:
         if not isinstance(err, expected_errors()):

@@ -140,36 +140,71 @@ def test_a_locked_run_folder_is_one_line_and_verbose_adds_the_traceback(
     assert sorted(p.name for p in out.iterdir()) == [".pacofr-run.lock"]
 
 
-def _with_default_sigint() -> None:
-    """Child-process set-up: SIGINT at its default disposition, as a foreground command in a terminal has it.
+def _with_default_stop_signals() -> None:
+    """Child-process set-up: SIGINT and SIGTERM at their default dispositions, as a foreground command has them.
 
     A shell that runs a script in the background (``make test &``, ``nohup ... &``, a CI runner's job) starts
-    it with SIGINT ignored; the ignore is inherited by pytest and its children, and Python then installs no
-    KeyboardInterrupt handler, so Ctrl-C could not be tested at all.
+    it with SIGINT ignored; the ignore is inherited by pytest and its children, and a run that inherits it
+    rightly keeps ignoring Ctrl-C, so it could not be tested.
     """
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
 
 
-def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path) -> None:
-    """Ctrl-C inside the step loop: the signal is sent once the scalars file holds a logged step (not
-    after a fixed sleep, which on a loaded machine could land in the set-up before the loop)."""
-    out = tmp_path / "run"
+def _start_long_run(out: Path, *extra: str) -> subprocess.Popen:
+    """``pacofr pretrain`` of the demo for 1000 epochs in its own process group, once it has logged a step.
+
+    Logged every step, checkpointed only every 10000 steps: a checkpoint of any other step is the stop's.
+    """
     scalars = out / SCALARS_FILE
     process = subprocess.Popen([sys.executable, "-m", "pacofr", "pretrain", "--config", "demo", "--set",
                                 "model.preset=tiny", "--set", "train.progress=false", "--set", "train.epochs=1000",
-                                "--set", "train.log_every=1", "--out", str(out)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=_with_default_sigint)
+                                "--set", "train.log_every=1", "--set", "train.ckpt_every=10000", *extra,
+                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_with_default_stop_signals, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None and not (
             scalars.exists() and len(scalars.read_text().splitlines()) >= 2):  # a header and a step's row
         time.sleep(0.05)
     assert process.poll() is None, process.communicate()[1]
-    process.send_signal(signal.SIGINT)
+    return process
+
+
+def _stopped_step(stderr: str, name: str) -> int:
+    """The step the one-line stop message names, checked for its form."""
+    last = stderr.strip().splitlines()[-1]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    found = re.match(rf"error: pacofr pretrain stopped by {name} after step (\d+); checkpoint (\S+) holds it; "
+                     r"`pacofr pretrain --resume (\S+)` continues the run$", last)
+    assert found, last
+    return int(found.group(1))
+
+
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(tmp_path: Path) -> None:
+    """Ctrl-C as a terminal sends it, to the whole process group (DataLoader workers included): the step in
+    flight finishes, is checkpointed, and the run ends with one line and exit status 130."""
+    out = tmp_path / "run"
+    process = _start_long_run(out, "--set", "data.num_workers=2")
+    os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
-    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
-    assert stderr.strip().splitlines()[-1].startswith("error: pacofr pretrain interrupted (Ctrl-C)")
+    step = _stopped_step(stderr, "SIGINT")
+    assert step >= 1 and (out / "checkpoints" / f"step_{step:08d}").exists(), sorted((out / "checkpoints").iterdir())
+
+
+def test_sigterm_stops_with_a_checkpoint_that_resumes(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM: exit status 143 after checkpointing the step in flight, and --resume continues
+    from exactly that step (no finished step lost)."""
+    out = tmp_path / "run"
+    process = _start_long_run(out)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    step = _stopped_step(stderr, "SIGTERM")
+    assert main(["pretrain", "--resume", str(out), "--set", f"train.max_steps={step + 1}", "--set",
+                 "train.progress=false", "--set", "train.num_viz=2"]) == 0
+    rows = [line.split(",")[0] for line in (out / SCALARS_FILE).read_text().splitlines()[1:]]
+    assert rows == [str(n) for n in range(1, step + 2)]  # every step once: none lost, none repeated
 
 
 def test_a_near_miss_key_is_suggested_at_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

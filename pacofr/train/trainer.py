@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from pacofr.train.schedule import LRSchedule, cosine_ramp, scaled_lr
 from pacofr.train.seeding import (AUGMENT_STREAM, LOADER_STREAM, MASK_STREAM, ORDER_STREAM, VIZ_STREAM,
                                   dataloader_worker_init, derive_seed, isolated_rng, make_generator,
                                   seed_everything)
+from pacofr.train.stop_signals import StopSignals, TrainingStopped, leave_stop_signals_to_the_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,12 @@ class NonFiniteLossError(RuntimeError):
     """A NaN/inf loss or gradient, after ``train.skip_nonfinite`` such batches were skipped."""
 
     exit_code = 1  # ``pacofr pretrain``'s exit status: the run stopped (the settings were accepted)
+
+
+def _init_loader_worker(worker_id: int) -> None:
+    """``worker_init_fn``: the worker's own python/numpy seeds; SIGINT and SIGTERM left to the main process."""
+    dataloader_worker_init(worker_id)
+    leave_stop_signals_to_the_main_process()
 
 
 @dataclass
@@ -233,7 +241,7 @@ class Trainer:
         loader = DataLoader(self.dataset, batch_size=self.tc.batch_size, sampler=self.sampler,
                             num_workers=workers if workers >= 0 else default_num_workers(self.device.type),
                             drop_last=True, pin_memory=self.cfg.data.pin_memory and self.device.type == "cuda",
-                            worker_init_fn=dataloader_worker_init, generator=generator)
+                            worker_init_fn=_init_loader_worker, generator=generator)
         batches = itertools.islice(iter(loader), self.batches_per_epoch - start_batch)
         return iter(DeviceBatches(batches, self.device, self.batch_augment))
 
@@ -390,12 +398,14 @@ class Trainer:
 
         ``resume_from``: a checkpoint (or checkpoints / run folder) to continue exactly.
         ``overwrite``: a fresh run may delete an earlier run's files in ``out_dir``.
-        Raises :class:`RunFolderLockedError` (on every rank) when another run holds ``out_dir``.
+        Raises :class:`RunFolderLockedError` (on every rank) when another run holds ``out_dir``, and
+        :class:`TrainingStopped` after checkpointing the step in flight when SIGINT or SIGTERM arrives
+        (:mod:`pacofr.train.stop_signals`).
         """
-        with self.run_folder.locked():
-            return self._fit(resume_from, overwrite)
+        with self.run_folder.locked(), StopSignals() as stop:
+            return self._fit(resume_from, overwrite, stop)
 
-    def _fit(self, resume_from: str | Path | None, overwrite: bool) -> TrainResult:
+    def _fit(self, resume_from: str | Path | None, overwrite: bool, stop: StopSignals) -> TrainResult:
         self.run_folder.claim(fresh=resume_from is None, overwrite=overwrite)
         if self.dist.is_main:
             (self.out_dir / CONFIG_FILE).write_text(dump_config(self.cfg))
@@ -455,6 +465,12 @@ class Trainer:
                     last_checkpoint = self.save_checkpoint()
                     saved_step = self.state.step
                 interval_start += time.perf_counter() - pause_start  # images/s counts training time only
+                if not last and not all_true(stop.received is None, self.dist):  # every rank stops at this step
+                    progress.close()
+                    if saved_step != self.state.step:
+                        last_checkpoint = self.save_checkpoint()
+                    raise TrainingStopped(stop.received or signal.SIGTERM, self.state.step, last_checkpoint,
+                                          self.out_dir)
                 if last or self.state.batch_in_epoch == 0:
                     break
         progress.close()
