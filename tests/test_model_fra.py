@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import pacofr.models.fra as fra_module
 from _peer_helpers import demo_batch, params_without_gradient, tiny_peer
 from _rounding_support import Results, assert_within_rounding, losses_and_gradients, reference_and_rounding_spread
+from _tolerances import U32, gamma
+from test_model_parts import cosine_error, whole_cell_warp_error
 from pacofr.models import FRA, build_model
 from pacofr.models.consistency import invert_affine, warp
 from pacofr.models.fra import into_view, soft_region_pool
@@ -17,6 +19,12 @@ from pacofr.models.peer_losses import soft_cross_entropy
 from pacofr.ops import backend_status
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+RERUN_RTOL = 8 * U32
+"""Relative bound between a loss of the model's forward and the same loss recomputed from its branches by
+the test (the same fp32 functions, reduced in another order): measured worst over 30 initialisations
+2.1 u (cluster term, identity views) and over 15, 2.9 u (cluster term, shifted view); the global term
+was exact. 8 u is about 3x the worst."""
 
 
 def test_every_parameter_gets_a_gradient(generator: torch.Generator) -> None:
@@ -41,7 +49,9 @@ def test_loss_is_the_weighted_sum_of_the_terms(generator: torch.Generator) -> No
     images, region_ids = demo_batch(cfg)
     out = model(images, region_ids, generator=generator)
     t = out.losses
-    assert out.loss.item() == pytest.approx((0.3 * t["global"] + 1.7 * t["local"] + 0.6 * t["cluster"]).item(), rel=1e-6)
+    want = 0.3 * t["global"].double() + 1.7 * t["local"].double() + 0.6 * t["cluster"].double()
+    # three non-negative terms, each weight and product rounded once and summed twice in fp32: gamma(4)
+    assert out.loss.item() == pytest.approx(want.item(), rel=gamma(4), abs=0)
 
 
 def test_heatmaps_are_the_soft_assignment_of_patches_to_regions(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,7 +77,11 @@ def test_heatmaps_are_the_soft_assignment_of_patches_to_regions(monkeypatch: pyt
     heat = model._heatmap(z, model.regions.weight, 0.1)
     z64, e64 = z.double(), model.regions.weight.detach().double()
     cos = F.normalize(z64, dim=-1) @ F.normalize(e64, dim=-1).T
-    torch.testing.assert_close(heat.double(), torch.softmax(cos / 0.1, dim=-1), rtol=1e-5, atol=1e-6)
+    want = torch.softmax(cos / 0.1, dim=-1)
+    # each cosine off by cosine_error(16), so a softmax weight w by w (2 of those / tau + (K + 2) u): the
+    # normaliser's sum over K and the exp and division (measured worst 31 u relative over 100 seeds)
+    bound = (2 * cosine_error(cfg.fra_region_dim) / 0.1 + (5 + 2) * U32) * want
+    assert ((heat.double() - want).abs() <= bound).all()
     assert heat.dtype == torch.float32 and heat.shape == (3, 7, 5)
 
 
@@ -77,8 +91,12 @@ def test_soft_region_pool_matches_float64(generator: torch.Generator) -> None:
     features = torch.randn(2, 9, 6, generator=generator)
     got = soft_region_pool(heat, features)
     h, f = heat.double(), features.double()
-    want = torch.einsum("blk,bld->bkd", h, f) / h.sum(1).clamp_min(1e-6).unsqueeze(-1)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    mass = h.sum(1).clamp_min(1e-6).unsqueeze(-1)
+    want = torch.einsum("blk,bld->bkd", h, f) / mass
+    # the numerator sums L = 9 products (gamma(9) of sum h |f|), the mass 9 positive terms (gamma(9) of
+    # itself), the quotient one rounding: gamma(19) sum h |f| / mass (measured worst 3.1 u of it)
+    bound = gamma(2 * 9 + 1) * torch.einsum("blk,bld->bkd", h, f.abs()) / mass
+    assert ((got.double() - want).abs() <= bound).all()
     assert torch.isfinite(got).all() and (got[1, 3] == 0).all()
 
 
@@ -95,7 +113,10 @@ def test_into_view_undoes_a_known_shift_of_one_patch() -> None:
     expect_covered[:, 0] = 0.0  # view 2 lost view 1's first column
     assert torch.equal(covered.reshape(grid, grid), expect_covered)
     where = covered[0].bool()
-    torch.testing.assert_close(aligned[0][where], maps[0][where], rtol=1e-5, atol=1e-6)
+    # the two whole-patch warps, and the division by a coverage of 1 up to the same rounding
+    # (measured: exact on the CPU)
+    bound = 2 * whole_cell_warp_error(grid, maps) + 2 * U32
+    torch.testing.assert_close(aligned[0][where], maps[0][where], rtol=0, atol=bound)
 
 
 def test_cluster_targets_are_balanced_over_the_batch() -> None:
@@ -106,8 +127,13 @@ def test_cluster_targets_are_balanced_over_the_batch() -> None:
         view = model._branch(images, online=False)
     mass = view.balanced.sum(dim=(0, 1))
     total = 8 * cfg.num_patches
-    torch.testing.assert_close(mass, torch.full((cfg.fra_regions,), total / cfg.fra_regions), rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(view.balanced.sum(-1), torch.ones(8, cfg.num_patches), rtol=1e-5, atol=1e-5)
+    # Sinkhorn's column balance after 30 iterations is a convergence property, not a rounding one: measured
+    # over 150 random initialisations, relative deviation median 6.8e-5, worst 8.6e-3 (the earlier 1e-3
+    # bound failed 14 of them); 0.03 is 3.5x the worst, and 3 iterations leave at least 0.2 (20 inits)
+    torch.testing.assert_close(mass, torch.full((cfg.fra_regions,), total / cfg.fra_regions), rtol=0.03, atol=0)
+    # Sinkhorn's last step divides each row by its sum: K quotients summed again, gamma(K + 1) (measured 3.1 u)
+    row_sums = view.balanced.double().sum(-1)
+    torch.testing.assert_close(row_sums, torch.ones_like(row_sums), rtol=0, atol=gamma(cfg.fra_regions + 1))
 
 
 def test_each_views_heatmap_learns_the_other_views_balanced_targets() -> None:
@@ -121,9 +147,9 @@ def test_each_views_heatmap_learns_the_other_views_balanced_targets() -> None:
     with torch.no_grad():
         online, target = model._branch(images, online=True), model._branch(images, online=False)
     assert out.losses["cluster"].item() == pytest.approx(soft_cross_entropy(target.balanced, online.heat).item(),
-                                                         rel=1e-5)
+                                                         rel=RERUN_RTOL, abs=0)
     assert out.losses["global"].item() == pytest.approx(
-        (2 - 2 * F.cosine_similarity(online.glob, target.glob, dim=-1)).mean().item(), rel=1e-5)
+        (2 - 2 * F.cosine_similarity(online.glob, target.glob, dim=-1)).mean().item(), rel=RERUN_RTOL, abs=0)
 
 
 def test_the_cluster_targets_follow_the_known_transform(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,7 +164,8 @@ def test_the_cluster_targets_follow_the_known_transform(monkeypatch: pytest.Monk
     out = model(images, region_ids, generator=None)
     second = torch.roll(images, -cfg.patch_size, dims=-1)
     second[..., -cfg.patch_size:] = 0.0
-    assert torch.allclose(model._second_view(images, None)[1], second, atol=1e-6)
+    assert torch.allclose(model._second_view(images, None)[1], second, rtol=0,
+                          atol=whole_cell_warp_error(cfg.img_size, images))
     with torch.no_grad():
         online = [model._branch(v, online=True) for v in (images, second)]
         target = [model._branch(v, online=False) for v in (images, second)]
@@ -151,8 +178,8 @@ def test_the_cluster_targets_follow_the_known_transform(monkeypatch: pytest.Monk
     into_second = as_grid(target[0].balanced)[:, :, 1:]  # view 2 column c <- view 1 column c + 1
     want = (soft_cross_entropy(into_first, as_grid(online[0].heat)[:, :, first_cols])
             + soft_cross_entropy(into_second, as_grid(online[1].heat)[:, :, second_cols])) / 2
-    assert out.losses["cluster"].item() == pytest.approx(want.item(), rel=1e-4)
-    assert out.stats["view_overlap"].item() == pytest.approx((grid - 1) / grid)
+    assert out.losses["cluster"].item() == pytest.approx(want.item(), rel=RERUN_RTOL, abs=0)
+    assert out.stats["view_overlap"].item() == (grid - 1) / grid, "a mean of 0 / 1 over the grid: exact"
 
 
 def test_region_ids_do_not_change_the_losses(generator: torch.Generator) -> None:

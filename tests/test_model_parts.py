@@ -359,6 +359,15 @@ def test_relation_loss(generator: torch.Generator) -> None:
     assert student.grad is not None and teacher.grad is None
 
 
+def whole_cell_warp_error(width: int, x: torch.Tensor) -> float:
+    """Bound on an fp32 ``warp`` of ``x`` (..., H, W = width) by a transform that maps pixel centres onto pixel
+    centres (a shift by whole cells): each sample lands on a centre up to the rounding of its coordinate
+    (affine_grid's base coordinate and shift, grid_sample's unnormalisation ((c + 1) W - 1) / 2: about 5
+    roundings of magnitude <= W pixels), which moves a bilinear weight by 5 W u onto a neighbour that differs
+    by at most 2 max|x|; the blend rounds twice more: (10 W + 2) u max|x| (measured: exact on the CPU)."""
+    return (10 * width + 2) * U32 * x.abs().max().item()
+
+
 def test_affine_inverse_and_warp_by_whole_cells(generator: torch.Generator) -> None:
     theta = random_similarity(4, 15.0, 0.1, 0.1, generator, torch.device("cpu"))
     identity = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
@@ -374,12 +383,7 @@ def test_affine_inverse_and_warp_by_whole_cells(generator: torch.Generator) -> N
     x = torch.randn(1, 3, 8, 8, generator=generator)
     shift = torch.tensor([[[1.0, 0, 0.5], [0, 1.0, 0]]])  # 0.5 in normalised units = 2 cells
     moved = warp(x, shift)
-    # each sample lands on a pixel centre up to the rounding of its coordinate: affine_grid's base
-    # coordinate and shift and grid_sample's unnormalisation ((c + 1) W - 1) / 2, about 5 roundings of
-    # magnitude <= W pixels; that moves a bilinear weight by 5 W u onto a neighbour that differs by at most
-    # 2 max|x|, and the two-term blend rounds twice: (10 W + 2) u max|x| (measured: exact on CPU)
-    bound = (10 * 8 + 2) * U32 * x.abs().max()
-    assert torch.allclose(moved[..., :6], x[..., 2:], rtol=0, atol=bound.item())
+    assert torch.allclose(moved[..., :6], x[..., 2:], rtol=0, atol=whole_cell_warp_error(8, x))
     assert (moved[..., 6:] == 0).all()
 
 
