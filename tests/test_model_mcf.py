@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from _peer_helpers import demo_batch, params_without_gradient, tiny_peer
+from _tolerances import U32
 from pacofr.models.masking import sample_masks
 from pacofr.models import MCF, ModelConfig, build_model
 from pacofr.models.momentum import encode_kept
@@ -20,6 +21,11 @@ from pacofr.models.vit import normalised_images
 from pacofr.ops import patch_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+RECOMPUTED_RTOL = 8 * U32
+"""Relative bound between the model's fp32 losses and the test's recomputation (the same fp32 networks, the
+loss formulas in float64): what differs is the fp32 reductions of the losses themselves. Measured over 30
+seeds (initialisation and masks): worst 2.5 u per term and 2.3 u for the weighted total; 8 u is 3.2x that."""
 
 
 def write_timm_folder(folder: Path, architecture: str, **model_args: object) -> Path:
@@ -89,9 +95,9 @@ def test_losses_match_a_recomputation_from_the_pieces() -> None:
 
         want = {"rec": sum(rec) / 2, "feat": sum(feat) / 2, "con": (contrast(q[0], k[1]) + contrast(q[1], k[0])) / 2}
     for name, value in want.items():
-        assert out.losses[name].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), name
+        assert out.losses[name].item() == pytest.approx(value.item(), rel=RECOMPUTED_RTOL, abs=0), name
     total = 0.3 * want["rec"] + 0.7 * want["feat"] + 1.9 * want["con"]
-    assert out.loss.item() == pytest.approx(total.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(total.item(), rel=RECOMPUTED_RTOL, abs=0)
 
 
 def test_param_groups_cover_the_trainable_parameters_only() -> None:
@@ -121,7 +127,9 @@ def test_a_pacofr_encoder_as_frozen_target_gives_its_own_patch_features(tmp_path
     images, _ = demo_batch(cfg)
     with torch.no_grad():
         want = net.forward_features(normalised_images(images, cfg))[:, 1:]  # same size and grid: no resampling
-    torch.testing.assert_close(model._feature_target(images), want, rtol=1e-6, atol=1e-6)
+    # the same network on the same normalised pixels, pooled onto its own grid (a mean of one cell): exact
+    # (measured bit-identical over 10 initialisations)
+    torch.testing.assert_close(model._feature_target(images), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("architecture", ["test_vit", "test_resnet"])
