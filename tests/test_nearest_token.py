@@ -6,6 +6,11 @@ an fp64 distance within a tolerance of the j-th smallest fp64 distance, and the 
 exactly the oracle's wherever the j-th distance is separated from its neighbours by more than the
 tolerance (design notes, section 6, pitfall 2). Exact ties use integer-valued data, on which every
 fp32 product is exact whatever the summation order, so "smallest index wins" is testable exactly.
+
+That tolerance is the oracle's (tests/_oracles.py: REL_TOL (||x||^2 + max ||e||^2) for l2, COSINE_TOL for
+cosine). Measured on the CPU backends (torch and triton's interpreter, fp32 and bf16 inputs, D = 8 to 768,
+gaussian and clustered queries, 15 seeds), the reported distances were at most 0.046 of it from the exact
+ones. Distances are checked against the oracle, not one backend against another.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _oracles import REL_TOL, assert_matches_oracle, nearest_token_sorted, recorded_sorts, row_tolerance, sorted_share
+from _oracles import assert_matches_oracle, nearest_token_sorted, recorded_sorts, row_tolerance, sorted_share
 from _oracles import nearest_token_distances64 as oracle_distances
 from pacofr.ops import BackendUnavailableError, _launch, nearest_token
 from pacofr.ops.nearest_token import MAX_K, nearest_token_reference
@@ -374,7 +379,16 @@ def test_out_of_range_answers_agree_on_both_cpu_backends(metric: str, generator:
             torch_result = nearest_token(queries, codes, k, metric, backend="torch")
             triton_result = nearest_token(queries, codes, k, metric, backend="triton")
             assert torch.equal(torch_result[1], triton_result[1])
-            torch.testing.assert_close(torch_result[0], triton_result[0], rtol=1e-5, atol=1e-5, equal_nan=True)
+            # NaN in the same places; elsewhere each backend's distance within the oracle's row tolerance of
+            # the exact one (scaled by the in-range codes only: the 1e30 codes would make it vacuous)
+            assert torch.equal(torch_result[0].isnan(), triton_result[0].isnan())
+            rows = ~torch_result[0].isnan().any(dim=1)
+            if rows.any():
+                in_range = codes.square().sum(dim=1).isfinite()
+                exact = oracle_distances(queries[rows], codes, metric).gather(1, torch_result[1][rows].long())
+                tol = row_tolerance(queries[rows], codes[in_range], metric)[:, None]
+                for dist, _ in (torch_result, triton_result):
+                    assert ((dist[rows].double() - exact).abs() <= tol).all()
 
 
 @pytest.mark.parametrize("backend,device_name", BACKEND_DEVICES)
@@ -407,13 +421,13 @@ def test_non_contiguous_and_expanded_inputs(backend: str, device_name: str, dtyp
     dist, idx = nearest_token(x, codebook, 4, backend=backend)
     assert dist.shape == (3, 10, 4)
     assert_matches_oracle(x, codebook, 4, "l2", dist, idx)
-    dense_dist, _ = nearest_token(x.contiguous(), codebook.contiguous(), 4, backend=backend)
-    torch.testing.assert_close(dist, dense_dist, rtol=1e-5, atol=1e-5)
+    # the contiguous copies against the oracle too (the two answers then agree within twice its tolerance)
+    dense_dist, dense_idx = nearest_token(x.contiguous(), codebook.contiguous(), 4, backend=backend)
+    assert_matches_oracle(x.contiguous(), codebook.contiguous(), 4, "l2", dense_dist, dense_idx)
 
     one_query = x[0, 0].expand(6, 16)  # stride 0 rows
     dist, idx = nearest_token(one_query, codebook, 4, backend=backend)
-    torch.testing.assert_close(dist, dist[:1].expand(6, 4), rtol=1e-5, atol=1e-5)
-    assert_matches_oracle(one_query, codebook, 4, "l2", dist, idx)
+    assert_matches_oracle(one_query, codebook, 4, "l2", dist, idx)  # every row, so the rows agree within 2 tol
 
     # every code equal (stride-0 codebook): ties everywhere. Integer values keep every product
     # exact, so the tie is exact whatever the matmul's summation order per column.
@@ -449,9 +463,7 @@ def test_poisoned_outputs_are_fully_overwritten(backend: str, device_name: str, 
     x, codebook = x.to(device_name), codebook.to(device_name)
     for k, index_dtype in [(1, torch.int64), (5, torch.int32)]:
         dist, idx = nearest_token(x, codebook, k, index_dtype=index_dtype, backend=backend)
-        assert_matches_oracle(x, codebook, k, "l2", dist, idx, index_dtype=index_dtype)
-        ref_dist, _ = nearest_token_reference(x.cpu(), codebook.cpu(), k, "l2", index_dtype)
-        torch.testing.assert_close(dist.cpu(), ref_dist, rtol=1e-5, atol=1e-5)
+        assert_matches_oracle(x, codebook, k, "l2", dist, idx, index_dtype=index_dtype)  # finite, right values
 
 
 # ------------------------------------------------------------------------------------------
