@@ -27,6 +27,7 @@ from _oracles import (
     stats_oracle,
 )
 from _oracles import soft_assign_scores64 as oracle_scores
+from _tolerances import U16, U32, UBF16, gamma
 from pacofr.ops import BackendUnavailableError, _launch
 from pacofr.ops.soft_assign import codebook_stats, select_top_m, soft_assign, soft_assign_reference
 
@@ -39,8 +40,61 @@ FUSED = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 DEVICE = {"torch": "cpu", "triton": "cuda" if HAS_CUDA else "cpu", "cuda": "cuda"}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 METRICS = ["cosine", "l2"]
-# per-dtype tolerances: (selection score tolerance, relative tolerance on outputs/gradients)
-TOL = {torch.float32: (1e-5, 2e-5), torch.float16: (1e-5, 2e-3), torch.bfloat16: (1e-5, 1.6e-2)}
+ROUNDING = {torch.float32: 0.0, torch.float16: 2 * U16, torch.bfloat16: 2 * UBF16}
+"""The last rounding of a result computed in fp32 into the input's dtype, relative: one ulp (2u), since
+Triton's interpreter truncates fp32 to bf16 instead of rounding to nearest (0 for fp32 results)."""
+GRAD_REL = 64 * U32
+"""Gradients w.r.t. q and the codebook computed in fp32 (16-bit inputs upcast exactly), against float64 at the
+same indices, relative to the largest: 4.5x the worst measured, 14.2 U32 (q, cosine; codebook 5.5 U32), over
+260 seeds x torch and triton (interpreter) of test_backward_matches_oracle's clustered inputs (60 of them in
+every dtype, the final rounding into 16 bits set apart)."""
+TAU_GRAD_REL = 4 * U32
+"""The gradient w.r.t. tau relative to :func:`tau_grad_scale` (the size of the terms it sums, which cancel:
+relative to itself it was off by up to 1111 U32): 4.7x the worst measured, 0.84 U32, on the 60 seeds x
+every dtype above."""
+
+
+def selection_tol(q: torch.Tensor, cb: torch.Tensor, metric: str) -> float:
+    """The largest gap between two oracle scores (cosine, or -||q - e||^2) that a correct fp32 ranking may
+    invert: twice the worst error of one ranking score (Higham's dot-product bound on the exact input values,
+    16-bit inputs upcast exactly).
+
+    cosine ranks by (q . e) / ||e||: the dot is off by gamma(D) ||q|| ||e||, the inverse norm (D squares
+    summed, sqrt, reciprocal) by gamma(D) / 2 + 2u relative, the product by u: at most gamma(2D) ||q|| (D >= 6),
+    gamma(2D) in cosine units. l2 ranks by 2 q.e - ||e||^2 (the fused kernels by half of it): at most
+    gamma(D + 1) (2 ||q|| ||e|| + ||e||^2).
+    """
+    dim = q.shape[-1]
+    if metric == "cosine":
+        return 2 * gamma(2 * dim)
+    q_norm = q.double().reshape(-1, dim).norm(dim=1).max().item()
+    e_norm = cb.double().norm(dim=1).max().item()
+    return 2 * gamma(dim + 1) * (2 * q_norm * e_norm + e_norm**2)
+
+
+def tau_grad_scale(q64: torch.Tensor, cb64: torch.Tensor, idx: torch.Tensor, tau: float, metric: str,
+                   g_token: torch.Tensor, g_weights: torch.Tensor) -> float:
+    """``sum_ij |G_ij z_ij| / tau`` in float64, with z = raw / tau the logits of the chosen codes and G the
+    gradient of ``<g_token, token> + <g_weights, weights>`` w.r.t. them: the gradient w.r.t. tau is
+    ``-sum_ij G_ij z_ij / tau``, so this is the sum of its terms' magnitudes; floored at 1e-3 as
+    :func:`assert_close_rel` floors its scale (a saturated softmax has vanishing terms)."""
+    with torch.enable_grad():
+        logits = (oracle_scores(q64.detach(), cb64.detach(), metric).gather(1, idx) / tau).requires_grad_()
+        weights = torch.softmax(logits, dim=1)
+        token = (weights[..., None] * cb64.detach().cpu()[idx]).sum(1)
+        objective = (token * g_token.double()).sum() + (weights * g_weights.double()).sum()
+        (g_logits,) = torch.autograd.grad(objective, logits)
+    return max((g_logits * logits).abs().sum().item() / tau, 1e-3)
+
+
+def assert_token_close(token: torch.Tensor, want_token: torch.Tensor, token_atol: float, cb: torch.Tensor,
+                       m: int) -> None:
+    """token = sum_j w_j e_j of m candidates against float64 at the same indices: the weights' error gives
+    ``token_atol`` (:func:`assert_weights_close`), the fp32 sum of m products (weights summing to 1) adds
+    gamma(m) max|e|, the rounding to the token's dtype :data:`ROUNDING` of its size."""
+    fp32 = token_atol + gamma(m) * cb.double().abs().max().item()
+    rounding = ROUNDING[token.dtype]
+    assert_close_rel(token, want_token, rounding, "token", atol=fp32 * (1 + rounding))
 
 
 def make_inputs(n, k, d, dtype, generator, kind="gauss"):
@@ -71,6 +125,31 @@ def run_stats(backend, indices, k, **kwargs):
     return type(out)(*(None if t is None else t.cpu() for t in out))
 
 
+def assert_stats_close(got, indices, k, weights, x, backend):
+    """codebook_stats' fp32 ``got`` against :func:`stats_oracle` (float64), with derived bounds.
+
+    Counts: unit weights give integers below 2^24, exact; weights (>= 0) are summed in fp64 and rounded once
+    to fp32 on torch and triton (u relative, plus the fp64 sums' gamma(n) in 2^-53 on both sides), in fp32
+    by the cuda kernel (gamma(n) relative). Sums: per code, fp32 products w x (u) summed in any order over its
+    c entries: within gamma(c + 1) of the code's sum of |w x| (float64 oracle rounding included).
+    """
+    want_counts, want_sums = stats_oracle(indices, k, weights, x)
+    entries = max(indices.numel(), 1)
+    if weights is None:
+        assert torch.equal(got.counts.double(), want_counts)
+    else:
+        rtol = gamma(entries + 1) if backend == "cuda" else U32 + 3 * gamma(entries, 2.0**-53)
+        torch.testing.assert_close(got.counts.double(), want_counts, rtol=rtol, atol=0)
+    if x is None:
+        assert got.sums is None
+        return
+    per_code = torch.bincount(indices.reshape(-1).long(), minlength=k).tolist()
+    _, abs_sums = stats_oracle(indices, k, weights, x.abs())
+    bound = torch.tensor([gamma(c + 1) for c in per_code], dtype=torch.float64)[:, None] * abs_sums
+    excess = (got.sums.double() - want_sums).abs() - bound
+    assert (excess <= 0).all(), f"sums off by {excess.max().item():.3g} beyond the bound"
+
+
 # ------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------
@@ -86,10 +165,10 @@ def test_forward_matches_oracle_fp32(backend, n, k, d, m, kind, generator):
     for metric in METRICS:
         q, cb = make_inputs(n, k, d, torch.float32, generator, kind)
         token, idx, w = run(backend, q, cb, m, tau, metric=metric)
-        check_selection(idx, q, cb, m, metric, atol=1e-5)
+        check_selection(idx, q, cb, m, metric, atol=selection_tol(q, cb, metric))
         assert w.dtype == torch.float32 and token.dtype == torch.float32
         want_token, token_atol = assert_weights_close(w, q, cb, idx, tau, metric)
-        assert_close_rel(token, want_token, 2e-5, "token", atol=token_atol)
+        assert_token_close(token, want_token, token_atol, cb, m)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -98,12 +177,11 @@ def test_forward_matches_oracle_fp32(backend, n, k, d, m, kind, generator):
 def test_forward_every_dtype(backend, dtype, metric, generator):
     q, cb = make_inputs(37, 45, 40, dtype, generator, "clustered")
     token, idx, w = run(backend, q, cb, 4, 0.2, metric=metric)
-    sel_tol, rel = TOL[dtype]
     # the oracle runs on the same low-precision values, upcast exactly
-    check_selection(idx, q, cb, 4, metric, atol=sel_tol * (1 if metric == "cosine" else 40))
+    check_selection(idx, q, cb, 4, metric, atol=selection_tol(q, cb, metric))
     assert token.dtype == dtype and w.dtype == torch.float32
     want_token, token_atol = assert_weights_close(w, q, cb, idx, 0.2, metric)
-    assert_close_rel(token, want_token, rel, "token", atol=token_atol)
+    assert_token_close(token, want_token, token_atol, cb, 4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -114,11 +192,10 @@ def test_leading_dims_and_noncontiguous_inputs(backend, generator):
     assert not q.is_contiguous() and not cb.is_contiguous()
     token, idx, w = run(backend, q, cb, 3, 0.5, metric="l2")
     assert token.shape == (3, 15, 6) and idx.shape == (3, 15, 3) and w.shape == (3, 15, 3)
-    flat_token, flat_idx, flat_w = soft_assign_reference(q.reshape(-1, 6).contiguous(), cb.contiguous(), 3, 0.5,
-                                                         metric="l2")
-    assert torch.equal(idx.reshape(-1, 3), flat_idx)
-    torch.testing.assert_close(w.reshape(-1, 3), flat_w, atol=1e-6, rtol=0)
-    torch.testing.assert_close(token.reshape(-1, 6), flat_token, atol=1e-5, rtol=1e-5)
+    flat_q, flat_idx = q.reshape(-1, 6), idx.reshape(-1, 3)
+    check_selection(flat_idx, flat_q, cb, 3, "l2", atol=selection_tol(flat_q, cb, "l2"))
+    want_token, token_atol = assert_weights_close(w.reshape(-1, 3), flat_q, cb, flat_idx, 0.5, "l2")
+    assert_token_close(token.reshape(-1, 6), want_token, token_atol, cb, 3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -135,7 +212,7 @@ def test_ties_go_to_the_smaller_index_and_get_equal_weights(backend, metric):
     token, idx, w = run(backend, q, cb, 4, 0.3, metric=metric)
     assert idx.tolist() == [[3, 40, 70, 95]] * 5
     assert torch.equal(w, torch.full_like(w, 0.25))
-    torch.testing.assert_close(token, q)
+    assert torch.equal(token, q)  # 4 x (0.25 x small integers): every product and sum exact
     # m = 2 cuts inside the tie: the two smallest indices win
     _, idx2, w2 = run(backend, q, cb, 2, 0.3, metric=metric)
     assert idx2.tolist() == [[3, 40]] * 5 and torch.equal(w2, torch.full_like(w2, 0.5))
@@ -147,8 +224,11 @@ def test_zero_query_ties_everywhere_under_cosine(backend):
     q = torch.zeros(3, 16)
     token, idx, w = run(backend, q, cb, 5, 0.1, metric="cosine")
     assert idx.tolist() == [[0, 1, 2, 3, 4]] * 3
-    torch.testing.assert_close(w, torch.full_like(w, 0.2), atol=1e-7, rtol=0)
-    torch.testing.assert_close(token, cb[:5].mean(0).expand(3, -1), atol=1e-6, rtol=1e-6)
+    # five scores exactly 0: every weight is exp(0) / 5 = 1 / 5 correctly rounded, fp32's 0.2
+    assert torch.equal(w, torch.full_like(w, 0.2))
+    # token = sum of 5 products 0.2 e_j: the weights' rounding (u) and the sum (gamma(5)) of terms at most max|e|
+    atol = gamma(6) * cb[:5].abs().max().item()
+    torch.testing.assert_close(token.double(), cb[:5].double().mean(0).expand(3, -1), atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -156,7 +236,7 @@ def test_zero_query_ties_everywhere_under_cosine(backend):
 def test_m1_is_hard_assignment_and_small_tau_approaches_it(backend, metric, generator):
     q, cb = make_inputs(50, 30, 24, torch.float32, generator)
     token, idx, w = run(backend, q, cb, 1, 0.7, metric=metric)
-    check_selection(idx, q, cb, 1, metric, atol=1e-5)
+    check_selection(idx, q, cb, 1, metric, atol=selection_tol(q, cb, metric))
     assert torch.equal(w, torch.ones_like(w))
     assert torch.equal(token, cb[idx[:, 0]])
     token4, idx4, w4 = run(backend, q, cb, 4, 1e-5, metric=metric)
@@ -164,8 +244,9 @@ def test_m1_is_hard_assignment_and_small_tau_approaches_it(backend, metric, gene
     gap = oracle_scores(q, cb, metric).gather(1, idx4)
     clear = (gap[:, 0] - gap[:, 1]) > 1e-3  # 1e-3 / 1e-5 = 100: weight of the rest < 4 e^-100
     assert clear.any()
-    torch.testing.assert_close(w4[clear, 0], torch.ones_like(w4[clear, 0]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(token4[clear], cb[idx[clear, 0]], atol=1e-5, rtol=1e-5)
+    # 1 / (1 + 4 e^-100) rounds to 1 exactly, and e_0 + (< 4 e^-100) |e| to e_0: the hard answer, bit for bit
+    assert torch.equal(w4[clear, 0], torch.ones_like(w4[clear, 0]))
+    assert torch.equal(token4[clear], cb[idx[clear, 0]])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -173,10 +254,12 @@ def test_m1_is_hard_assignment_and_small_tau_approaches_it(backend, metric, gene
 def test_m_equal_k_is_the_full_softmax(backend, metric, generator):
     q, cb = make_inputs(9, 13, 20, torch.float32, generator)
     token, idx, w = run(backend, q, cb, 13, 0.4, metric=metric)
-    full = torch.softmax(oracle_scores(q, cb, metric) / 0.4, dim=1)
-    torch.testing.assert_close(w.double(), full.gather(1, idx), atol=2e-5, rtol=0)
+    assert torch.equal(idx.sort(dim=1).values, torch.arange(13).expand(9, 13))  # every code once
+    # with every code a candidate, the float64 oracle at the returned indices is the full softmax
+    _, token_atol = assert_weights_close(w, q, cb, idx, 0.4, metric)
     assert (w[:, :-1] >= w[:, 1:]).all()  # best first
-    assert_close_rel(token, full @ cb.double(), 1e-5, "token")
+    full = torch.softmax(oracle_scores(q, cb, metric) / 0.4, dim=1)
+    assert_token_close(token, full @ cb.double(), token_atol, cb, 13)
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
@@ -207,7 +290,7 @@ def test_torch_ranking_on_large_codebooks_matches_float64(dtype, metric, generat
         q, cb = make_inputs(n, k, d, dtype, generator, "clustered")
         for m in ms:
             idx = select_top_m(q, cb, m, metric)
-            check_selection(idx, q, cb, m, metric, atol=1e-5 if dtype == torch.float32 else 4e-5)
+            check_selection(idx, q, cb, m, metric, atol=selection_tol(q, cb, metric))
 
 
 @pytest.mark.parametrize("m", [1, 4])
@@ -218,7 +301,7 @@ def test_torch_ranking_sorts_no_block(m, generator, monkeypatch):
     with recorded_sorts(monkeypatch) as sorts:
         token, idx, _ = soft_assign(q, cb, m, 0.1, backend="torch")
     assert sorted_share(sorts, 2 * m, 300 * 9000) <= 0.02, f"sorted: {sorts}"
-    check_selection(idx, q, cb, m, "cosine", atol=1e-5)
+    check_selection(idx, q, cb, m, "cosine", atol=selection_tol(q, cb, "cosine"))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
@@ -235,7 +318,8 @@ def test_nan_query_row_gives_nan_weights_and_nan_code_is_never_chosen(backend, g
         assert not (idx[ok] == 7).any()
         assert torch.isfinite(w[ok]).all() and torch.isfinite(token[ok]).all()
         keep = torch.tensor([i for i in range(20) if i != 7])
-        check_selection(idx[ok] - (idx[ok] > 7).long(), q[ok], cb[keep], 3, metric, 1e-5)
+        kept = idx[ok] - (idx[ok] > 7).long()
+        check_selection(kept, q[ok], cb[keep], 3, metric, selection_tol(q[ok], cb[keep], metric))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
@@ -294,6 +378,8 @@ def test_reference_gradcheck_float64(metric, generator):
         token, _, weights = soft_assign_reference(q_, cb_, 3, tau_, metric=metric)
         return token, weights
 
+    # float64 central differences with eps = 1e-6 are off by about 2^-53 |f| / eps ~ 1e-9 (|f| < 10) plus
+    # eps^2 / 6 times the third derivative (~ (2 |q - e| / tau)^3 ~ 3e3 here) ~ 1e-9: atol 1e-6 leaves 1000x
     assert torch.autograd.gradcheck(fn, (q, cb, tau), eps=1e-6, atol=1e-6)
 
 
@@ -316,11 +402,13 @@ def test_backward_matches_oracle(backend, dtype, metric, generator):
     tau64 = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     want_token, want_w = oracle_given(q64, cb64, idx, tau64, metric)
     ((want_token * g_token.double()).sum() + (want_w * g_w.double()).sum()).backward()
-    rel = TOL[dtype][1] * (4 if dtype != torch.float32 else 10)
+    # fp32 math on exactly upcast inputs, then one rounding into q's dtype (the gradient w.r.t. tau stays fp32)
+    rel = GRAD_REL * (1 + ROUNDING[dtype]) + ROUNDING[dtype]
     assert q.grad.dtype == dtype and cb.grad.dtype == dtype
     assert_close_rel(q.grad, q64.grad, rel, "grad q")
     assert_close_rel(cb.grad, cb64.grad, rel, "grad codebook")
-    assert_close_rel(tau.grad, tau64.grad, max(rel, 1e-4), "grad tau")
+    tau_scale = tau_grad_scale(q64, cb64, idx, 0.3, metric, g_token, g_w)
+    assert abs(tau.grad.item() - tau64.grad.item()) <= TAU_GRAD_REL * tau_scale, "grad tau"
     # only the chosen rows receive gradient
     untouched = torch.ones(k, dtype=torch.bool)
     untouched[idx.unique()] = False
@@ -334,11 +422,12 @@ def test_straight_through_backward_equals_soft_backward(backend, generator):
     for st in (False, True):
         q, cb = q0.clone().requires_grad_(), cb0.clone().requires_grad_()
         tau = torch.tensor(0.5, requires_grad=True)
-        token, _, _ = run(backend, q, cb, 3, tau, metric="cosine", straight_through=st)
+        # deterministic: the same backward computation in the same order, so the two agree bit for bit
+        token, _, _ = run(backend, q, cb, 3, tau, metric="cosine", straight_through=st, deterministic=True)
         (token * torch.arange(16.0)).sum().backward()
         grads.append((q.grad, cb.grad, tau.grad))
     for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -350,7 +439,9 @@ def test_deterministic_backward_agrees_and_repeats(backend, generator):
         token, _, _ = run(backend, q, cb, 3, 0.5, metric="l2", deterministic=deterministic)
         (token * token).sum().backward()
         results.append((q.grad, cb.grad))
-    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
+    # atomics and sorted segments sum each code's terms in other orders: measured worst 2.1 U32 of the largest
+    # gradient over 200 seeds (interpreter); 8 U32 is 3.7x that (a GPU's atomic orders are not measured here)
+    assert_close_rel(results[0][1], results[1][1], 8 * U32, "atomic vs deterministic codebook gradient")
     assert torch.equal(results[1][1], results[2][1]) and torch.equal(results[1][0], results[2][0])
 
 
@@ -495,15 +586,11 @@ def test_stats_match_bincount(backend, shape, with_weights, with_x, generator):
     idx = idx.reshape(shape)
     weights = torch.rand(shape, generator=generator) if with_weights else None
     x = torch.randn(shape[0], d, generator=generator) if with_x else None
-    counts, sums = run_stats(backend, idx, k, weights=weights, x=x)
-    want_counts, want_sums = stats_oracle(idx, k, weights, x)
-    assert counts.dtype == torch.float32 and counts.shape == (k,)
-    torch.testing.assert_close(counts.double(), want_counts, atol=1e-4, rtol=1e-5)
+    got = run_stats(backend, idx, k, weights=weights, x=x)
+    assert got.counts.dtype == torch.float32 and got.counts.shape == (k,)
     if with_x:
-        assert sums.dtype == torch.float32 and sums.shape == (k, d)
-        torch.testing.assert_close(sums.double(), want_sums, atol=1e-4, rtol=1e-5)
-    else:
-        assert sums is None
+        assert got.sums.dtype == torch.float32 and got.sums.shape == (k, d)
+    assert_stats_close(got, idx, k, weights, x, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -525,16 +612,17 @@ def test_stats_deterministic_mode_repeats_bitwise(backend, generator):
     x = torch.randn(300, 24, generator=generator)
     runs = [run_stats(backend, idx, 5, weights=w, x=x, deterministic=True) for _ in range(2)]
     assert torch.equal(runs[0].counts, runs[1].counts) and torch.equal(runs[0].sums, runs[1].sums)
-    want_counts, want_sums = stats_oracle(idx, 5, w, x)
-    torch.testing.assert_close(runs[0].sums.double(), want_sums, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(runs[0].counts.double(), want_counts, atol=1e-4, rtol=1e-5)
+    assert_stats_close(runs[0], idx, 5, w, x, backend)
 
 
 def test_soft_assign_feeds_stats(generator):
     q, cb = make_inputs(40, 10, 8, torch.float32, generator)
     _, idx, w = soft_assign(q, cb, 3, 0.3)
     counts, _ = codebook_stats(idx, 10, weights=w)
-    torch.testing.assert_close(counts.sum(), torch.tensor(40.0), atol=1e-4, rtol=0)
+    # each row's 3 weights sum to 1 within gamma(5) (3 roundings of e_j / s, s off by gamma(2)); each count is
+    # rounded once to fp32 (u) and the 10 counts summed in fp32 (gamma(9)): 40 within 40 gamma(15)
+    torch.testing.assert_close(counts.sum().double(), torch.tensor(40.0, dtype=torch.float64), atol=40 * gamma(15),
+                               rtol=0)
     assert F.one_hot(idx, 10).sum(1).max() == 1  # distinct codes per row
 
 
@@ -545,7 +633,7 @@ def test_stats_read_strided_weights_indices_and_x(backend, deterministic, genera
     idx = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0]])
     w = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])
     counts, _ = run_stats(backend, idx[:, 0], 4, weights=w[:, 0], deterministic=deterministic)
-    torch.testing.assert_close(counts, torch.tensor([0.9, 0.8, 0.7, 0.6]))
+    assert torch.equal(counts, w[:, 0])  # one weight per code: its count is that fp32 value exactly
     big_idx = torch.randint(7, (3, 60, 5), generator=generator)
     big_w = torch.rand(5, 60, 3, generator=generator)
     big_x = torch.randn(12, 60, generator=generator)
@@ -554,6 +642,4 @@ def test_stats_read_strided_weights_indices_and_x(backend, deterministic, genera
     for indices, weights, x in views:
         assert not (indices.is_contiguous() or weights.is_contiguous() or x.is_contiguous())
         got = run_stats(backend, indices, 7, weights=weights, x=x, deterministic=deterministic)
-        want_counts, want_sums = stats_oracle(indices, 7, weights, x)
-        torch.testing.assert_close(got.counts.double(), want_counts, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(got.sums.double(), want_sums, atol=1e-5, rtol=1e-5)
+        assert_stats_close(got, indices, 7, weights, x, backend)
