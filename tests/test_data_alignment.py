@@ -171,4 +171,5 @@ def test_recipe_round_trip_and_other_sizes():
     np.testing.assert_allclose(transform_points(matrix, landmarks), resize_points(landmarks, 224, 112), rtol=0,
                                atol=FIXED_POINT_BOUND / 2 + np.sqrt(10) * U32 * 112)
     # float64 noise of two inversions: measured at most 3.5 U64 max|m| over 2,000 random similarities
-    np.testing.assert_allclose(invert_affine(invert_affine(matrix)), matrix, rtol=0, atol=16 * U64 * np.abs(matrix).max())
+    np.testing.assert_allclose(invert_affine(invert_affine(matrix)), matrix, rtol=0,
+                               atol=16 * U64 * np.abs(matrix).max())
