@@ -238,6 +238,8 @@ def test_soft_assign(backend: str, data: st.DataObject) -> None:
     want_token, want_weights = oracle_given(q64, cb64, idx, tau64, metric, straight_through)
     scale = max(1.0, codebook[keep].double().abs().nan_to_num().max().item())
     rtol, atol = STORE_TOL[dtype]
+    # cosine scores lie in [-1, 1]; an l2 score's terms |q|^2 + 2 |q.c| + |c|^2 stay within 4 scale^2 dim for
+    # entries up to scale (the queries are drawn like the codes)
     score_range = 2.0 if metric == "cosine" else 4 * scale**2 * dim
     # a weight moves by at most its logits' largest error (the softmax is 1-Lipschitz in the max norm); a logit
     # s / tau carries the fp32 score's rounding, taken as 16 U32 of the scores' range (a few U32 sqrt(dim), not
@@ -377,7 +379,7 @@ def test_gather_patches(backend: str, data: st.DataObject) -> None:
     want = oracle_patches(images, ids, p, mean, std)
     expected = out_dtype or (torch.float32 if images.dtype == torch.uint8 else images.dtype)
     assert out.dtype == expected and out.shape == want.shape
-    amplification = 1.0 / min(std) if std else 1.0
+    amplification = 1.0 / min(std) if std else 1.0  # dividing by std scales the pixels' rounding by 1 / std
     torch.testing.assert_close(out.double(), want, equal_nan=True, **patch_tolerance(expected, want, amplification))
     if differentiable and out.numel():
         grad_out = torch.randn(out.shape, generator=generator).to(out.dtype)
