@@ -10,8 +10,7 @@ import torch.nn.functional as F
 import pacofr.models.fra as fra_module
 from _peer_helpers import demo_batch, params_without_gradient, tiny_peer
 from _rounding_support import Results, assert_within_rounding, losses_and_gradients, reference_and_rounding_spread
-from _tolerances import U32, gamma
-from test_model_parts import cosine_error, whole_cell_warp_error
+from _tolerances import U32, cosine_error, gamma, whole_cell_warp_error
 from pacofr.models import FRA, build_model
 from pacofr.models.consistency import invert_affine, warp
 from pacofr.models.fra import into_view, soft_region_pool

@@ -9,8 +9,7 @@ import statistics
 
 import pytest
 import torch
-from _tolerances import U32, gamma
-from test_model_parts import lerp_error
+from _tolerances import U32, gamma, lerp_error
 
 from pacofr.data.regions import template_region_ids
 from pacofr.models import MAEFace, ModelConfig, PaCoFR, build_model

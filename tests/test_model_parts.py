@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _tolerances import U32, gamma
+from _tolerances import U32, cosine_error, gamma, lerp_error, unit_norm_error, whole_cell_warp_error
 from torch import nn
 
 from pacofr.models import ModelConfig
@@ -29,13 +29,6 @@ from pacofr.models.consistency import (
 # ---------------------------------------------------------------------------------------------
 # Belief Predictor and patch codebook
 # ---------------------------------------------------------------------------------------------
-
-def unit_norm_error(dim: int) -> float:
-    """Bound on | ||v|| - 1 | for an fp32 ``F.normalize`` output of ``dim`` elements whose norm is recomputed
-    in fp32: normalising sums dim squares (gamma(dim) relative, halved by the square root) and rounds the
-    root and each quotient (2 u); recomputing the norm costs gamma(dim) / 2 + u again: gamma(dim + 3)."""
-    return gamma(dim + 3)
-
 
 def belief_logit_error(dc: int, tau: float) -> float:
     """Bound on the fp32 error of a belief logit q . e_k / tau against float64, for a unit fp32 q and a code
@@ -287,13 +280,6 @@ def test_prototype_table_is_an_ema_of_the_nearest_patches(generator: torch.Gener
 # Spatial consistency
 # ---------------------------------------------------------------------------------------------
 
-def cosine_error(dim: int) -> float:
-    """Bound on the fp32 error of a cosine of two fp32 vectors of ``dim`` elements: each normalised in fp32
-    ((dim / 2 + 2) u relative per element, as in :func:`unit_norm_error`) and their dot (dim u):
-    (2 dim + 4) u."""
-    return (2 * dim + 4) * U32
-
-
 RELATION_RTOL = 32 * U32
 """Relative bound between fp32 relation losses computed in another layout or against float64: the losses
 are means of squared differences of cosines that may nearly cancel, so no useful worst case; measured over
@@ -359,15 +345,6 @@ def test_relation_loss(generator: torch.Generator) -> None:
     assert student.grad is not None and teacher.grad is None
 
 
-def whole_cell_warp_error(width: int, x: torch.Tensor) -> float:
-    """Bound on an fp32 ``warp`` of ``x`` (..., H, W = width) by a transform that maps pixel centres onto pixel
-    centres (a shift by whole cells): each sample lands on a centre up to the rounding of its coordinate
-    (affine_grid's base coordinate and shift, grid_sample's unnormalisation ((c + 1) W - 1) / 2: about 5
-    roundings of magnitude <= W pixels), which moves a bilinear weight by 5 W u onto a neighbour that differs
-    by at most 2 max|x|; the blend rounds twice more: (10 W + 2) u max|x| (measured: exact on the CPU)."""
-    return (10 * width + 2) * U32 * x.abs().max().item()
-
-
 def test_affine_inverse_and_warp_by_whole_cells(generator: torch.Generator) -> None:
     theta = random_similarity(4, 15.0, 0.1, 0.1, generator, torch.device("cpu"))
     identity = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
@@ -400,12 +377,6 @@ def test_equivariance_loss(generator: torch.Generator) -> None:
     # 1 - cos of independent Gaussian maps has mean 1; measured over 200 seeds: mean 0.997, sd 0.040, min 0.908,
     # so 0.5 is 12 sd below the mean while an equivariant teacher scores a few u
     assert unrelated.item() > 0.5
-
-
-def lerp_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Elementwise bound on an fp32 ``a.lerp_(b, w)`` (0 <= w <= 1) against float64: torch rounds the
-    difference b - a and the final update once each, both at most |a| + |b|: 2 u (|a| + |b|)."""
-    return 2 * U32 * (a.double().abs() + b.double().abs())
 
 
 def test_ema_update() -> None:
