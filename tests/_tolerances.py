@@ -20,6 +20,9 @@ U16 = 2.0**-11
 UBF16 = 2.0**-8
 """bfloat16 unit roundoff (8-bit significand)."""
 
+U64 = 2.0**-53
+"""float64 unit roundoff (53-bit significand)."""
+
 
 def gamma(n: int, u: float = U32) -> float:
     """``n u / (1 - n u)``: the relative bound of ``n`` successive roundings (a sum or dot of ``n + 1`` terms

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _data_support import demo_face, demo_records, photo_from_face, similarity
-from _tolerances import U32
+from _tolerances import U32, U64
 
 from pacofr.data.alignment import (
     ARCFACE_TEMPLATE_112,
@@ -19,9 +19,6 @@ from pacofr.data.alignment import (
     transform_points,
     warp_affine,
 )
-
-U64 = 2.0**-53
-"""float64 unit roundoff."""
 
 INDEX_HALF_STEP = 0.5e-3
 """Half a unit of the 3rd decimal: the index stores landmark coordinates rounded to 3 decimals."""

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _tolerances import U32, gamma
+from _tolerances import U32, U64, gamma
 
 from pacofr.data.image_sets import ArrayImages, ImageSet
 from pacofr.eval.baselines import baseline_features, fit_pca
@@ -20,9 +20,6 @@ from pacofr.eval.metrics import Metric, score, summarise, SeedRun
 from pacofr.eval.probe_protocols import ProbeConfig, pick_on_val, run_frozen
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-U64 = 2.0**-53
-"""float64 unit roundoff."""
 
 
 def _classes(labels: torch.Tensor, classes: int) -> Targets:

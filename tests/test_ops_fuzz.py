@@ -37,7 +37,7 @@ from _oracles import (
     oracle_targets,
     stats_oracle,
 )
-from _tolerances import U16, U32, UBF16, gamma
+from _tolerances import U16, U32, U64, UBF16, gamma
 
 from pacofr.ops import (
     codebook_stats,
@@ -49,9 +49,6 @@ from pacofr.ops import (
     soft_assign,
 )
 from pacofr.ops.nearest_token import MAX_SQUARED_NORM
-
-U64 = 2.0**-53
-"""float64 unit roundoff."""
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
