@@ -192,6 +192,19 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(tmp_path: Path) -> No
     assert step >= 1 and (out / "checkpoints" / f"step_{step:08d}").exists(), sorted((out / "checkpoints").iterdir())
 
 
+def test_ctrl_c_elsewhere_is_one_line_and_exit_130(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Any command interrupted outside pretrain's step loop (or by a second Ctrl-C): one line, status 130."""
+    import pacofr.info
+
+    def interrupted() -> dict:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pacofr.info, "collect_info", interrupted)
+    assert main(["info"]) == 130
+    assert error_line(capsys).startswith("error: pacofr info interrupted (Ctrl-C); what was finished is kept")
+
+
 def test_sigterm_stops_with_a_checkpoint_that_resumes(tmp_path: Path) -> None:
     """A scheduler's SIGTERM: exit status 143 after checkpointing the step in flight, and --resume continues
     from exactly that step (no finished step lost)."""

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pacofr.train.stop_signals import StopSignals, TrainingStopped, leave_stop_signals_to_the_main_process
+from pacofr.train.stop_signals import StopSignals, TrainingStopped
 
 
 @pytest.fixture()
@@ -61,6 +61,21 @@ def test_a_second_sigterm_terminates_the_process() -> None:
     assert done.stdout.split() == ["recorded"]
 
 
+def test_a_second_sigint_over_sig_dfl_terminates_the_process() -> None:
+    """A replaced SIG_DFL comes back as SIG_DFL: the second SIGINT ends the process as it would have."""
+    script = ("import os, signal, time\n"
+              "from pacofr.train.stop_signals import StopSignals\n"
+              "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+              "with StopSignals() as stop:\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    print('recorded', stop.received == signal.SIGINT, flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(30)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGINT, done.stderr
+    assert done.stdout.split() == ["recorded", "True"]
+
+
 @pytest.mark.usefixtures("default_dispositions")
 def test_an_inherited_ignore_and_a_foreign_handler_stay() -> None:
     def foreign(signum: int, frame: object) -> None:
@@ -74,10 +89,12 @@ def test_an_inherited_ignore_and_a_foreign_handler_stay() -> None:
     assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is foreign
 
 
-def test_workers_leave_both_signals_to_the_main_process() -> None:
+def test_the_trainers_loader_workers_leave_both_signals_to_the_main_process() -> None:
+    """The trainer's worker_init_fn (a fresh interpreter, as a spawn or forkserver worker starts: a forked
+    worker would inherit the main process's handlers and hide a missing call)."""
     script = ("import signal\n"
-              "from pacofr.train.stop_signals import leave_stop_signals_to_the_main_process\n"
-              "leave_stop_signals_to_the_main_process()\n"
+              "from pacofr.train.trainer import _init_loader_worker\n"
+              "_init_loader_worker(0)\n"
               "signal.raise_signal(signal.SIGINT)\n"
               "signal.raise_signal(signal.SIGTERM)\n"
               "print('alive', flush=True)\n")

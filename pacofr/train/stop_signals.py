@@ -11,20 +11,23 @@ Handlers are installed only from the main thread and only over the default dispo
 inherited as ignored (SIGINT of a job a shell started in the background) stays ignored, and a handler someone
 else installed stays theirs. DataLoader workers leave both signals to the main process
 (:func:`leave_stop_signals_to_the_main_process`): a terminal's Ctrl-C reaches every process of the foreground
-group, and a worker that died of it would fail the main process's next fetch before the step boundary.
+group, SLURM signals every process of the job step, and a worker that died of it would fail the main
+process's next fetch before the step boundary. The main process shuts its workers down when it stops; the
+price is that a worker hung in a blocking call no longer ends on SIGTERM (DataLoader's last-resort
+``terminate()``), only on SIGKILL.
+
+The handler only records the signal (no logging or I/O inside it: a handler that runs while the interrupted
+code holds stderr's lock must not write to stderr); the trainer reports the request at the step boundary.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -75,15 +78,15 @@ class StopSignals:
         self._replaced.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:  # asked twice: stop now, as without this handler
-            self._restore()
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            os.kill(os.getpid(), signum)  # the restored default disposition: terminate
+        if self.received is None:
+            self.received = signum
             return
-        self.received = signum
-        logger.warning("%s received: stopping after this step with a checkpoint (send it again to stop at once)",
-                       signal.Signals(signum).name)
+        # asked twice: stop now, as the replaced disposition would have
+        restored = self._replaced.get(signum)
+        self._restore()
+        if restored is signal.default_int_handler:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)  # SIG_DFL again: terminate
 
 
 def leave_stop_signals_to_the_main_process() -> None:

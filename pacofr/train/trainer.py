@@ -466,17 +466,27 @@ class Trainer:
                     saved_step = self.state.step
                 interval_start += time.perf_counter() - pause_start  # images/s counts training time only
                 if not last and not all_true(stop.received is None, self.dist):  # every rank stops at this step
-                    progress.close()
-                    if saved_step != self.state.step:
-                        last_checkpoint = self.save_checkpoint()
-                    raise TrainingStopped(stop.received or signal.SIGTERM, self.state.step, last_checkpoint,
-                                          self.out_dir)
+                    raise self._stop(stop, progress, last_checkpoint, saved=saved_step == self.state.step)
                 if last or self.state.batch_in_epoch == 0:
                     break
         progress.close()
         if saved_step != self.state.step:
             last_checkpoint = self.save_checkpoint()
         return self._finish(last_checkpoint)
+
+    def _stop(self, stop: StopSignals, progress: Any, checkpoint: Path | None, saved: bool) -> TrainingStopped:
+        """After the step a stop signal arrived in: checkpoint it (every rank, unless ``saved``: ``checkpoint``
+        already holds this step), close the logs, and return the error that ends the run. A rank that saw no
+        signal itself (another rank did) reports SIGTERM."""
+        progress.close()
+        signum = stop.received or signal.SIGTERM
+        logger.warning("%s received: stopping after step %d with a checkpoint", signal.Signals(signum).name,
+                       self.state.step)
+        if not saved:
+            checkpoint = self.save_checkpoint()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        return TrainingStopped(signum, self.state.step, checkpoint, self.out_dir)
 
     def _finish(self, last_checkpoint: Path | None) -> TrainResult:
         result = TrainResult(self.out_dir, self.state.step, last_checkpoint, None, None, None)
