@@ -25,8 +25,8 @@ U64 = 2.0**-53
 
 
 def gamma(n: int, u: float = U32) -> float:
-    """``n u / (1 - n u)``: the relative bound of ``n`` successive roundings (a sum or dot of ``n + 1`` terms
-    is within ``gamma(n) * sum |terms|`` of the exact value)."""
+    """``n u / (1 - n u)``: the relative bound of ``n`` successive roundings (a sum of ``n + 1`` terms, or a dot
+    product of ``n`` terms, is within ``gamma(n) * sum |terms|`` of the exact value)."""
     if n * u >= 1:
         raise ValueError(f"gamma({n}) is unbounded for u = {u}")
     return n * u / (1 - n * u)

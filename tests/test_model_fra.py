@@ -120,7 +120,9 @@ def test_into_view_undoes_a_known_shift_of_one_patch() -> None:
 
 def test_cluster_targets_are_balanced_over_the_batch() -> None:
     cfg = tiny_peer("fra", fra_sinkhorn_iters=30)
-    model = FRA(cfg)
+    with torch.random.fork_rng():  # one fixed initialisation: the balance's spread over inits has a heavy tail
+        torch.manual_seed(0)
+        model = FRA(cfg)
     images, _ = demo_batch(cfg, batch=8)
     with torch.no_grad():
         view = model._branch(images, online=False)
@@ -128,7 +130,8 @@ def test_cluster_targets_are_balanced_over_the_batch() -> None:
     total = 8 * cfg.num_patches
     # Sinkhorn's column balance after 30 iterations is a convergence property, not a rounding one: measured
     # over 150 random initialisations, relative deviation median 6.8e-5, worst 8.6e-3 (the earlier 1e-3
-    # bound failed 14 of them); 0.03 is 3.5x the worst, and 3 iterations leave at least 0.2 (20 inits)
+    # bound failed 14 of them); 0.03 is 3.5x the worst, and 3 iterations leave at least 0.2 (20 inits). The
+    # initialisation is fixed (seed 0) so that the tail cannot fail a run by chance
     torch.testing.assert_close(mass, torch.full((cfg.fra_regions,), total / cfg.fra_regions), rtol=0.03, atol=0)
     # Sinkhorn's last step divides each row by its sum: K quotients summed again, gamma(K + 1) (measured 3.1 u)
     row_sums = view.balanced.double().sum(-1)

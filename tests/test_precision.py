@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _tolerances import U32
+from _tolerances import U32, cosine_error
 
 from pacofr.ops import nearest_token
 from pacofr.ops.precision import (
@@ -149,15 +149,16 @@ def l2_score_error(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 def cosine_score_error(q: torch.Tensor) -> torch.Tensor:
     """Per row, a worst-case bound on the fp32 error of one cosine score q . e / ||e||: the dot as in
-    :func:`l2_score_error` (|q . e / ||e||| <= ||q||), the norm and the division three roundings more."""
-    return (q.shape[1] + 3) * U32 * q.double().norm(dim=1)
+    :func:`l2_score_error` (D u, with |q . e / ||e||| <= ||q||), ||e|| from an fp32 sum of D squares (D / 2 u
+    relative after the square root) and the root, reciprocal and product (4 u): (1.5 D + 4) u ||q||."""
+    return (1.5 * q.shape[1] + 4) * U32 * q.double().norm(dim=1)
 
 
 def weight_error(dim: int, m: int, tau: float) -> float:
     """Bound on the fp32 error of a softmax weight over m cosines of unit vectors at temperature tau: each
-    cosine is off by (dim + 3) u, so each exp by that over tau and the normaliser by as much again, plus m u
-    for the normaliser's sum and two roundings (exp, division)."""
-    return (2 * (dim + 3) / tau + m + 2) * U32
+    cosine is off by cosine_error(dim), so each exp by that over tau and the normaliser by as much again, plus
+    m u for the normaliser's sum and two roundings (exp, division)."""
+    return 2 * cosine_error(dim) / tau + (m + 2) * U32
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
